@@ -1,0 +1,320 @@
+"""The one typed configuration schema.
+
+A YAML file, ``--set a.b=c`` overrides on the command line and the Python API all produce a
+:class:`Config`. Unknown keys and bad values raise :class:`ConfigError`, which names the key
+and what would be valid. A run bundle stores the fully resolved config.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is not valid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the examples are and which columns hold what."""
+
+    train: Optional[str] = None
+    """Training manifest (CSV, TSV, JSONL, JSON or Parquet); image paths are relative to its folder."""
+    val: Optional[str] = None
+    """Validation manifest; when absent, a stratified, seeded split of ``train``."""
+    test: Optional[str] = None
+    """Test manifest; when absent and ``test_fraction`` > 0, a stratified split of ``train``."""
+    image_column: Optional[str] = "image"
+    """Column holding image file paths (None: no image modality)."""
+    text_column: Optional[str] = "text"
+    """Column holding text (None: no text modality)."""
+    label_column: str = "label"
+    """Column holding the class label."""
+    id_column: Optional[str] = None
+    """Column carried through to predictions unchanged."""
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of ``train`` held out for validation when no ``val`` manifest is given."""
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of ``train`` held out for testing when no ``test`` manifest is given (0: none)."""
+    split_seed: int = 0
+    """Seed of the stratified split."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """``error``: stop with the report of every bad row; ``skip``: go on without them and keep them in the bundle."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes."""
+
+
+class EncoderConfig(_Strict):
+    """One pretrained encoder."""
+
+    modality: Literal["image", "text", "image_text"]
+    """What it reads: ``image``, ``text`` or ``image_text`` (a joint encoder such as CLIP)."""
+    checkpoint: str
+    """A Hugging Face hub id, a local directory saved with ``save_pretrained``, or an offline preset
+    (``minilm-l6`` / ``efficientnet-lite0``)."""
+    pooling: Literal["auto", "cls", "mean", "max"] = "auto"
+    """How token features become one vector (``auto``: the model's own convention)."""
+    max_length: int = Field(128, ge=1)
+    """Text: maximum number of tokens."""
+    image_size: Optional[int] = Field(None, ge=16)
+    """Image: input side in pixels (default: the processor's own)."""
+
+
+class FusionConfig(_Strict):
+    """How the modalities' features meet."""
+
+    type: Literal["concat"] = "concat"
+    """``concat``: pooled features concatenated, then a shared MLP."""
+    hidden_dims: List[int] = Field(default_factory=lambda: [256])
+    """Widths of the shared layers after concatenation (empty: none)."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Dropout inside the shared layers."""
+
+
+class HeadConfig(_Strict):
+    """The classifier on top of the fused features."""
+
+    hidden_dims: List[int] = Field(default_factory=list)
+    """Hidden layer widths of the head (empty: one linear layer)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout before each layer of the head."""
+
+
+class ModelConfig(_Strict):
+    encoders: Dict[str, EncoderConfig] = Field(default_factory=dict)
+    """One entry per encoder, keyed by a name of your choice."""
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+    @field_validator("encoders")
+    @classmethod
+    def _names(cls, v: Dict[str, EncoderConfig]) -> Dict[str, EncoderConfig]:
+        for name in v:
+            if not name.isidentifier():
+                raise ValueError(f"encoder name {name!r} must be a plain identifier (letters, digits, _)")
+        return v
+
+
+class FinetuneConfig(_Strict):
+    """How much of each pretrained encoder is trained."""
+
+    strategy: Literal["full", "frozen", "partial"] = "full"
+    """``full``: everything; ``frozen``: encoders fixed, fusion and head trained; ``partial``: the last
+    ``unfreeze_last`` layer groups of each encoder trained."""
+    unfreeze_last: int = Field(1, ge=0)
+    """With ``partial``: how many of each encoder's deepest layer groups are trained."""
+    encoder_lr: Optional[float] = Field(None, gt=0.0)
+    """Learning rate of encoder parameters (default: ``optim.lr``)."""
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    """L2 (adam, sgd) or decoupled (adamw) weight decay; never applied to biases and norm weights."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum."""
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["constant", "step", "cosine", "plateau"] = "constant"
+    """``constant``; ``step``: multiply by ``gamma`` every ``step_epochs``; ``cosine``: linear warmup then
+    cosine decay to ``min_lr``; ``plateau``: multiply by ``gamma`` after ``patience`` epochs without improvement."""
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Cosine: share of all optimizer steps spent warming up linearly from 0."""
+    step_epochs: int = Field(1, ge=1)
+    gamma: float = Field(0.5, gt=0.0, le=1.0)
+    patience: int = Field(1, ge=0)
+    """Plateau: epochs without improvement of ``trainer.monitor`` before the rate drops."""
+    min_lr: float = Field(0.0, ge=0.0)
+
+
+class TrainerConfig(_Strict):
+    max_epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    """Batch size for validation, test and prediction (default: ``2 * batch_size``)."""
+    precision: Literal["32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true"] = "32-true"
+    accumulate_grad_batches: int = Field(1, ge=1)
+    gradient_clip_val: Optional[float] = Field(None, gt=0.0)
+    seed: int = 0
+    monitor: Literal["val_loss", "val_acc", "val_f1_macro"] = "val_loss"
+    """Validation metric for early stopping, the best checkpoint and the plateau schedule."""
+    early_stopping_patience: Optional[int] = Field(3, ge=0)
+    """Epochs without improvement before stopping (None: never stop early)."""
+    accelerator: str = "auto"
+    devices: Union[int, str, List[int]] = "auto"
+    strategy: str = "auto"
+    """Lightning strategy: ``auto``, ``ddp``, ``fsdp``, ``deepspeed``…"""
+    progress_bar: bool = True
+    limit_train_batches: Optional[Union[int, float]] = None
+    """Debugging aid: train on only this many batches (int) or this share (float) per epoch."""
+
+
+class Config(_Strict):
+    name: str = "run"
+    """The run's name: its bundle is ``output_dir/name``."""
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        mods = {e.modality for e in self.model.encoders.values()}
+        needs_image = bool(mods & {"image", "image_text"})
+        needs_text = bool(mods & {"text", "image_text"})
+        if needs_image and not self.data.image_column:
+            raise ValueError("an image encoder is configured but data.image_column is empty")
+        if needs_text and not self.data.text_column:
+            raise ValueError("a text encoder is configured but data.text_column is empty")
+        return self
+
+    @property
+    def modalities(self) -> List[str]:
+        """The modalities the configured encoders read, sorted."""
+        out = set()
+        for e in self.model.encoders.values():
+            out.update(["image", "text"] if e.modality == "image_text" else [e.modality])
+        return sorted(out)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# loading, overrides, errors that name the key
+
+
+def load_config(
+    source: Union[str, Path, Mapping[str, Any], Config, None] = None,
+    overrides: Sequence[str] = (),
+) -> Config:
+    """Build a :class:`Config` from a YAML file, a mapping or an existing config, then apply
+    ``key.path=value`` overrides (values parsed as YAML scalars / lists).
+
+    Relative manifest paths in a YAML file are resolved against the file's folder.
+    Raises :class:`ConfigError` naming the offending key and what is valid.
+    """
+    base_dir: Optional[Path] = None
+    if source is None:
+        raw: Dict[str, Any] = {}
+    elif isinstance(source, Config):
+        raw = source.to_dict()
+    elif isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        base_dir = path.resolve().parent
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _validate(raw)
+    if base_dir is not None:
+        for key in ("train", "val", "test"):
+            value = getattr(cfg.data, key)
+            if value and not Path(value).is_absolute() and not Path(value).exists():
+                candidate = base_dir / value
+                if candidate.exists():
+                    setattr(cfg.data, key, str(candidate))
+    return cfg
+
+
+def _apply_override(raw: Dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value (for example trainer.max_epochs=3)")
+    key, value = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = parsed
+
+
+def _validate(raw: Dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(loc[:-1])
+            hint = f"; valid keys there: {', '.join(valid)}" if valid else ""
+            lines.append(f"unknown config key '{key}'{hint}")
+        elif err["type"] == "literal_error":
+            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
+        else:
+            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _valid_keys(loc: List[str]) -> List[str]:
+    model: Any = Config
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return []
+        if part in fields:
+            ann = fields[part].annotation
+            model = _model_in(ann)
+        else:  # a dict entry (for example model.encoders.<name>)
+            model = _dict_value_model(model, loc)
+        if model is None:
+            return []
+    fields = getattr(model, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def _model_in(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dict_value_model(model: Any, loc: List[str]) -> Any:
+    return EncoderConfig if model is EncoderConfig or "encoders" in loc else None

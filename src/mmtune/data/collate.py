@@ -1,0 +1,36 @@
+"""Turn a list of samples into model inputs with each encoder's own processor."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Sequence
+
+import torch
+
+
+class Collator:
+    """Builds ``{"inputs": {encoder: {tensor name: tensor}}, "present": {modality: BoolTensor},
+    "labels": LongTensor, "index": LongTensor}``.
+
+    ``processors`` maps an encoder name to its processor (see ``mmtune.encoders.processors``);
+    a processor declares the modalities it reads. A missing value is replaced by the
+    processor's blank input and marked absent in ``present``; the model never sees a crash.
+    """
+
+    def __init__(self, processors: Mapping[str, Any], modalities: Sequence[str]):
+        self.processors = dict(processors)
+        self.modalities = sorted(modalities)
+
+    def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        present = {
+            m: torch.tensor([s["values"].get(m) is not None for s in samples], dtype=torch.bool)
+            for m in self.modalities
+        }
+        inputs = {}
+        for name, proc in self.processors.items():
+            columns = {m: [s["values"].get(m) for s in samples] for m in proc.modalities}
+            inputs[name] = proc(columns)
+        return {
+            "inputs": inputs,
+            "present": present,
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        }

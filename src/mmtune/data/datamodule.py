@@ -1,0 +1,134 @@
+"""From the config's manifests to validated splits and DataLoaders."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from .collate import Collator
+from .dataset import MultimodalDataset
+from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, _is_missing, label_key, read_table,
+                       rejected_rows_frame, validate_rows)
+
+
+def spec_from_config(data_cfg, modalities) -> ManifestSpec:
+    return ManifestSpec(
+        image_column=data_cfg.image_column if "image" in modalities else None,
+        text_column=data_cfg.text_column if "text" in modalities else None,
+        label_column=data_cfg.label_column,
+        id_column=data_cfg.id_column,
+    )
+
+
+@dataclass
+class PreparedData:
+    """Validated splits ready for datasets: frames, the folder image paths resolve against, and
+    the class names (sorted by their text) of the training labels."""
+
+    frames: Dict[str, pd.DataFrame]
+    base_dirs: Dict[str, Optional[Path]]
+    class_names: List[Any]
+    spec: ManifestSpec
+    rejected: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def class_index(self) -> Dict[str, int]:
+        return {label_key(c): i for i, c in enumerate(self.class_names)}
+
+    def dataset(self, split: str, modalities) -> MultimodalDataset:
+        return MultimodalDataset(self.frames[split], self.spec, self.base_dirs[split], self.class_index, modalities)
+
+
+def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val: Optional[TableSource] = None,
+                 test: Optional[TableSource] = None) -> PreparedData:
+    """Read, validate and split. Every bad row of every split is found before anything trains.
+
+    Raises BadRowsError listing them all (``on_bad_rows: error``), or drops them and returns them in
+    ``rejected`` (``on_bad_rows: skip``). Raises ValueError when no training data is given."""
+    spec = spec_from_config(data_cfg, modalities)
+    sources = {"train": train if train is not None else data_cfg.train,
+               "val": val if val is not None else data_cfg.val,
+               "test": test if test is not None else data_cfg.test}
+    if sources["train"] is None:
+        raise ValueError("no training data: set data.train to a manifest file or pass a DataFrame")
+    frames, base_dirs = {}, {}
+    for split, src in sources.items():
+        if src is None:
+            continue
+        frames[split], base_dirs[split] = read_table(src)
+    names = {s: (str(src) if not isinstance(src, pd.DataFrame) else f"{s} DataFrame") for s, src in sources.items() if src is not None}
+
+    train_df = frames["train"]
+    bad: List[BadRow] = validate_rows(train_df, spec, base_dirs["train"], "train", source_name=names["train"])
+    bad_train_rows = {b.row for b in bad}
+    train_labels = [v for i, v in enumerate(train_df[spec.label_column].tolist())
+                    if (i + 1) not in bad_train_rows and not _is_missing(v)]
+    for split in ("val", "test"):
+        if split in frames:
+            bad += validate_rows(frames[split], spec, base_dirs[split], split, known_labels=train_labels,
+                                 source_name=names[split])
+    rejected = rejected_rows_frame(frames, bad)
+    if bad:
+        if data_cfg.on_bad_rows == "error":
+            raise BadRowsError(bad)
+        warnings.warn(f"skipping {len({(b.split, b.row) for b in bad})} bad row(s); see rejected_rows.csv in the run bundle")
+        for split in list(frames):
+            drop = {b.row - 1 for b in bad if b.split == split}
+            frames[split] = frames[split].drop(index=sorted(drop)).reset_index(drop=True)
+
+    class_names = _class_names(frames["train"][spec.label_column].tolist())
+    if len(class_names) < 2:
+        raise ValueError(f"the training set has {len(class_names)} class(es) in {spec.label_column!r}; need at least 2")
+    if "val" not in frames:
+        frames["train"], frames["val"] = _split(frames["train"], spec.label_column, data_cfg.val_fraction, data_cfg.split_seed)
+        base_dirs["val"] = base_dirs["train"]
+    if "test" not in frames and data_cfg.test_fraction > 0:
+        frac = data_cfg.test_fraction / (1.0 - data_cfg.val_fraction) if sources["val"] is None else data_cfg.test_fraction
+        frames["train"], frames["test"] = _split(frames["train"], spec.label_column, min(frac, 0.9), data_cfg.split_seed + 1)
+        base_dirs["test"] = base_dirs["train"]
+    for split, df in frames.items():
+        if len(df) == 0:
+            raise ValueError(f"the {split} split is empty after validation")
+    return PreparedData(frames, base_dirs, class_names, spec, rejected)
+
+
+def _class_names(values: List[Any]) -> List[Any]:
+    first: Dict[str, Any] = {}
+    for v in values:
+        k = label_key(v)
+        if k not in first:
+            first[k] = int(v) if isinstance(v, float) and v.is_integer() else (v.item() if hasattr(v, "item") else v)
+    return [first[k] for k in sorted(first, key=_natural)]
+
+
+def _natural(k: str):
+    try:
+        return (0, float(k), k)
+    except ValueError:
+        return (1, 0.0, k)
+
+
+def _split(df: pd.DataFrame, label_col: str, fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    keys = df[label_col].map(label_key)
+    counts = keys.value_counts()
+    stratify = keys if counts.min() >= 2 and int(round(len(df) * fraction)) >= len(counts) else None
+    if stratify is None:
+        warnings.warn("some class has fewer than 2 rows (or the held-out share is too small): the split is not stratified")
+    a, b = train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
+    return a.reset_index(drop=True), b.reset_index(drop=True)
+
+
+def make_loader(dataset: MultimodalDataset, collator: Collator, batch_size: int, shuffle: bool,
+                num_workers: int = 0, seed: int = 0) -> DataLoader:
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator,
+                      num_workers=num_workers, generator=gen if shuffle else None,
+                      persistent_workers=num_workers > 0)

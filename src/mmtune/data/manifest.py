@@ -1,0 +1,212 @@
+"""Reading manifests and validating every row before anything trains.
+
+A manifest is a table with one example per row: an image path (relative to the manifest's
+folder), a text, a label, optionally an id. Every row is checked up front; all problems are
+reported together with their row number, column and reason. Nothing is dropped silently.
+
+Row numbers are 1-based positions among the data rows (row 1 is the first row after a CSV
+header, the first line of a JSONL file, the first row of a DataFrame).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+
+import pandas as pd
+
+TableSource = Union[str, os.PathLike, pd.DataFrame]
+
+_READERS = {
+    ".csv": lambda p: pd.read_csv(p, keep_default_na=True),
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=True),
+    ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+    ".json": lambda p: pd.read_json(p, dtype=False),
+    ".parquet": lambda p: pd.read_parquet(p),
+    ".pq": lambda p: pd.read_parquet(p),
+}
+
+
+def read_table(source: TableSource) -> Tuple[pd.DataFrame, Optional[Path]]:
+    """Read a manifest. Returns the table (index reset to 0..n-1) and the folder image paths are
+    relative to (the file's folder; None for a DataFrame, whose paths resolve against the
+    current directory). Raises FileNotFoundError or ValueError naming the file."""
+    if isinstance(source, pd.DataFrame):
+        return source.reset_index(drop=True).copy(), None
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(
+            f"manifest {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(sorted(_READERS))}"
+        )
+    try:
+        df = reader(path)
+    except Exception as exc:  # pandas raises many types; name the file in one message
+        raise ValueError(f"manifest {str(path)!r} could not be read: {exc}") from exc
+    return df.reset_index(drop=True), path.resolve().parent
+
+
+@dataclass(frozen=True)
+class BadRow:
+    split: str
+    row: int
+    column: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.split} row {self.row}, column {self.column!r}: {self.reason}"
+
+
+class BadRowsError(ValueError):
+    """Raised when rows fail validation and ``on_bad_rows`` is ``error``. ``.bad_rows`` lists them all."""
+
+    def __init__(self, bad_rows: Sequence[BadRow], limit: int = 50):
+        self.bad_rows = list(bad_rows)
+        shown = "\n".join(f"  - {b}" for b in self.bad_rows[:limit])
+        more = len(self.bad_rows) - limit
+        tail = f"\n  … and {more} more" if more > 0 else ""
+        rows = {(b.split, b.row) for b in self.bad_rows}
+        super().__init__(
+            f"{len(rows)} bad row(s) found ({len(self.bad_rows)} problem(s)):\n{shown}{tail}\n"
+            "Fix them, or set data.on_bad_rows=skip to train without them "
+            "(the skipped rows and reasons are written to rejected_rows.csv in the run bundle)."
+        )
+
+
+@dataclass
+class ManifestSpec:
+    """Which columns hold what; the part of the config the data layer needs."""
+
+    image_column: Optional[str] = None
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+    id_column: Optional[str] = None
+    allow_missing: Tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def modality_columns(self) -> List[Tuple[str, str]]:
+        out = []
+        if self.image_column:
+            out.append(("image", self.image_column))
+        if self.text_column:
+            out.append(("text", self.text_column))
+        return out
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    try:
+        return bool(pd.isna(value)) if not isinstance(value, (list, tuple, dict)) else False
+    except (TypeError, ValueError):
+        return False
+
+
+def resolve_image_path(value: Any, base_dir: Optional[Path]) -> Path:
+    p = Path(str(value))
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return p
+
+
+def _check_image(path: Path) -> Optional[str]:
+    if not path.is_file():
+        return f"image file {str(path)!r} does not exist"
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:
+        return f"image file {str(path)!r} is not a readable image ({type(exc).__name__}: {exc})"
+    return None
+
+
+def validate_rows(
+    df: pd.DataFrame,
+    spec: ManifestSpec,
+    base_dir: Optional[Path],
+    split: str,
+    known_labels: Optional[Iterable[Any]] = None,
+    require_label: bool = True,
+    source_name: Optional[str] = None,
+) -> List[BadRow]:
+    """Check every row; return every problem found (an empty list when all rows are good).
+
+    Checks: required columns exist (a missing column raises ValueError at once, naming the
+    manifest and its columns); image value missing, file absent or unreadable; text missing or
+    empty; label missing or NaN; a label outside ``known_labels`` (the training labels)."""
+    needed = [c for _, c in spec.modality_columns]
+    if require_label and spec.label_column:
+        needed.append(spec.label_column)
+    if spec.id_column:
+        needed.append(spec.id_column)
+    absent = [c for c in needed if c not in df.columns]
+    if absent:
+        where = source_name or f"{split} manifest"
+        raise ValueError(
+            f"{where} has no column(s) {', '.join(repr(c) for c in absent)}; "
+            f"its columns are: {', '.join(repr(str(c)) for c in df.columns)}. "
+            "Set data.image_column / data.text_column / data.label_column / data.id_column to match."
+        )
+    known = None if known_labels is None else {_label_key(v) for v in known_labels}
+    bad: List[BadRow] = []
+    for i, row in enumerate(df.itertuples(index=False, name=None)):
+        values = dict(zip(df.columns, row))
+        rownum = i + 1
+        for modality, col in spec.modality_columns:
+            v = values[col]
+            if _is_missing(v) or (isinstance(v, str) and not v.strip()):
+                if modality in spec.allow_missing:
+                    continue
+                reason = "empty text" if modality == "text" else "missing image path"
+                if not isinstance(v, str) and _is_missing(v):
+                    reason = f"missing {modality} (NaN or null)"
+                bad.append(BadRow(split, rownum, col, reason))
+                continue
+            if modality == "image":
+                problem = _check_image(resolve_image_path(v, base_dir))
+                if problem:
+                    bad.append(BadRow(split, rownum, col, problem))
+            elif not isinstance(v, str):
+                bad.append(BadRow(split, rownum, col, f"text must be a string, got {type(v).__name__} {v!r}"))
+        if require_label and spec.label_column:
+            lab = values[spec.label_column]
+            if _is_missing(lab) or (isinstance(lab, str) and not lab.strip()):
+                bad.append(BadRow(split, rownum, spec.label_column, "missing label (NaN, null or empty)"))
+            elif known is not None and _label_key(lab) not in known:
+                bad.append(
+                    BadRow(split, rownum, spec.label_column,
+                           f"label {lab!r} never occurs in the training set (known: {sorted(known)[:20]})")
+                )
+        if spec.id_column and _is_missing(values[spec.id_column]):
+            bad.append(BadRow(split, rownum, spec.id_column, "missing id (NaN or null)"))
+    return bad
+
+
+def _label_key(value: Any) -> str:
+    """Labels are compared by their text so that 1, 1.0 and '1' from different files agree."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def label_key(value: Any) -> str:
+    return _label_key(value)
+
+
+def rejected_rows_frame(df_by_split: dict, bad: Sequence[BadRow]) -> pd.DataFrame:
+    """One row per problem, with the split, row number, column, reason and the row's values."""
+    records = []
+    for b in bad:
+        df = df_by_split.get(b.split)
+        original = df.iloc[b.row - 1].to_dict() if df is not None and 0 < b.row <= len(df) else {}
+        records.append({"split": b.split, "row": b.row, "column": b.column, "reason": b.reason,
+                        **{f"value.{k}": v for k, v in original.items()}})
+    return pd.DataFrame.from_records(records)

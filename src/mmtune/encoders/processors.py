@@ -1,0 +1,166 @@
+"""Processors turn raw values (PIL images, strings) into an encoder's input tensors.
+
+Each processor names the modalities it reads, fills absent values with a blank input (the
+model masks them out), and can save itself to a folder and be loaded back with no network.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+_META = "mmtune_processor.json"
+
+
+class TextProcessor:
+    modalities = ("text",)
+
+    def __init__(self, tokenizer, max_length: int = 128, keep: Optional[Sequence[str]] = None):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.keep = tuple(keep) if keep else ("input_ids", "attention_mask", "token_type_ids")
+
+    def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        texts = [t if t is not None else "" for t in columns["text"]]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in self.keep}
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(folder))
+        _write_meta(folder, "text", max_length=self.max_length, keep=list(self.keep))
+
+    @classmethod
+    def load(cls, folder: Path, meta: Dict[str, Any]) -> "TextProcessor":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        return cls(tok, meta["max_length"], meta.get("keep"))
+
+
+class HFImageProcessor:
+    """Wraps a transformers image processor (the PIL backend: no torchvision needed)."""
+
+    modalities = ("image",)
+
+    def __init__(self, image_processor, image_size: Optional[int] = None):
+        self.image_processor = image_processor
+        if image_size:
+            image_processor.size = {"height": image_size, "width": image_size}
+            if hasattr(image_processor, "do_center_crop"):
+                image_processor.do_center_crop = False
+        self.image_size = image_size
+        self._blank_side = image_size or 32
+
+    def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        from PIL import Image
+
+        imgs = [im if im is not None else Image.new("RGB", (self._blank_side, self._blank_side)) for im in columns["image"]]
+        out = self.image_processor(images=imgs, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"]}
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.image_processor.save_pretrained(str(folder))
+        _write_meta(folder, "hf_image", image_size=self.image_size)
+
+    @classmethod
+    def load(cls, folder: Path, meta: Dict[str, Any]) -> "HFImageProcessor":
+        return cls(load_hf_image_processor(str(folder)), meta.get("image_size"))
+
+
+def load_hf_image_processor(path: str):
+    """AutoImageProcessor on its PIL backend when torchvision is not installed."""
+    from transformers import AutoImageProcessor
+
+    try:
+        import torchvision  # noqa: F401
+
+        return AutoImageProcessor.from_pretrained(path)
+    except Exception:
+        pass
+    try:
+        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    except TypeError:
+        return AutoImageProcessor.from_pretrained(path, use_fast=False)
+
+
+class ResizeNormalizeProcessor:
+    """Resize to a square side, scale to [0, 255], subtract ``mean`` and divide by ``std`` per channel.
+    EfficientNet-Lite expects mean 127 and std 128 (inputs in about [-1, 1])."""
+
+    modalities = ("image",)
+
+    def __init__(self, image_size: int = 224, mean: Sequence[float] = (127.0,) * 3, std: Sequence[float] = (128.0,) * 3):
+        self.image_size = int(image_size)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+
+    def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        from PIL import Image
+
+        s = self.image_size
+        arr = np.zeros((len(columns["image"]), 3, s, s), dtype=np.float32)
+        for i, im in enumerate(columns["image"]):
+            if im is None:
+                continue  # blank; masked out by the model
+            if im.size != (s, s):
+                im = im.resize((s, s), Image.BILINEAR)
+            arr[i] = (np.asarray(im, dtype=np.float32).transpose(2, 0, 1) - self.mean) / self.std
+        return {"pixel_values": torch.from_numpy(arr)}
+
+    def save(self, folder: Path) -> None:
+        _write_meta(folder, "resize_normalize", image_size=self.image_size,
+                    mean=self.mean.ravel().tolist(), std=self.std.ravel().tolist())
+
+    @classmethod
+    def load(cls, folder: Path, meta: Dict[str, Any]) -> "ResizeNormalizeProcessor":
+        return cls(meta["image_size"], meta["mean"], meta["std"])
+
+
+class JointProcessor:
+    """Several processors side by side for a joint encoder (CLIP: image + text)."""
+
+    def __init__(self, parts: Mapping[str, Any]):
+        self.parts = dict(sorted(parts.items()))
+        self.modalities = tuple(m for p in self.parts.values() for m in p.modalities)
+
+    def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        for part in self.parts.values():
+            out.update(part({m: columns[m] for m in part.modalities}))
+        return out
+
+    def save(self, folder: Path) -> None:
+        for name, part in self.parts.items():
+            part.save(folder / name)
+        _write_meta(folder, "joint", parts=list(self.parts))
+
+    @classmethod
+    def load(cls, folder: Path, meta: Dict[str, Any]) -> "JointProcessor":
+        return cls({name: load_processor(folder / name) for name in meta["parts"]})
+
+
+_KINDS = {
+    "text": TextProcessor,
+    "hf_image": HFImageProcessor,
+    "resize_normalize": ResizeNormalizeProcessor,
+    "joint": JointProcessor,
+}
+
+
+def _write_meta(folder: Path, kind: str, **fields: Any) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / _META).write_text(json.dumps({"kind": kind, **fields}, indent=2))
+
+
+def load_processor(folder: Path):
+    """Load a processor saved with ``.save(folder)``. Raises FileNotFoundError naming the folder."""
+    meta_path = Path(folder) / _META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no saved processor in {str(folder)!r} ({_META} missing)")
+    meta = json.loads(meta_path.read_text())
+    return _KINDS[meta["kind"]].load(Path(folder), meta)

@@ -1,0 +1,3 @@
+from .metrics import classification_metrics
+
+__all__ = ["classification_metrics"]

@@ -1,0 +1,3 @@
+from .predictor import Predictor
+
+__all__ = ["Predictor"]

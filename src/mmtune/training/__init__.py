@@ -1,0 +1,3 @@
+from .fit import FitResult, fit
+
+__all__ = ["FitResult", "fit"]
