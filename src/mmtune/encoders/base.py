@@ -56,8 +56,10 @@ class Encoder(nn.Module):
 
 def depth_groups(module: nn.Module) -> List[List[nn.Parameter]]:
     """Group ``module``'s parameters by depth: everything defined before its main stack of layers
-    (the ``nn.ModuleList`` holding the most parameters), each layer of that stack, then
-    everything after it. Works for BERT/ViT/CLIP towers, ResNet/ConvNeXt stages, EfficientNet."""
+    (the ``nn.ModuleList`` holding the most parameters), then each layer of that stack; what
+    follows the stack (final norm, head convolution) joins the last layer, so that "the last
+    group" is always a real layer. Works for BERT/ViT/CLIP towers, ResNet/ConvNeXt stages,
+    EfficientNet blocks."""
     best: Optional[Tuple[str, nn.ModuleList, int]] = None
     for name, sub in module.named_modules():
         if isinstance(sub, nn.ModuleList) and len(sub) > 1:
@@ -78,7 +80,8 @@ def depth_groups(module: nn.Module) -> List[List[nn.Parameter]]:
             seen_layer = True
         else:
             (head if seen_layer else stem).append(p)
-    return [g for g in [stem, *layers, head] if g]
+    layers[-1].extend(head)
+    return [g for g in [stem, *layers] if g]
 
 
 def pool_tokens(tokens: torch.Tensor, mask: Optional[torch.Tensor], how: str) -> torch.Tensor:

@@ -108,7 +108,10 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         "val": make_loader(data.dataset("val", modalities), collator, eval_bs, False, cfg.data.num_workers),
     }
     module = ClassifierModule(model, task, len(data.class_names), cfg.optim, cfg.schedule, cfg.finetune, t.monitor)
+    previous_logs = _read_previous_logs(run_dir, last_ckpt) if resume else None
     trainer = build_trainer(cfg, run_dir, len(loaders["train"]), callbacks)
+    if previous_logs is not None:
+        _continue_logs(trainer, previous_logs)
     run_dir.mkdir(parents=True, exist_ok=True)
     # from_pretrained leaves models in eval mode and Lightning keeps the mode it finds: set it here
     # (the classifier keeps fully frozen encoders and frozen batch-norm layers in eval mode).
@@ -126,6 +129,26 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     metrics["trainable_parameters"] = trainable_parameter_count(model)
     write_bundle(run_dir, cfg, model, data.class_names, task, metrics, data.rejected)
     return FitResult(run_dir, metrics, cfg)
+
+
+def _read_previous_logs(run_dir: Path, last_ckpt: Path) -> Optional[pd.DataFrame]:
+    """Log rows up to the epoch the checkpoint holds (rows logged after it are redone on resume)."""
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        return None
+    done_epoch = torch.load(last_ckpt, map_location="cpu", weights_only=False)["epoch"]
+    df = pd.read_csv(path)
+    return df[df["epoch"].isna() | (df["epoch"] <= done_epoch)] if "epoch" in df else df
+
+
+def _continue_logs(trainer: L.Trainer, previous: pd.DataFrame) -> None:
+    """Lightning's CSV logger starts a fresh metrics.csv; put the rows before the checkpoint back so
+    that a resumed run keeps one log from epoch 0."""
+    writer = trainer.logger.experiment  # creating it clears the old file
+    from ..io import atomic_write_with
+
+    atomic_write_with(writer.metrics_file_path, lambda tmp: previous[sorted(previous.columns)].to_csv(tmp, index=False))
+    writer.metrics_keys = sorted(previous.columns)
 
 
 def build_trainer(cfg: Config, run_dir: Path, n_train_batches: int, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:

@@ -1,0 +1,106 @@
+"""Strategies, optimizer groups and schedules on the one model class."""
+import math
+
+import pytest
+import torch
+
+from mmtune.config import load_config
+from mmtune.data.collate import Collator
+from mmtune.finetune import apply_strategy, param_groups, trainable_parameter_count
+from mmtune.models import build_model
+from mmtune.training.module import cosine_with_warmup
+from PIL import Image
+
+
+def _model(tiny_vit, tiny_bert, **model):
+    cfg = load_config({"model": {"encoders": {"image": {"modality": "image", "checkpoint": tiny_vit},
+                                              "text": {"modality": "text", "checkpoint": tiny_bert}}, **model}})
+    return build_model(cfg.model, {"label": 3})
+
+
+def _batch(model):
+    col = Collator({n: e.processor for n, e in model.encoders.items()}, ["image", "text"])
+    samples = [{"values": {"image": Image.new("RGB", (32, 32), (i * 40, 0, 0)), "text": f"works perfectly {i}"},
+                "label": i % 3, "index": i} for i in range(4)]
+    return col(samples)
+
+
+def _grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    out = model(batch["inputs"], batch["present"])["label"]
+    torch.nn.functional.cross_entropy(out, batch["labels"]).backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("strategy", ["full", "frozen", "partial"])
+def test_gradients_reach_exactly_the_trainable_parameters(tiny_vit, tiny_bert, strategy):
+    model = _model(tiny_vit, tiny_bert)
+    apply_strategy(model, strategy, unfreeze_last=1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    got = _grads(model, _batch(model))
+    assert got == trainable
+    enc_params = {n for n in trainable if n.startswith("encoders.")}
+    if strategy == "frozen":
+        assert enc_params == set()
+    if strategy == "partial":
+        # the deepest group of each encoder: the last layer norm (ViT) / last transformer layer (BERT)
+        last = {f"encoders.{name}.{n}" for name, e in model.encoders.items()
+                for n, p in e.named_parameters() if any(p is q for q in e.layer_groups()[-1])}
+        assert enc_params == last
+    if strategy == "full":
+        assert trainable == {n for n, _ in model.named_parameters()}
+
+
+def test_frozen_encoders_stay_in_eval_mode(tiny_vit, tiny_bert):
+    model = _model(tiny_vit, tiny_bert)
+    apply_strategy(model, "frozen")
+    model.train()
+    assert all(not e.training for e in model.encoders.values())
+    assert model.fusion.training
+    apply_strategy(model, "full")
+    model.train()
+    assert all(e.training for e in model.encoders.values())
+
+
+def test_param_groups_lr_and_no_decay(tiny_vit, tiny_bert):
+    model = _model(tiny_vit, tiny_bert)
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, encoder_lr=1e-5)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["encoders/decay"]["lr"] == 1e-5 and by_name["fusion_heads/decay"]["lr"] == 1e-3
+    assert all(p.ndim >= 2 for g in groups if g["weight_decay"] > 0 for p in g["params"])
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("no_decay"))
+    n = sum(p.numel() for g in groups for p in g["params"])
+    assert n == trainable_parameter_count(model)
+
+
+def test_cosine_with_warmup_shape():
+    f = cosine_with_warmup(100, 0.1, 0.0, 1e-3)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5, abs=1e-6) and f(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(f(i) >= f(i + 1) - 1e-12 for i in range(10, 100))
+
+
+def test_missing_modality_is_masked_not_crashed(tiny_vit, tiny_bert):
+    model = _model(tiny_vit, tiny_bert).eval()
+    batch = _batch(model)
+    with torch.no_grad():
+        full = model(batch["inputs"], batch["present"])["label"]
+        present = {k: v.clone() for k, v in batch["present"].items()}
+        present["image"][1] = False
+        masked = model(batch["inputs"], present)["label"]
+    assert torch.allclose(full[[0, 2, 3]], masked[[0, 2, 3]], atol=1e-6)
+    assert not torch.allclose(full[1], masked[1])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "plateau"])
+@pytest.mark.parametrize("optim", ["adam", "adamw", "sgd"])
+def test_every_optimizer_and_schedule_trains(tmp_path, tiny_bert, colour_verdict, optim, schedule):
+    import mmtune
+    from conftest import base_config
+
+    cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}},
+                      data={"image_column": None}, trainer={"max_epochs": 2, "limit_train_batches": 3},
+                      optim={"name": optim}, schedule={"name": schedule, "step_epochs": 1})
+    res = mmtune.fit(cfg, train=str(colour_verdict["train"]))
+    assert math.isfinite(res.metrics["val"]["log_loss"])
