@@ -20,14 +20,16 @@ def predict_proba_batches(model, task: str, batches: Iterable[Dict[str, Any]], d
     """Softmax probabilities (N, C) for ``task`` over collated batches, in order."""
     device = torch.device(device)
     was_training = model.training
-    model.eval()
+    if was_training:  # switching modes walks every module: skip it when already in eval mode
+        model.eval()
     out = []
     try:
         for batch in batches:
             logits = model(move(batch["inputs"], device), move(batch["present"], device))[task]
             out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(out, axis=0)
