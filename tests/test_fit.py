@@ -37,8 +37,8 @@ def fitted(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
 def test_fit_learns_a_task_that_needs_both_modalities(fitted):
     res, _, _ = fitted
     # 4 balanced classes: chance is 0.25, one modality alone can reach 0.5.
-    assert res.metrics["test"]["accuracy"] >= 0.8
-    assert res.metrics["val"]["accuracy"] >= 0.8
+    assert res.metrics["test"]["label"]["accuracy"] >= 0.8
+    assert res.metrics["val"]["label"]["accuracy"] >= 0.8
 
 
 def test_bundle_contents(fitted):
@@ -49,7 +49,9 @@ def test_bundle_contents(fitted):
               "encoders/text/config.json", "encoders/text/processor/tokenizer_config.json", "logs/metrics.csv",
               "checkpoints/last.ckpt", "checkpoints/best.ckpt"]:
         assert (d / f).exists(), f
-    assert json.loads((d / "labels.json").read_text())["classes"] == ["cool-keep", "cool-return", "warm-keep", "warm-return"]
+    tasks = json.loads((d / "labels.json").read_text())["tasks"]
+    assert [t["name"] for t in tasks] == ["label"]
+    assert tasks[0]["classes"] == ["cool-keep", "cool-return", "warm-keep", "warm-return"]
     logs = pd.read_csv(d / "logs" / "metrics.csv")
     assert {"train_loss_epoch", "val_loss", "val_acc", "val_f1_macro", "epoch"} <= set(logs.columns)
     assert logs["val_acc"].notna().sum() == 12  # one validation row per epoch
@@ -83,9 +85,9 @@ def test_in_memory_model_matches_bundle_metrics(fitted, colour_verdict):
     cols = [str(c) for c in in_memory.class_names]
     y = [cols.index(v) for v in test["label"]]
     p = proba[cols].to_numpy().astype(np.float64)
-    assert res.metrics["test"]["accuracy"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)), abs=1e-9)
-    assert res.metrics["test"]["f1_macro"] == pytest.approx(skm.f1_score(y, p.argmax(1), average="macro"), abs=1e-9)
-    assert res.metrics["test"]["roc_auc"] == pytest.approx(
+    assert res.metrics["test"]["label"]["accuracy"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)), abs=1e-9)
+    assert res.metrics["test"]["label"]["f1_macro"] == pytest.approx(skm.f1_score(y, p.argmax(1), average="macro"), abs=1e-9)
+    assert res.metrics["test"]["label"]["roc_auc"] == pytest.approx(
         skm.roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr"), abs=1e-6)
 
 
@@ -98,11 +100,11 @@ def test_cli_predict_and_evaluate(fitted, colour_verdict, tmp_path, capsys):
     assert list(preds["id"]) == list(test["id"])
     prob_cols = [c for c in preds.columns if c.startswith("prob_")]
     assert len(prob_cols) == 4 and np.allclose(preds[prob_cols].sum(1), 1.0, atol=1e-5)
-    assert (preds["prediction"] == test["label"]).mean() == pytest.approx(res.metrics["test"]["accuracy"])
+    assert (preds["prediction"] == test["label"]).mean() == pytest.approx(res.metrics["test"]["label"]["accuracy"])
 
     assert cli(["evaluate", "--run", str(res.run_dir), "--data", str(colour_verdict["test"])]) == 0
     written = json.loads((res.run_dir / "evaluations" / "test.json").read_text())
-    assert written["accuracy"] == pytest.approx(res.metrics["test"]["accuracy"], abs=1e-9)
+    assert written["label"]["accuracy"] == pytest.approx(res.metrics["test"]["label"]["accuracy"], abs=1e-9)
     assert "roc_auc" in capsys.readouterr().out
 
 

@@ -14,7 +14,7 @@ def folder(tmp_path):
     return tmp_path
 
 
-SPEC = ManifestSpec(image_column="image", text_column="text", label_column="label", id_column="id")
+SPEC = ManifestSpec.simple(image_column="image", text_column="text", label_column="label", id_column="id")
 
 
 def test_every_kind_of_bad_row_is_reported_with_row_and_reason(folder):
@@ -36,14 +36,16 @@ def test_every_kind_of_bad_row_is_reported_with_row_and_reason(folder):
 
 def test_unseen_label_in_val_is_a_bad_row(folder):
     df = pd.DataFrame({"id": [1], "image": ["ok.png"], "text": ["t"], "label": ["z"]})
-    bad = validate_rows(df, SPEC, folder, "val", known_labels=["x", "y"])
+    spec = ManifestSpec.simple("image", "text", "label", "id")
+    spec.tasks[0].fit_classes(["x", "y"])
+    bad = validate_rows(df, spec, folder, "val", check_known=True)
     assert len(bad) == 1 and bad[0].row == 1 and "never occurs in the training set" in bad[0].reason
 
 
 def test_missing_column_names_manifest_and_columns(folder):
     df = pd.DataFrame({"image": ["ok.png"], "caption": ["t"], "label": ["x"]})
     with pytest.raises(ValueError, match="'text'.*columns are: 'image', 'caption', 'label'"):
-        validate_rows(df, ManifestSpec("image", "text", "label"), folder, "train", source_name="m.csv")
+        validate_rows(df, ManifestSpec.simple("image", "text", "label"), folder, "train", source_name="m.csv")
 
 
 def _cfg(**data):
@@ -76,7 +78,7 @@ def test_split_is_stratified_and_seeded(folder):
     d2 = prepare_data(_cfg(val_fraction=0.2, split_seed=3).data, ["image", "text"], train=df.assign(image=str(folder / "ok.png")))
     assert list(d1.frames["val"]["id"]) == list(d2.frames["val"]["id"])
     assert d1.frames["val"]["label"].value_counts().to_dict() == {"a": 6, "b": 2}
-    assert d1.class_names == ["a", "b"]
+    assert d1.tasks[0].classes == ["a", "b"]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "tsv"])

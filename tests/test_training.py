@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mmtune.config import load_config
+from mmtune.config import FinetuneConfig, load_config
 from mmtune.data.collate import Collator
 from mmtune.finetune import apply_strategy, param_groups, trainable_parameter_count
 from mmtune.models import build_model
@@ -21,7 +21,7 @@ def _model(tiny_vit, tiny_bert, **model):
 def _batch(model):
     col = Collator({n: e.processor for n, e in model.encoders.items()}, ["image", "text"])
     samples = [{"values": {"image": Image.new("RGB", (32, 32), (i * 40, 0, 0)), "text": f"works perfectly {i}"},
-                "label": i % 3, "index": i} for i in range(4)]
+                "labels": {"label": i % 3}, "index": i} for i in range(4)]
     return col(samples)
 
 
@@ -29,14 +29,14 @@ def _grads(model, batch):
     model.zero_grad(set_to_none=True)
     model.train()
     out = model(batch["inputs"], batch["present"])["label"]
-    torch.nn.functional.cross_entropy(out, batch["labels"]).backward()
+    torch.nn.functional.cross_entropy(out, batch["labels"]["label"]).backward()
     return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
 @pytest.mark.parametrize("strategy", ["full", "frozen", "partial"])
 def test_gradients_reach_exactly_the_trainable_parameters(tiny_vit, tiny_bert, strategy):
     model = _model(tiny_vit, tiny_bert)
-    apply_strategy(model, strategy, unfreeze_last=1)
+    apply_strategy(model, FinetuneConfig(strategy=strategy, unfreeze_last=1))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     got = _grads(model, _batch(model))
     assert got == trainable
@@ -54,11 +54,11 @@ def test_gradients_reach_exactly_the_trainable_parameters(tiny_vit, tiny_bert, s
 
 def test_frozen_encoders_stay_in_eval_mode(tiny_vit, tiny_bert):
     model = _model(tiny_vit, tiny_bert)
-    apply_strategy(model, "frozen")
+    apply_strategy(model, FinetuneConfig(strategy="frozen"))
     model.train()
     assert all(not e.training for e in model.encoders.values())
     assert model.fusion.training
-    apply_strategy(model, "full")
+    apply_strategy(model, FinetuneConfig(strategy="full"))
     model.train()
     assert all(e.training for e in model.encoders.values())
 
@@ -67,7 +67,9 @@ def test_param_groups_lr_and_no_decay(tiny_vit, tiny_bert):
     model = _model(tiny_vit, tiny_bert)
     groups = param_groups(model, lr=1e-3, weight_decay=0.1, encoder_lr=1e-5)
     by_name = {g["name"]: g for g in groups}
-    assert by_name["encoders/decay"]["lr"] == 1e-5 and by_name["fusion_heads/decay"]["lr"] == 1e-3
+    assert set(by_name) == {"encoders/decay", "encoders/no_decay", "fusion/decay", "fusion/no_decay",
+                            "heads/decay", "heads/no_decay"}
+    assert by_name["encoders/decay"]["lr"] == 1e-5 and by_name["fusion/decay"]["lr"] == 1e-3
     assert all(p.ndim >= 2 for g in groups if g["weight_decay"] > 0 for p in g["params"])
     assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("no_decay"))
     n = sum(p.numel() for g in groups for p in g["params"])
@@ -103,4 +105,4 @@ def test_every_optimizer_and_schedule_trains(tmp_path, tiny_bert, colour_verdict
                       data={"image_column": None}, trainer={"max_epochs": 2, "limit_train_batches": 3},
                       optim={"name": optim}, schedule={"name": schedule, "step_epochs": 1})
     res = mmtune.fit(cfg, train=str(colour_verdict["train"]))
-    assert math.isfinite(res.metrics["val"]["log_loss"])
+    assert math.isfinite(res.metrics["val"]["label"]["log_loss"])

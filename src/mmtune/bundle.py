@@ -20,8 +20,8 @@ MARKER = "bundle.json"
 FORMAT = 1
 
 
-def write_bundle(run_dir: Path, config, model, class_names: List[Any], task: str,
-                 metrics: Dict[str, Any], rejected: Optional[pd.DataFrame] = None) -> Path:
+def write_bundle(run_dir: Path, config, model, tasks, metrics: Dict[str, Any],
+                 rejected: Optional[pd.DataFrame] = None) -> Path:
     """Write every bundle file atomically, bundle.json last. Returns ``run_dir``."""
     from safetensors.torch import save_model
 
@@ -31,7 +31,7 @@ def write_bundle(run_dir: Path, config, model, class_names: List[Any], task: str
     for name, enc in model.encoders.items():
         atomic_write_dir(run_dir / "encoders" / name, enc.save_parts)
     atomic_write_with(run_dir / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
-    atomic_write_json(run_dir / "labels.json", {"task": task, "classes": list(class_names)})
+    atomic_write_json(run_dir / "labels.json", {"tasks": [t.to_json() for t in tasks]})
     atomic_write_json(run_dir / "metrics.json", metrics)
     files = ["config.yaml", "model.safetensors", "labels.json", "metrics.json", "encoders"]
     if rejected is not None and len(rejected):

@@ -79,17 +79,21 @@ def _predict(args) -> int:
     import pandas as pd
 
     from .io import atomic_write_with
-    from .serving.predictor import Predictor
+    from .serving.predictor import Predictor, decide
 
     pred = Predictor.load(args.run)
-    proba = pred.predict_proba(args.data, batch_size=args.batch_size)
-    classes = [str(c) for c in pred.class_names]
-    out = pd.DataFrame(index=proba.index)
+    ds = pred._dataset(args.data, with_labels=False)
+    proba = pred._proba(ds, args.batch_size)
+    out = pd.DataFrame(index=range(len(ds)))
     if pred.spec.id_column:
-        out[pred.spec.id_column] = proba[pred.spec.id_column]
-    out["prediction"] = [pred.class_names[i] for i in proba[classes].to_numpy().argmax(1)]
-    for c in classes:
-        out[f"prob_{c}"] = proba[c]
+        out[pred.spec.id_column] = ds.df[pred.spec.id_column].to_numpy()
+    multi = len(pred.tasks) > 1
+    for t in pred.tasks:
+        prefix = f"{t.name}." if multi else ""
+        labels = decide(t, proba[t.name])
+        out[f"{prefix}prediction"] = [t.separator.join(map(str, v)) for v in labels] if t.multilabel else list(labels)
+        for j, c in enumerate(t.classes):
+            out[f"{prefix}prob_{c}"] = proba[t.name][:, j]
     path = Path(args.out)
     suffix = path.suffix.lower()
     writers = {

@@ -22,6 +22,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TaskConfig(_Strict):
+    """One label column of a multitask setup."""
+
+    column: str
+    """Column holding this task's label(s)."""
+    multilabel: bool = False
+    """Several labels per row: a list (JSONL / Parquet) or a ``separator``-joined string."""
+    separator: str = "|"
+    weight: float = Field(1.0, ge=0.0)
+    """This task's weight in the summed loss."""
+
+
 class DataConfig(_Strict):
     """Where the examples are and which columns hold what."""
 
@@ -36,7 +48,11 @@ class DataConfig(_Strict):
     text_column: Optional[str] = "text"
     """Column holding text (None: no text modality)."""
     label_column: str = "label"
-    """Column holding the class label."""
+    """Column holding the class label (single task; ignored when ``tasks`` is set)."""
+    tasks: Optional[Dict[str, TaskConfig]] = None
+    """Several label columns, a head each: ``{task name: {column, multilabel, separator, weight}}``."""
+    allow_missing: List[Literal["image", "text"]] = Field(default_factory=list)
+    """Modalities a row may lack (empty value); the model masks them and uses a learned placeholder."""
     id_column: Optional[str] = None
     """Column carried through to predictions unchanged."""
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -67,15 +83,37 @@ class EncoderConfig(_Strict):
     """Image: input side in pixels (default: the processor's own)."""
 
 
+FUSIONS = ("concat", "single_stream", "late", "stacking", "cross_attention", "gated")
+
+
 class FusionConfig(_Strict):
     """How the modalities' features meet."""
 
-    type: Literal["concat"] = "concat"
-    """``concat``: pooled features concatenated, then a shared MLP."""
+    type: Literal["concat", "single_stream", "late", "stacking", "cross_attention", "gated"] = "concat"
+    """``concat``: pooled features concatenated, shared MLP. ``single_stream``: all token sequences through one
+    transformer, classified from a fusion token. ``late``: a head per modality, logits combined by weights.
+    ``stacking``: unimodal classifiers, a meta-classifier on their out-of-fold outputs. ``cross_attention``:
+    each modality's tokens attend to the others'. ``gated``: gated multimodal unit."""
     hidden_dims: List[int] = Field(default_factory=lambda: [256])
-    """Widths of the shared layers after concatenation (empty: none)."""
+    """Widths of the shared layers after the fusion (empty: none)."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    """Dropout inside the shared layers."""
+    """Dropout inside the fusion."""
+    width: int = Field(128, ge=4)
+    """Common width modalities are projected to (single_stream, cross_attention, gated, late)."""
+    layers: int = Field(2, ge=1)
+    """Transformer layers (single_stream)."""
+    heads: int = Field(4, ge=1)
+    """Attention heads (single_stream, cross_attention); must divide ``width``."""
+    late_weights: Literal["learned", "mean"] = "learned"
+    """late: combine the per-modality logits with learned weights or a plain mean."""
+    stacking_folds: int = Field(5, ge=2)
+    """stacking: folds for the out-of-fold predictions the meta-classifier learns from."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "FusionConfig":
+        if self.type in ("single_stream", "cross_attention") and self.width % self.heads:
+            raise ValueError(f"fusion.heads ({self.heads}) must divide fusion.width ({self.width})")
+        return self
 
 
 class HeadConfig(_Strict):
@@ -92,6 +130,8 @@ class ModelConfig(_Strict):
     """One entry per encoder, keyed by a name of your choice."""
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
+    modality_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Training only: chance that a modality of a row is hidden (never all of a row's modalities)."""
 
     @field_validator("encoders")
     @classmethod
@@ -105,13 +145,33 @@ class ModelConfig(_Strict):
 class FinetuneConfig(_Strict):
     """How much of each pretrained encoder is trained."""
 
-    strategy: Literal["full", "frozen", "partial"] = "full"
-    """``full``: everything; ``frozen``: encoders fixed, fusion and head trained; ``partial``: the last
-    ``unfreeze_last`` layer groups of each encoder trained."""
+    strategy: Literal["full", "frozen", "partial", "gradual", "lora", "ia3", "bitfit"] = "full"
+    """``full``: everything; ``frozen``: encoders fixed (linear probe; embedding cache); ``partial``: the last
+    ``unfreeze_last`` layer groups of each encoder; ``gradual``: ``partial`` at first, one more group every
+    ``unfreeze_every`` epochs; ``lora`` / ``ia3``: peft adapters in each encoder; ``bitfit``: encoder biases only.
+    Fusion and heads always train."""
     unfreeze_last: int = Field(1, ge=0)
-    """With ``partial``: how many of each encoder's deepest layer groups are trained."""
+    """partial / gradual: how many of each encoder's deepest layer groups train (at first, for gradual)."""
+    unfreeze_every: int = Field(1, ge=1)
+    """gradual: epochs between unfreezing one more group."""
     encoder_lr: Optional[float] = Field(None, gt=0.0)
     """Learning rate of encoder parameters (default: ``optim.lr``)."""
+    fusion_lr: Optional[float] = Field(None, gt=0.0)
+    """Learning rate of the fusion (default: ``optim.lr``)."""
+    head_lr: Optional[float] = Field(None, gt=0.0)
+    """Learning rate of the heads (default: ``optim.lr``)."""
+    layer_decay: Optional[float] = Field(None, gt=0.0, le=1.0)
+    """Layer-wise learning-rate decay: each shallower layer group of an encoder gets this factor times the
+    rate of the group above it (the deepest group gets ``encoder_lr``)."""
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Optional[Dict[str, List[str]]] = None
+    """lora / ia3: module names to adapt per encoder name (default: chosen per architecture)."""
+    cache: bool = True
+    """frozen: compute encoder outputs once per dataset and train the epochs over that cache."""
+    cache_dir: Optional[str] = None
+    """Where the embedding cache lives (default: ``<output_dir>/.cache``)."""
 
 
 class OptimConfig(_Strict):
@@ -146,7 +206,8 @@ class TrainerConfig(_Strict):
     gradient_clip_val: Optional[float] = Field(None, gt=0.0)
     seed: int = 0
     monitor: Literal["val_loss", "val_acc", "val_f1_macro"] = "val_loss"
-    """Validation metric for early stopping, the best checkpoint and the plateau schedule."""
+    """Validation metric for early stopping, the best checkpoint and the plateau schedule (mean over tasks;
+    for a multi-label task, accuracy is subset accuracy)."""
     early_stopping_patience: Optional[int] = Field(3, ge=0)
     """Epochs without improvement before stopping (None: never stop early)."""
     accelerator: str = "auto"
@@ -178,6 +239,21 @@ class Config(_Strict):
             raise ValueError("an image encoder is configured but data.image_column is empty")
         if needs_text and not self.data.text_column:
             raise ValueError("a text encoder is configured but data.text_column is empty")
+        if self.model.fusion.type == "late" and self.model.head.hidden_dims:
+            raise ValueError("fusion 'late' combines per-modality logits: model.head.hidden_dims must be empty")
+        if self.model.fusion.type == "stacking":
+            if self.finetune.strategy != "frozen" or not self.finetune.cache:
+                raise ValueError("fusion 'stacking' trains on cached encoder outputs: set finetune.strategy=frozen "
+                                 "(with finetune.cache=true)")
+            if self.model.head.hidden_dims:
+                raise ValueError("fusion 'stacking': the head is the linear meta-classifier; model.head.hidden_dims must be empty")
+            if self.data.tasks and (len(self.data.tasks) > 1 or any(t.multilabel for t in self.data.tasks.values())):
+                raise ValueError("fusion 'stacking' supports one single-label task")
+        if self.finetune.target_modules:
+            unknown = set(self.finetune.target_modules) - set(self.model.encoders)
+            if unknown:
+                raise ValueError(f"finetune.target_modules names unknown encoder(s) {sorted(unknown)}; "
+                                 f"encoders: {sorted(self.model.encoders)}")
         return self
 
     @property
@@ -187,6 +263,13 @@ class Config(_Strict):
         for e in self.model.encoders.values():
             out.update(["image", "text"] if e.modality == "image_text" else [e.modality])
         return sorted(out)
+
+    @property
+    def tasks(self):
+        """The tasks (label columns) this config trains: a list of :class:`mmtune.tasks.Task`."""
+        from .tasks import tasks_from_config
+
+        return tasks_from_config(self.data)
 
     @property
     def run_dir(self) -> Path:

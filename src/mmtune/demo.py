@@ -123,7 +123,8 @@ def run_demo(output_dir: Path, rows: int = 800, overrides=(), verbose: bool = Tr
             print(f"\n== {variant}: encoders {', '.join(keep)} -> {cfg.run_dir}", flush=True)
         t0 = time.time()
         res = fit(cfg, overwrite=True)
-        results[variant] = {**res.metrics["test"], "seconds": time.time() - t0, "run_dir": str(res.run_dir)}
+        results[variant] = {**res.metrics["test"][cfg.data.label_column], "seconds": time.time() - t0,
+                            "run_dir": str(res.run_dir)}
     if verbose:
         print("\nTest set (%d rows), same data, settings and budget for every variant:" % results["fused"]["n"])
         print(f"{'model':<12} {'accuracy':>9} {'macro F1':>9} {'ROC-AUC':>8} {'seconds':>8}  bundle")

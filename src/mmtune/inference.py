@@ -15,21 +15,31 @@ def move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def probabilities(task, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax for a single-label task, sigmoid per label for a multi-label one."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if task.multilabel else torch.softmax(logits, dim=-1)
+
+
 @torch.inference_mode()
-def predict_proba_batches(model, task: str, batches: Iterable[Dict[str, Any]], device="cpu") -> np.ndarray:
-    """Softmax probabilities (N, C) for ``task`` over collated batches, in order."""
+def predict_proba_batches(model, tasks, batches: Iterable[Dict[str, Any]], device="cpu") -> Dict[str, np.ndarray]:
+    """Probabilities per task, (N, C) each, over collated batches (raw ``inputs`` or cached ``encoded``), in order."""
+    from .finetune.feature_cache import as_encoder_outputs
+
     device = torch.device(device)
     was_training = model.training
     if was_training:  # switching modes walks every module: skip it when already in eval mode
         model.eval()
-    out = []
+    out: Dict[str, list] = {t.name: [] for t in tasks}
     try:
         for batch in batches:
-            logits = model(move(batch["inputs"], device), move(batch["present"], device))[task]
-            out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            encoded = batch.get("encoded")
+            logits = model(move(batch.get("inputs"), device), move(batch["present"], device),
+                           encoded=as_encoder_outputs(move(encoded, device)) if encoded is not None else None)
+            for t in tasks:
+                out[t.name].append(probabilities(t, logits[t.name]).cpu().numpy())
     finally:
         if was_training:
             model.train()
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out, axis=0)
+    return {t.name: (np.concatenate(out[t.name]) if out[t.name] else np.zeros((0, len(t.classes)), np.float32))
+            for t in tasks}

@@ -8,7 +8,7 @@ import torch
 
 class Collator:
     """Builds ``{"inputs": {encoder: {tensor name: tensor}}, "present": {modality: BoolTensor},
-    "labels": LongTensor, "index": LongTensor}``.
+    "labels": {task: LongTensor (B,) or FloatTensor (B, C) multi-hot}, "index": LongTensor}``.
 
     ``processors`` maps an encoder name to its processor (see ``mmtune.encoders.processors``);
     a processor declares the modalities it reads. A missing value is replaced by the
@@ -31,6 +31,14 @@ class Collator:
         return {
             "inputs": inputs,
             "present": present,
-            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "labels": collate_labels(samples),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         }
+
+
+def collate_labels(samples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for task in samples[0]["labels"] if samples else ():
+        vals = [s["labels"][task] for s in samples]
+        out[task] = torch.tensor(vals, dtype=torch.float32 if isinstance(vals[0], list) else torch.long)
+    return out

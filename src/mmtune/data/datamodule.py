@@ -12,36 +12,37 @@ from torch.utils.data import DataLoader
 
 from .collate import Collator
 from .dataset import MultimodalDataset
-from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, _is_missing, label_key, read_table,
-                       rejected_rows_frame, validate_rows)
+from ..tasks import Task, label_key, tasks_from_config
+from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, read_table, rejected_rows_frame,
+                       validate_rows)
 
 
-def spec_from_config(data_cfg, modalities) -> ManifestSpec:
+def spec_from_config(data_cfg, modalities, tasks: Optional[List[Task]] = None) -> ManifestSpec:
     return ManifestSpec(
         image_column=data_cfg.image_column if "image" in modalities else None,
         text_column=data_cfg.text_column if "text" in modalities else None,
-        label_column=data_cfg.label_column,
+        tasks=tuple(tasks if tasks is not None else tasks_from_config(data_cfg)),
         id_column=data_cfg.id_column,
+        allow_missing=tuple(data_cfg.allow_missing),
     )
 
 
 @dataclass
 class PreparedData:
     """Validated splits ready for datasets: frames, the folder image paths resolve against, and
-    the class names (sorted by their text) of the training labels."""
+    the tasks with their class names (sorted by their text) from the training labels."""
 
     frames: Dict[str, pd.DataFrame]
     base_dirs: Dict[str, Optional[Path]]
-    class_names: List[Any]
     spec: ManifestSpec
     rejected: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
-    def class_index(self) -> Dict[str, int]:
-        return {label_key(c): i for i, c in enumerate(self.class_names)}
+    def tasks(self) -> List[Task]:
+        return list(self.spec.tasks)
 
     def dataset(self, split: str, modalities) -> MultimodalDataset:
-        return MultimodalDataset(self.frames[split], self.spec, self.base_dirs[split], self.class_index, modalities)
+        return MultimodalDataset(self.frames[split], self.spec, self.base_dirs[split], True, modalities)
 
 
 def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val: Optional[TableSource] = None,
@@ -65,12 +66,13 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
 
     train_df = frames["train"]
     bad: List[BadRow] = validate_rows(train_df, spec, base_dirs["train"], "train", source_name=names["train"])
-    bad_train_rows = {b.row for b in bad}
-    train_labels = [v for i, v in enumerate(train_df[spec.label_column].tolist())
-                    if (i + 1) not in bad_train_rows and not _is_missing(v)]
+    bad_train_rows = {b.row - 1 for b in bad}
+    good_train = train_df.drop(index=sorted(bad_train_rows))
+    for task in spec.tasks:
+        task.fit_classes(good_train[task.column].tolist())
     for split in ("val", "test"):
         if split in frames:
-            bad += validate_rows(frames[split], spec, base_dirs[split], split, known_labels=train_labels,
+            bad += validate_rows(frames[split], spec, base_dirs[split], split, check_known=True,
                                  source_name=names[split])
     rejected = rejected_rows_frame(frames, bad)
     if bad:
@@ -81,41 +83,30 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
             drop = {b.row - 1 for b in bad if b.split == split}
             frames[split] = frames[split].drop(index=sorted(drop)).reset_index(drop=True)
 
-    class_names = _class_names(frames["train"][spec.label_column].tolist())
-    if len(class_names) < 2:
-        raise ValueError(f"the training set has {len(class_names)} class(es) in {spec.label_column!r}; need at least 2")
+    for task in spec.tasks:
+        if len(task.classes) < 2:
+            raise ValueError(f"the training set has {len(task.classes)} class(es) in column {task.column!r}; need at least 2")
+    strat = next((t.column for t in spec.tasks if not t.multilabel), None)
     if "val" not in frames:
-        frames["train"], frames["val"] = _split(frames["train"], spec.label_column, data_cfg.val_fraction, data_cfg.split_seed)
+        frames["train"], frames["val"] = _split(frames["train"], strat, data_cfg.val_fraction, data_cfg.split_seed)
         base_dirs["val"] = base_dirs["train"]
     if "test" not in frames and data_cfg.test_fraction > 0:
         frac = data_cfg.test_fraction / (1.0 - data_cfg.val_fraction) if sources["val"] is None else data_cfg.test_fraction
-        frames["train"], frames["test"] = _split(frames["train"], spec.label_column, min(frac, 0.9), data_cfg.split_seed + 1)
+        frames["train"], frames["test"] = _split(frames["train"], strat, min(frac, 0.9), data_cfg.split_seed + 1)
         base_dirs["test"] = base_dirs["train"]
     for split, df in frames.items():
         if len(df) == 0:
             raise ValueError(f"the {split} split is empty after validation")
-    return PreparedData(frames, base_dirs, class_names, spec, rejected)
+    return PreparedData(frames, base_dirs, spec, rejected)
 
 
-def _class_names(values: List[Any]) -> List[Any]:
-    first: Dict[str, Any] = {}
-    for v in values:
-        k = label_key(v)
-        if k not in first:
-            first[k] = int(v) if isinstance(v, float) and v.is_integer() else (v.item() if hasattr(v, "item") else v)
-    return [first[k] for k in sorted(first, key=_natural)]
-
-
-def _natural(k: str):
-    try:
-        return (0, float(k), k)
-    except ValueError:
-        return (1, 0.0, k)
-
-
-def _split(df: pd.DataFrame, label_col: str, fraction: float, seed: int):
+def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: int):
+    """Seeded split, stratified on ``label_col`` (the first single-label task) when every class can be."""
     from sklearn.model_selection import train_test_split
 
+    if label_col is None:
+        a, b = train_test_split(df, test_size=fraction, random_state=seed)
+        return a.reset_index(drop=True), b.reset_index(drop=True)
     keys = df[label_col].map(label_key)
     counts = keys.value_counts()
     stratify = keys if counts.min() >= 2 and int(round(len(df) * fraction)) >= len(counts) else None
@@ -125,8 +116,7 @@ def _split(df: pd.DataFrame, label_col: str, fraction: float, seed: int):
     return a.reset_index(drop=True), b.reset_index(drop=True)
 
 
-def make_loader(dataset: MultimodalDataset, collator: Collator, batch_size: int, shuffle: bool,
-                num_workers: int = 0, seed: int = 0) -> DataLoader:
+def make_loader(dataset, collator, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator,

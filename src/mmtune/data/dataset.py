@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import pandas as pd
 from torch.utils.data import Dataset
 
-from .manifest import ManifestSpec, _is_missing, label_key, resolve_image_path
+from .manifest import ManifestSpec, _is_missing, resolve_image_path
 
 
 def load_image(path: Path):
@@ -21,7 +21,8 @@ def load_image(path: Path):
 class MultimodalDataset(Dataset):
     """Rows of a validated manifest. ``__getitem__`` decodes the image file only when asked.
 
-    Each item is ``{"values": {modality: raw or None}, "label": int (-1 when unlabeled), "index": i}``.
+    Each item is ``{"values": {modality: raw or None}, "labels": {task: class index or multi-hot list},
+    "index": i}``; ``labels`` is empty when ``with_labels`` is False.
     """
 
     def __init__(
@@ -29,26 +30,27 @@ class MultimodalDataset(Dataset):
         df: pd.DataFrame,
         spec: ManifestSpec,
         base_dir: Optional[Path],
-        class_index: Optional[Dict[str, int]] = None,
+        with_labels: bool = True,
         modalities: Optional[Sequence[str]] = None,
     ):
         self.df = df.reset_index(drop=True)
         self.spec = spec
         self.base_dir = base_dir
-        self.class_index = class_index
         wanted = set(modalities) if modalities is not None else None
         self.columns = [(m, c) for m, c in spec.modality_columns if wanted is None or m in wanted]
         # Plain Python lists: cheap to index, cheap to pickle into workers.
         self._values = {m: self.df[c].tolist() for m, c in self.columns}
-        self._labels: Optional[List[int]] = None
-        if class_index is not None and spec.label_column and spec.label_column in self.df.columns:
-            self._labels = [class_index[label_key(v)] for v in self.df[spec.label_column].tolist()]
+        self._labels: Dict[str, List[Any]] = {}
+        if with_labels:
+            for task in spec.tasks:
+                self._labels[task.name] = [task.encode(v) for v in self.df[task.column].tolist()]
 
     def __len__(self) -> int:
         return len(self.df)
 
     @property
-    def labels(self) -> Optional[List[int]]:
+    def labels(self) -> Dict[str, List[Any]]:
+        """Per task: class indices (single-label) or multi-hot lists (multi-label), in row order."""
         return self._labels
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
@@ -61,5 +63,4 @@ class MultimodalDataset(Dataset):
                 values[modality] = load_image(resolve_image_path(v, self.base_dir))
             else:
                 values[modality] = str(v)
-        label = self._labels[i] if self._labels is not None else -1
-        return {"values": values, "label": label, "index": i}
+        return {"values": values, "labels": {t: v[i] for t, v in self._labels.items()}, "index": i}

@@ -17,6 +17,8 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
+from ..tasks import Task, label_key
+
 TableSource = Union[str, os.PathLike, pd.DataFrame]
 
 _READERS = {
@@ -83,9 +85,15 @@ class ManifestSpec:
 
     image_column: Optional[str] = None
     text_column: Optional[str] = None
-    label_column: Optional[str] = None
+    tasks: Tuple[Task, ...] = field(default_factory=tuple)
     id_column: Optional[str] = None
     allow_missing: Tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def simple(cls, image_column=None, text_column=None, label_column=None, id_column=None, allow_missing=()):
+        """A spec with one single-label task on ``label_column``."""
+        tasks = (Task(label_column, label_column),) if label_column else ()
+        return cls(image_column, text_column, tasks, id_column, tuple(allow_missing))
 
     @property
     def modality_columns(self) -> List[Tuple[str, str]]:
@@ -133,7 +141,7 @@ def validate_rows(
     spec: ManifestSpec,
     base_dir: Optional[Path],
     split: str,
-    known_labels: Optional[Iterable[Any]] = None,
+    check_known: bool = False,
     require_label: bool = True,
     source_name: Optional[str] = None,
 ) -> List[BadRow]:
@@ -141,10 +149,11 @@ def validate_rows(
 
     Checks: required columns exist (a missing column raises ValueError at once, naming the
     manifest and its columns); image value missing, file absent or unreadable; text missing or
-    empty; label missing or NaN; a label outside ``known_labels`` (the training labels)."""
+    empty (unless the modality is in ``spec.allow_missing``); label missing or NaN; with
+    ``check_known``, a label outside its task's ``classes`` (the training labels)."""
+    tasks = spec.tasks if require_label else ()
     needed = [c for _, c in spec.modality_columns]
-    if require_label and spec.label_column:
-        needed.append(spec.label_column)
+    needed += [t.column for t in tasks]
     if spec.id_column:
         needed.append(spec.id_column)
     absent = [c for c in needed if c not in df.columns]
@@ -153,9 +162,8 @@ def validate_rows(
         raise ValueError(
             f"{where} has no column(s) {', '.join(repr(c) for c in absent)}; "
             f"its columns are: {', '.join(repr(str(c)) for c in df.columns)}. "
-            "Set data.image_column / data.text_column / data.label_column / data.id_column to match."
+            "Set data.image_column / data.text_column / data.label_column (or data.tasks) / data.id_column to match."
         )
-    known = None if known_labels is None else {_label_key(v) for v in known_labels}
     bad: List[BadRow] = []
     for i, row in enumerate(df.itertuples(index=False, name=None)):
         values = dict(zip(df.columns, row))
@@ -176,29 +184,20 @@ def validate_rows(
                     bad.append(BadRow(split, rownum, col, problem))
             elif not isinstance(v, str):
                 bad.append(BadRow(split, rownum, col, f"text must be a string, got {type(v).__name__} {v!r}"))
-        if require_label and spec.label_column:
-            lab = values[spec.label_column]
-            if _is_missing(lab) or (isinstance(lab, str) and not lab.strip()):
-                bad.append(BadRow(split, rownum, spec.label_column, "missing label (NaN, null or empty)"))
-            elif known is not None and _label_key(lab) not in known:
-                bad.append(
-                    BadRow(split, rownum, spec.label_column,
-                           f"label {lab!r} never occurs in the training set (known: {sorted(known)[:20]})")
-                )
+        for task in tasks:
+            lab = values[task.column]
+            parsed = task.values(lab)
+            if parsed is None or (not task.multilabel and not parsed):
+                bad.append(BadRow(split, rownum, task.column, "missing label (NaN, null or empty)"))
+            elif check_known:
+                unknown = task.unknown(lab)
+                if unknown:
+                    shown = [str(c) for c in task.classes[:20]]
+                    bad.append(BadRow(split, rownum, task.column,
+                                      f"label {unknown[0]!r} never occurs in the training set (known: {shown})"))
         if spec.id_column and _is_missing(values[spec.id_column]):
             bad.append(BadRow(split, rownum, spec.id_column, "missing id (NaN or null)"))
     return bad
-
-
-def _label_key(value: Any) -> str:
-    """Labels are compared by their text so that 1, 1.0 and '1' from different files agree."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
-
-
-def label_key(value: Any) -> str:
-    return _label_key(value)
 
 
 def rejected_rows_frame(df_by_split: dict, bad: Sequence[BadRow]) -> pd.DataFrame:

@@ -35,6 +35,10 @@ class Encoder(nn.Module):
         """Pooled width per output key ('' for a single-output encoder)."""
         return {"": self.out_dim}
 
+    def token_dims(self) -> Dict[str, int]:
+        """Token width per output key (the pooled width unless an encoder says otherwise)."""
+        return self.output_dims()
+
     def output_modalities(self) -> Dict[str, str]:
         """The modality whose present-mask applies to each output key."""
         return {"": self.modality}

@@ -45,6 +45,10 @@ class CLIPEncoder(Encoder):
     def output_dims(self) -> Dict[str, int]:
         return {"image": self._dim, "text": self._dim}
 
+    def token_dims(self) -> Dict[str, int]:
+        return {"image": int(self.model.config.vision_config.hidden_size),
+                "text": int(self.model.config.text_config.hidden_size)}
+
     def output_modalities(self) -> Dict[str, str]:
         return {"image": "image", "text": "text"}
 

@@ -1,7 +1,7 @@
 """Final metrics, computed from saved predictions with scikit-learn."""
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -37,3 +37,45 @@ def classification_metrics(y_true: Sequence[int], proba: np.ndarray) -> Dict[str
     else:
         out["roc_auc"] = float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels))
     return out
+
+
+def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray, thresholds: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    """Multi-label metrics from an (N, C) 0/1 matrix and (N, C) probabilities, labels decided by
+    ``thresholds`` (per label; default 0.5): ``f1_micro``, ``f1_macro``, ``subset_accuracy``,
+    ``hamming_loss`` and ``mean_average_precision`` (macro over labels that occur)."""
+    y = np.asarray(y_true, dtype=int)
+    proba = np.asarray(proba, dtype=np.float64)
+    th = np.asarray(thresholds if thresholds is not None else [0.5] * proba.shape[1])
+    pred = (proba >= th).astype(int)
+    occurring = y.sum(0) > 0
+    return {
+        "n": int(len(y)),
+        "f1_micro": float(skm.f1_score(y, pred, average="micro", zero_division=0)),
+        "f1_macro": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
+        "subset_accuracy": float(skm.accuracy_score(y, pred)),
+        "hamming_loss": float(skm.hamming_loss(y, pred)),
+        "mean_average_precision": float(skm.average_precision_score(y[:, occurring], proba[:, occurring], average="macro"))
+        if occurring.any() else None,
+    }
+
+
+def tune_thresholds(y_true: np.ndarray, proba: np.ndarray) -> list:
+    """Per label, the probability threshold that maximises that label's F1 on (y_true, proba);
+    0.5 for a label that never occurs."""
+    y = np.asarray(y_true, dtype=int)
+    out = []
+    for j in range(proba.shape[1]):
+        if y[:, j].sum() == 0:
+            out.append(0.5)
+            continue
+        p, r, th = skm.precision_recall_curve(y[:, j], proba[:, j])
+        f1 = np.where(p[:-1] + r[:-1] > 0, 2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12), 0)
+        out.append(float(th[int(np.argmax(f1))]))
+    return out
+
+
+def task_metrics(task, y_true, proba: np.ndarray) -> Dict[str, Any]:
+    """Metrics of one task: single-label or multi-label (with the task's thresholds)."""
+    if task.multilabel:
+        return multilabel_metrics(np.asarray(y_true), proba, task.thresholds)
+    return classification_metrics(y_true, proba)

@@ -39,6 +39,10 @@ class MultimodalClassifier(nn.Module):
     def output_dims(encoders: Mapping[str, Encoder]) -> Dict[str, int]:
         return {_key(n, s): d for n, e in sorted(encoders.items()) for s, d in e.output_dims().items()}
 
+    @staticmethod
+    def token_dims(encoders: Mapping[str, Encoder]) -> Dict[str, int]:
+        return {_key(n, s): d for n, e in sorted(encoders.items()) for s, d in e.token_dims().items()}
+
     def encode(self, inputs: Mapping[str, Mapping[str, torch.Tensor]]) -> Dict[str, EncoderOutput]:
         """Run every encoder; a fully frozen encoder runs without building a graph."""
         outputs: Dict[str, EncoderOutput] = {}
@@ -62,9 +66,13 @@ class MultimodalClassifier(nn.Module):
             masks[key] = m.to(ref.device) if m is not None else torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
         return self.fusion(outputs, masks)
 
-    def forward(self, inputs: Mapping[str, Mapping[str, torch.Tensor]],
-                present: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
-        features = self.fuse(self.encode(inputs), present or {})
+    def forward(self, inputs: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
+                present: Optional[Mapping[str, torch.Tensor]] = None,
+                encoded: Optional[Dict[str, EncoderOutput]] = None) -> Dict[str, torch.Tensor]:
+        """Logits per task. ``encoded`` (encoder outputs computed earlier, e.g. from the embedding
+        cache) replaces running the encoders on ``inputs``."""
+        outputs = encoded if encoded is not None else self.encode(inputs)
+        features = self.fuse(outputs, present or {})
         return {task: head(features) for task, head in self.heads.items()}
 
     def train(self, mode: bool = True) -> "MultimodalClassifier":
@@ -86,16 +94,19 @@ def _key(name: str, sub: str) -> str:
     return f"{name}.{sub}" if sub else name
 
 
-def build_model(model_cfg, num_classes: Mapping[str, int], bundle_dir: Optional[Path] = None) -> MultimodalClassifier:
+def build_model(model_cfg, num_classes: Mapping[str, int], bundle_dir: Optional[Path] = None,
+                allow_missing: bool = False) -> MultimodalClassifier:
     """Build encoders (pretrained, or from a bundle's ``encoders/<name>`` folders), the configured
-    fusion and one head per task."""
+    fusion and one head per task (``num_classes``: task name -> number of classes)."""
     encoders = {
         name: build_encoder(spec, None if bundle_dir is None else bundle_dir / "encoders" / name)
         for name, spec in sorted(model_cfg.encoders.items())
     }
     if not encoders:
         raise ValueError("model.encoders is empty: configure at least one encoder")
-    fusion = build_fusion(model_cfg.fusion, MultimodalClassifier.output_dims(encoders))
+    fusion = build_fusion(model_cfg.fusion, MultimodalClassifier.output_dims(encoders),
+                          MultimodalClassifier.token_dims(encoders), allow_missing,
+                          num_classes=next(iter(num_classes.values())))
     heads = {
         task: ClassificationHead(fusion.out_dim, n, model_cfg.head.hidden_dims, model_cfg.head.dropout)
         for task, n in num_classes.items()

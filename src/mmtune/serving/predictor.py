@@ -14,32 +14,38 @@ from ..config import Config, load_config
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
 from ..data.datamodule import spec_from_config
-from ..data.manifest import BadRowsError, TableSource, label_key, read_table, validate_rows
-from ..evaluation import classification_metrics
+from ..data.manifest import BadRowsError, TableSource, read_table, validate_rows
+from ..evaluation import task_metrics
 from ..inference import predict_proba_batches
 from ..models import build_model
+from ..tasks import Task
 
 
 class Predictor:
-    """A fine-tuned model with its processors and label map.
+    """A fine-tuned model with its processors and label maps.
 
-    ``predict_proba(data)`` returns a DataFrame with one column per class (plus the id column when
-    configured); ``predict(data)`` returns the predicted labels. ``data`` is a DataFrame or a manifest
-    path; every row is validated first and bad rows raise BadRowsError (nothing is dropped).
+    ``data`` is a DataFrame or a manifest path; every row is validated first and bad rows raise
+    BadRowsError (nothing is dropped). With one task, ``predict`` returns an array of labels (a list
+    of labels per row for a multi-label task) and ``predict_proba`` a DataFrame; with several tasks
+    both return ``{task: ...}`` unless ``task=`` picks one.
     """
 
-    def __init__(self, model, config: Config, class_names: List[Any], task: str, run_dir: Optional[Path] = None,
+    def __init__(self, model, config: Config, tasks: List[Task], run_dir: Optional[Path] = None,
                  device: Union[str, torch.device] = "cpu"):
         self.model = model.eval()
         self.config = config
-        self.class_names = list(class_names)
-        self.task = task
+        self.tasks = list(tasks)
         self.run_dir = run_dir
         self.device = torch.device(device)
         self.model.to(self.device)
         self.modalities = config.modalities
-        self.spec = spec_from_config(config.data, self.modalities)
+        self.spec = spec_from_config(config.data, self.modalities, self.tasks)
         self.collator = Collator({n: e.processor for n, e in model.encoders.items()}, self.modalities)
+
+    @property
+    def class_names(self) -> List[Any]:
+        """The classes of the (first) task."""
+        return self.tasks[0].classes
 
     @classmethod
     def load(cls, run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Predictor":
@@ -53,54 +59,68 @@ class Predictor:
         run_dir = Path(run_dir)
         check_bundle(run_dir)
         cfg = load_config(run_dir / "config.yaml")
-        labels = json.loads((run_dir / "labels.json").read_text())
-        model = build_model(cfg.model, {labels["task"]: len(labels["classes"])}, bundle_dir=run_dir)
+        tasks = [Task.from_json(t) for t in json.loads((run_dir / "labels.json").read_text())["tasks"]]
+        allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
+        model = build_model(cfg.model, {t.name: len(t.classes) for t in tasks}, bundle_dir=run_dir,
+                            allow_missing=allow_missing)
         load_model(model, str(run_dir / "model.safetensors"), strict=True, device="cpu")
-        return cls(model, cfg, labels["classes"], labels["task"], run_dir, device)
+        return cls(model, cfg, tasks, run_dir, device)
 
     # ---- inputs ---------------------------------------------------------------------------
     def _dataset(self, data: TableSource, with_labels: bool) -> MultimodalDataset:
         df, base_dir = read_table(data)
-        spec = self.spec if with_labels else _without_label(self.spec)
-        bad = validate_rows(df, spec, base_dir, "input", known_labels=self.class_names if with_labels else None,
-                            require_label=with_labels)
+        bad = validate_rows(df, self.spec, base_dir, "input", check_known=with_labels, require_label=with_labels)
         if bad:
             raise BadRowsError(bad)
-        index = {label_key(c): i for i, c in enumerate(self.class_names)} if with_labels else None
-        return MultimodalDataset(df, spec, base_dir, index, self.modalities)
+        return MultimodalDataset(df, self.spec, base_dir, with_labels, self.modalities)
 
-    def _proba(self, ds: MultimodalDataset, batch_size: Optional[int]) -> np.ndarray:
+    def _proba(self, ds: MultimodalDataset, batch_size: Optional[int]) -> Dict[str, np.ndarray]:
         bs = batch_size or self.config.trainer.eval_batch_size or 2 * self.config.trainer.batch_size
         batches = (self.collator([ds[i] for i in range(s, min(s + bs, len(ds)))]) for s in range(0, len(ds), bs))
-        proba = predict_proba_batches(self.model, self.task, batches, self.device)
-        return proba.reshape(len(ds), len(self.class_names))
+        return predict_proba_batches(self.model, self.tasks, batches, self.device)
+
+    def _pick(self, task: Optional[str]) -> List[Task]:
+        if task is None:
+            return self.tasks
+        for t in self.tasks:
+            if t.name == task:
+                return [t]
+        raise KeyError(f"unknown task {task!r}; tasks: {[t.name for t in self.tasks]}")
 
     # ---- public API ---------------------------------------------------------------------------
-    def predict_proba(self, data: TableSource, batch_size: Optional[int] = None) -> pd.DataFrame:
+    def predict_proba(self, data: TableSource, batch_size: Optional[int] = None, task: Optional[str] = None):
         """Class probabilities, one column per class name (as text), rows in input order; the id
-        column first when ``data.id_column`` is configured."""
+        column first when ``data.id_column`` is configured. ``{task: DataFrame}`` for several tasks."""
         ds = self._dataset(data, with_labels=False)
         proba = self._proba(ds, batch_size)
-        out = pd.DataFrame(proba, columns=[str(c) for c in self.class_names])
-        if self.spec.id_column:
-            out.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
-        return out
+        out = {}
+        for t in self._pick(task):
+            df = pd.DataFrame(proba[t.name], columns=[str(c) for c in t.classes])
+            if self.spec.id_column:
+                df.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
+            out[t.name] = df
+        return out if len(out) > 1 else next(iter(out.values()))
 
-    def predict(self, data: TableSource, batch_size: Optional[int] = None) -> np.ndarray:
-        """The most probable class of each row (the training set's label values)."""
+    def predict(self, data: TableSource, batch_size: Optional[int] = None, task: Optional[str] = None):
+        """The most probable class of each row (single-label), or the list of labels whose probability
+        reaches the task's tuned threshold (multi-label). ``{task: labels}`` for several tasks."""
         ds = self._dataset(data, with_labels=False)
         proba = self._proba(ds, batch_size)
-        names = np.empty(len(self.class_names), dtype=object)
-        names[:] = self.class_names
-        return names[proba.argmax(1)] if len(proba) else names[:0]
+        out = {t.name: decide(t, proba[t.name]) for t in self._pick(task)}
+        return out if len(out) > 1 else next(iter(out.values()))
 
-    def evaluate(self, data: TableSource, batch_size: Optional[int] = None) -> Dict[str, Any]:
-        """Metrics (accuracy, macro F1, ROC-AUC, …) on labelled rows; labels unseen in training are bad rows."""
+    def evaluate(self, data: TableSource, batch_size: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
+        """``{task: metrics}`` on labelled rows; labels unseen in training are bad rows."""
         ds = self._dataset(data, with_labels=True)
-        return classification_metrics(ds.labels, self._proba(ds, batch_size))
+        proba = self._proba(ds, batch_size)
+        return {t.name: task_metrics(t, ds.labels[t.name], proba[t.name]) for t in self.tasks}
 
 
-def _without_label(spec):
-    from dataclasses import replace
-
-    return replace(spec, label_column=None)
+def decide(task: Task, proba: np.ndarray):
+    """Labels from probabilities: argmax (single-label) or per-label thresholds (multi-label)."""
+    names = np.empty(len(task.classes), dtype=object)
+    names[:] = task.classes
+    if task.multilabel:
+        th = np.asarray(task.thresholds or [0.5] * len(task.classes))
+        return [list(names[row >= th]) for row in proba]
+    return names[proba.argmax(1)] if len(proba) else names[:0]

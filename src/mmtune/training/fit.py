@@ -13,16 +13,20 @@ import lightning as L
 import pandas as pd
 import torch
 
+import numpy as np
+
 from ..bundle import MARKER, write_bundle
 from ..config import Config, load_config
 from ..data.collate import Collator
 from ..data.datamodule import PreparedData, make_loader, prepare_data
 from ..data.manifest import TableSource
-from ..evaluation import classification_metrics
+from ..evaluation import task_metrics, tune_thresholds
 from ..finetune import apply_strategy, trainable_parameter_count
+from ..finetune.feature_cache import CachedDataset
+from ..finetune.lora import add_adapters, merge_adapters
 from ..inference import predict_proba_batches
 from ..models import build_model
-from .module import ClassifierModule
+from .module import ClassifierModule, GradualUnfreezing
 
 log = logging.getLogger("mmtune")
 
@@ -95,40 +99,68 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     modalities = cfg.modalities
     data = prepare_data(cfg.data, modalities, train, val, test)
-    task = cfg.data.label_column
-    model = build_model(cfg.model, {task: len(data.class_names)})
-    apply_strategy(model, cfg.finetune.strategy, cfg.finetune.unfreeze_last)
+    tasks = data.tasks
+    allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
+    model = build_model(cfg.model, {t.name: len(t.classes) for t in tasks}, allow_missing=allow_missing)
+    ft = cfg.finetune
+    if ft.strategy in ("lora", "ia3"):
+        add_adapters(model, ft)
+    apply_strategy(model, ft)
     log.info("trainable parameters: %d", trainable_parameter_count(model))
 
-    collator = Collator({n: e.processor for n, e in model.encoders.items()}, modalities)
     t = cfg.trainer
     eval_bs = t.eval_batch_size or 2 * t.batch_size
-    loaders = {
-        "train": make_loader(data.dataset("train", modalities), collator, t.batch_size, True, cfg.data.num_workers, t.seed),
-        "val": make_loader(data.dataset("val", modalities), collator, eval_bs, False, cfg.data.num_workers),
-    }
-    module = ClassifierModule(model, task, len(data.class_names), cfg.optim, cfg.schedule, cfg.finetune, t.monitor)
-    previous_logs = _read_previous_logs(run_dir, last_ckpt) if resume else None
-    trainer = build_trainer(cfg, run_dir, len(loaders["train"]), callbacks)
-    if previous_logs is not None:
-        _continue_logs(trainer, previous_logs)
+    datasets, collate = _datasets(cfg, model, data, modalities, eval_bs)
+    loaders = {split: make_loader(ds, collate, t.batch_size if split == "train" else eval_bs, split == "train",
+                                  cfg.data.num_workers if not isinstance(ds, CachedDataset) else 0, t.seed)
+               for split, ds in datasets.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    # from_pretrained leaves models in eval mode and Lightning keeps the mode it finds: set it here
-    # (the classifier keeps fully frozen encoders and frozen batch-norm layers in eval mode).
-    module.train()
-    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(last_ckpt) if resume else None)
+    if cfg.model.fusion.type == "stacking":
+        from .stacking import fit_stacking
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best and Path(best).is_file():
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state, strict=False)
+        fit_stacking(model, datasets["train"], tasks[0], cfg.model.fusion.stacking_folds, t.seed)
+        best, epochs = "", 0
+    else:
+        module = ClassifierModule(model, tasks, cfg.optim, cfg.schedule, ft, t.monitor, cfg.model.modality_dropout)
+        extra = list(callbacks) + ([GradualUnfreezing(ft)] if ft.strategy == "gradual" else [])
+        previous_logs = _read_previous_logs(run_dir, last_ckpt) if resume else None
+        trainer = build_trainer(cfg, run_dir, len(loaders["train"]), extra)
+        if previous_logs is not None:
+            _continue_logs(trainer, previous_logs)
+        # from_pretrained leaves models in eval mode and Lightning keeps the mode it finds: set it here
+        # (the classifier keeps fully frozen encoders and frozen batch-norm layers in eval mode).
+        module.train()
+        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(last_ckpt) if resume else None)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best and Path(best).is_file():
+            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            module.load_state_dict(state, strict=False)
+        epochs = int(trainer.current_epoch)
     model.cpu()
-    metrics = evaluate_splits(model, task, data, collator, eval_bs, modalities)
+    trainable = trainable_parameter_count(model)
+    merge_adapters(model)  # LoRA / IA3 folded into plain weights: what the bundle ships
+    metrics = evaluate_splits(model, tasks, loaders)
     metrics["best_checkpoint"] = Path(best).name if best else None
-    metrics["epochs_trained"] = int(trainer.current_epoch)
-    metrics["trainable_parameters"] = trainable_parameter_count(model)
-    write_bundle(run_dir, cfg, model, data.class_names, task, metrics, data.rejected)
+    metrics["epochs_trained"] = epochs
+    metrics["trainable_parameters"] = trainable
+    write_bundle(run_dir, cfg, model, tasks, metrics, data.rejected)
     return FitResult(run_dir, metrics, cfg)
+
+
+def _datasets(cfg: Config, model, data: PreparedData, modalities, eval_bs: int):
+    """Raw datasets with the encoders' collator, or — frozen strategy with the cache on — datasets of
+    cached encoder outputs (computed once per dataset and checkpoint)."""
+    splits = [s for s in ("train", "val", "test") if s in data.frames]
+    if cfg.finetune.strategy == "frozen" and cfg.finetune.cache:
+        from ..finetune.feature_cache import build_cached_dataset, encoder_fingerprint, first
+
+        cache_dir = Path(cfg.finetune.cache_dir or Path(cfg.output_dir) / ".cache")
+        specs = {n: e.model_dump(mode="json") for n, e in cfg.model.encoders.items()}
+        prints = {n: encoder_fingerprint(enc, specs[n]) for n, enc in model.encoders.items()}
+        return {s: build_cached_dataset(model, specs, data.dataset(s, modalities), modalities, cache_dir, eval_bs, prints)
+                for s in splits}, first
+    collator = Collator({n: e.processor for n, e in model.encoders.items()}, modalities)
+    return {s: data.dataset(s, modalities) for s in splits}, collator
 
 
 def _read_previous_logs(run_dir: Path, last_ckpt: Path) -> Optional[pd.DataFrame]:
@@ -185,15 +217,19 @@ def build_trainer(cfg: Config, run_dir: Path, n_train_batches: int, extra_callba
     )
 
 
-def evaluate_splits(model, task: str, data: PreparedData, collator: Collator, batch_size: int,
-                    modalities) -> Dict[str, Any]:
-    """scikit-learn metrics of ``model`` on the val and (when present) test splits."""
+def evaluate_splits(model, tasks, loaders: Dict[str, Any]) -> Dict[str, Any]:
+    """scikit-learn metrics per task on the val and (when present) test splits. Multi-label tasks
+    first get per-label thresholds tuned for F1 on the validation split."""
     out: Dict[str, Any] = {}
-    for split in ("val", "test"):
-        if split not in data.frames:
-            continue
-        ds = data.dataset(split, modalities)
-        loader = make_loader(ds, collator, batch_size, False)
-        proba = predict_proba_batches(model, task, loader)
-        out[split] = classification_metrics(ds.labels, proba)
+    probas = {s: predict_proba_batches(model, tasks, loaders[s]) for s in ("val", "test") if s in loaders}
+    labels = {s: loaders[s].dataset.labels for s in probas}
+    for t in tasks:
+        if t.multilabel:
+            t.thresholds = tune_thresholds(np.asarray(_as_list(labels["val"][t.name])), probas["val"][t.name])
+    for split, proba in probas.items():
+        out[split] = {t.name: task_metrics(t, _as_list(labels[split][t.name]), proba[t.name]) for t in tasks}
     return out
+
+
+def _as_list(v):
+    return v.tolist() if isinstance(v, torch.Tensor) else v

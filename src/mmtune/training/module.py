@@ -10,57 +10,121 @@ import torch.nn.functional as F
 import torchmetrics
 
 from ..finetune import param_groups
+from ..finetune.feature_cache import as_encoder_outputs
 
 
 class ClassifierModule(L.LightningModule):
-    """Trains a :class:`~mmtune.models.MultimodalClassifier` on one single-label task.
+    """Trains a :class:`~mmtune.models.MultimodalClassifier` on one or more tasks.
 
-    Logs ``train_loss``, ``train_acc`` and, per validation epoch, ``val_loss``, ``val_acc`` and
-    ``val_f1_macro``. Checkpoints hold only trainable parameters and buffers: frozen encoder
-    weights are rebuilt from the pretrained checkpoint, which keeps checkpoints small.
+    Loss: the weighted sum over tasks of cross-entropy (single-label) or binary cross-entropy
+    (multi-label). Logs ``train_loss``, ``train_acc`` and per validation epoch ``val_loss``,
+    ``val_acc`` and ``val_f1_macro`` — means over tasks (subset accuracy for a multi-label task) —
+    plus ``val_acc/<task>`` and ``val_f1_macro/<task>`` when there are several tasks.
+    Checkpoints hold only trainable parameters and buffers: frozen encoder weights are rebuilt
+    from the pretrained checkpoint, which keeps checkpoints small.
     """
 
-    def __init__(self, model, task: str, num_classes: int, optim_cfg, schedule_cfg, finetune_cfg, monitor: str = "val_loss"):
+    def __init__(self, model, tasks, optim_cfg, schedule_cfg, finetune_cfg, monitor: str = "val_loss",
+                 modality_dropout: float = 0.0):
         super().__init__()
         self.model = model
-        self.task = task
-        self.num_classes = num_classes
+        self.tasks = {t.name: t for t in tasks}
         self.optim_cfg = optim_cfg
         self.schedule_cfg = schedule_cfg
         self.finetune_cfg = finetune_cfg
         self.monitor = monitor
+        self.modality_dropout = modality_dropout
         self.strict_loading = False  # frozen weights are not in checkpoints
-        kind = "multiclass"
-        self.train_acc = torchmetrics.Accuracy(task=kind, num_classes=num_classes)
-        self.val_acc = torchmetrics.Accuracy(task=kind, num_classes=num_classes)
-        self.val_f1 = torchmetrics.F1Score(task=kind, num_classes=num_classes, average="macro")
+        self.train_acc = torch.nn.ModuleDict()
+        self.val_acc = torch.nn.ModuleDict()
+        self.val_f1 = torch.nn.ModuleDict()
+        for t in tasks:
+            n = len(t.classes)
+            if t.multilabel:
+                mk = lambda **kw: torchmetrics.classification.MultilabelExactMatch(num_labels=n)  # noqa: E731
+                self.val_f1[t.name] = torchmetrics.F1Score(task="multilabel", num_labels=n, average="macro")
+            else:
+                mk = lambda **kw: torchmetrics.Accuracy(task="multiclass", num_classes=n)  # noqa: E731
+                self.val_f1[t.name] = torchmetrics.F1Score(task="multiclass", num_classes=n, average="macro")
+            self.train_acc[t.name] = mk()
+            self.val_acc[t.name] = mk()
 
-    def forward(self, inputs, present=None):
-        return self.model(inputs, present)[self.task]
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        encoded = batch.get("encoded")
+        return self.model(batch.get("inputs"), batch["present"],
+                          encoded=as_encoder_outputs(encoded) if encoded is not None else None)
+
+    def loss(self, logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for name, t in self.tasks.items():
+            if t.multilabel:
+                part = F.binary_cross_entropy_with_logits(logits[name], labels[name].to(logits[name].dtype))
+            else:
+                part = F.cross_entropy(logits[name], labels[name])
+            total = total + t.weight * part
+        return total
+
+    def _drop_modalities(self, present: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Hide each present modality of a row with probability ``modality_dropout``, never all of them."""
+        if self.modality_dropout <= 0 or len(present) < 2:
+            return present
+        keys = sorted(present)
+        avail = torch.stack([present[k] for k in keys], 1)
+        drop = torch.rand(avail.shape, device=avail.device) < self.modality_dropout
+        kept = avail & ~drop
+        none_left = ~kept.any(1)
+        kept[none_left] = avail[none_left]
+        return {k: kept[:, i] for i, k in enumerate(keys)}
+
+    @staticmethod
+    def _target(t, y):
+        return y.int() if t.multilabel else y
 
     def training_step(self, batch, batch_idx):
-        logits = self(batch["inputs"], batch["present"])
-        loss = F.cross_entropy(logits, batch["labels"])
-        self.train_acc(logits.detach(), batch["labels"])
-        bs = batch["labels"].shape[0]
+        batch = {**batch, "present": self._drop_modalities(batch["present"])}
+        logits = self(batch)
+        loss = self.loss(logits, batch["labels"])
+        bs = batch["index"].shape[0]
+        for name, t in self.tasks.items():
+            self.train_acc[name].update(logits[name].detach(), self._target(t, batch["labels"][name]))
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
+    def on_train_epoch_end(self):
+        accs = [m.compute() for m in self.train_acc.values()]
+        self.log("train_acc", torch.stack(accs).mean())
+        for m in self.train_acc.values():
+            m.reset()
+
     def validation_step(self, batch, batch_idx):
-        logits = self(batch["inputs"], batch["present"])
-        loss = F.cross_entropy(logits, batch["labels"])
-        bs = batch["labels"].shape[0]
-        self.val_acc(logits, batch["labels"])
-        self.val_f1(logits, batch["labels"])
+        logits = self(batch)
+        loss = self.loss(logits, batch["labels"])
+        bs = batch["index"].shape[0]
+        for name, t in self.tasks.items():
+            y = self._target(t, batch["labels"][name])
+            self.val_acc[name].update(logits[name], y)
+            self.val_f1[name].update(logits[name], y)
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log("val_f1_macro", self.val_f1, on_epoch=True, batch_size=bs)
+
+    def on_validation_epoch_end(self):
+        accs, f1s = [], []
+        for name in self.tasks:
+            a, f = self.val_acc[name].compute(), self.val_f1[name].compute()
+            accs.append(a)
+            f1s.append(f)
+            if len(self.tasks) > 1:
+                self.log(f"val_acc/{name}", a)
+                self.log(f"val_f1_macro/{name}", f)
+            self.val_acc[name].reset()
+            self.val_f1[name].reset()
+        self.log("val_acc", torch.stack(accs).mean(), prog_bar=True)
+        self.log("val_f1_macro", torch.stack(f1s).mean())
 
     # ---- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.optim_cfg
-        groups = param_groups(self.model, o.lr, o.weight_decay, self.finetune_cfg.encoder_lr)
+        o, ft = self.optim_cfg, self.finetune_cfg
+        groups = param_groups(self.model, o.lr, o.weight_decay, ft.encoder_lr, ft.fusion_lr, ft.head_lr,
+                              ft.layer_decay, include_frozen_encoders=ft.strategy == "gradual")
         if o.name == "adamw":
             opt = torch.optim.AdamW(groups, lr=o.lr)
         elif o.name == "adam":
@@ -87,8 +151,23 @@ class ClassifierModule(L.LightningModule):
 
     # ---- checkpoints without frozen weights --------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if self.finetune_cfg.strategy == "gradual":
+            return  # groups thaw during training: keep everything
         frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+
+class GradualUnfreezing(L.Callback):
+    """At the start of each epoch, thaw the layer groups ``finetune.strategy: gradual`` calls for."""
+
+    def __init__(self, finetune_cfg):
+        self.ft = finetune_cfg
+
+    def on_train_epoch_start(self, trainer, module):
+        from ..finetune import apply_strategy
+
+        apply_strategy(module.model, self.ft, epoch=trainer.current_epoch)
+        module.model.train()
 
 
 def cosine_with_warmup(total_steps: int, warmup_fraction: float, min_lr: float, base_lr: float):

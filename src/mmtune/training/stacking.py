@@ -1,0 +1,73 @@
+"""Fitting the stacking fusion: unimodal classifiers, then a meta-classifier on their out-of-fold outputs."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _logistic_into_linear(linear: torch.nn.Linear, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int):
+    """Fit a standardised multinomial logistic regression and write it into ``linear`` (the scaler folded
+    into the weights), so the torch layer computes the same logits."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    lr = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(X), y)
+    coef = np.zeros((n_classes, X.shape[1]))
+    bias = np.zeros(n_classes)
+    if len(lr.classes_) == 2 and lr.coef_.shape[0] == 1:  # binary: softmax(-z/2, z/2) == sigmoid(z)
+        rows = [lr.classes_[0], lr.classes_[1]]
+        c = lr.coef_[0] / 2
+        coef[rows[0]], coef[rows[1]] = -c, c
+        bias[rows[0]], bias[rows[1]] = -lr.intercept_[0] / 2, lr.intercept_[0] / 2
+    else:
+        for i, cls in enumerate(lr.classes_):
+            coef[cls], bias[cls] = lr.coef_[i], lr.intercept_[i]
+        missing = [c for c in range(n_classes) if c not in set(lr.classes_)]
+        bias[missing] = -1e4  # a class never seen here is never predicted by this branch
+    scale = scaler.scale_
+    w = coef / scale
+    b = bias - (coef * (scaler.mean_ / scale)).sum(1)
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(w, dtype=linear.weight.dtype))
+        linear.bias.copy_(torch.as_tensor(b, dtype=linear.bias.dtype))
+    return scaler, lr
+
+
+def fit_stacking(model, train, task, folds: int, seed: int) -> None:
+    """Fit ``model.fusion`` (a StackingFusion) and its head on a CachedDataset ``train``.
+
+    1. For each encoder output, a logistic regression on its pooled features; out-of-fold class
+       probabilities from ``folds``-fold stratified cross-validation (rows lacking that modality get
+       uniform probabilities), then a fit on all rows that becomes the branch.
+    2. The meta-classifier — the head — is a logistic regression on the concatenated out-of-fold
+       probabilities, so it weighs each modality by how well it does on rows it was not fitted on.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    fusion = model.fusion
+    n_classes = fusion.num_classes
+    y = train.labels[task.name].numpy()
+    oof_parts = []
+    for key in fusion.keys:
+        X = train.outputs[key]["pooled"].numpy().astype(np.float64)
+        present = train.present[model.output_modality[key]].numpy()
+        oof = np.full((len(y), n_classes), 1.0 / n_classes)
+        Xp, yp = X[present], y[present]
+        k = min(folds, int(np.bincount(yp).min()) if len(yp) else 2)
+        if k >= 2:
+            est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+            proba = cross_val_predict(est, Xp, yp, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                                      method="predict_proba")
+            cols = np.unique(yp)
+            oof_p = np.zeros((len(yp), n_classes))
+            oof_p[:, cols] = proba
+            oof[present] = oof_p
+        _logistic_into_linear(fusion.branches[key], Xp, yp, n_classes, seed)
+        oof_parts.append(oof)
+    meta_X = np.concatenate(oof_parts, axis=1)
+    head_linear = [m for m in model.heads[task.name].modules() if isinstance(m, torch.nn.Linear)][-1]
+    _logistic_into_linear(head_linear, meta_X, y, n_classes, seed)
