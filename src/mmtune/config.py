@@ -208,6 +208,8 @@ class TrainerConfig(_Strict):
     monitor: Literal["val_loss", "val_acc", "val_f1_macro"] = "val_loss"
     """Validation metric for early stopping, the best checkpoint and the plateau schedule (mean over tasks;
     for a multi-label task, accuracy is subset accuracy)."""
+    restore_best: bool = True
+    """At the end, load the weights of the best validation epoch (False: keep the last epoch's)."""
     early_stopping_patience: Optional[int] = Field(3, ge=0)
     """Epochs without improvement before stopping (None: never stop early)."""
     accelerator: str = "auto"

@@ -30,6 +30,12 @@ class TextProcessor:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        # A fast tokenizer remembers the padding / truncation of its last call and would write it into
+        # tokenizer.json; clear it so that the saved files depend on the tokenizer alone.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) or getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "no_truncation"):
+            backend.no_truncation()
+            backend.no_padding()
         self.tokenizer.save_pretrained(str(folder))
         _write_meta(folder, "text", max_length=self.max_length, keep=list(self.keep))
 

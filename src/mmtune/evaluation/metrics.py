@@ -60,8 +60,9 @@ def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray, thresholds: Option
 
 
 def tune_thresholds(y_true: np.ndarray, proba: np.ndarray) -> list:
-    """Per label, the probability threshold that maximises that label's F1 on (y_true, proba);
-    0.5 for a label that never occurs."""
+    """Per label, a probability threshold that maximises that label's F1 on (y_true, proba): halfway
+    between the lowest score the best cut accepts and the next lower score (0 if none), so that it
+    does not sit exactly on one validation example. 0.5 for a label that never occurs."""
     y = np.asarray(y_true, dtype=int)
     out = []
     for j in range(proba.shape[1]):
@@ -70,7 +71,9 @@ def tune_thresholds(y_true: np.ndarray, proba: np.ndarray) -> list:
             continue
         p, r, th = skm.precision_recall_curve(y[:, j], proba[:, j])
         f1 = np.where(p[:-1] + r[:-1] > 0, 2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12), 0)
-        out.append(float(th[int(np.argmax(f1))]))
+        cut = float(th[int(np.argmax(f1))])
+        below = proba[:, j][proba[:, j] < cut]
+        out.append((cut + (float(below.max()) if below.size else 0.0)) / 2)
     return out
 
 

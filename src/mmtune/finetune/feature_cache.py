@@ -47,10 +47,13 @@ def encoder_fingerprint(enc, spec_json: Dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def rows_fingerprint(ds: MultimodalDataset) -> str:
-    """Hash of the rows' input values; image files by resolved path, size and modification time."""
+def rows_fingerprint(ds: MultimodalDataset, modalities=None) -> str:
+    """Hash of the rows' input values (of ``modalities``, default all); image files by resolved path,
+    size and modification time."""
     h = hashlib.sha256()
     for modality, _ in ds.columns:
+        if modalities is not None and modality not in modalities:
+            continue
         h.update(modality.encode())
         for v in ds._values[modality]:
             if _is_missing(v):
@@ -69,7 +72,7 @@ def rows_fingerprint(ds: MultimodalDataset) -> str:
 def compute_outputs(enc, ds: MultimodalDataset, batch_size: int, with_tokens: bool, device="cpu") -> Dict[str, Dict[str, torch.Tensor]]:
     """Run ``enc`` (eval mode) over every row of ``ds``. Returns ``{sub-key: {"pooled", "tokens", "mask"}}``;
     tokens are padded to the longest sequence with ``mask`` False (only when ``with_tokens``)."""
-    collate = Collator({"e": enc.processor}, [m for m, _ in ds.columns])
+    collate = Collator({"e": enc.processor}, list(enc.processor.modalities))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
     was_training = enc.training
     enc.eval()
@@ -105,7 +108,8 @@ def cached_outputs(name: str, enc, spec_json: Dict[str, Any], ds: MultimodalData
     from safetensors.torch import load_file, save_file
 
     fp = fingerprint or encoder_fingerprint(enc, spec_json)
-    key = hashlib.sha256(f"{fp}|{rows_fingerprint(ds)}|tokens={with_tokens}".encode()).hexdigest()[:24]
+    rows = rows_fingerprint(ds, enc.processor.modalities)
+    key = hashlib.sha256(f"{fp}|{rows}|tokens={with_tokens}".encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"{name}-{key}.safetensors"
     if path.is_file():
         flat = load_file(str(path))

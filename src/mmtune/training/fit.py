@@ -122,7 +122,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         best, epochs = "", 0
     else:
         module = ClassifierModule(model, tasks, cfg.optim, cfg.schedule, ft, t.monitor, cfg.model.modality_dropout)
-        extra = list(callbacks) + ([GradualUnfreezing(ft)] if ft.strategy == "gradual" else [])
+        extra = ([GradualUnfreezing(ft)] if ft.strategy == "gradual" else []) + list(callbacks)
         previous_logs = _read_previous_logs(run_dir, last_ckpt) if resume else None
         trainer = build_trainer(cfg, run_dir, len(loaders["train"]), extra)
         if previous_logs is not None:
@@ -132,7 +132,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         module.train()
         trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(last_ckpt) if resume else None)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if best and Path(best).is_file():
+        if t.restore_best and best and Path(best).is_file():
             state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
             module.load_state_dict(state, strict=False)
         epochs = int(trainer.current_epoch)
