@@ -52,7 +52,8 @@ COMBOS = [(f, s) for f in FUSIONS for s in STRATEGIES if f != "stacking" or s ==
 
 
 @pytest.mark.parametrize("fusion,strategy", COMBOS)
-def test_fusion_strategy_contract(tiny_vit, tiny_bert, fusion, strategy):    cfg = _cfg(tiny_vit, tiny_bert, fusion, strategy)
+def test_fusion_strategy_contract(tiny_vit, tiny_bert, fusion, strategy):
+    cfg = _cfg(tiny_vit, tiny_bert, fusion, strategy)
     torch.manual_seed(0)
     model = build_model(cfg.model, {"label": 3}, allow_missing=True)
     peft_counts = add_adapters(model, cfg.finetune) if strategy in ("lora", "ia3") else {}
