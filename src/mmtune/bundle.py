@@ -21,8 +21,10 @@ FORMAT = 1
 
 
 def write_bundle(run_dir: Path, config, model, tasks, metrics: Dict[str, Any],
-                 rejected: Optional[pd.DataFrame] = None) -> Path:
-    """Write every bundle file atomically, bundle.json last. Returns ``run_dir``."""
+                 rejected: Optional[pd.DataFrame] = None, predictions: Optional[Dict[str, pd.DataFrame]] = None,
+                 before_marker=None) -> Path:
+    """Write every bundle file atomically, then run ``before_marker`` (the report), then bundle.json
+    last. Returns ``run_dir``."""
     from safetensors.torch import save_model
 
     run_dir = Path(run_dir)
@@ -34,9 +36,15 @@ def write_bundle(run_dir: Path, config, model, tasks, metrics: Dict[str, Any],
     atomic_write_json(run_dir / "labels.json", {"tasks": [t.to_json() for t in tasks]})
     atomic_write_json(run_dir / "metrics.json", metrics)
     files = ["config.yaml", "model.safetensors", "labels.json", "metrics.json", "encoders"]
+    for split, table in (predictions or {}).items():
+        atomic_write_with(run_dir / "predictions" / f"{split}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+        files.append(f"predictions/{split}.csv")
     if rejected is not None and len(rejected):
         atomic_write_with(run_dir / "rejected_rows.csv", lambda tmp: rejected.to_csv(tmp, index=False))
         files.append("rejected_rows.csv")
+    if before_marker is not None:
+        before_marker()
+        files.append("report.html")
     from . import __version__
 
     atomic_write_json(run_dir / MARKER, {

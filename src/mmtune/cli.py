@@ -21,11 +21,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set trainer.max_epochs=3 (repeatable)")
     f.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     f.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    f.add_argument("--baselines", action="store_true",
+                   help="also train each modality alone with the same settings and report the fusion gain")
 
     e = sub.add_parser("evaluate", help="metrics of a run bundle on a labelled manifest")
     e.add_argument("--run", required=True, help="run bundle folder")
     e.add_argument("--data", required=True, help="labelled manifest (CSV, JSONL, Parquet)")
     e.add_argument("--out", help="where to write the metrics JSON (default: RUN/evaluations/<data name>.json)")
+    e.add_argument("--contribution", action="store_true", help="also the metrics with each modality hidden")
+
+    r = sub.add_parser("report", help="(re)build RUN/report.html and RUN/plots/*.png")
+    r.add_argument("--run", required=True, help="run bundle folder")
 
     pr = sub.add_parser("predict", help="predicted label and class probabilities per row")
     pr.add_argument("--run", required=True, help="run bundle folder")
@@ -47,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .data.manifest import BadRowsError
 
     try:
-        return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo}[args.command](args)
+        return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo,
+                "report": _report}[args.command](args)
     except (ConfigError, BadRowsError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -56,8 +63,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _fit(args) -> int:
     from .training.fit import fit
 
-    res = fit(args.config, overrides=args.overrides, resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({k: res.metrics.get(k) for k in ("val", "test")}, indent=2))
+    overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else [])
+    res = fit(args.config, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps(_brief(res.metrics), indent=2))
+    if "baselines" in res.metrics:
+        print(json.dumps(res.metrics["baselines"], indent=2))
     print(f"run bundle: {res.run_dir}")
     return 0
 
@@ -67,10 +77,10 @@ def _evaluate(args) -> int:
     from .serving.predictor import Predictor
 
     pred = Predictor.load(args.run)
-    metrics = pred.evaluate(args.data)
+    metrics = pred.evaluate(args.data, contribution=args.contribution)
     out = Path(args.out) if args.out else Path(args.run) / "evaluations" / f"{Path(args.data).stem}.json"
     atomic_write_json(out, {"data": str(args.data), **metrics})
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(_brief({"data": metrics}), indent=2))
     print(f"metrics written to {out}")
     return 0
 
@@ -105,6 +115,27 @@ def _predict(args) -> int:
         raise ValueError(f"--out {str(path)!r}: unknown format {suffix!r}; valid: {', '.join(writers)}")
     atomic_write_with(path, writers[suffix])
     print(f"{len(out)} predictions written to {path}")
+    return 0
+
+
+def _brief(metrics):
+    """The headline numbers per split and task (metrics.json has everything)."""
+    keep = ("n", "accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "pr_auc", "log_loss", "ece",
+            "f1_micro", "subset_accuracy", "mean_average_precision")
+    out = {}
+    for split in ("val", "test", "data"):
+        for task, m in (metrics.get(split) or {}).items():
+            if isinstance(m, dict) and "n" in m:
+                out.setdefault(split, {})[task] = {k: m[k] for k in keep if k in m}
+    return out
+
+
+def _report(args) -> int:
+    from .bundle import check_bundle
+    from .evaluation.report import build_report
+
+    check_bundle(args.run)
+    print(f"report written to {build_report(args.run)}")
     return 0
 
 

@@ -217,8 +217,36 @@ class TrainerConfig(_Strict):
     strategy: str = "auto"
     """Lightning strategy: ``auto``, ``ddp``, ``fsdp``, ``deepspeed``…"""
     progress_bar: bool = True
+    tensorboard: bool = False
+    """Also log to TensorBoard (runs/<name>/tensorboard; needs the tensorboard package)."""
     limit_train_batches: Optional[Union[int, float]] = None
     """Debugging aid: train on only this many batches (int) or this share (float) per epoch."""
+
+
+class EvaluationConfig(_Strict):
+    """What fit computes after training, and the report."""
+
+    temperature_scaling: bool = True
+    """Fit a temperature on the validation set (single-label tasks); predict applies it."""
+    threshold_goal: Literal["none", "max_f1", "min_precision", "min_recall"] = "none"
+    """Binary tasks: tune the decision threshold on validation for this goal (none: argmax)."""
+    threshold_value: Optional[float] = Field(None, gt=0.0, le=1.0)
+    """The precision or recall to reach with ``min_precision`` / ``min_recall``."""
+    modality_contribution: bool = True
+    """Test metrics with each modality masked out (no retraining)."""
+    baselines: bool = False
+    """Also train each modality alone with the same settings and report the fusion gain."""
+    report: bool = True
+    """Write report.html and the plots at the end of fit."""
+    worst_examples: int = Field(12, ge=0)
+    """How many of the most confidently misclassified test rows the report shows."""
+    calibration_bins: int = Field(15, ge=2)
+
+    @model_validator(mode="after")
+    def _value_for_goal(self) -> "EvaluationConfig":
+        if self.threshold_goal in ("min_precision", "min_recall") and self.threshold_value is None:
+            raise ValueError(f"evaluation.threshold_goal={self.threshold_goal} needs evaluation.threshold_value")
+        return self
 
 
 class Config(_Strict):
@@ -231,6 +259,7 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

@@ -42,6 +42,11 @@ class Task:
     weight: float = 1.0
     classes: List[Any] = field(default_factory=list)
     thresholds: Optional[List[float]] = None
+    """Multi-label: per-label decision thresholds (tuned on validation)."""
+    temperature: Optional[float] = None
+    """Single-label: temperature fitted on validation; predict divides the logits by it."""
+    threshold: Optional[float] = None
+    """Binary single-label: decision threshold on p(class 1) tuned on validation (None: argmax)."""
 
     # ---- parsing -------------------------------------------------------------------------
     def values(self, value: Any) -> Optional[List[Any]]:
@@ -91,7 +96,8 @@ class Task:
     # ---- persistence ---------------------------------------------------------------------
     def to_json(self) -> Dict[str, Any]:
         return {"name": self.name, "column": self.column, "multilabel": self.multilabel, "separator": self.separator,
-                "weight": self.weight, "classes": list(self.classes), "thresholds": self.thresholds}
+                "weight": self.weight, "classes": list(self.classes), "thresholds": self.thresholds,
+                "temperature": self.temperature, "threshold": self.threshold}
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Task":

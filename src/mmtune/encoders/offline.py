@@ -66,6 +66,7 @@ class EfficientNetLiteEncoder(Encoder):
         # The ImageNet classifier is not used: drop it so it neither trains nor ships.
         net._fc = nn.Identity()
         net._dropout = nn.Identity()
+        _plain_pointwise_convs(net)
         self.net = net
         self.image_size = int(image_size)
         self.pooling = "mean" if pooling == "auto" else pooling
@@ -84,6 +85,21 @@ class EfficientNetLiteEncoder(Encoder):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "mmtune_encoder.json").write_text(json.dumps({"arch": "efficientnet-lite0", "image_size": self.image_size}))
         self.processor.save(folder / "processor")
+
+
+def _plain_pointwise_convs(net: nn.Module) -> None:
+    """Swap the package's fixed-"same"-padding 1x1 convolutions (whose padding is zero anyway) for
+    plain ``nn.Conv2d`` with the same weights: identical outputs and parameter names, and adapter
+    libraries (peft's LoRA / IA3) can wrap them."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d and child.kernel_size == (1, 1)
+                    and child.stride == (1, 1) and child.groups == 1):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+                conv.weight = child.weight
+                if child.bias is not None:
+                    conv.bias = child.bias
+                setattr(parent, name, conv)
 
 
 def build_preset(name: str, modality: str, weights: bool, pooling: str, max_length: int,

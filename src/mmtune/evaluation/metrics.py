@@ -7,36 +7,65 @@ import numpy as np
 from sklearn import metrics as skm
 
 
-def classification_metrics(y_true: Sequence[int], proba: np.ndarray) -> Dict[str, Any]:
+def classification_metrics(y_true: Sequence[int], proba: np.ndarray, class_names: Optional[Sequence[Any]] = None,
+                           threshold: Optional[float] = None, top_k: Sequence[int] = (2, 3, 5)) -> Dict[str, Any]:
     """Single-label metrics from class indices and an (N, C) probability matrix.
 
-    Returns ``n``, ``accuracy``, ``f1_macro``, ``precision_macro``, ``recall_macro``, ``log_loss`` and
-    ``roc_auc`` (binary: the positive class's probability; multiclass: one-vs-rest macro). ROC-AUC is
-    None, with ``roc_auc_note`` saying why, when the true labels hold fewer than all classes.
+    Predictions are the argmax, or for a binary task with ``threshold`` set, class 1 when its
+    probability reaches the threshold. Returns ``n``, ``accuracy``, ``balanced_accuracy``,
+    ``precision`` / ``recall`` / ``f1`` macro and weighted, ``per_class`` (precision, recall, f1,
+    support per class), ``roc_auc`` (binary: the positive class's probability; multiclass: one-vs-rest
+    macro), ``pr_auc`` (average precision; macro over classes for multiclass), ``log_loss``,
+    ``top_k_accuracy`` (for each k < C), ``confusion_matrix`` (rows: true class) and ``ece``. ROC-AUC
+    and PR-AUC are None, with a note saying why, when the true labels hold fewer than all classes.
     """
+    from .calibration import expected_calibration_error
+
     y = np.asarray(y_true, dtype=int)
     proba = np.asarray(proba, dtype=np.float64)
     proba = proba / proba.sum(1, keepdims=True)  # float32 softmax rows sum to 1 only within ~1e-7
     n_classes = proba.shape[1]
-    pred = proba.argmax(1)
+    pred = decide_single(proba, threshold)
     labels = list(range(n_classes))
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in labels]
+    p, r, f, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     out: Dict[str, Any] = {
         "n": int(len(y)),
         "accuracy": float(skm.accuracy_score(y, pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)) if len(y) else None,
         "f1_macro": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "precision_macro": float(skm.precision_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "recall_macro": float(skm.recall_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "f1_weighted": float(skm.f1_score(y, pred, labels=labels, average="weighted", zero_division=0)),
+        "precision_weighted": float(skm.precision_score(y, pred, labels=labels, average="weighted", zero_division=0)),
+        "recall_weighted": float(skm.recall_score(y, pred, labels=labels, average="weighted", zero_division=0)),
         "log_loss": float(skm.log_loss(y, np.clip(proba, 1e-15, 1.0), labels=labels)),
+        "per_class": [{"class": names[i], "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                       "support": int(support[i])} for i in labels],
+        "top_k_accuracy": {str(k): float(skm.top_k_accuracy_score(y, proba, k=k, labels=labels))
+                           for k in top_k if k < n_classes},
+        "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
+        "ece": expected_calibration_error(y, proba),
     }
     present = np.unique(y)
     if len(present) < n_classes:
-        out["roc_auc"] = None
+        out["roc_auc"] = out["pr_auc"] = None
         out["roc_auc_note"] = f"only {len(present)} of {n_classes} classes occur in the true labels"
     elif n_classes == 2:
         out["roc_auc"] = float(skm.roc_auc_score(y, proba[:, 1]))
+        out["pr_auc"] = float(skm.average_precision_score(y, proba[:, 1]))
     else:
         out["roc_auc"] = float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels))
+        onehot = np.eye(n_classes)[y]
+        out["pr_auc"] = float(skm.average_precision_score(onehot, proba, average="macro"))
     return out
+
+
+def decide_single(proba: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:
+    """Class indices: argmax, or for two classes with ``threshold``, 1 where p(class 1) >= threshold."""
+    if threshold is not None and proba.shape[1] == 2:
+        return (proba[:, 1] >= threshold).astype(int)
+    return proba.argmax(1)
 
 
 def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray, thresholds: Optional[Sequence[float]] = None) -> Dict[str, Any]:
@@ -78,7 +107,8 @@ def tune_thresholds(y_true: np.ndarray, proba: np.ndarray) -> list:
 
 
 def task_metrics(task, y_true, proba: np.ndarray) -> Dict[str, Any]:
-    """Metrics of one task: single-label or multi-label (with the task's thresholds)."""
+    """Metrics of one task: single-label (with the task's decision threshold, if any) or multi-label
+    (with the task's per-label thresholds). ``proba`` as the Predictor returns it (calibrated)."""
     if task.multilabel:
         return multilabel_metrics(np.asarray(y_true), proba, task.thresholds)
-    return classification_metrics(y_true, proba)
+    return classification_metrics(y_true, proba, task.classes, task.threshold)

@@ -74,10 +74,15 @@ class Predictor:
             raise BadRowsError(bad)
         return MultimodalDataset(df, self.spec, base_dir, with_labels, self.modalities)
 
-    def _proba(self, ds: MultimodalDataset, batch_size: Optional[int]) -> Dict[str, np.ndarray]:
+    def _batches(self, ds: MultimodalDataset, batch_size: Optional[int]):
         bs = batch_size or self.config.trainer.eval_batch_size or 2 * self.config.trainer.batch_size
-        batches = (self.collator([ds[i] for i in range(s, min(s + bs, len(ds)))]) for s in range(0, len(ds), bs))
-        return predict_proba_batches(self.model, self.tasks, batches, self.device)
+        return (self.collator([ds[i] for i in range(s, min(s + bs, len(ds)))]) for s in range(0, len(ds), bs))
+
+    def _proba(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True) -> Dict[str, np.ndarray]:
+        proba = predict_proba_batches(self.model, self.tasks, self._batches(ds, batch_size), self.device)
+        if calibrated:
+            proba = {t.name: calibrate(t, proba[t.name]) for t in self.tasks}
+        return proba
 
     def _pick(self, task: Optional[str]) -> List[Task]:
         if task is None:
@@ -88,11 +93,13 @@ class Predictor:
         raise KeyError(f"unknown task {task!r}; tasks: {[t.name for t in self.tasks]}")
 
     # ---- public API ---------------------------------------------------------------------------
-    def predict_proba(self, data: TableSource, batch_size: Optional[int] = None, task: Optional[str] = None):
+    def predict_proba(self, data: TableSource, batch_size: Optional[int] = None, task: Optional[str] = None,
+                      calibrated: bool = True):
         """Class probabilities, one column per class name (as text), rows in input order; the id
-        column first when ``data.id_column`` is configured. ``{task: DataFrame}`` for several tasks."""
+        column first when ``data.id_column`` is configured. ``{task: DataFrame}`` for several tasks.
+        ``calibrated`` applies the temperature fitted on validation (single-label tasks)."""
         ds = self._dataset(data, with_labels=False)
-        proba = self._proba(ds, batch_size)
+        proba = self._proba(ds, batch_size, calibrated)
         out = {}
         for t in self._pick(task):
             df = pd.DataFrame(proba[t.name], columns=[str(c) for c in t.classes])
@@ -109,11 +116,27 @@ class Predictor:
         out = {t.name: decide(t, proba[t.name]) for t in self._pick(task)}
         return out if len(out) > 1 else next(iter(out.values()))
 
-    def evaluate(self, data: TableSource, batch_size: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
-        """``{task: metrics}`` on labelled rows; labels unseen in training are bad rows."""
+    def evaluate(self, data: TableSource, batch_size: Optional[int] = None,
+                 contribution: bool = False) -> Dict[str, Dict[str, Any]]:
+        """``{task: metrics}`` on labelled rows (calibrated, with the tuned thresholds); labels unseen in
+        training are bad rows. ``contribution`` adds ``"modality_contribution"``: the metrics with each
+        modality hidden through the present-mask."""
         ds = self._dataset(data, with_labels=True)
         proba = self._proba(ds, batch_size)
-        return {t.name: task_metrics(t, ds.labels[t.name], proba[t.name]) for t in self.tasks}
+        out: Dict[str, Any] = {t.name: task_metrics(t, ds.labels[t.name], proba[t.name]) for t in self.tasks}
+        if contribution and len(self.modalities) > 1:
+            from ..evaluation.ablation import modality_contribution
+
+            out["modality_contribution"] = modality_contribution(
+                self.model, self.tasks, list(self._batches(ds, batch_size)), ds.labels, list(self.modalities))
+        return out
+
+
+def calibrate(task: Task, proba: np.ndarray) -> np.ndarray:
+    """The task's stored temperature applied (single-label); multi-label probabilities unchanged."""
+    from ..evaluation.calibration import apply_temperature
+
+    return proba if task.multilabel else apply_temperature(proba, task.temperature).astype(np.float32)
 
 
 def decide(task: Task, proba: np.ndarray):
@@ -123,4 +146,6 @@ def decide(task: Task, proba: np.ndarray):
     if task.multilabel:
         th = np.asarray(task.thresholds or [0.5] * len(task.classes))
         return [list(names[row >= th]) for row in proba]
-    return names[proba.argmax(1)] if len(proba) else names[:0]
+    from ..evaluation.metrics import decide_single
+
+    return names[decide_single(proba, task.threshold)] if len(proba) else names[:0]

@@ -20,7 +20,8 @@ from ..config import Config, load_config
 from ..data.collate import Collator
 from ..data.datamodule import PreparedData, make_loader, prepare_data
 from ..data.manifest import TableSource
-from ..evaluation import task_metrics, tune_thresholds
+from ..evaluation.evaluate import finalize
+from ..evaluation.report import build_report
 from ..finetune import apply_strategy, trainable_parameter_count
 from ..finetune.feature_cache import CachedDataset
 from ..finetune.lora import add_adapters, merge_adapters
@@ -139,12 +140,49 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     model.cpu()
     trainable = trainable_parameter_count(model)
     merge_adapters(model)  # LoRA / IA3 folded into plain weights: what the bundle ships
-    metrics = evaluate_splits(model, tasks, loaders)
+    images = {s: _image_paths(data, s) for s in data.frames} if "image" in modalities else None
+    metrics, predictions = finalize(model, tasks, loaders, data.frames, cfg.evaluation, modalities,
+                                    cfg.data.id_column, images, cfg.data.text_column if "text" in modalities else None)
     metrics["best_checkpoint"] = Path(best).name if best else None
     metrics["epochs_trained"] = epochs
     metrics["trainable_parameters"] = trainable
-    write_bundle(run_dir, cfg, model, tasks, metrics, data.rejected)
+    if cfg.evaluation.baselines and len(modalities) > 1:
+        metrics["baselines"] = fit_baselines(cfg, metrics, train, val, test)
+    report = (lambda: build_report(run_dir)) if cfg.evaluation.report else None
+    write_bundle(run_dir, cfg, model, tasks, metrics, data.rejected, predictions, before_marker=report)
     return FitResult(run_dir, metrics, cfg)
+
+
+def _image_paths(data: PreparedData, split: str):
+    from ..data.manifest import _is_missing, resolve_image_path
+
+    col = data.spec.image_column
+    base = data.base_dirs.get(split)
+    return [None if _is_missing(v) else str(resolve_image_path(v, base).resolve()) for v in data.frames[split][col]]
+
+
+def fit_baselines(cfg: Config, fused_metrics: Dict[str, Any], train, val, test) -> Dict[str, Any]:
+    """Train each modality alone with the same settings (encoders reading only it) and report the
+    fused model's gain over the best of them, on the test split (validation when there is none)."""
+    split = "test" if "test" in fused_metrics else "val"
+    task = cfg.tasks[0].name
+    models = {"fused": {k: fused_metrics[split][task].get(k) for k in ("accuracy", "f1_macro")}}
+    for modality in cfg.modalities:
+        keep = {n: e for n, e in cfg.model.encoders.items() if e.modality == modality}
+        if not keep:
+            continue  # a joint encoder (CLIP) has no single-modality counterpart here
+        sub = cfg.model_copy(deep=True)
+        sub.model.encoders = keep
+        sub.name = f"{cfg.name}-{modality}-only"
+        sub.evaluation.baselines = False
+        sub.evaluation.report = False
+        sub.evaluation.modality_contribution = False
+        sub = load_config(sub.to_dict())
+        res = fit(sub, train, val, test, overwrite=True)
+        models[f"{modality} only"] = {k: res.metrics[split][task].get(k) for k in ("accuracy", "f1_macro")}
+    best_single = max(v["accuracy"] for k, v in models.items() if k != "fused")
+    return {"split": split, "task": task, "models": models,
+            "fusion_gain": models["fused"]["accuracy"] - best_single}
 
 
 def _datasets(cfg: Config, model, data: PreparedData, modalities, eval_bs: int):
@@ -176,7 +214,7 @@ def _read_previous_logs(run_dir: Path, last_ckpt: Path) -> Optional[pd.DataFrame
 def _continue_logs(trainer: L.Trainer, previous: pd.DataFrame) -> None:
     """Lightning's CSV logger starts a fresh metrics.csv; put the rows before the checkpoint back so
     that a resumed run keeps one log from epoch 0."""
-    writer = trainer.logger.experiment  # creating it clears the old file
+    writer = trainer.loggers[0].experiment  # creating it clears the old file
     from ..io import atomic_write_with
 
     atomic_write_with(writer.metrics_file_path, lambda tmp: previous[sorted(previous.columns)].to_csv(tmp, index=False))
@@ -195,6 +233,14 @@ def build_trainer(cfg: Config, run_dir: Path, n_train_batches: int, extra_callba
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=mode, patience=t.early_stopping_patience))
     callbacks.extend(extra_callbacks)
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    if t.tensorboard:
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+        except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+            raise ValueError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
     kwargs: Dict[str, Any] = {}
     if t.limit_train_batches is not None:
         kwargs["limit_train_batches"] = t.limit_train_batches
@@ -207,7 +253,7 @@ def build_trainer(cfg: Config, run_dir: Path, n_train_batches: int, extra_callba
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=str(run_dir), name="logs", version=""),
+        logger=loggers,
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -215,21 +261,3 @@ def build_trainer(cfg: Config, run_dir: Path, n_train_batches: int, extra_callba
         default_root_dir=str(run_dir),
         **kwargs,
     )
-
-
-def evaluate_splits(model, tasks, loaders: Dict[str, Any]) -> Dict[str, Any]:
-    """scikit-learn metrics per task on the val and (when present) test splits. Multi-label tasks
-    first get per-label thresholds tuned for F1 on the validation split."""
-    out: Dict[str, Any] = {}
-    probas = {s: predict_proba_batches(model, tasks, loaders[s]) for s in ("val", "test") if s in loaders}
-    labels = {s: loaders[s].dataset.labels for s in probas}
-    for t in tasks:
-        if t.multilabel:
-            t.thresholds = tune_thresholds(np.asarray(_as_list(labels["val"][t.name])), probas["val"][t.name])
-    for split, proba in probas.items():
-        out[split] = {t.name: task_metrics(t, _as_list(labels[split][t.name]), proba[t.name]) for t in tasks}
-    return out
-
-
-def _as_list(v):
-    return v.tolist() if isinstance(v, torch.Tensor) else v

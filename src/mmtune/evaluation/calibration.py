@@ -1,0 +1,90 @@
+"""Calibration: expected calibration error, reliability curves, temperature scaling, decision thresholds."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+
+def reliability_curve(y_true, proba: np.ndarray, n_bins: int = 15) -> Dict[str, list]:
+    """Per confidence bin (equal width on [0, 1]): mean confidence (max probability), accuracy, count."""
+    y = np.asarray(y_true, dtype=int)
+    proba = np.asarray(proba, dtype=np.float64)
+    conf = proba.max(1)
+    correct = (proba.argmax(1) == y).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    out = {"confidence": [], "accuracy": [], "count": [], "lower": edges[:-1].tolist(), "upper": edges[1:].tolist()}
+    for b in range(n_bins):
+        m = idx == b
+        out["count"].append(int(m.sum()))
+        out["confidence"].append(float(conf[m].mean()) if m.any() else None)
+        out["accuracy"].append(float(correct[m].mean()) if m.any() else None)
+    return out
+
+
+def expected_calibration_error(y_true, proba: np.ndarray, n_bins: int = 15) -> float:
+    """sum over bins of (bin size / n) * |accuracy - mean confidence| (top-label ECE)."""
+    curve = reliability_curve(y_true, proba, n_bins)
+    n = max(1, sum(curve["count"]))
+    return float(sum(c / n * abs(a - f) for c, a, f in zip(curve["count"], curve["accuracy"], curve["confidence"]) if c))
+
+
+def apply_temperature(proba: np.ndarray, temperature: Optional[float]) -> np.ndarray:
+    """Rescale probabilities as softmax(log p / T) (the same as dividing the logits by T)."""
+    if temperature is None or temperature == 1.0:
+        return proba
+    logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)) / temperature
+    logp -= logp.max(1, keepdims=True)
+    e = np.exp(logp)
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(y_true, proba: np.ndarray) -> float:
+    """The temperature T > 0 minimising the negative log-likelihood of softmax(log p / T) on
+    (y_true, proba) — temperature scaling (Guo et al., 2017), fitted by a bounded 1-D search on log T."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_true, dtype=int)
+    logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0))
+
+    def nll(log_t: float) -> float:
+        z = logp / np.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        lse = np.log(np.exp(z).sum(1))
+        return float((lse - z[np.arange(len(y)), y]).mean())
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def tune_binary_threshold(y_true, p_positive: np.ndarray, goal: str = "max_f1", value: Optional[float] = None) -> Dict[str, Any]:
+    """A decision threshold on p(class 1) for a binary task.
+
+    ``max_f1``: the threshold with the best F1. ``min_precision``: the lowest threshold whose precision
+    is at least ``value`` (most recall at that precision). ``min_recall``: the highest threshold whose
+    recall is at least ``value`` (most precision at that recall). Returns the threshold and the
+    precision, recall and F1 it gives on (y_true, p_positive); raises ValueError when the goal cannot
+    be met."""
+    from sklearn.metrics import precision_recall_curve
+
+    y = np.asarray(y_true, dtype=int)
+    p, r, th = precision_recall_curve(y, p_positive)
+    p, r = p[:-1], r[:-1]
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
+    if goal == "max_f1":
+        i = int(np.argmax(f1))
+    elif goal == "min_precision":
+        ok = np.where(p >= value)[0]
+        if not len(ok):
+            raise ValueError(f"no threshold reaches precision {value} on the validation set")
+        i = int(ok[0])
+    elif goal == "min_recall":
+        ok = np.where(r >= value)[0]
+        if not len(ok):
+            raise ValueError(f"no threshold reaches recall {value} on the validation set")
+        i = int(ok[-1])
+    else:
+        raise ValueError(f"unknown threshold goal {goal!r}; valid: max_f1, min_precision, min_recall")
+    return {"threshold": float(th[i]), "precision": float(p[i]), "recall": float(r[i]), "f1": float(f1[i]),
+            "goal": goal, "value": value}

@@ -1,0 +1,188 @@
+"""report.html: one self-contained page (images inlined, opens offline) per run bundle, and the
+same plots as PNG files under ``plots/``. Built from the bundle's files alone, so ``mmtune report``
+can regenerate it at any time."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ..io import atomic_write_bytes, atomic_write_text
+from ..tasks import Task
+from . import plots
+from .calibration import apply_temperature
+
+SECTIONS = ["Summary", "Training curves", "Confusion matrix", "ROC and precision-recall curves", "Calibration",
+            "Per-class metrics", "Modality contribution", "Worst misclassified test examples", "Configuration"]
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _thumb(path: Optional[str], side: int = 96) -> str:
+    if not isinstance(path, str) or not Path(path).is_file():
+        return "<em>no image</em>"
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((side, side))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+        return _img(buf.getvalue(), Path(path).name)
+    except Exception:  # an unreadable file shows as such, the report still builds
+        return "<em>unreadable image</em>"
+
+
+def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return html.escape("" if v is None else str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``plots/*.png`` and ``report.html`` in ``run_dir`` from its config, labels, metrics, logs and
+    saved predictions. Returns the report's path. Raises FileNotFoundError naming a missing file."""
+    run_dir = Path(run_dir)
+    for f in ("config.yaml", "labels.json", "metrics.json"):
+        if not (run_dir / f).is_file():
+            raise FileNotFoundError(f"cannot build the report: {str(run_dir / f)!r} is missing")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tasks = [Task.from_json(t) for t in json.loads((run_dir / "labels.json").read_text())["tasks"]]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    logs_path = run_dir / "logs" / "metrics.csv"
+    logs = pd.read_csv(logs_path) if logs_path.is_file() else None
+    split = "test" if (run_dir / "predictions" / "test.csv").is_file() else "val"
+    preds = pd.read_csv(run_dir / "predictions" / f"{split}.csv") if (run_dir / "predictions" / f"{split}.csv").is_file() else None
+    bins = (config.get("evaluation") or {}).get("calibration_bins", 15)
+    n_worst = (config.get("evaluation") or {}).get("worst_examples", 12)
+
+    pngs: Dict[str, bytes] = {}
+    parts: Dict[str, List[str]] = {s: [] for s in SECTIONS}
+
+    # Summary
+    rows = []
+    for s in ("val", "test"):
+        for t in tasks:
+            m = (metrics.get(s) or {}).get(t.name)
+            if m:
+                keys = ["f1_micro", "f1_macro", "subset_accuracy", "mean_average_precision"] if t.multilabel else \
+                    ["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "pr_auc", "log_loss", "ece"]
+                rows.append({"split": s, "task": t.name, "n": m.get("n"), **{k: m.get(k) for k in keys}})
+    cols = ["split", "task", "n"] + sorted({k for r in rows for k in r} - {"split", "task", "n"})
+    parts["Summary"].append(_table(rows, cols))
+
+    if logs is not None and len(logs):
+        pngs["training_curves.png"] = plots.training_curves(logs)
+        parts["Training curves"].append(_img(pngs["training_curves.png"], "training curves"))
+    else:
+        parts["Training curves"].append("<p>No training log (this fusion is fitted without epochs).</p>")
+
+    for t in tasks:
+        tag = t.name if len(tasks) == 1 else f"{t.name}_"
+        prefix = "" if len(tasks) == 1 else f"{t.name}_"
+        m = (metrics.get(split) or {}).get(t.name) or {}
+        if preds is None:
+            continue
+        pcols = [f"{t.name}:p:{c}" for c in t.classes]
+        raw = preds[pcols].to_numpy(dtype=float)
+        if t.multilabel:
+            y = np.zeros_like(raw, dtype=int)
+            for i, v in enumerate(preds[f"{t.name}:true"].fillna("").astype(str)):
+                for j in [int(x) for x in v.split("|") if x != ""]:
+                    y[i, j] = 1
+            parts["Confusion matrix"].append(f"<p>{html.escape(t.name)}: multi-label, see per-label metrics.</p>")
+            pngs[f"{prefix}pr.png"] = plots.pr_curves(y, raw, t.classes)
+            parts["ROC and precision-recall curves"].append(_img(pngs[f"{prefix}pr.png"], f"PR {t.name}"))
+            parts["Calibration"].append(f"<p>{html.escape(t.name)}: multi-label; per-label thresholds "
+                                        f"{html.escape(str([round(x, 3) for x in (t.thresholds or [])]))}.</p>")
+            continue
+        y = preds[f"{t.name}:true"].to_numpy(dtype=int)
+        cal = apply_temperature(raw, t.temperature)
+        if "confusion_matrix" in m:
+            pngs[f"{prefix}confusion_matrix.png"] = plots.confusion_matrix(m["confusion_matrix"], t.classes)
+            parts["Confusion matrix"].append(_img(pngs[f"{prefix}confusion_matrix.png"], f"confusion {t.name}"))
+        pngs[f"{prefix}roc.png"] = plots.roc_curves(y, cal, t.classes)
+        pngs[f"{prefix}pr.png"] = plots.pr_curves(y, cal, t.classes)
+        parts["ROC and precision-recall curves"].append(_img(pngs[f"{prefix}roc.png"], f"ROC {t.name}")
+                                                        + _img(pngs[f"{prefix}pr.png"], f"PR {t.name}"))
+        pngs[f"{prefix}reliability.png"] = plots.reliability(y, raw, cal if t.temperature else None, bins)
+        c = (metrics.get("calibration") or {}).get(t.name, {})
+        note = f"temperature {t.temperature:.3f}" if t.temperature else "no temperature scaling"
+        if t.threshold is not None:
+            note += f"; decision threshold on p({t.classes[1]}) = {t.threshold:.3f}"
+        parts["Calibration"].append(f"<p>{html.escape(t.name)}: {html.escape(note)}; ECE on {split} "
+                                    f"{c.get(f'ece_{split}_before', float('nan')):.4f} before, "
+                                    f"{c.get(f'ece_{split}_after', float('nan')):.4f} after.</p>"
+                                    + _img(pngs[f"{prefix}reliability.png"], f"reliability {t.name}"))
+        if m.get("per_class"):
+            parts["Per-class metrics"].append(f"<h3>{html.escape(t.name)}</h3>" + _table(
+                m["per_class"], ["class", "precision", "recall", "f1", "support"]))
+        # Worst misclassified: wrong and most confident.
+        pred = cal.argmax(1) if t.threshold is None else (cal[:, 1] >= t.threshold).astype(int)
+        wrong = np.where(pred != y)[0]
+        order = wrong[np.argsort(-cal[wrong, pred[wrong]])][:n_worst]
+        rows = []
+        for i in order:
+            r = preds.iloc[i]
+            rows.append("<tr>" + f"<td>{_thumb(r.get('image'))}</td>"
+                        + f"<td>{html.escape(str(r.get('id', r['row'])))}</td>"
+                        + f"<td>{html.escape(str(r.get('text', '')))}</td>"
+                        + f"<td>{html.escape(str(t.classes[y[i]]))}</td><td>{html.escape(str(t.classes[pred[i]]))}</td>"
+                        + f"<td>{cal[i, pred[i]]:.3f}</td></tr>")
+        parts["Worst misclassified test examples"].append(
+            f"<h3>{html.escape(t.name)}</h3>" + (
+                "<table><tr><th>image</th><th>id</th><th>text</th><th>true</th><th>predicted</th><th>confidence</th></tr>"
+                + "".join(rows) + "</table>" if rows else "<p>No misclassified examples.</p>"))
+
+    mc = metrics.get("modality_contribution")
+    if mc:
+        entries = {k: v for k, v in mc.items() if k != "split"}
+        rows = []
+        for name, e in entries.items():
+            for tname, mm in e["metrics"].items():
+                rows.append({"setting": name, "task": tname, **mm,
+                             **{f"change {k}": v for k, v in e["change_vs_all"][tname].items()}})
+        parts["Modality contribution"].append(
+            f"<p>Metrics on the {html.escape(mc.get('split', split))} split with modalities hidden through the "
+            "present-mask (no retraining).</p>" + _table(rows, list(rows[0].keys())))
+        for t in tasks:
+            metric = "f1_micro" if t.multilabel else "accuracy"
+            name = f"{t.name}_contribution.png" if len(tasks) > 1 else "modality_contribution.png"
+            pngs[name] = plots.contribution(entries, t.name, metric)
+            parts["Modality contribution"].append(_img(pngs[name], f"contribution {t.name}"))
+    else:
+        parts["Modality contribution"].append("<p>One modality only, or disabled (evaluation.modality_contribution).</p>")
+    if metrics.get("baselines"):
+        b = metrics["baselines"]
+        parts["Modality contribution"].append("<h3>Unimodal baselines (retrained)</h3>" + _table(
+            [{"model": k, **v} for k, v in b["models"].items()], ["model", "accuracy", "f1_macro"])
+            + f"<p>Fusion gain over the best single modality: {b['fusion_gain']:+.4f} accuracy.</p>")
+
+    brief = {k: config.get(k) for k in ("name", "model", "finetune", "optim", "schedule", "trainer")}
+    parts["Configuration"].append(f"<pre>{html.escape(yaml.safe_dump(brief, sort_keys=False))}</pre>")
+
+    for name, png in pngs.items():
+        atomic_write_bytes(run_dir / "plots" / name, png)
+    body = "".join(f'<section id="{html.escape(s.lower().replace(" ", "-"))}"><h2>{html.escape(s)}</h2>{"".join(parts[s])}</section>'
+                   for s in SECTIONS)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmtune report: {html.escape(str(config.get('name')))}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}img{{max-width:100%;margin:4px}}
+section{{margin-bottom:2em}}pre{{background:#f6f6f6;padding:1em;font-size:12px}}</style></head>
+<body><h1>mmtune report: {html.escape(str(config.get('name')))}</h1>{body}</body></html>"""
+    return atomic_write_text(run_dir / "report.html", page)
