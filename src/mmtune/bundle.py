@@ -69,6 +69,8 @@ def check_bundle(run_dir: Path) -> Dict[str, Any]:
         )
     meta = json.loads(marker.read_text())
     for f in meta.get("files", []):
+        if f == "report.html":
+            continue  # regenerable with `mmtune report`
         if not (run_dir / f).exists():
             raise FileNotFoundError(f"run bundle {str(run_dir)!r} lacks {f!r}")
     return meta

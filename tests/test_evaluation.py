@@ -1,0 +1,220 @@
+"""Evaluation: metric parity with scikit-learn, calibration, thresholds, modality masking, the report."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn import metrics as skm
+
+import mmtune
+from conftest import base_config
+from mmtune.evaluation.calibration import (apply_temperature, expected_calibration_error, fit_temperature,
+                                           tune_binary_threshold)
+from mmtune.evaluation.metrics import classification_metrics, multilabel_metrics
+from mmtune.evaluation.report import SECTIONS
+
+
+def _random(n, c, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, c)) * 2
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.where(rng.random(n) < 0.6, proba.argmax(1), rng.integers(0, c, n))
+    return y, proba
+
+
+@pytest.mark.parametrize("c", [2, 5])
+def test_single_label_metrics_equal_sklearn(c):
+    y, p = _random(300, c, c)
+    m = classification_metrics(y, p)
+    pred = p.argmax(1)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-9)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-9)
+    for avg in ("macro", "weighted"):
+        assert m[f"f1_{avg}"] == pytest.approx(skm.f1_score(y, pred, average=avg), abs=1e-9)
+        assert m[f"precision_{avg}"] == pytest.approx(skm.precision_score(y, pred, average=avg), abs=1e-9)
+        assert m[f"recall_{avg}"] == pytest.approx(skm.recall_score(y, pred, average=avg), abs=1e-9)
+    assert m["log_loss"] == pytest.approx(skm.log_loss(y, p), abs=1e-9)
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
+    f1s = skm.f1_score(y, pred, average=None)
+    assert [r["f1"] for r in m["per_class"]] == pytest.approx(list(f1s), abs=1e-9)
+    if c == 2:
+        assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]), abs=1e-9)
+        assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y, p[:, 1]), abs=1e-9)
+    else:
+        assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr"), abs=1e-9)
+        assert m["pr_auc"] == pytest.approx(skm.average_precision_score(np.eye(c)[y], p, average="macro"), abs=1e-9)
+        for k in (2, 3):
+            assert m["top_k_accuracy"][str(k)] == pytest.approx(skm.top_k_accuracy_score(y, p, k=k), abs=1e-9)
+
+
+def test_multilabel_metrics_equal_sklearn():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 4)) < 0.4).astype(int)
+    p = np.clip(y * 0.5 + rng.random((200, 4)) * 0.6, 0, 1)
+    m = multilabel_metrics(y, p)
+    pred = (p >= 0.5).astype(int)
+    assert m["f1_micro"] == pytest.approx(skm.f1_score(y, pred, average="micro"), abs=1e-9)
+    assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-9)
+    assert m["subset_accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-9)
+    assert m["mean_average_precision"] == pytest.approx(skm.average_precision_score(y, p, average="macro"), abs=1e-9)
+
+
+def test_ece_by_hand():
+    y = np.array([0, 0, 1, 1])
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
+    # bins of width 0.5: conf 0.6,0.7 -> bin (0.5, 0.6]... use 2 bins: (0,0.5], (0.5,1]: all in bin 2
+    # accuracy 3/4 (the last is wrong), mean confidence (0.9+0.6+0.7+0.8)/4 = 0.75 -> ECE 0
+    assert expected_calibration_error(y, p, n_bins=2) == pytest.approx(0.0, abs=1e-12)
+    assert expected_calibration_error(y, p, n_bins=10) == pytest.approx(
+        (abs(1 - 0.9) + abs(1 - 0.6) + abs(1 - 0.7) + abs(0 - 0.8)) / 4)
+
+
+def test_temperature_scaling_fixes_an_overconfident_model():
+    rng = np.random.default_rng(1)
+    n, c = 2000, 4
+    true_logits = rng.normal(size=(n, c)) * 1.5
+    true_p = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(c, p=row) for row in true_p])
+    over = apply_temperature(true_p, 1 / 3.0)  # the same ranking, three times too confident
+    t = fit_temperature(y[:1000], over[:1000])
+    assert t == pytest.approx(3.0, rel=0.15)
+    before = expected_calibration_error(y[1000:], over[1000:])
+    after = expected_calibration_error(y[1000:], apply_temperature(over[1000:], t))
+    assert after < before / 2
+    assert (apply_temperature(over, t).argmax(1) == over.argmax(1)).all()
+
+
+def test_binary_threshold_goals():
+    rng = np.random.default_rng(2)
+    y = (rng.random(500) < 0.3).astype(int)
+    p = np.clip(0.35 * y + rng.random(500) * 0.65, 0, 1)
+    best = tune_binary_threshold(y, p, "max_f1")
+    grid = [skm.f1_score(y, (p >= t).astype(int)) for t in np.unique(p)]
+    assert best["f1"] == pytest.approx(max(grid), abs=1e-9)
+    prec = tune_binary_threshold(y, p, "min_precision", 0.9)
+    assert skm.precision_score(y, (p >= prec["threshold"]).astype(int)) >= 0.9
+    rec = tune_binary_threshold(y, p, "min_recall", 0.95)
+    assert skm.recall_score(y, (p >= rec["threshold"]).astype(int)) >= 0.95
+    with pytest.raises(ValueError, match="precision 1.01"):
+        tune_binary_threshold(y, p, "min_precision", 1.01)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
+    tmp = tmp_path_factory.mktemp("eval")
+    enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp, enc, trainer={"max_epochs": 10, "tensorboard": True})
+    return mmtune.fit(cfg, train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
+
+
+def test_report_has_every_section_and_plot(evaluated):
+    d = evaluated.run_dir
+    page = (d / "report.html").read_text()
+    for s in SECTIONS:
+        assert f"<h2>{s}</h2>" in page, s
+    for png in ["training_curves.png", "confusion_matrix.png", "roc.png", "pr.png", "reliability.png",
+                "modality_contribution.png"]:
+        assert (d / "plots" / png).stat().st_size > 1000, png
+    n_img = len(re.findall(r'src="data:image/png;base64,', page))
+    m = evaluated.metrics["test"]["label"]
+    wrong = round((1 - m["accuracy"]) * m["n"])
+    assert n_img == 6 + min(wrong, 12)  # the plots, plus a thumbnail per worst misclassified example shown
+    assert "http://" not in page and "https://" not in page  # opens offline
+    assert list((d / "tensorboard").glob("events.out.tfevents*"))
+
+
+def test_saved_predictions_reproduce_metrics(evaluated):
+    d = evaluated.run_dir
+    preds = pd.read_csv(d / "predictions" / "test.csv")
+    labels = json.loads((d / "labels.json").read_text())["tasks"][0]
+    p = apply_temperature(preds[[f"label:p:{c}" for c in labels["classes"]]].to_numpy(), labels["temperature"])
+    y = preds["label:true"].to_numpy()
+    m = evaluated.metrics["test"]["label"]
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)), abs=1e-9)
+    assert m["log_loss"] == pytest.approx(skm.log_loss(y, p / p.sum(1, keepdims=True)), abs=1e-6)
+
+
+def test_stored_temperature_changes_proba_not_labels(evaluated, colour_verdict):
+    pred = mmtune.load(evaluated.run_dir)
+    t = pred.tasks[0].temperature
+    assert t is not None and t > 0 and abs(t - 1.0) > 1e-3
+    test = pd.read_csv(colour_verdict["test"])
+    test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
+    a = pred.predict_proba(test).drop(columns="id").to_numpy()
+    b = pred.predict_proba(test, calibrated=False).drop(columns="id").to_numpy()
+    assert np.abs(a - b).max() > 1e-3
+    assert (a.argmax(1) == b.argmax(1)).all()
+    assert list(pred.predict(test)) == [pred.class_names[i] for i in a.argmax(1)]
+    cal = evaluated.metrics["calibration"]["label"]
+    assert cal["ece_val_after"] <= cal["ece_val_before"] + 1e-9  # fitted on val: never worse there
+
+
+def test_modality_contribution_is_recorded(evaluated):
+    mc = evaluated.metrics["modality_contribution"]
+    assert set(mc) == {"split", "all", "without image", "without text"}
+    assert mc["all"]["metrics"]["label"]["accuracy"] == pytest.approx(evaluated.metrics["test"]["label"]["accuracy"])
+    # the task needs both: hiding either modality costs accuracy
+    assert mc["without image"]["change_vs_all"]["label"]["accuracy"] < -0.1
+    assert mc["without text"]["change_vs_all"]["label"]["accuracy"] < -0.1
+
+
+def test_masking_changes_only_what_the_fusion_sees(evaluated, colour_verdict):
+    pred = mmtune.load(evaluated.run_dir)
+    test = pd.read_csv(colour_verdict["test"]).head(8)
+    test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
+    seen = []
+    handle = pred.model.fusion.register_forward_hook(lambda mod, args, out: seen.append(args))
+    from mmtune.evaluation.ablation import _masked
+
+    ds = pred._dataset(test, with_labels=False)
+    batches = list(pred._batches(ds, 8))
+    from mmtune.inference import predict_proba_batches
+
+    predict_proba_batches(pred.model, pred.tasks, batches)
+    predict_proba_batches(pred.model, pred.tasks, _masked(batches, ["image"]))
+    handle.remove()
+    (outs_a, present_a), (outs_b, present_b) = seen
+    for k in outs_a:  # the encoders' outputs are identical
+        assert torch.equal(outs_a[k].pooled, outs_b[k].pooled)
+    assert present_a["text"].all() and present_b["text"].all()
+    assert present_a["image"].all() and not present_b["image"].any()
+
+
+def test_cli_report_regenerates(evaluated, capsys):
+    from mmtune.cli import main as cli
+
+    (evaluated.run_dir / "report.html").unlink()
+    assert cli(["report", "--run", str(evaluated.run_dir)]) == 0
+    assert (evaluated.run_dir / "report.html").is_file()
+
+
+def test_binary_threshold_is_stored_and_used(tmp_path, tiny_bert, colour_verdict):
+    df = pd.read_csv(colour_verdict["train"])
+    df["verdict"] = df["label"].str.split("-").str[1]
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, data={"image_column": None, "label_column": "verdict"},
+                      trainer={"max_epochs": 3}, evaluation={"threshold_goal": "min_recall", "threshold_value": 0.9,
+                                                             "report": False})
+    res = mmtune.fit(cfg, train=df)
+    pred = mmtune.load(res.run_dir)
+    th = pred.tasks[0].threshold
+    assert th is not None and res.metrics["calibration"]["verdict"]["decision_threshold"]["recall"] >= 0.9
+    proba = pred.predict_proba(df.head(50))
+    labels = pred.predict(df.head(50))
+    expected = np.where(proba[str(pred.class_names[1])] >= th, pred.class_names[1], pred.class_names[0])
+    assert list(labels) == list(expected)
+
+
+def test_baselines_report_the_fusion_gain(tmp_path, tiny_vit, tiny_bert, colour_verdict):
+    enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, trainer={"max_epochs": 8}, evaluation={"baselines": True, "report": False})
+    res = mmtune.fit(cfg, train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
+    b = res.metrics["baselines"]
+    assert set(b["models"]) == {"fused", "image only", "text only"}
+    best = max(b["models"]["image only"]["accuracy"], b["models"]["text only"]["accuracy"])
+    assert b["fusion_gain"] == pytest.approx(b["models"]["fused"]["accuracy"] - best)
+    assert b["fusion_gain"] > 0.2
+    assert (tmp_path / "runs" / "t-image-only" / "bundle.json").is_file()
