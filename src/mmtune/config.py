@@ -223,6 +223,85 @@ class TrainerConfig(_Strict):
     """Debugging aid: train on only this many batches (int) or this share (float) per epoch."""
 
 
+class ImageAugmentConfig(_Strict):
+    """Batch-level image augmentation with kornia, on training batches only."""
+
+    enabled: bool = False
+    crop_scale: List[float] = Field(default_factory=lambda: [0.7, 1.0])
+    """Random resized crop: the range of the crop's area share (back to the input size)."""
+    rotation: float = Field(15.0, ge=0.0, le=180.0)
+    """Random rotation up to this many degrees."""
+    flip: bool = True
+    """Random horizontal flip."""
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    """Brightness, contrast and saturation jitter strength (0: off)."""
+    randaugment: bool = False
+    """Add a RandAugment policy (kornia.augmentation.auto.RandAugment)."""
+    randaugment_n: int = Field(2, ge=1)
+    randaugment_m: int = Field(9, ge=0, le=30)
+
+
+class TextAugmentConfig(_Strict):
+    """Word-level text augmentation, on training batches only (each a per-word probability)."""
+
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Delete a word."""
+    word_mask: float = Field(0.0, ge=0.0, lt=1.0)
+    """Replace a word by the tokenizer's mask (or unknown) token."""
+    word_swap: float = Field(0.0, ge=0.0, lt=1.0)
+    """Swap a word with its right neighbour."""
+
+
+class AugmentConfig(_Strict):
+    image: ImageAugmentConfig = Field(default_factory=ImageAugmentConfig)
+    text: TextAugmentConfig = Field(default_factory=TextAugmentConfig)
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    """Manifold mixup on the fused representation: Beta(alpha, alpha) mixing of rows and targets (0: off)."""
+
+
+class RegularizationConfig(_Strict):
+    l1: float = Field(0.0, ge=0.0)
+    """L1 penalty on trainable weight matrices (biases and norms excluded), added to the loss."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Single-label tasks: label smoothing of the cross-entropy."""
+
+
+class ImbalanceConfig(_Strict):
+    class_weights: Union[Literal["none", "inverse", "effective"], Dict[str, float]] = "none"
+    """Loss weights per class: ``inverse`` frequency (N / (C n_c)), ``effective`` number of samples
+    ((1 - beta) / (1 - beta^n_c), scaled to sum to C), or ``{class: weight}``. First single-label task."""
+    effective_beta: float = Field(0.999, gt=0.0, lt=1.0)
+    sampler: bool = False
+    """Draw training rows with probability inversely proportional to their class frequency."""
+    sample_weight_column: Optional[str] = None
+    """Column holding a per-row loss weight (and, with the sampler, a sampling weight factor)."""
+    focal_gamma: Optional[float] = Field(None, ge=0.0)
+    """Focal loss focusing parameter (None: cross-entropy; 0 equals cross-entropy)."""
+    focal_alpha: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    """Focal loss: binary tasks weight class 1 by alpha and class 0 by 1 - alpha."""
+
+
+class GANConfig(_Strict):
+    epochs: int = Field(300, ge=1)
+    noise_dim: int = Field(32, ge=1)
+    hidden: int = Field(256, ge=8)
+    lr: float = Field(2e-4, gt=0.0)
+    batch_size: int = Field(64, ge=2)
+    divergence_patience: int = Field(30, ge=1)
+    """Stop when the discriminator wins outright (its loss under 0.05) for this many epochs in a row."""
+
+
+class SynthesisConfig(_Strict):
+    """Synthetic minority rows in the space of the encoders' pooled features (frozen, cached)."""
+
+    method: Literal["none", "smote", "borderline_smote", "gan"] = "none"
+    target_ratio: float = Field(1.0, gt=0.0, le=1.0)
+    """Bring every smaller class up to this share of the largest class's count."""
+    k_neighbors: int = Field(5, ge=1)
+    """SMOTE neighbours."""
+    gan: GANConfig = Field(default_factory=GANConfig)
+
+
 class EvaluationConfig(_Strict):
     """What fit computes after training, and the report."""
 
@@ -260,6 +339,10 @@ class Config(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -280,6 +363,18 @@ class Config(_Strict):
                 raise ValueError("fusion 'stacking': the head is the linear meta-classifier; model.head.hidden_dims must be empty")
             if self.data.tasks and (len(self.data.tasks) > 1 or any(t.multilabel for t in self.data.tasks.values())):
                 raise ValueError("fusion 'stacking' supports one single-label task")
+        cached = self.finetune.strategy == "frozen" and self.finetune.cache
+        if cached and (self.augment.image.enabled or any(v > 0 for v in self.augment.text.model_dump().values())):
+            raise ValueError("input augmentation needs live encoders: with finetune.strategy=frozen set "
+                             "finetune.cache=false, or use augment.mixup_alpha (works on cached features)")
+        if self.synthesis.method != "none":
+            if not cached:
+                raise ValueError(f"synthesis.method={self.synthesis.method} works on cached encoder features: "
+                                 "set finetune.strategy=frozen (with finetune.cache=true)")
+            if self.model.fusion.type not in ("concat", "gated", "late"):
+                raise ValueError("synthetic rows have pooled features only: use fusion concat, gated or late")
+            if self.data.tasks and len(self.data.tasks) > 1:
+                raise ValueError("synthesis supports one single-label task")
         if self.finetune.target_modules:
             unknown = set(self.finetune.target_modules) - set(self.model.encoders)
             if unknown:

@@ -15,25 +15,32 @@ class Collator:
     processor's blank input and marked absent in ``present``; the model never sees a crash.
     """
 
-    def __init__(self, processors: Mapping[str, Any], modalities: Sequence[str]):
+    def __init__(self, processors: Mapping[str, Any], modalities: Sequence[str], text_augment=None):
         self.processors = dict(processors)
         self.modalities = sorted(modalities)
+        self.text_augment = text_augment  # training loaders only
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         present = {
             m: torch.tensor([s["values"].get(m) is not None for s in samples], dtype=torch.bool)
             for m in self.modalities
         }
+        if self.text_augment is not None and self.text_augment.active:
+            samples = [{**s, "values": {**s["values"], "text": self.text_augment(s["values"].get("text"))}}
+                       if "text" in s["values"] else s for s in samples]
         inputs = {}
         for name, proc in self.processors.items():
             columns = {m: [s["values"].get(m) for s in samples] for m in proc.modalities}
             inputs[name] = proc(columns)
-        return {
+        batch = {
             "inputs": inputs,
             "present": present,
             "labels": collate_labels(samples),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         }
+        if samples and "weight" in samples[0]:
+            batch["weights"] = torch.tensor([s["weight"] for s in samples], dtype=torch.float32)
+        return batch
 
 
 def collate_labels(samples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:

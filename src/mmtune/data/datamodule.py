@@ -17,13 +17,15 @@ from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, read_tab
                        validate_rows)
 
 
-def spec_from_config(data_cfg, modalities, tasks: Optional[List[Task]] = None) -> ManifestSpec:
+def spec_from_config(data_cfg, modalities, tasks: Optional[List[Task]] = None,
+                     weight_column: Optional[str] = None) -> ManifestSpec:
     return ManifestSpec(
         image_column=data_cfg.image_column if "image" in modalities else None,
         text_column=data_cfg.text_column if "text" in modalities else None,
         tasks=tuple(tasks if tasks is not None else tasks_from_config(data_cfg)),
         id_column=data_cfg.id_column,
         allow_missing=tuple(data_cfg.allow_missing),
+        weight_column=weight_column,
     )
 
 
@@ -46,12 +48,12 @@ class PreparedData:
 
 
 def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val: Optional[TableSource] = None,
-                 test: Optional[TableSource] = None) -> PreparedData:
+                 test: Optional[TableSource] = None, weight_column: Optional[str] = None) -> PreparedData:
     """Read, validate and split. Every bad row of every split is found before anything trains.
 
     Raises BadRowsError listing them all (``on_bad_rows: error``), or drops them and returns them in
     ``rejected`` (``on_bad_rows: skip``). Raises ValueError when no training data is given."""
-    spec = spec_from_config(data_cfg, modalities)
+    spec = spec_from_config(data_cfg, modalities, weight_column=weight_column)
     sources = {"train": train if train is not None else data_cfg.train,
                "val": val if val is not None else data_cfg.val,
                "test": test if test is not None else data_cfg.test}
@@ -116,9 +118,10 @@ def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: in
     return a.reset_index(drop=True), b.reset_index(drop=True)
 
 
-def make_loader(dataset, collator, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
+def make_loader(dataset, collator, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
+                sampler=None) -> DataLoader:
     gen = torch.Generator()
     gen.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator,
-                      num_workers=num_workers, generator=gen if shuffle else None,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      collate_fn=collator, num_workers=num_workers,
+                      generator=gen if shuffle and sampler is None else None, persistent_workers=num_workers > 0)

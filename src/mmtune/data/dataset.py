@@ -41,9 +41,12 @@ class MultimodalDataset(Dataset):
         # Plain Python lists: cheap to index, cheap to pickle into workers.
         self._values = {m: self.df[c].tolist() for m, c in self.columns}
         self._labels: Dict[str, List[Any]] = {}
+        self.weights: Optional[List[float]] = None
         if with_labels:
             for task in spec.tasks:
                 self._labels[task.name] = [task.encode(v) for v in self.df[task.column].tolist()]
+            if spec.weight_column:
+                self.weights = [float(v) for v in self.df[spec.weight_column].tolist()]
 
     def __len__(self) -> int:
         return len(self.df)
@@ -63,4 +66,7 @@ class MultimodalDataset(Dataset):
                 values[modality] = load_image(resolve_image_path(v, self.base_dir))
             else:
                 values[modality] = str(v)
-        return {"values": values, "labels": {t: v[i] for t, v in self._labels.items()}, "index": i}
+        item = {"values": values, "labels": {t: v[i] for t, v in self._labels.items()}, "index": i}
+        if self.weights is not None:
+            item["weight"] = self.weights[i]
+        return item

@@ -88,6 +88,7 @@ class ManifestSpec:
     tasks: Tuple[Task, ...] = field(default_factory=tuple)
     id_column: Optional[str] = None
     allow_missing: Tuple[str, ...] = field(default_factory=tuple)
+    weight_column: Optional[str] = None
 
     @classmethod
     def simple(cls, image_column=None, text_column=None, label_column=None, id_column=None, allow_missing=()):
@@ -154,6 +155,8 @@ def validate_rows(
     tasks = spec.tasks if require_label else ()
     needed = [c for _, c in spec.modality_columns]
     needed += [t.column for t in tasks]
+    if require_label and spec.weight_column:
+        needed.append(spec.weight_column)
     if spec.id_column:
         needed.append(spec.id_column)
     absent = [c for c in needed if c not in df.columns]
@@ -195,6 +198,14 @@ def validate_rows(
                     shown = [str(c) for c in task.classes[:20]]
                     bad.append(BadRow(split, rownum, task.column,
                                       f"label {unknown[0]!r} never occurs in the training set (known: {shown})"))
+        if require_label and spec.weight_column:
+            w = values[spec.weight_column]
+            try:
+                ok = not _is_missing(w) and float(w) >= 0 and math.isfinite(float(w))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                bad.append(BadRow(split, rownum, spec.weight_column, f"sample weight must be a number >= 0, got {w!r}"))
         if spec.id_column and _is_missing(values[spec.id_column]):
             bad.append(BadRow(split, rownum, spec.id_column, "missing id (NaN or null)"))
     return bad

@@ -68,6 +68,15 @@ class HFImageProcessor:
         out = self.image_processor(images=imgs, return_tensors="pt")
         return {"pixel_values": out["pixel_values"]}
 
+    def normalization(self):
+        """(mean, std) per channel in [0, 1] units that turn this processor's output back into pixels."""
+        ip = self.image_processor
+        if not getattr(ip, "do_normalize", True):
+            return [0.0] * 3, [1.0] * 3
+        mean = list(getattr(ip, "image_mean", None) or [0.0] * 3)
+        std = list(getattr(ip, "image_std", None) or [1.0] * 3)
+        return mean, std
+
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.image_processor.save_pretrained(str(folder))
@@ -117,6 +126,9 @@ class ResizeNormalizeProcessor:
                 im = im.resize((s, s), Image.BILINEAR)
             arr[i] = (np.asarray(im, dtype=np.float32).transpose(2, 0, 1) - self.mean) / self.std
         return {"pixel_values": torch.from_numpy(arr)}
+
+    def normalization(self):
+        return (self.mean.ravel() / 255.0).tolist(), (self.std.ravel() / 255.0).tolist()
 
     def save(self, folder: Path) -> None:
         _write_meta(folder, "resize_normalize", image_size=self.image_size,

@@ -129,9 +129,11 @@ class CachedDataset(Dataset):
     batch by indexing the stored tensors (no per-row stacking)."""
 
     def __init__(self, outputs: Dict[str, Dict[str, torch.Tensor]], present: Dict[str, torch.Tensor],
-                 labels: Dict[str, List[Any]]):
+                 labels: Dict[str, List[Any]], weights: Optional[torch.Tensor] = None):
         self.outputs = outputs
         self.present = present
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        self.synthetic = None  # set when synthetic rows were appended
         self.labels = {t: torch.tensor(v, dtype=torch.float32 if v and isinstance(v[0], list) else torch.long)
                        for t, v in labels.items()}
         self.n = len(next(iter(present.values()))) if present else len(next(iter(outputs.values()))["pooled"])
@@ -144,12 +146,15 @@ class CachedDataset(Dataset):
 
     def __getitems__(self, indices: List[int]):
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return {
+        batch = {
             "encoded": {k: {f: v.index_select(0, idx) for f, v in d.items()} for k, d in self.outputs.items()},
             "present": {m: v.index_select(0, idx) for m, v in self.present.items()},
             "labels": {t: v.index_select(0, idx) for t, v in self.labels.items()},
             "index": idx,
         }
+        if self.weights is not None:
+            batch["weights"] = self.weights.index_select(0, idx)
+        return batch
 
 
 def first(batch):
@@ -176,7 +181,7 @@ def build_cached_dataset(model, encoder_specs: Dict[str, Dict[str, Any]], ds: Mu
                                  (fingerprints or {}).get(name))
         for sub, d in per_sub.items():
             outputs[f"{name}.{sub}" if sub else name] = d
-    return CachedDataset(outputs, present_masks(ds, modalities), ds.labels)
+    return CachedDataset(outputs, present_masks(ds, modalities), ds.labels, ds.weights)
 
 
 def as_encoder_outputs(encoded: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, EncoderOutput]:

@@ -99,7 +99,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     modalities = cfg.modalities
-    data = prepare_data(cfg.data, modalities, train, val, test)
+    data = prepare_data(cfg.data, modalities, train, val, test, cfg.imbalance.sample_weight_column)
     tasks = data.tasks
     allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
     model = build_model(cfg.model, {t.name: len(t.classes) for t in tasks}, allow_missing=allow_missing)
@@ -112,9 +112,16 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     t = cfg.trainer
     eval_bs = t.eval_batch_size or 2 * t.batch_size
     datasets, collate = _datasets(cfg, model, data, modalities, eval_bs)
-    loaders = {split: make_loader(ds, collate, t.batch_size if split == "train" else eval_bs, split == "train",
-                                  cfg.data.num_workers if not isinstance(ds, CachedDataset) else 0, t.seed)
-               for split, ds in datasets.items()}
+    synthesis_report = None
+    if cfg.synthesis.method != "none":
+        from ..synthesis.oversample import synthesize_cached
+
+        keys = sorted(datasets["train"].outputs)
+        datasets["train"], synthesis_report = synthesize_cached(datasets["train"], keys, cfg.synthesis, tasks[0].name, t.seed)
+    loaders = {split: make_loader(ds, collate, eval_bs, False,
+                                  cfg.data.num_workers if not isinstance(ds, CachedDataset) else 0)
+               for split, ds in datasets.items() if split != "train"}
+    loaders["train"] = _train_loader(cfg, model, datasets["train"], collate, modalities, tasks)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.model.fusion.type == "stacking":
         from .stacking import fit_stacking
@@ -122,7 +129,9 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         fit_stacking(model, datasets["train"], tasks[0], cfg.model.fusion.stacking_folds, t.seed)
         best, epochs = "", 0
     else:
-        module = ClassifierModule(model, tasks, cfg.optim, cfg.schedule, ft, t.monitor, cfg.model.modality_dropout)
+        module = ClassifierModule(model, tasks, cfg.optim, cfg.schedule, ft, t.monitor, cfg.model.modality_dropout,
+                                  cfg.augment, cfg.regularization, cfg.imbalance,
+                                  _class_weights(cfg, tasks, datasets["train"]))
         extra = ([GradualUnfreezing(ft)] if ft.strategy == "gradual" else []) + list(callbacks)
         previous_logs = _read_previous_logs(run_dir, last_ckpt) if resume else None
         trainer = build_trainer(cfg, run_dir, len(loaders["train"]), extra)
@@ -146,11 +155,55 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     metrics["best_checkpoint"] = Path(best).name if best else None
     metrics["epochs_trained"] = epochs
     metrics["trainable_parameters"] = trainable
+    if synthesis_report is not None:
+        metrics["synthesis"] = synthesis_report
     if cfg.evaluation.baselines and len(modalities) > 1:
         metrics["baselines"] = fit_baselines(cfg, metrics, train, val, test)
     report = (lambda: build_report(run_dir)) if cfg.evaluation.report else None
     write_bundle(run_dir, cfg, model, tasks, metrics, data.rejected, predictions, before_marker=report)
     return FitResult(run_dir, metrics, cfg)
+
+
+def _train_loader(cfg: Config, model, ds, collate, modalities, tasks):
+    """The training loader: shuffled, or drawn by the class-balancing sampler; with text augmentation
+    in its collator (training only)."""
+    from ..data.samplers import balanced_sampler
+    from ..data.transforms import TextAugment
+
+    t = cfg.trainer
+    sampler = None
+    if cfg.imbalance.sampler:
+        task = next((x for x in tasks if not x.multilabel), None)
+        if task is None:
+            raise ValueError("imbalance.sampler needs a single-label task to balance")
+        labels = ds.labels[task.name]
+        labels = labels.tolist() if hasattr(labels, "tolist") else labels
+        w = ds.weights.tolist() if getattr(ds, "weights", None) is not None and hasattr(ds.weights, "tolist") else ds.weights
+        sampler = balanced_sampler(labels, w, t.seed)
+    if not isinstance(ds, CachedDataset):
+        mask = next((getattr(e.processor, "tokenizer", None) for e in model.encoders.values()
+                     if getattr(e.processor, "tokenizer", None) is not None), None)
+        augment = TextAugment(cfg.augment.text, getattr(mask, "mask_token", None) or getattr(mask, "unk_token", None), t.seed)
+        collate = Collator(collate.processors, modalities, text_augment=augment)
+    return make_loader(ds, collate, t.batch_size, True, cfg.data.num_workers if not isinstance(ds, CachedDataset) else 0,
+                       t.seed, sampler)
+
+
+def _class_weights(cfg: Config, tasks, train_ds) -> Dict[str, torch.Tensor]:
+    from ..losses import class_weights
+
+    scheme = cfg.imbalance.class_weights
+    out = {}
+    for task in tasks:
+        if task.multilabel or scheme == "none":
+            continue
+        labels = train_ds.labels[task.name]
+        labels = np.asarray(labels.tolist() if hasattr(labels, "tolist") else labels, dtype=int)
+        w = class_weights(np.bincount(labels, minlength=len(task.classes)), scheme, cfg.imbalance.effective_beta,
+                          task.classes)
+        if w is not None:
+            out[task.name] = w
+    return out
 
 
 def _image_paths(data: PreparedData, split: str):

@@ -25,7 +25,8 @@ class ClassifierModule(L.LightningModule):
     """
 
     def __init__(self, model, tasks, optim_cfg, schedule_cfg, finetune_cfg, monitor: str = "val_loss",
-                 modality_dropout: float = 0.0):
+                 modality_dropout: float = 0.0, augment_cfg=None, regularization_cfg=None, imbalance_cfg=None,
+                 class_weights: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         self.model = model
         self.tasks = {t.name: t for t in tasks}
@@ -34,6 +35,18 @@ class ClassifierModule(L.LightningModule):
         self.finetune_cfg = finetune_cfg
         self.monitor = monitor
         self.modality_dropout = modality_dropout
+        self.augment_cfg = augment_cfg
+        self.reg = regularization_cfg
+        self.imb = imbalance_cfg
+        for name, w in (class_weights or {}).items():
+            self.register_buffer(f"class_weight_{name}", w, persistent=False)
+        self._class_weight_names = set(class_weights or {})
+        self.image_augment = None
+        if augment_cfg is not None and augment_cfg.image.enabled:
+            from ..data.transforms import ImageAugment
+
+            self.image_augment = ImageAugment(augment_cfg.image)
+        self._image_norm = _image_normalisations(model)
         self.strict_loading = False  # frozen weights are not in checkpoints
         self.train_acc = torch.nn.ModuleDict()
         self.val_acc = torch.nn.ModuleDict()
@@ -54,14 +67,38 @@ class ClassifierModule(L.LightningModule):
         return self.model(batch.get("inputs"), batch["present"],
                           encoded=as_encoder_outputs(encoded) if encoded is not None else None)
 
-    def loss(self, logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def row_losses(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-row loss of one task: BCE (multi-label), focal loss, or cross-entropy with class weights
+        and label smoothing as configured."""
+        t = self.tasks[name]
+        if t.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean(1)
+        weight = getattr(self, f"class_weight_{name}") if name in self._class_weight_names else None
+        if self.imb is not None and self.imb.focal_gamma is not None:
+            from ..losses import focal_loss
+
+            return focal_loss(logits, target, self.imb.focal_gamma, self.imb.focal_alpha, weight)
+        smoothing = self.reg.label_smoothing if self.reg is not None else 0.0
+        return F.cross_entropy(logits.float(), target, weight=weight, reduction="none", label_smoothing=smoothing)
+
+    def loss(self, logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
+             weights: Optional[torch.Tensor] = None, mix: Optional[tuple] = None) -> torch.Tensor:
+        """Weighted sum over tasks of the (sample-weighted) mean row loss; with ``mix`` = (lam, perm) the
+        targets are mixed like the features were."""
         total = 0.0
         for name, t in self.tasks.items():
-            if t.multilabel:
-                part = F.binary_cross_entropy_with_logits(logits[name], labels[name].to(logits[name].dtype))
+            rows = self.row_losses(name, logits[name], labels[name])
+            if mix is not None:
+                lam, perm = mix
+                rows = lam * rows + (1 - lam) * self.row_losses(name, logits[name], labels[name][perm])
+            if weights is not None:
+                part = (rows * weights).sum() / weights.sum().clamp_min(1e-12)
             else:
-                part = F.cross_entropy(logits[name], labels[name])
+                part = rows.mean()
             total = total + t.weight * part
+        if self.reg is not None and self.reg.l1 > 0 and self.training:
+            total = total + self.reg.l1 * sum(p.abs().sum() for n, p in self.model.named_parameters()
+                                              if p.requires_grad and p.ndim >= 2)
         return total
 
     def _drop_modalities(self, present: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -80,10 +117,31 @@ class ClassifierModule(L.LightningModule):
     def _target(t, y):
         return y.int() if t.multilabel else y
 
+    def augment_images(self, inputs: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
+        if self.image_augment is None or inputs is None:
+            return inputs
+        out = dict(inputs)
+        for name, (mean, std) in self._image_norm.items():
+            if name in out and "pixel_values" in out[name]:
+                out[name] = {**out[name], "pixel_values": self.image_augment(out[name]["pixel_values"], mean, std)}
+        return out
+
     def training_step(self, batch, batch_idx):
-        batch = {**batch, "present": self._drop_modalities(batch["present"])}
-        logits = self(batch)
-        loss = self.loss(logits, batch["labels"])
+        batch = {**batch, "present": self._drop_modalities(batch["present"]),
+                 "inputs": self.augment_images(batch.get("inputs"))}
+        alpha = self.augment_cfg.mixup_alpha if self.augment_cfg is not None else 0.0
+        if alpha > 0:  # manifold mixup on the fused representation
+            encoded = batch.get("encoded")
+            outputs = as_encoder_outputs(encoded) if encoded is not None else self.model.encode(batch["inputs"])
+            feats = self.model.fuse(outputs, batch["present"])
+            lam = float(torch.distributions.Beta(alpha, alpha).sample())
+            perm = torch.randperm(feats.shape[0], device=feats.device)
+            feats = lam * feats + (1 - lam) * feats[perm]
+            logits = {t: head(feats) for t, head in self.model.heads.items()}
+            loss = self.loss(logits, batch["labels"], batch.get("weights"), mix=(lam, perm))
+        else:
+            logits = self(batch)
+            loss = self.loss(logits, batch["labels"], batch.get("weights"))
         bs = batch["index"].shape[0]
         for name, t in self.tasks.items():
             self.train_acc[name].update(logits[name].detach(), self._target(t, batch["labels"][name]))
@@ -155,6 +213,17 @@ class ClassifierModule(L.LightningModule):
             return  # groups thaw during training: keep everything
         frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+
+def _image_normalisations(model) -> Dict[str, tuple]:
+    """Encoder name -> (mean, std) of its image processor, to undo and redo normalisation around augmentation."""
+    out = {}
+    for name, enc in model.encoders.items():
+        proc = enc.processor
+        proc = getattr(proc, "parts", {}).get("image", proc)
+        if hasattr(proc, "normalization"):
+            out[name] = proc.normalization()
+    return out
 
 
 class GradualUnfreezing(L.Callback):

@@ -1,0 +1,81 @@
+"""Augmentation of training batches: images with kornia (on the batch, on its device), text by words.
+
+Both run on training batches only — the LightningModule applies the image augmentation in
+``training_step`` and the training DataLoader's collator applies the text augmentation — so
+validation, test and prediction inputs are never augmented."""
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class ImageAugment(nn.Module):
+    """Random resized crop, rotation, horizontal flip, colour jitter and optionally RandAugment on a
+    batch of *normalised* pixel values: they are mapped back to [0, 1] with the processor's mean and
+    std, augmented, and normalised again."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self._pipelines: Dict[Tuple[int, int], nn.Module] = {}
+
+    def _pipeline(self, size: Tuple[int, int]) -> nn.Module:
+        if size not in self._pipelines:
+            import kornia.augmentation as K
+
+            c = self.cfg
+            ops: List[nn.Module] = [K.RandomResizedCrop(size, scale=tuple(c.crop_scale))]
+            if c.rotation > 0:
+                ops.append(K.RandomRotation(c.rotation))
+            if c.flip:
+                ops.append(K.RandomHorizontalFlip())
+            if c.color_jitter > 0:
+                j = c.color_jitter
+                ops.append(K.ColorJitter(j, j, j, 0.0, p=0.8))
+            if c.randaugment:
+                from kornia.augmentation.auto import RandAugment
+
+                ops.append(RandAugment(n=c.randaugment_n, m=c.randaugment_m))
+            self._pipelines[size] = nn.Sequential(*ops)
+        return self._pipelines[size]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+        m = torch.as_tensor(mean, dtype=pixel_values.dtype, device=pixel_values.device).view(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=pixel_values.dtype, device=pixel_values.device).view(1, -1, 1, 1)
+        x = (pixel_values * s + m).clamp(0, 1)
+        x = self._pipeline(tuple(pixel_values.shape[-2:])).to(x.device)(x).clamp(0, 1)
+        return (x - m) / s
+
+
+class TextAugment:
+    """Per word, with the configured probabilities: delete it, replace it by ``mask_token``, or swap it
+    with its right neighbour. A text never loses all its words."""
+
+    def __init__(self, cfg, mask_token: Optional[str] = None, seed: Optional[int] = None):
+        self.cfg = cfg
+        self.mask_token = mask_token or "[UNK]"
+        self.rng = random.Random(seed)
+
+    @property
+    def active(self) -> bool:
+        c = self.cfg
+        return c.word_dropout > 0 or c.word_mask > 0 or c.word_swap > 0
+
+    def __call__(self, text: Optional[str]) -> Optional[str]:
+        if text is None or not self.active:
+            return text
+        words = text.split()
+        c, r = self.cfg, self.rng
+        kept = [w for w in words if r.random() >= c.word_dropout] or words[:1]
+        kept = [self.mask_token if r.random() < c.word_mask else w for w in kept]
+        i = 0
+        while i < len(kept) - 1:
+            if r.random() < c.word_swap:
+                kept[i], kept[i + 1] = kept[i + 1], kept[i]
+                i += 1
+            i += 1
+        return " ".join(kept)

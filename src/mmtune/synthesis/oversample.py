@@ -1,0 +1,69 @@
+"""Synthetic minority rows for a cached training set: SMOTE, Borderline-SMOTE (imbalanced-learn) or the
+conditional GAN. Rows are made from, and added to, the training split only."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+
+def targets_for_ratio(y: np.ndarray, ratio: float) -> Dict[int, int]:
+    """Class -> the row count to reach: every class smaller than ``ratio`` x the largest is raised to it."""
+    counts = np.bincount(y)
+    goal = int(round(counts.max() * ratio))
+    return {c: max(int(n), goal) for c, n in enumerate(counts) if n > 0}
+
+
+def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """New rows (features, labels) so that the classes reach ``cfg.target_ratio`` of the largest, and a
+    report: the method, rows added per class and, for the GAN, its loss history and why it stopped."""
+    targets = targets_for_ratio(y, cfg.target_ratio)
+    counts = np.bincount(y, minlength=max(targets) + 1)
+    need = {c: t - int(counts[c]) for c, t in targets.items() if t > counts[c]}
+    report: Dict[str, Any] = {"method": cfg.method, "added_per_class": {str(c): int(n) for c, n in need.items()}}
+    if not need:
+        return X[:0], y[:0], report
+    if cfg.method in ("smote", "borderline_smote"):
+        from imblearn.over_sampling import SMOTE, BorderlineSMOTE
+
+        k = max(1, min(cfg.k_neighbors, int(min(counts[c] for c in need)) - 1))
+        cls = SMOTE if cfg.method == "smote" else BorderlineSMOTE
+        sampler = cls(sampling_strategy=targets, k_neighbors=k, random_state=seed)
+        Xr, yr = sampler.fit_resample(X, y)
+        return Xr[len(X):], yr[len(X):], report
+    if cfg.method == "gan":
+        from .feature_gan import ConditionalGAN
+
+        g = cfg.gan
+        gan = ConditionalGAN(X.shape[1], int(y.max()) + 1, g.noise_dim, g.hidden, g.lr, seed)
+        gan.fit(X, y, g.epochs, g.batch_size, g.divergence_patience)
+        ys = np.concatenate([np.full(n, c) for c, n in need.items()])
+        report.update({"d_loss": gan.history["d_loss"], "g_loss": gan.history["g_loss"],
+                       "epochs_run": len(gan.history["d_loss"]), "stopped": gan.stopped})
+        return gan.sample(ys), ys, report
+    raise ValueError(f"unknown synthesis method {cfg.method!r}; valid: smote, borderline_smote, gan")
+
+
+def synthesize_cached(train, keys: List[str], cfg, task: str, seed: int = 0):
+    """A new CachedDataset: ``train`` plus synthetic rows (pooled features only, every modality present,
+    ``synthetic`` flag set). Returns it and the report."""
+    from ..finetune.feature_cache import CachedDataset
+
+    dims = [train.outputs[k]["pooled"].shape[1] for k in keys]
+    X = torch.cat([train.outputs[k]["pooled"] for k in keys], dim=1).numpy().astype(np.float64)
+    y = train.labels[task].numpy()
+    Xn, yn, report = synthesize_rows(X, y, cfg, seed)
+    n_new = len(yn)
+    outputs, start = {}, 0
+    for k, d in zip(keys, dims):
+        new = torch.as_tensor(Xn[:, start:start + d], dtype=train.outputs[k]["pooled"].dtype)
+        outputs[k] = {"pooled": torch.cat([train.outputs[k]["pooled"], new])}
+        start += d
+    present = {m: torch.cat([v, torch.ones(n_new, dtype=torch.bool)]) for m, v in train.present.items()}
+    labels = {task: torch.cat([train.labels[task], torch.as_tensor(yn, dtype=torch.long)]).tolist()}
+    weights = None if train.weights is None else torch.cat([train.weights, torch.ones(n_new)])
+    ds = CachedDataset(outputs, present, labels, weights)
+    ds.synthetic = torch.cat([torch.zeros(len(y), dtype=torch.bool), torch.ones(n_new, dtype=torch.bool)])
+    report["rows_before"], report["rows_after"] = int(len(y)), int(len(y) + n_new)
+    return ds, report
