@@ -1,0 +1,189 @@
+"""Overfitting and imbalance remedies: formulas, sampler, focal loss, augmentation reach, synthesis."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmtune
+from conftest import base_config
+from mmtune.config import load_config
+from mmtune.data.samplers import balanced_sampler
+from mmtune.data.transforms import ImageAugment, TextAugment
+from mmtune.losses import class_weights, focal_loss
+from mmtune.synthesis import ConditionalGAN, synthesize_rows
+
+
+def test_class_weights_equal_their_formulas():
+    counts = [100, 20, 5]
+    inv = class_weights(counts, "inverse")
+    assert inv.tolist() == pytest.approx([125 / (3 * 100), 125 / (3 * 20), 125 / (3 * 5)])
+    beta = 0.99
+    eff = class_weights(counts, "effective", beta)
+    raw = np.array([(1 - beta) / (1 - beta ** n) for n in counts])
+    assert eff.tolist() == pytest.approx(list(raw * 3 / raw.sum()), rel=1e-6)
+    assert eff.sum().item() == pytest.approx(3.0)
+    user = class_weights(counts, {"b": 4.0}, class_names=["a", "b", "c"])
+    assert user.tolist() == [1.0, 4.0, 1.0]
+    with pytest.raises(ValueError, match="unknown class"):
+        class_weights(counts, {"z": 2.0}, class_names=["a", "b", "c"])
+    assert class_weights(counts, "none") is None
+
+
+def test_sampler_draws_classes_evenly_in_expectation():
+    labels = [0] * 900 + [1] * 90 + [2] * 10
+    sampler = balanced_sampler(labels, seed=0, num_samples=30000)
+    drawn = np.bincount(np.asarray(labels)[list(sampler)], minlength=3) / 30000
+    assert drawn == pytest.approx([1 / 3] * 3, abs=0.02)
+
+
+def test_focal_loss_is_cross_entropy_at_gamma_zero():
+    torch.manual_seed(0)
+    logits, y = torch.randn(64, 5), torch.randint(0, 5, (64,))
+    assert torch.allclose(focal_loss(logits, y, gamma=0.0), F.cross_entropy(logits, y, reduction="none"), atol=1e-6)
+    w = torch.rand(5) + 0.5
+    assert torch.allclose(focal_loss(logits, y, gamma=0.0, weight=w),
+                          F.cross_entropy(logits, y, weight=w, reduction="none"), atol=1e-6)
+    # easy examples are down-weighted: the loss shrinks more for confident rows
+    fl = focal_loss(logits, y, gamma=2.0)
+    ce = F.cross_entropy(logits, y, reduction="none")
+    p_t = torch.softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(fl, (1 - p_t) ** 2 * ce, atol=1e-6)
+
+
+def test_image_augmentation_changes_pixels_and_keeps_normalisation():
+    torch.manual_seed(0)
+    cfg = load_config({"augment": {"image": {"enabled": True, "randaugment": True}}}).augment.image
+    aug = ImageAugment(cfg)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    x01 = torch.rand(8, 3, 32, 32)
+    x = (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    y = aug(x, mean, std)
+    assert y.shape == x.shape and not torch.allclose(x, y)
+    back = y * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5
+
+
+def test_text_augmentation():
+    cfg = load_config({"augment": {"text": {"word_dropout": 0.3, "word_swap": 0.3, "word_mask": 0.2}}}).augment.text
+    aug = TextAugment(cfg, "[MASK]", seed=0)
+    text = "one two three four five six seven eight nine ten"
+    outs = [aug(text) for _ in range(50)]
+    assert any(o != text for o in outs)
+    assert any("[MASK]" in o for o in outs)
+    assert all(o.strip() for o in outs) and aug(None) is None
+
+
+def test_augmentation_reaches_training_inputs_only(tmp_path, tiny_vit, tiny_bert, colour_verdict):
+    """The encoders see augmented pixels and texts in training steps and the raw ones in validation."""
+    import lightning as L
+
+    seen = {"train": [], "val": []}
+
+    class Spy(L.Callback):
+        def on_fit_start(self, trainer, module):
+            enc = module.model.encoders
+            self.h1 = enc["image"].register_forward_pre_hook(
+                lambda m, a, kw: seen["train" if module.training else "val"].append(kw["pixel_values"].clone()),
+                with_kwargs=True)
+
+    enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, trainer={"max_epochs": 1, "limit_train_batches": 2, "batch_size": 200},
+                      augment={"image": {"enabled": True}}, evaluation={"report": False, "modality_contribution": False})
+    cfg["data"]["val_fraction"] = 0.5
+    df = pd.read_csv(colour_verdict["train"]).head(40)
+    df["image"] = [str(Path(colour_verdict["train"]).parent / p) for p in df["image"]]
+    mmtune.fit(cfg, train=df, val=df, callbacks=[Spy()])
+    train_px, val_px = seen["train"][0], seen["val"][0]
+    # same 40 rows in both; validation is in input order, training shuffled: compare as sets of images
+    def key(t):
+        return sorted(round(float(v), 4) for v in t.flatten(1).mean(1))
+    assert key(train_px) != key(val_px)  # training pixels were changed
+    from mmtune.data.collate import Collator
+    from mmtune.encoders import build_encoder
+    from mmtune.config import EncoderConfig
+    from PIL import Image
+
+    e = build_encoder(EncoderConfig(modality="image", checkpoint=tiny_vit))
+    raw = e.processor({"image": [Image.open(p).convert("RGB") for p in df["image"]]})["pixel_values"]
+    assert torch.allclose(val_px, raw, atol=1e-6)  # validation pixels are exactly the processor's
+
+
+def test_gan_moves_class_means_toward_the_real_ones():
+    rng = np.random.default_rng(0)
+    centres = np.array([[3.0] * 8, [-3.0] * 8, [0.0, 5.0] * 4])
+    y = np.repeat([0, 1, 2], [200, 200, 40])
+    X = centres[y] + rng.normal(size=(len(y), 8))
+    gan = ConditionalGAN(8, 3, noise_dim=8, hidden=64, lr=2e-3, seed=0)
+    gan.mean, gan.std = torch.as_tensor(X.mean(0), dtype=torch.float32), torch.as_tensor(X.std(0), dtype=torch.float32)
+    ys = np.repeat([0, 1, 2], 300)
+
+    def dist(samples):
+        return np.mean([np.linalg.norm(samples[ys == c].mean(0) - X[y == c].mean(0)) for c in range(3)])
+
+    before = dist(gan.sample(ys))
+    gan.fit(X, y, epochs=150, batch_size=64)
+    after = dist(gan.sample(ys))
+    assert after < before / 2
+    assert len(gan.history["d_loss"]) == len(gan.history["g_loss"]) > 0
+
+
+def test_smote_reaches_the_target_ratio():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(230, 6))
+    y = np.repeat([0, 1, 2], [200, 20, 10])
+    cfg = load_config({}).synthesis.model_copy(update={"method": "smote", "target_ratio": 0.5})
+    Xn, yn, report = synthesize_rows(X, y, cfg)
+    assert np.bincount(yn, minlength=3).tolist() == [0, 80, 90]
+    assert report["added_per_class"] == {"1": 80, "2": 90}
+
+
+@pytest.mark.parametrize("method", ["smote", "gan"])
+def test_synthetic_rows_enter_the_training_set_only(tmp_path, tiny_vit, tiny_bert, colour_verdict, method):
+    df = pd.read_csv(colour_verdict["train"])
+    df["image"] = [str(Path(colour_verdict["train"]).parent / p) for p in df["image"]]
+    minority = df[df["label"] == "cool-return"].head(4)
+    df = pd.concat([df[df["label"] != "cool-return"], minority]).reset_index(drop=True)
+    test = pd.read_csv(colour_verdict["test"])
+    test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
+    enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, finetune={"strategy": "frozen"}, trainer={"max_epochs": 3},
+                      synthesis={"method": method, "target_ratio": 1.0, "k_neighbors": 2, "gan": {"epochs": 20}},
+                      data={"val_fraction": 0.25}, evaluation={"report": False})
+    res = mmtune.fit(cfg, train=df, test=test)
+    s = res.metrics["synthesis"]
+    n_train = round(len(df) * 0.75)
+    assert s["rows_before"] == pytest.approx(n_train, abs=2) and s["rows_after"] > s["rows_before"]
+    assert res.metrics["val"]["label"]["n"] == len(df) - s["rows_before"]  # validation: real rows only
+    assert res.metrics["test"]["label"]["n"] == len(test)
+    preds = pd.read_csv(res.run_dir / "predictions" / "test.csv")
+    assert list(preds["id"]) == list(test["id"])
+    if method == "gan":
+        assert len(s["d_loss"]) == s["epochs_run"] > 0
+
+
+def test_imbalance_options_train(tmp_path, tiny_bert, colour_verdict):
+    df = pd.read_csv(colour_verdict["train"])
+    df["w"] = np.where(df["label"] == "warm-keep", 2.0, 1.0)
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, data={"image_column": None}, trainer={"max_epochs": 2},
+                      imbalance={"class_weights": "effective", "sampler": True, "sample_weight_column": "w",
+                                 "focal_gamma": 2.0},
+                      regularization={"l1": 1e-5, "label_smoothing": 0.1},
+                      augment={"mixup_alpha": 0.4, "text": {"word_dropout": 0.1}},
+                      evaluation={"report": False})
+    res = mmtune.fit(cfg, train=df.drop(columns=["image"]))
+    assert np.isfinite(res.metrics["val"]["label"]["log_loss"])
+    bad = df.drop(columns=["image"]).copy()
+    bad.loc[3, "w"] = -1
+    with pytest.raises(mmtune.data.BadRowsError, match="sample weight must be a number >= 0"):
+        mmtune.fit({**cfg, "name": "bad"}, train=bad)
+
+
+def test_augmentation_with_cache_is_a_clear_error():
+    with pytest.raises(mmtune.ConfigError, match="input augmentation needs live encoders"):
+        load_config({"finetune": {"strategy": "frozen"}, "augment": {"image": {"enabled": True}}})
+    with pytest.raises(mmtune.ConfigError, match="works on cached encoder features"):
+        load_config({"synthesis": {"method": "gan"}})
