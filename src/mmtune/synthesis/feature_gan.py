@@ -67,8 +67,8 @@ class ConditionalGAN:
                 self.opt_g.zero_grad()
                 g_loss.backward()
                 self.opt_g.step()
-                d_sum += float(d_loss)
-                g_sum += float(g_loss)
+                d_sum += d_loss.detach().item()
+                g_sum += g_loss.detach().item()
                 steps += 1
             self.history["d_loss"].append(d_sum / steps)
             self.history["g_loss"].append(g_sum / steps)
