@@ -26,7 +26,7 @@ METHODS = {
     "sampler": ["imbalance.sampler=true"],
     "focal": ["imbalance.focal_gamma=2.0"],
     "SMOTE": ["synthesis.method=smote", "synthesis.target_ratio=1.0"],
-    "GAN": ["synthesis.method=gan", "synthesis.target_ratio=1.0", "synthesis.gan.epochs=300"],
+    "GAN": ["synthesis.method=gan", "synthesis.target_ratio=1.0", "synthesis.gan.epochs=200"],
 }
 MINORITY = "cool-return"
 

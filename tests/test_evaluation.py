@@ -218,3 +218,23 @@ def test_baselines_report_the_fusion_gain(tmp_path, tiny_vit, tiny_bert, colour_
     assert b["fusion_gain"] == pytest.approx(b["models"]["fused"]["accuracy"] - best)
     assert b["fusion_gain"] > 0.2
     assert (tmp_path / "runs" / "t-image-only" / "bundle.json").is_file()
+
+
+def test_configured_epoch_metrics_are_logged_and_agree_with_sklearn(tmp_path, tiny_bert, colour_verdict):
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, data={"image_column": None},
+                      trainer={"max_epochs": 3, "monitor": "val_balanced_accuracy",
+                               "epoch_metrics": ["accuracy", "f1_macro", "balanced_accuracy", "auroc",
+                                                 "precision_macro", "recall_macro"]},
+                      evaluation={"report": False, "temperature_scaling": False})
+    res = mmtune.fit(cfg, train=str(colour_verdict["train"]))
+    logs = pd.read_csv(res.run_dir / "logs" / "metrics.csv")
+    cols = ["val_acc", "val_f1_macro", "val_balanced_accuracy", "val_auroc", "val_precision_macro", "val_recall_macro"]
+    assert all(logs[c].notna().sum() == 3 for c in cols)
+    best = logs.loc[logs["val_balanced_accuracy"].idxmax()]
+    m = res.metrics["val"]["label"]
+    assert best["val_balanced_accuracy"] == pytest.approx(m["balanced_accuracy"], abs=1e-5)
+    assert best["val_acc"] == pytest.approx(m["accuracy"], abs=1e-5)
+    assert best["val_auroc"] == pytest.approx(m["roc_auc"], abs=1e-4)
+    with pytest.raises(mmtune.ConfigError, match="trainer.monitor=val_auroc is not logged"):
+        mmtune.load_config({"trainer": {"monitor": "val_auroc"}})

@@ -293,3 +293,27 @@ def test_gradual_unfreezing_thaws_one_group_per_epoch(tmp_path, tiny_bert, colou
                       trainer={"max_epochs": 3, "limit_train_batches": 2})
     mmtune.fit(cfg, train=str(colour_verdict["train"]), callbacks=[Watch()])
     assert seen[0] < seen[1] < seen[2]
+
+
+@pytest.mark.parametrize("fusion", [f for f in FUSIONS if f != "stacking"])
+@pytest.mark.parametrize("strategy", ["partial", "lora"])
+def test_clip_joint_encoder_with_every_fusion(tiny_clip, fusion, strategy):
+    cfg = load_config({
+        "data": {"allow_missing": ["image", "text"]},
+        "model": {"encoders": {"clip": {"modality": "image_text", "checkpoint": tiny_clip}},
+                  "fusion": {"type": fusion, "width": 16, "heads": 2, "hidden_dims": [] if fusion == "late" else [16]}},
+        "finetune": {"strategy": strategy},
+    })
+    torch.manual_seed(0)
+    model = build_model(cfg.model, {"label": 3}, allow_missing=True)
+    assert set(model.output_modality) == {"clip.image", "clip.text"}
+    if strategy == "lora":
+        add_adapters(model, cfg.finetune)
+    apply_strategy(model, cfg.finetune)
+    batch = _batch(model)
+    model.train()
+    logits = model(batch["inputs"], batch["present"])["label"]
+    torch.nn.functional.cross_entropy(logits, batch["labels"]["label"]).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
+    assert not model.encoders["clip"].model.logit_scale.requires_grad if strategy != "lora" else True

@@ -205,7 +205,12 @@ class TrainerConfig(_Strict):
     accumulate_grad_batches: int = Field(1, ge=1)
     gradient_clip_val: Optional[float] = Field(None, gt=0.0)
     seed: int = 0
-    monitor: Literal["val_loss", "val_acc", "val_f1_macro"] = "val_loss"
+    epoch_metrics: List[Literal["accuracy", "f1_macro", "balanced_accuracy", "auroc", "precision_macro",
+                                "recall_macro"]] = Field(default_factory=lambda: ["accuracy", "f1_macro"])
+    """Validation metrics logged every epoch (torchmetrics), as val_acc, val_f1_macro, val_balanced_accuracy,
+    val_auroc, val_precision_macro, val_recall_macro (means over tasks; per task too with several tasks)."""
+    monitor: Literal["val_loss", "val_acc", "val_f1_macro", "val_balanced_accuracy", "val_auroc",
+                     "val_precision_macro", "val_recall_macro"] = "val_loss"
     """Validation metric for early stopping, the best checkpoint and the plateau schedule (mean over tasks;
     for a multi-label task, accuracy is subset accuracy)."""
     restore_best: bool = True
@@ -353,6 +358,10 @@ class Config(_Strict):
             raise ValueError("an image encoder is configured but data.image_column is empty")
         if needs_text and not self.data.text_column:
             raise ValueError("a text encoder is configured but data.text_column is empty")
+        logged = {"val_loss"} | {"val_acc" if m == "accuracy" else f"val_{m}" for m in self.trainer.epoch_metrics}
+        if self.trainer.monitor not in logged:
+            raise ValueError(f"trainer.monitor={self.trainer.monitor} is not logged; add it to trainer.epoch_metrics "
+                             f"or pick one of {sorted(logged)}")
         if self.model.fusion.type == "late" and self.model.head.hidden_dims:
             raise ValueError("fusion 'late' combines per-modality logits: model.head.hidden_dims must be empty")
         if self.model.fusion.type == "stacking":

@@ -52,6 +52,11 @@ class Encoder(nn.Module):
         layer-wise learning rates alike. Every parameter lies in exactly one group."""
         return depth_groups(self)
 
+    def pooled_only_parameters(self) -> List[nn.Parameter]:
+        """Parameters that shape only ``pooled`` (not ``tokens``): a fusion that reads tokens alone leaves
+        them untouched, so they are not trained then."""
+        return []
+
     def save_parts(self, folder: Path) -> None:
         """Write what is needed to rebuild this encoder (architecture config, processor) without
         its original checkpoint; the weights travel in the bundle's safetensors file."""

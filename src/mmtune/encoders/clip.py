@@ -61,6 +61,12 @@ class CLIPEncoder(Encoder):
             "text": EncoderOutput(self.model.text_projection(t.pooler_output), t.last_hidden_state, mask),
         }
 
+    def pooled_only_parameters(self) -> List[nn.Parameter]:
+        m = self.model
+        out = list(m.visual_projection.parameters()) + list(m.text_projection.parameters())
+        post = getattr(m.vision_model, "post_layernorm", None)
+        return out + (list(post.parameters()) if post is not None else [])
+
     def layer_groups(self) -> List[List[nn.Parameter]]:
         """The two towers' groups aligned from the deepest end (so "last N" means the last N of each);
         the projections (and the logit scale) join the deepest group."""

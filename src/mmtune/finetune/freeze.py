@@ -45,6 +45,9 @@ def apply_strategy(model: nn.Module, ft, epoch: int = 0) -> None:
                 p.requires_grad_(name in names)
         for p in never_trained(enc):
             p.requires_grad_(False)
+        if getattr(model.fusion, "uses_tokens", False):
+            for p in enc.pooled_only_parameters():
+                p.requires_grad_(False)
 
 
 def unfrozen_groups(ft, epoch: int, n_groups: int) -> int:

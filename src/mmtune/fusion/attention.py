@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
-from .common import masked_mean, mlp, tokens_of
+from .common import masked_mean, mlp, safe, tokens_of
 
 
 class CrossAttentionFusion(nn.Module):
@@ -27,11 +27,11 @@ class CrossAttentionFusion(nn.Module):
         if len(token_dims) < 2:
             raise ValueError("fusion 'cross_attention' needs at least two encoder outputs to attend between")
         self.keys = sorted(token_dims)
-        self.proj = nn.ModuleDict({k: nn.Linear(token_dims[k], width) for k in self.keys})
-        self.attn = nn.ModuleDict({k: nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True) for k in self.keys})
-        self.norm1 = nn.ModuleDict({k: nn.LayerNorm(width) for k in self.keys})
-        self.norm2 = nn.ModuleDict({k: nn.LayerNorm(width) for k in self.keys})
-        self.ff = nn.ModuleDict({k: nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.proj = nn.ModuleDict({safe(k): nn.Linear(token_dims[k], width) for k in self.keys})
+        self.attn = nn.ModuleDict({safe(k): nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True) for k in self.keys})
+        self.norm1 = nn.ModuleDict({safe(k): nn.LayerNorm(width) for k in self.keys})
+        self.norm2 = nn.ModuleDict({safe(k): nn.LayerNorm(width) for k in self.keys})
+        self.ff = nn.ModuleDict({safe(k): nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
                                  for k in self.keys})
         self.null_key = nn.Parameter(torch.randn(width) * 0.02)
         self.placeholder = nn.Parameter(torch.zeros(len(self.keys), width)) if allow_missing else None
@@ -44,7 +44,7 @@ class CrossAttentionFusion(nn.Module):
         projected, masks = {}, {}
         for k in self.keys:
             tok, mask = tokens_of(outputs[k])
-            projected[k] = self.proj[k](tok)
+            projected[k] = self.proj[safe(k)](tok)
             masks[k] = mask & present[k].unsqueeze(1)
         summaries = []
         for i, k in enumerate(self.keys):
@@ -53,12 +53,12 @@ class CrossAttentionFusion(nn.Module):
             null = self.null_key.to(projected[k].dtype).expand(b, 1, -1)
             kv = torch.cat([null] + [projected[o] for o in others], dim=1)
             kv_valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=kv.device)] + [masks[o] for o in others], dim=1)
-            attended, weights = self.attn[k](projected[k], kv, kv, key_padding_mask=~kv_valid,
+            attended, weights = self.attn[safe(k)](projected[k], kv, kv, key_padding_mask=~kv_valid,
                                              need_weights=True, average_attn_weights=True)
             self.last_attention[k] = weights.detach()
             self.last_attention_keys[k] = ["null"] + [o for o in others for _ in range(projected[o].shape[1])]
-            x = self.norm1[k](projected[k] + attended)
-            x = self.norm2[k](x + self.ff[k](x))
+            x = self.norm1[safe(k)](projected[k] + attended)
+            x = self.norm2[safe(k)](x + self.ff[safe(k)](x))
             summary = masked_mean(x, masks[k])
             if self.placeholder is not None:
                 keep = present[k].to(summary.dtype).unsqueeze(-1)

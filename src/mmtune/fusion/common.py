@@ -9,6 +9,11 @@ from torch import nn
 from ..encoders.base import EncoderOutput
 
 
+def safe(key: str) -> str:
+    """A module-name-safe form of an output key ("clip.image" -> "clip__image")."""
+    return key.replace(".", "__")
+
+
 def mlp(in_dim: int, hidden_dims: Sequence[int], dropout: float) -> nn.Sequential:
     layers = []
     d = in_dim
@@ -26,13 +31,13 @@ class Placeholders(nn.Module):
     def __init__(self, dims: Dict[str, int], allow_missing: bool):
         super().__init__()
         self.values = nn.ParameterDict(
-            {k: nn.Parameter(torch.zeros(d)) for k, d in dims.items()} if allow_missing else {}
+            {safe(k): nn.Parameter(torch.zeros(d)) for k, d in dims.items()} if allow_missing else {}
         )
 
     def forward(self, key: str, pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         keep = present.to(pooled.dtype).unsqueeze(-1)
-        if key in self.values:
-            return pooled * keep + self.values[key].to(pooled.dtype) * (1 - keep)
+        if safe(key) in self.values:
+            return pooled * keep + self.values[safe(key)].to(pooled.dtype) * (1 - keep)
         return pooled * keep
 
 

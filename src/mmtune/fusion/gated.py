@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
-from .common import Placeholders, mlp
+from .common import Placeholders, mlp, safe
 
 
 class GatedFusion(nn.Module):
@@ -22,7 +22,7 @@ class GatedFusion(nn.Module):
         self.keys = sorted(in_dims)
         self.width = width
         self.placeholders = Placeholders(in_dims, allow_missing)
-        self.proj = nn.ModuleDict({k: nn.Linear(in_dims[k], width) for k in self.keys})
+        self.proj = nn.ModuleDict({safe(k): nn.Linear(in_dims[k], width) for k in self.keys})
         self.gate = nn.Linear(sum(in_dims.values()), width * len(self.keys))
         self.dropout = nn.Dropout(dropout)
         self.shared = mlp(width, hidden_dims, dropout)
@@ -31,7 +31,7 @@ class GatedFusion(nn.Module):
 
     def forward(self, outputs: Dict[str, EncoderOutput], present: Dict[str, torch.Tensor]) -> torch.Tensor:
         xs = [self.placeholders(k, outputs[k].pooled, present[k]) for k in self.keys]
-        h = torch.stack([torch.tanh(self.proj[k](x)) for k, x in zip(self.keys, xs)], dim=1)  # (B, K, W)
+        h = torch.stack([torch.tanh(self.proj[safe(k)](x)) for k, x in zip(self.keys, xs)], dim=1)  # (B, K, W)
         logits = self.gate(torch.cat(xs, dim=-1)).view(-1, len(self.keys), self.width)
         avail = torch.stack([present[k] for k in self.keys], dim=1)  # (B, K)
         if len(self.placeholders.values) == 0:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
-from .common import mlp
+from .common import mlp, safe
 
 
 class LateFusion(nn.Module):
@@ -24,7 +24,7 @@ class LateFusion(nn.Module):
         super().__init__()
         self.keys = sorted(in_dims)
         dims = list(hidden_dims) or [width]
-        self.branches = nn.ModuleDict({k: mlp(in_dims[k], dims, dropout) for k in self.keys})
+        self.branches = nn.ModuleDict({safe(k): mlp(in_dims[k], dims, dropout) for k in self.keys})
         self.weight_logits = nn.Parameter(torch.zeros(len(self.keys))) if weights == "learned" else None
         self.branch_dim = dims[-1]
         self.out_dim = self.branch_dim * len(self.keys)
@@ -42,6 +42,6 @@ class LateFusion(nn.Module):
         parts = []
         for i, k in enumerate(self.keys):
             # an absent modality's weight is zero: its branch contributes nothing (no placeholder needed)
-            h = self.branches[k](outputs[k].pooled * present[k].to(outputs[k].pooled.dtype).unsqueeze(-1))
+            h = self.branches[safe(k)](outputs[k].pooled * present[k].to(outputs[k].pooled.dtype).unsqueeze(-1))
             parts.append(h * w[:, i : i + 1].to(h.dtype))
         return torch.cat(parts, dim=-1)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
-from .common import mlp, tokens_of
+from .common import mlp, safe, tokens_of
 
 
 class SingleStreamFusion(nn.Module):
@@ -22,7 +22,7 @@ class SingleStreamFusion(nn.Module):
                  hidden_dims: Sequence[int] = (), dropout: float = 0.1, allow_missing: bool = False):
         super().__init__()
         self.keys = sorted(token_dims)
-        self.proj = nn.ModuleDict({k: nn.Linear(token_dims[k], width) for k in self.keys})
+        self.proj = nn.ModuleDict({safe(k): nn.Linear(token_dims[k], width) for k in self.keys})
         self.modality_embedding = nn.Parameter(torch.randn(len(self.keys), width) * 0.02)
         self.fusion_token = nn.Parameter(torch.randn(width) * 0.02)
         self.placeholder = nn.Parameter(torch.randn(len(self.keys), width) * 0.02) if allow_missing else None
@@ -40,7 +40,7 @@ class SingleStreamFusion(nn.Module):
         valid = [torch.ones(b, 1, dtype=torch.bool, device=ref.device)]
         for i, k in enumerate(self.keys):
             tok, mask = tokens_of(outputs[k])
-            seq.append(self.proj[k](tok) + self.modality_embedding[i])
+            seq.append(self.proj[safe(k)](tok) + self.modality_embedding[i])
             valid.append(mask & present[k].unsqueeze(1))
             if self.placeholder is not None:
                 seq.append((self.placeholder[i] + self.modality_embedding[i]).expand(b, 1, -1))

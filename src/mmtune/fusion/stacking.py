@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
+from .common import safe
 
 
 class StackingFusion(nn.Module):
@@ -22,11 +23,11 @@ class StackingFusion(nn.Module):
         super().__init__()
         self.keys = sorted(in_dims)
         self.num_classes = num_classes
-        self.branches = nn.ModuleDict({k: nn.Linear(in_dims[k], num_classes) for k in self.keys})
+        self.branches = nn.ModuleDict({safe(k): nn.Linear(in_dims[k], num_classes) for k in self.keys})
         self.out_dim = num_classes * len(self.keys)
 
     def branch_proba(self, key: str, pooled: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(self.branches[key](pooled), dim=-1)
+        p = torch.softmax(self.branches[safe(key)](pooled), dim=-1)
         keep = present.to(p.dtype).unsqueeze(-1)
         return p * keep + (1.0 / self.num_classes) * (1 - keep)
 

@@ -131,7 +131,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     else:
         module = ClassifierModule(model, tasks, cfg.optim, cfg.schedule, ft, t.monitor, cfg.model.modality_dropout,
                                   cfg.augment, cfg.regularization, cfg.imbalance,
-                                  _class_weights(cfg, tasks, datasets["train"]))
+                                  _class_weights(cfg, tasks, datasets["train"]), t.epoch_metrics)
         extra = ([GradualUnfreezing(ft)] if ft.strategy == "gradual" else []) + list(callbacks)
         previous_logs = _read_previous_logs(run_dir, last_ckpt) if resume else None
         trainer = build_trainer(cfg, run_dir, len(loaders["train"]), extra)

@@ -26,7 +26,7 @@ class ClassifierModule(L.LightningModule):
 
     def __init__(self, model, tasks, optim_cfg, schedule_cfg, finetune_cfg, monitor: str = "val_loss",
                  modality_dropout: float = 0.0, augment_cfg=None, regularization_cfg=None, imbalance_cfg=None,
-                 class_weights: Optional[Dict[str, torch.Tensor]] = None):
+                 class_weights: Optional[Dict[str, torch.Tensor]] = None, epoch_metrics=None):
         super().__init__()
         self.model = model
         self.tasks = {t.name: t for t in tasks}
@@ -49,18 +49,12 @@ class ClassifierModule(L.LightningModule):
         self._image_norm = _image_normalisations(model)
         self.strict_loading = False  # frozen weights are not in checkpoints
         self.train_acc = torch.nn.ModuleDict()
-        self.val_acc = torch.nn.ModuleDict()
-        self.val_f1 = torch.nn.ModuleDict()
+        self.val_metrics = torch.nn.ModuleDict()
+        names = list(epoch_metrics or ["accuracy", "f1_macro"])
         for t in tasks:
-            n = len(t.classes)
-            if t.multilabel:
-                mk = lambda **kw: torchmetrics.classification.MultilabelExactMatch(num_labels=n)  # noqa: E731
-                self.val_f1[t.name] = torchmetrics.F1Score(task="multilabel", num_labels=n, average="macro")
-            else:
-                mk = lambda **kw: torchmetrics.Accuracy(task="multiclass", num_classes=n)  # noqa: E731
-                self.val_f1[t.name] = torchmetrics.F1Score(task="multiclass", num_classes=n, average="macro")
-            self.train_acc[t.name] = mk()
-            self.val_acc[t.name] = mk()
+            self.train_acc[t.name] = _metric("accuracy", t)
+            self.val_metrics[t.name] = torch.nn.ModuleDict(
+                {m: _metric(m, t) for m in names if _metric(m, t) is not None})
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         encoded = batch.get("encoded")
@@ -160,23 +154,22 @@ class ClassifierModule(L.LightningModule):
         bs = batch["index"].shape[0]
         for name, t in self.tasks.items():
             y = self._target(t, batch["labels"][name])
-            self.val_acc[name].update(logits[name], y)
-            self.val_f1[name].update(logits[name], y)
+            for metric in self.val_metrics[name].values():
+                metric.update(logits[name], y)
         self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
 
     def on_validation_epoch_end(self):
-        accs, f1s = [], []
-        for name in self.tasks:
-            a, f = self.val_acc[name].compute(), self.val_f1[name].compute()
-            accs.append(a)
-            f1s.append(f)
-            if len(self.tasks) > 1:
-                self.log(f"val_acc/{name}", a)
-                self.log(f"val_f1_macro/{name}", f)
-            self.val_acc[name].reset()
-            self.val_f1[name].reset()
-        self.log("val_acc", torch.stack(accs).mean(), prog_bar=True)
-        self.log("val_f1_macro", torch.stack(f1s).mean())
+        values: Dict[str, list] = {}
+        for name, metrics in self.val_metrics.items():
+            for mname, metric in metrics.items():
+                v = metric.compute()
+                metric.reset()
+                key = "val_acc" if mname == "accuracy" else f"val_{mname}"
+                values.setdefault(key, []).append(v)
+                if len(self.tasks) > 1:
+                    self.log(f"{key}/{name}", v)
+        for key, vs in values.items():
+            self.log(key, torch.stack(vs).mean(), prog_bar=key == "val_acc")
 
     # ---- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):
@@ -213,6 +206,33 @@ class ClassifierModule(L.LightningModule):
             return  # groups thaw during training: keep everything
         frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+
+
+def _metric(name: str, task):
+    """A torchmetrics metric for ``task`` (None when it has no meaning there, e.g. balanced accuracy of a
+    multi-label task)."""
+    n = len(task.classes)
+    if task.multilabel:
+        kw = {"task": "multilabel", "num_labels": n}
+        if name == "accuracy":
+            return torchmetrics.classification.MultilabelExactMatch(num_labels=n)
+        if name == "balanced_accuracy":
+            return None
+    else:
+        kw = {"task": "multiclass", "num_classes": n}
+        if name == "accuracy":
+            return torchmetrics.Accuracy(**kw)
+        if name == "balanced_accuracy":
+            return torchmetrics.Accuracy(**kw, average="macro")
+    if name == "f1_macro":
+        return torchmetrics.F1Score(**kw, average="macro")
+    if name == "auroc":
+        return torchmetrics.AUROC(**kw, average="macro")
+    if name == "precision_macro":
+        return torchmetrics.Precision(**kw, average="macro")
+    if name == "recall_macro":
+        return torchmetrics.Recall(**kw, average="macro")
+    raise ValueError(f"unknown epoch metric {name!r}")
 
 
 def _image_normalisations(model) -> Dict[str, tuple]:

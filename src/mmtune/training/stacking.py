@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..fusion.common import safe
+
 
 def _logistic_into_linear(linear: torch.nn.Linear, X: np.ndarray, y: np.ndarray, n_classes: int, seed: int):
     """Fit a standardised multinomial logistic regression and write it into ``linear`` (the scaler folded
@@ -66,7 +68,7 @@ def fit_stacking(model, train, task, folds: int, seed: int) -> None:
             oof_p = np.zeros((len(yp), n_classes))
             oof_p[:, cols] = proba
             oof[present] = oof_p
-        _logistic_into_linear(fusion.branches[key], Xp, yp, n_classes, seed)
+        _logistic_into_linear(fusion.branches[safe(key)], Xp, yp, n_classes, seed)
         oof_parts.append(oof)
     meta_X = np.concatenate(oof_parts, axis=1)
     head_linear = [m for m in model.heads[task.name].modules() if isinstance(m, torch.nn.Linear)][-1]
