@@ -15,20 +15,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     Returns the final path. The rename is atomic on POSIX file systems, so readers see
     either the old file or the complete new one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write_with(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
