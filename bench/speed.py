@@ -50,8 +50,8 @@ class TrainTimer(L.Callback):
 def plain_loop(cfg, data, epochs: int):
     """forward, loss, backward, step — nothing else."""
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg.model, {cfg.data.label_column: len(data.class_names)})
-    apply_strategy(model, cfg.finetune.strategy, cfg.finetune.unfreeze_last)
+    model = build_model(cfg.model, {t.name: len(t.classes) for t in data.tasks})
+    apply_strategy(model, cfg.finetune)
     collator = Collator({n: e.processor for n, e in model.encoders.items()}, cfg.modalities)
     loader = make_loader(data.dataset("train", cfg.modalities), collator, cfg.trainer.batch_size, True)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.finetune.encoder_lr), lr=cfg.optim.lr)
@@ -62,7 +62,7 @@ def plain_loop(cfg, data, epochs: int):
         t = time.perf_counter()
         for batch in loader:
             logits = model(batch["inputs"], batch["present"])[task]
-            loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"][task])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -5,7 +5,8 @@ epoch, validation accuracy; and the embedding cache's epoch-time gain.
 
 Each strategy runs in its own process (so peak resident memory is its own), with the demo config,
 the same data and the same number of epochs. Seconds per epoch is the mean training time of the
-epochs after the first (validation excluded); for ``frozen`` the first epoch also builds the cache.
+epochs after the first (validation excluded); for ``frozen (cache)`` the cache is built before training
+(it counts in ``total_s``, not in the epochs).
 The last line printed is one JSON object.
 """
 from __future__ import annotations

@@ -1,0 +1,17 @@
+"""The benchmark scripts still run (tiny settings); their figures are for the README, not asserted."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def test_speed_bench_runs_and_prints_its_json():
+    out = subprocess.run([sys.executable, str(BENCH / "speed.py"), "--rows", "48", "--epochs", "2", "--single", "3"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(last) == {"fit_samples_per_s", "plain_loop_samples_per_s", "ratio", "predict_rows_per_s",
+                         "predict_p50_ms", "predict_p99_ms", "peak_rss_mb"}
+    assert all(v > 0 for v in last.values())
