@@ -41,6 +41,7 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -56,6 +57,7 @@ def atomic_write_dir(path: str | os.PathLike, writer: Callable[[Path], None]) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         writer(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -69,6 +71,12 @@ def atomic_write_dir(path: str | os.PathLike, writer: Callable[[Path], None]) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(obj: Any) -> Any:

@@ -110,10 +110,12 @@ def reliability(y, before: np.ndarray, after: Optional[np.ndarray], bins: int = 
         c = reliability_curve(y, p, bins)
         xs = [x for x, n in zip(c["confidence"], c["count"]) if n]
         ys = [a for a, n in zip(c["accuracy"], c["count"]) if n]
-        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {expected_calibration_error(y, p, bins):.3f})")
+        ns = np.array([n for n in c["count"] if n], dtype=float)
+        line, = ax.plot(xs, ys, alpha=0.6, label=f"{name} (ECE {expected_calibration_error(y, p, bins):.3f})")
+        ax.scatter(xs, ys, s=15 + 250 * ns / ns.max(), color=line.get_color(), alpha=0.8)  # area ~ rows in the bin
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title("reliability (test)")
+    ax.set_title("reliability (test; marker area = rows per bin)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
