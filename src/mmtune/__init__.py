@@ -4,6 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .config import Config, ConfigError, load_config  # noqa: E402
+from .data.manifest import BadRowsError  # noqa: E402
 
 
 def fit(*args, **kwargs):
@@ -20,4 +21,4 @@ def load(run_dir, device: str = "cpu"):
     return Predictor.load(run_dir, device)
 
 
-__all__ = ["Config", "ConfigError", "fit", "load", "load_config", "__version__"]
+__all__ = ["BadRowsError", "Config", "ConfigError", "fit", "load", "load_config", "__version__"]
