@@ -1,7 +1,6 @@
 """One contract over every fusion x fine-tuning strategy, plus the cache, multitask, multi-label and
 missing modalities."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 
 import mmtune
 from conftest import base_config
-from mmtune.config import FinetuneConfig, load_config
+from mmtune.config import load_config
 from mmtune.data.collate import Collator
 from mmtune.finetune import apply_strategy, param_groups, trainable_parameter_count
 from mmtune.finetune.lora import add_adapters

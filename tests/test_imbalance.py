@@ -101,7 +101,6 @@ def test_augmentation_reaches_training_inputs_only(tmp_path, tiny_vit, tiny_bert
     def key(t):
         return sorted(round(float(v), 4) for v in t.flatten(1).mean(1))
     assert key(train_px) != key(val_px)  # training pixels were changed
-    from mmtune.data.collate import Collator
     from mmtune.encoders import build_encoder
     from mmtune.config import EncoderConfig
     from PIL import Image

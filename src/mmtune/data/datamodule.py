@@ -4,13 +4,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from .collate import Collator
 from .dataset import MultimodalDataset
 from ..tasks import Task, label_key, tasks_from_config
 from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, read_table, rejected_rows_frame,

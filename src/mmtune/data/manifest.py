@@ -13,11 +13,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from ..tasks import Task, label_key
+from ..tasks import Task
 
 TableSource = Union[str, os.PathLike, pd.DataFrame]
 

@@ -6,7 +6,6 @@ import itertools
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
 from torch import nn
 
 from .base import Encoder, EncoderOutput, depth_groups

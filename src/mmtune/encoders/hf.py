@@ -1,11 +1,9 @@
 """Hugging Face encoders: any AutoModel text or image checkpoint (hub id or local folder)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
-import torch
 from torch import nn
 
 from .base import Encoder, EncoderOutput, pool_tokens

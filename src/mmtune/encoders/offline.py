@@ -11,11 +11,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from .base import Encoder, EncoderOutput, pool_tokens
-from .processors import ResizeNormalizeProcessor, load_processor
+from .processors import ResizeNormalizeProcessor
 
 PRESETS = {"minilm-l6": "text", "efficientnet-lite0": "image"}
 ALIASES = {

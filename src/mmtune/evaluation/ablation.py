@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Mapping
 
-import numpy as np
 
 from ..inference import predict_proba_batches
 from .calibration import apply_temperature

@@ -1,14 +1,12 @@
 """After training: calibration, decision thresholds, metrics, saved predictions, modality contribution."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
 
 from ..inference import predict_proba_batches
-from ..tasks import label_key
 from .ablation import modality_contribution
 from .calibration import apply_temperature, expected_calibration_error, fit_temperature, tune_binary_threshold
 from .metrics import task_metrics, tune_thresholds

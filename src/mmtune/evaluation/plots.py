@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 

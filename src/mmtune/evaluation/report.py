@@ -93,7 +93,6 @@ def build_report(run_dir: str | Path) -> Path:
         parts["Training curves"].append("<p>No training log (this fusion is fitted without epochs).</p>")
 
     for t in tasks:
-        tag = t.name if len(tasks) == 1 else f"{t.name}_"
         prefix = "" if len(tasks) == 1 else f"{t.name}_"
         m = (metrics.get(split) or {}).get(t.name) or {}
         if preds is None:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.collate import Collator, collate_labels
+from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
 from ..data.manifest import _is_missing, resolve_image_path
 from ..encoders.base import EncoderOutput

@@ -1,7 +1,6 @@
 """Fine-tuning strategy as a setting: which parameters train."""
 from __future__ import annotations
 
-from typing import Optional
 
 from torch import nn
 

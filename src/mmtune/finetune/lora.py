@@ -1,7 +1,7 @@
 """LoRA and IA3 adapters in each encoder, through peft; merged into plain weights for export."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Set
 
 from torch import nn
 

@@ -1,7 +1,7 @@
 """Pieces the fusion modules share: masking with learned placeholders, masked pooling, token access."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import nn

@@ -25,7 +25,6 @@ from ..evaluation.report import build_report
 from ..finetune import apply_strategy, trainable_parameter_count
 from ..finetune.feature_cache import CachedDataset
 from ..finetune.lora import add_adapters, merge_adapters
-from ..inference import predict_proba_batches
 from ..models import build_model
 from .module import ClassifierModule, GradualUnfreezing
 
