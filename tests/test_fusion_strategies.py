@@ -247,6 +247,10 @@ def test_multitask_and_multilabel_bundle(tmp_path, tiny_vit, tiny_bert, colour_v
         assert np.abs(proba[t].drop(columns="id").to_numpy() - again[t].drop(columns="id").to_numpy()).max() <= 1e-6
     ev = pred.evaluate(sample)
     assert set(ev) == {"label", "family", "tags"}
+    table = pred.predict_table(sample)
+    assert list(table.columns[:2]) == ["id", "label.prediction"]
+    assert {"family.prediction", "family.prob_warm", "tags.prediction", "tags.prob_any"} <= set(table.columns)
+    assert all("any" in v.split("|") for v in table["tags.prediction"])
 
 
 def test_two_encoders_on_one_modality_plus_missing_rows(tmp_path, tiny_vit, tiny_resnet, tiny_bert, colour_verdict):

@@ -85,34 +85,20 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    import pandas as pd
-
     from .io import atomic_write_with
-    from .serving.predictor import Predictor, decide
+    from .serving.predictor import Predictor
 
-    pred = Predictor.load(args.run)
-    ds = pred._dataset(args.data, with_labels=False)
-    proba = pred._proba(ds, args.batch_size)
-    out = pd.DataFrame(index=range(len(ds)))
-    if pred.spec.id_column:
-        out[pred.spec.id_column] = ds.df[pred.spec.id_column].to_numpy()
-    multi = len(pred.tasks) > 1
-    for t in pred.tasks:
-        prefix = f"{t.name}." if multi else ""
-        labels = decide(t, proba[t.name])
-        out[f"{prefix}prediction"] = [t.separator.join(map(str, v)) for v in labels] if t.multilabel else list(labels)
-        for j, c in enumerate(t.classes):
-            out[f"{prefix}prob_{c}"] = proba[t.name][:, j]
     path = Path(args.out)
-    suffix = path.suffix.lower()
     writers = {
-        ".csv": lambda tmp: out.to_csv(tmp, index=False),
-        ".jsonl": lambda tmp: out.to_json(tmp, orient="records", lines=True),
-        ".parquet": lambda tmp: out.to_parquet(tmp, index=False),
+        ".csv": lambda table, tmp: table.to_csv(tmp, index=False),
+        ".jsonl": lambda table, tmp: table.to_json(tmp, orient="records", lines=True),
+        ".parquet": lambda table, tmp: table.to_parquet(tmp, index=False),
     }
-    if suffix not in writers:
-        raise ValueError(f"--out {str(path)!r}: unknown format {suffix!r}; valid: {', '.join(writers)}")
-    atomic_write_with(path, writers[suffix])
+    write = writers.get(path.suffix.lower())
+    if write is None:  # checked before any work is done
+        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(writers)}")
+    out = Predictor.load(args.run).predict_table(args.data, batch_size=args.batch_size)
+    atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} predictions written to {path}")
     return 0
 

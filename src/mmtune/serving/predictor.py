@@ -116,6 +116,24 @@ class Predictor:
         out = {t.name: decide(t, proba[t.name]) for t in self._pick(task)}
         return out if len(out) > 1 else next(iter(out.values()))
 
+    def predict_table(self, data: TableSource, batch_size: Optional[int] = None) -> pd.DataFrame:
+        """One row per input row: the id column (when configured), then per task the prediction
+        (multi-label: the labels joined by the task's separator) and ``prob_<class>`` per class; with
+        several tasks the columns are prefixed ``<task>.``. What ``mmtune predict`` writes."""
+        ds = self._dataset(data, with_labels=False)
+        proba = self._proba(ds, batch_size)
+        out = pd.DataFrame(index=range(len(ds)))
+        if self.spec.id_column:
+            out[self.spec.id_column] = ds.df[self.spec.id_column].to_numpy()
+        multi = len(self.tasks) > 1
+        for t in self.tasks:
+            prefix = f"{t.name}." if multi else ""
+            labels = decide(t, proba[t.name])
+            out[f"{prefix}prediction"] = [t.separator.join(map(str, v)) for v in labels] if t.multilabel else list(labels)
+            for j, c in enumerate(t.classes):
+                out[f"{prefix}prob_{c}"] = proba[t.name][:, j]
+        return out
+
     def evaluate(self, data: TableSource, batch_size: Optional[int] = None,
                  contribution: bool = False) -> Dict[str, Dict[str, Any]]:
         """``{task: metrics}`` on labelled rows (calibrated, with the tuned thresholds); labels unseen in
