@@ -16,12 +16,14 @@ def _spec(request, kind):
         "vit": ("image", request.getfixturevalue("tiny_vit")),
         "resnet": ("image", request.getfixturevalue("tiny_resnet")),
         "clip": ("image_text", request.getfixturevalue("tiny_clip")),
+        "clip-vision": ("image", request.getfixturevalue("tiny_clip")),
+        "clip-text": ("text", request.getfixturevalue("tiny_clip")),
         "minilm-l6": ("text", "minilm-l6"),
         "efficientnet-lite0": ("image", "efficientnet-lite0"),
     }[kind]
 
 
-KINDS = ["bert", "vit", "resnet", "clip", "minilm-l6", "efficientnet-lite0"]
+KINDS = ["bert", "vit", "resnet", "clip", "clip-vision", "clip-text", "minilm-l6", "efficientnet-lite0"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -56,7 +58,7 @@ def test_encoder_contract(request, kind):
     assert missing == []
 
 
-@pytest.mark.parametrize("kind", ["bert", "vit", "clip", "efficientnet-lite0"])
+@pytest.mark.parametrize("kind", ["bert", "vit", "clip", "clip-vision", "efficientnet-lite0"])
 def test_rebuild_from_saved_parts_matches(request, tmp_path, kind):
     """An encoder rebuilt from its saved parts plus its weights gives the same outputs."""
     modality, ckpt = _spec(request, kind)

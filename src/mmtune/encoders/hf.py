@@ -12,14 +12,25 @@ from .processors import HFImageProcessor, TextProcessor, load_hf_image_processor
 _ARCH_FILE = "mmtune_encoder.json"
 
 
-def load_auto_model(source: str, weights: bool) -> nn.Module:
+def load_auto_model(source: str, weights: bool, tower: Optional[str] = None) -> nn.Module:
     """``AutoModel.from_pretrained(source)``, or the same architecture with no weights (``from_config``)
-    when ``weights`` is False (a bundle supplies them)."""
+    when ``weights`` is False (a bundle supplies them). With ``tower`` ("vision" or "text"), a dual-encoder
+    checkpoint (CLIP, SigLIP, …) gives only that tower (``CLIPVisionModel`` / ``CLIPTextModel``…)."""
+    import transformers
     from transformers import AutoConfig, AutoModel
 
+    config = AutoConfig.from_pretrained(source)
+    if tower and hasattr(config, f"{tower}_config"):
+        cls_name = type(config).__name__.replace("Config", f"{tower.capitalize()}Model")
+        cls = getattr(transformers, cls_name, None)
+        if cls is None:
+            raise ValueError(f"{source!r} is a dual encoder but transformers has no {cls_name} for its {tower} tower")
+        if weights:
+            return cls.from_pretrained(source)
+        return cls(getattr(config, f"{tower}_config"))
     if weights:
         return AutoModel.from_pretrained(source)
-    return AutoModel.from_config(AutoConfig.from_pretrained(source))
+    return AutoModel.from_config(config)
 
 
 def _hidden_size(config) -> Optional[int]:
@@ -82,8 +93,11 @@ class HFImageEncoder(Encoder):
         self.pooling = pooling
         self.processor = HFImageProcessor(image_processor, image_size)
         self._uses_transformer_tokens = self._probe_is_transformer()
-        if self._uses_transformer_tokens and getattr(model, "pooler", None) is not None:
-            model.pooler = None  # unused: we pool the hidden states ourselves
+        pooler = getattr(model, "pooler", None)
+        if self._uses_transformer_tokens and pooler is not None and any(True for _ in pooler.parameters()):
+            # a trained-from-scratch pooler head (ViT's dense + tanh) is not part of the checkpoint's
+            # representation: drop it and pool the CLS token; parameter-free poolers (Swin's average) stay
+            model.pooler = None
         self._dim = _hidden_size(model.config)
 
     def _probe_is_transformer(self) -> bool:
@@ -106,7 +120,11 @@ class HFImageEncoder(Encoder):
                 pooled = pool_tokens(tokens, None, "mean" if self.pooling == "auto" else self.pooling)
         else:
             tokens = hidden
-            pooled = pool_tokens(tokens, None, "cls" if self.pooling == "auto" else self.pooling)
+            pooled_out = getattr(out, "pooler_output", None)
+            if self.pooling == "auto" and pooled_out is not None:
+                pooled = pooled_out  # the model's own pooled CLS (e.g. CLIP's post-layernorm); ViT's pooler was removed
+            else:
+                pooled = pool_tokens(tokens, None, "cls" if self.pooling == "auto" else self.pooling)
         return EncoderOutput(pooled, tokens, None)
 
     def save_parts(self, folder: Path) -> None:
@@ -120,7 +138,7 @@ def build_hf(modality: str, source: str, weights: bool, pooling: str, max_length
     folder holding its config and processor (``weights=False``)."""
     from transformers import AutoTokenizer
 
-    model = load_auto_model(source, weights)
+    model = load_auto_model(source, weights, tower="text" if modality == "text" else "vision")
     if modality == "text":
         tok = load_processor(processor_dir).tokenizer if processor_dir else AutoTokenizer.from_pretrained(source)
         return HFTextEncoder(model, tok, pooling, max_length)
