@@ -171,7 +171,7 @@ def test_imbalance_options_train(tmp_path, tiny_bert, colour_verdict):
                       imbalance={"class_weights": "effective", "sampler": True, "sample_weight_column": "w",
                                  "focal_gamma": 2.0},
                       regularization={"l1": 1e-5, "label_smoothing": 0.1},
-                      augment={"mixup_alpha": 0.4, "text": {"word_dropout": 0.1}},
+                      augment={"mixup_alpha": 0.4, "text": {"word_dropout": 0.1, "token_mask": 0.1, "token_dropout": 0.1}},
                       evaluation={"report": False})
     res = mmtune.fit(cfg, train=df.drop(columns=["image"]))
     assert np.isfinite(res.metrics["val"]["label"]["log_loss"])
@@ -186,3 +186,17 @@ def test_augmentation_with_cache_is_a_clear_error():
         load_config({"finetune": {"strategy": "frozen"}, "augment": {"image": {"enabled": True}}})
     with pytest.raises(mmtune.ConfigError, match="works on cached encoder features"):
         load_config({"synthesis": {"method": "gan"}})
+
+
+def test_token_augmentation_spares_special_tokens_and_padding():
+    from mmtune.data.transforms import augment_tokens
+
+    torch.manual_seed(0)
+    cfg = load_config({"augment": {"text": {"token_mask": 0.5, "token_dropout": 0.5}}}).augment.text
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 3, 0, 0], [2, 20, 21, 22, 23, 24, 25, 26, 3]])
+    att = (ids != 0).long()
+    new_ids, new_att = augment_tokens(ids, att, cfg, mask_id=4, special_ids=[0, 2, 3, 4])
+    special = torch.isin(ids, torch.tensor([0, 2, 3]))
+    assert torch.equal(new_ids[special], ids[special]) and torch.equal(new_att[special], att[special])
+    assert (new_ids[~special] == 4).any() and (new_att[~special] == 0).any()
+    assert set(new_ids[~special & (new_ids != ids)].tolist()) == {4}

@@ -255,6 +255,10 @@ class TextAugmentConfig(_Strict):
     """Replace a word by the tokenizer's mask (or unknown) token."""
     word_swap: float = Field(0.0, ge=0.0, lt=1.0)
     """Swap a word with its right neighbour."""
+    token_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Token level, after tokenisation: hide a token from attention (its attention-mask entry set to 0)."""
+    token_mask: float = Field(0.0, ge=0.0, lt=1.0)
+    """Token level: replace a token id by the tokenizer's mask (or unknown) token id."""
 
 
 class AugmentConfig(_Strict):

@@ -79,3 +79,19 @@ class TextAugment:
                 i += 1
             i += 1
         return " ".join(kept)
+
+
+def augment_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], cfg, mask_id: Optional[int],
+                   special_ids: Sequence[int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Token-level augmentation of a training batch: each real, non-special token is replaced by
+    ``mask_id`` with probability ``cfg.token_mask`` and hidden from attention with probability
+    ``cfg.token_dropout``. Special tokens (CLS, SEP, padding) are never touched."""
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    eligible = real & ~torch.isin(input_ids, torch.as_tensor(list(special_ids), device=input_ids.device))
+    if cfg.token_mask > 0 and mask_id is not None:
+        hit = eligible & (torch.rand(input_ids.shape, device=input_ids.device) < cfg.token_mask)
+        input_ids = input_ids.masked_fill(hit, mask_id)
+    if cfg.token_dropout > 0 and attention_mask is not None:
+        drop = eligible & (torch.rand(input_ids.shape, device=input_ids.device) < cfg.token_dropout)
+        attention_mask = attention_mask.masked_fill(drop, 0)
+    return input_ids, attention_mask

@@ -47,6 +47,7 @@ class ClassifierModule(L.LightningModule):
 
             self.image_augment = ImageAugment(augment_cfg.image)
         self._image_norm = _image_normalisations(model)
+        self._token_info = _token_info(model)
         self.strict_loading = False  # frozen weights are not in checkpoints
         self.train_acc = torch.nn.ModuleDict()
         self.val_metrics = torch.nn.ModuleDict()
@@ -111,18 +112,28 @@ class ClassifierModule(L.LightningModule):
     def _target(t, y):
         return y.int() if t.multilabel else y
 
-    def augment_images(self, inputs: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
-        if self.image_augment is None or inputs is None:
+    def augment_inputs(self, inputs: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Training batches only: kornia image augmentation and token-level text augmentation."""
+        if inputs is None or self.augment_cfg is None:
             return inputs
         out = dict(inputs)
-        for name, (mean, std) in self._image_norm.items():
-            if name in out and "pixel_values" in out[name]:
-                out[name] = {**out[name], "pixel_values": self.image_augment(out[name]["pixel_values"], mean, std)}
+        if self.image_augment is not None:
+            for name, (mean, std) in self._image_norm.items():
+                if name in out and "pixel_values" in out[name]:
+                    out[name] = {**out[name], "pixel_values": self.image_augment(out[name]["pixel_values"], mean, std)}
+        tc = self.augment_cfg.text
+        if tc.token_mask > 0 or tc.token_dropout > 0:
+            from ..data.transforms import augment_tokens
+
+            for name, (mask_id, special) in self._token_info.items():
+                if name in out and "input_ids" in out[name]:
+                    ids, att = augment_tokens(out[name]["input_ids"], out[name].get("attention_mask"), tc, mask_id, special)
+                    out[name] = {**out[name], "input_ids": ids, **({"attention_mask": att} if att is not None else {})}
         return out
 
     def training_step(self, batch, batch_idx):
         batch = {**batch, "present": self._drop_modalities(batch["present"]),
-                 "inputs": self.augment_images(batch.get("inputs"))}
+                 "inputs": self.augment_inputs(batch.get("inputs"))}
         alpha = self.augment_cfg.mixup_alpha if self.augment_cfg is not None else 0.0
         if alpha > 0:  # manifold mixup on the fused representation
             encoded = batch.get("encoded")
@@ -233,6 +244,19 @@ def _metric(name: str, task):
     if name == "recall_macro":
         return torchmetrics.Recall(**kw, average="macro")
     raise ValueError(f"unknown epoch metric {name!r}")
+
+
+def _token_info(model) -> Dict[str, tuple]:
+    """Encoder name -> (mask token id, special token ids) of its tokenizer."""
+    out = {}
+    for name, enc in model.encoders.items():
+        proc = enc.processor
+        proc = getattr(proc, "parts", {}).get("text", proc)
+        tok = getattr(proc, "tokenizer", None)
+        if tok is not None:
+            mask_id = tok.mask_token_id if getattr(tok, "mask_token_id", None) is not None else tok.unk_token_id
+            out[name] = (mask_id, [i for i in tok.all_special_ids if i is not None])
+    return out
 
 
 def _image_normalisations(model) -> Dict[str, tuple]:
