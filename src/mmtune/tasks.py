@@ -1,9 +1,10 @@
 """Prediction tasks: which column holds the labels, single- or multi-label, and the label map."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
+
+from .values import is_blank
 
 
 def label_key(value: Any) -> str:
@@ -11,16 +12,6 @@ def label_key(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip() if isinstance(value, str) else str(value)
-
-
-def _missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    if isinstance(value, str) and not value.strip():
-        return True
-    return False
 
 
 def _natural(k: str):
@@ -54,13 +45,13 @@ class Task:
         if self.multilabel:
             if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, str)):
                 items = list(value.tolist() if hasattr(value, "tolist") else value)
-            elif _missing(value):
+            elif is_blank(value):
                 return None
             else:
                 items = [p for p in str(value).split(self.separator)]
-            items = [v.strip() if isinstance(v, str) else v for v in items if not _missing(v)]
+            items = [v.strip() if isinstance(v, str) else v for v in items if not is_blank(v)]
             return items
-        return None if _missing(value) else [value]
+        return None if is_blank(value) else [value]
 
     def fit_classes(self, column_values: Sequence[Any]) -> None:
         """Set ``classes`` to the distinct labels seen (sorted naturally by their text)."""

@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import pandas as pd
 from torch.utils.data import Dataset
 
-from .manifest import ManifestSpec, _is_missing, resolve_image_path
+from ..values import is_blank
+from .manifest import ManifestSpec, resolve_image_path
 
 
 def load_image(path: Path):
@@ -60,7 +61,7 @@ class MultimodalDataset(Dataset):
         values: Dict[str, Any] = {}
         for modality, _ in self.columns:
             v = self._values[modality][i]
-            if _is_missing(v) or (isinstance(v, str) and not v.strip()):
+            if is_blank(v):
                 values[modality] = None
             elif modality == "image":
                 values[modality] = load_image(resolve_image_path(v, self.base_dir))

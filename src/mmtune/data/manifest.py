@@ -18,6 +18,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import pandas as pd
 
 from ..tasks import Task
+from ..values import is_blank, is_missing
 
 TableSource = Union[str, os.PathLike, pd.DataFrame]
 
@@ -106,17 +107,6 @@ class ManifestSpec:
         return out
 
 
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    try:
-        return bool(pd.isna(value)) if not isinstance(value, (list, tuple, dict)) else False
-    except (TypeError, ValueError):
-        return False
-
-
 def resolve_image_path(value: Any, base_dir: Optional[Path]) -> Path:
     p = Path(str(value))
     if not p.is_absolute() and base_dir is not None:
@@ -173,11 +163,11 @@ def validate_rows(
         rownum = i + 1
         for modality, col in spec.modality_columns:
             v = values[col]
-            if _is_missing(v) or (isinstance(v, str) and not v.strip()):
+            if is_blank(v):
                 if modality in spec.allow_missing:
                     continue
                 reason = "empty text" if modality == "text" else "missing image path"
-                if not isinstance(v, str) and _is_missing(v):
+                if not isinstance(v, str) and is_missing(v):
                     reason = f"missing {modality} (NaN or null)"
                 bad.append(BadRow(split, rownum, col, reason))
                 continue
@@ -201,12 +191,12 @@ def validate_rows(
         if require_label and spec.weight_column:
             w = values[spec.weight_column]
             try:
-                ok = not _is_missing(w) and float(w) >= 0 and math.isfinite(float(w))
+                ok = not is_missing(w) and float(w) >= 0 and math.isfinite(float(w))
             except (TypeError, ValueError):
                 ok = False
             if not ok:
                 bad.append(BadRow(split, rownum, spec.weight_column, f"sample weight must be a number >= 0, got {w!r}"))
-        if spec.id_column and _is_missing(values[spec.id_column]):
+        if spec.id_column and is_missing(values[spec.id_column]):
             bad.append(BadRow(split, rownum, spec.id_column, "missing id (NaN or null)"))
     return bad
 

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
-from ..data.manifest import _is_missing, resolve_image_path
+from ..data.manifest import resolve_image_path
+from ..values import is_blank
 from ..encoders.base import EncoderOutput
 from ..io import atomic_write_with
 
@@ -56,7 +57,7 @@ def rows_fingerprint(ds: MultimodalDataset, modalities=None) -> str:
             continue
         h.update(modality.encode())
         for v in ds._values[modality]:
-            if _is_missing(v):
+            if is_blank(v):
                 h.update(b"\x00missing")
             elif modality == "image":
                 p = resolve_image_path(v, ds.base_dir)
@@ -166,7 +167,7 @@ def present_masks(ds: MultimodalDataset, modalities) -> Dict[str, torch.Tensor]:
     out = {}
     for m in sorted(modalities):
         vals = ds._values.get(m)
-        out[m] = torch.tensor([not (_is_missing(v) or (isinstance(v, str) and not v.strip())) for v in vals],
+        out[m] = torch.tensor([not is_blank(v) for v in vals],
                               dtype=torch.bool)
     return out
 

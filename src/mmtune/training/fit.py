@@ -206,11 +206,12 @@ def _class_weights(cfg: Config, tasks, train_ds) -> Dict[str, torch.Tensor]:
 
 
 def _image_paths(data: PreparedData, split: str):
-    from ..data.manifest import _is_missing, resolve_image_path
+    from ..data.manifest import resolve_image_path
+    from ..values import is_blank
 
     col = data.spec.image_column
     base = data.base_dirs.get(split)
-    return [None if _is_missing(v) else str(resolve_image_path(v, base).resolve()) for v in data.frames[split][col]]
+    return [None if is_blank(v) else str(resolve_image_path(v, base).resolve()) for v in data.frames[split][col]]
 
 
 def fit_baselines(cfg: Config, fused_metrics: Dict[str, Any], train, val, test) -> Dict[str, Any]:
