@@ -403,6 +403,18 @@ class Config(_Strict):
             out.update(["image", "text"] if e.modality == "image_text" else [e.modality])
         return sorted(out)
 
+    def only_modality(self, modality: str, name: str) -> "Config":
+        """The same settings with only the encoders that read ``modality`` alone, named ``name``: the
+        unimodal counterpart used by baselines and the demo. Raises ValueError when no encoder reads
+        just that modality (a joint encoder such as CLIP has no single-modality counterpart)."""
+        keep = {n: e for n, e in self.model.encoders.items() if e.modality == modality}
+        if not keep:
+            raise ValueError(f"no encoder reads only {modality!r}")
+        raw = self.to_dict()
+        raw["model"]["encoders"] = {n: e.model_dump(mode="json") for n, e in keep.items()}
+        raw["name"] = name
+        return load_config(raw)
+
     @property
     def tasks(self):
         """The tasks (label columns) this config trains: a list of :class:`mmtune.tasks.Task`."""

@@ -111,16 +111,12 @@ def run_demo(output_dir: Path, rows: int = 800, overrides=(), verbose: bool = Tr
         marker.touch()
     base = load_config(demo_config_path(), [f"output_dir={output_dir}", f"data.train={data_dir / 'train.csv'}",
                                              f"data.test={data_dir / 'test.csv'}", *overrides])
-    variants = {"fused": sorted(base.model.encoders), "image only": ["image"], "text only": ["text"]}
+    stem = base.name.rsplit("-", 1)[0]
+    variants = {"fused": base, **{f"{m} only": base.only_modality(m, f"{stem}-{m}") for m in ("image", "text")}}
     results: Dict[str, Dict[str, Any]] = {}
-    for variant, keep in variants.items():
-        cfg = base.model_copy(deep=True)
-        cfg.model.encoders = {k: v for k, v in base.model.encoders.items() if k in keep}
-        if variant != "fused":
-            cfg.name = f"{base.name.rsplit('-', 1)[0]}-{variant.split()[0]}"
-        cfg = load_config(cfg.to_dict())
+    for variant, cfg in variants.items():
         if verbose:
-            print(f"\n== {variant}: encoders {', '.join(keep)} -> {cfg.run_dir}", flush=True)
+            print(f"\n== {variant}: encoders {', '.join(sorted(cfg.model.encoders))} -> {cfg.run_dir}", flush=True)
         t0 = time.time()
         res = fit(cfg, overwrite=True)
         results[variant] = {**res.metrics["test"][cfg.data.label_column], "seconds": time.time() - t0,

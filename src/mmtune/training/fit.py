@@ -221,16 +221,12 @@ def fit_baselines(cfg: Config, fused_metrics: Dict[str, Any], train, val, test) 
     task = cfg.tasks[0].name
     models = {"fused": {k: fused_metrics[split][task].get(k) for k in ("accuracy", "f1_macro")}}
     for modality in cfg.modalities:
-        keep = {n: e for n, e in cfg.model.encoders.items() if e.modality == modality}
-        if not keep:
+        if not any(e.modality == modality for e in cfg.model.encoders.values()):
             continue  # a joint encoder (CLIP) has no single-modality counterpart here
-        sub = cfg.model_copy(deep=True)
-        sub.model.encoders = keep
-        sub.name = f"{cfg.name}-{modality}-only"
+        sub = cfg.only_modality(modality, f"{cfg.name}-{modality}-only")
         sub.evaluation.baselines = False
         sub.evaluation.report = False
         sub.evaluation.modality_contribution = False
-        sub = load_config(sub.to_dict())
         res = fit(sub, train, val, test, overwrite=True)
         models[f"{modality} only"] = {k: res.metrics[split][task].get(k) for k in ("accuracy", "f1_macro")}
     best_single = max(v["accuracy"] for k, v in models.items() if k != "fused")
