@@ -298,6 +298,10 @@ class GANConfig(_Strict):
     batch_size: int = Field(64, ge=2)
     divergence_patience: int = Field(30, ge=1)
     """Stop when the discriminator wins outright (its loss under 0.05) for this many epochs in a row."""
+    r1: float = Field(2.0, ge=0.0)
+    """Weight of the R1 gradient penalty on real rows (0: off)."""
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    """Decay of the moving average of the generator's weights that samples are drawn from."""
 
 
 class SynthesisConfig(_Strict):

@@ -15,9 +15,12 @@ def targets_for_ratio(y: np.ndarray, ratio: float) -> Dict[int, int]:
     return {c: max(int(n), goal) for c, n in enumerate(counts) if n > 0}
 
 
-def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
+                    class_names=None) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
     """New rows (features, labels) so that the classes reach ``cfg.target_ratio`` of the largest, and a
-    report: the method, rows added per class and, for the GAN, its loss history and why it stopped."""
+    report: the method, rows added per class and, for the GAN, its loss history, why it stopped, and per
+    class how close its rows are to the real ones (``fidelity``: mean distance and spread ratio, see
+    :func:`~mmtune.synthesis.feature_gan.fidelity`), with a warning when they are far."""
     targets = targets_for_ratio(y, cfg.target_ratio)
     counts = np.bincount(y, minlength=max(targets) + 1)
     need = {c: t - int(counts[c]) for c, t in targets.items() if t > counts[c]}
@@ -33,19 +36,31 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0) -> Tuple[n
         Xr, yr = sampler.fit_resample(X, y)
         return Xr[len(X):], yr[len(X):], report
     if cfg.method == "gan":
-        from .feature_gan import ConditionalGAN
+        import warnings
+
+        from .feature_gan import ConditionalGAN, fidelity, fidelity_problems
 
         g = cfg.gan
-        gan = ConditionalGAN(X.shape[1], int(y.max()) + 1, g.noise_dim, g.hidden, g.lr, seed)
+        gan = ConditionalGAN(X.shape[1], int(y.max()) + 1, g.noise_dim, g.hidden, g.lr, seed, r1=g.r1,
+                             ema_decay=g.ema_decay)
         gan.fit(X, y, g.epochs, g.batch_size, g.divergence_patience)
         ys = np.concatenate([np.full(n, c) for c, n in need.items()])
+        Xn = gan.sample(ys)
+        # Fidelity on a fresh draw of the same size for every class (the minority classes' own rows
+        # are few): how far the generated class centres and spreads are from the real ones.
+        probe_y = np.repeat(np.unique(y), 200)
+        per_class = fidelity(X, y, gan.sample(probe_y), probe_y)
+        problems = fidelity_problems(per_class, class_names)
+        if problems:
+            warnings.warn("synthetic rows are far from the real ones: " + "; ".join(problems))
         report.update({"d_loss": gan.history["d_loss"], "g_loss": gan.history["g_loss"],
-                       "epochs_run": len(gan.history["d_loss"]), "stopped": gan.stopped})
-        return gan.sample(ys), ys, report
+                       "epochs_run": len(gan.history["d_loss"]), "stopped": gan.stopped,
+                       "fidelity": per_class, "fidelity_problems": problems})
+        return Xn, ys, report
     raise ValueError(f"unknown synthesis method {cfg.method!r}; valid: smote, borderline_smote, gan")
 
 
-def synthesize_cached(train, keys: List[str], cfg, task: str, seed: int = 0):
+def synthesize_cached(train, keys: List[str], cfg, task: str, seed: int = 0, class_names=None):
     """A new CachedDataset: ``train`` plus synthetic rows (pooled features only, every modality present,
     ``synthetic`` flag set). Returns it and the report."""
     from ..finetune.feature_cache import CachedDataset
@@ -53,7 +68,7 @@ def synthesize_cached(train, keys: List[str], cfg, task: str, seed: int = 0):
     dims = [train.outputs[k]["pooled"].shape[1] for k in keys]
     X = torch.cat([train.outputs[k]["pooled"] for k in keys], dim=1).numpy().astype(np.float64)
     y = train.labels[task].numpy()
-    Xn, yn, report = synthesize_rows(X, y, cfg, seed)
+    Xn, yn, report = synthesize_rows(X, y, cfg, seed, class_names)
     n_new = len(yn)
     outputs, start = {}, 0
     for k, d in zip(keys, dims):

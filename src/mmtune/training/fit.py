@@ -116,7 +116,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         from ..synthesis.oversample import synthesize_cached
 
         keys = sorted(datasets["train"].outputs)
-        datasets["train"], synthesis_report = synthesize_cached(datasets["train"], keys, cfg.synthesis, tasks[0].name, t.seed)
+        datasets["train"], synthesis_report = synthesize_cached(datasets["train"], keys, cfg.synthesis, tasks[0].name, t.seed,
+                                                                     tasks[0].classes)
     loaders = {split: make_loader(ds, collate, eval_bs, False,
                                   cfg.data.num_workers if not isinstance(ds, CachedDataset) else 0)
                for split, ds in datasets.items() if split != "train"}
