@@ -281,6 +281,67 @@ def test_stacking_uses_out_of_fold_outputs(tmp_path, tiny_vit, tiny_bert, colour
         res.metrics["test"]["label"]["accuracy"])
 
 
+def _stacking_fixture(n_per_class=(30, 30, 30), dim=40, seed=0):
+    """A model-like object with a StackingFusion over two outputs, and a CachedDataset where output
+    ``a`` carries the label weakly in many noisy dimensions (in-sample fits look far better than they are)
+    and ``b`` is noise."""
+    from types import SimpleNamespace
+
+    from mmtune.finetune.feature_cache import CachedDataset
+    from mmtune.fusion.stacking import StackingFusion
+    from mmtune.tasks import Task
+
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(n_per_class)), n_per_class)
+    a = rng.normal(size=(len(y), dim)) + 0.6 * np.eye(len(n_per_class), dim)[y]
+    b = rng.normal(size=(len(y), dim))
+    fusion = StackingFusion({"a": dim, "b": dim}, len(n_per_class))
+    model = SimpleNamespace(fusion=fusion, heads={"label": torch.nn.Linear(fusion.out_dim, len(n_per_class))},
+                            output_modality={"a": "image", "b": "text"})
+    ds = CachedDataset({"a": {"pooled": torch.tensor(a, dtype=torch.float32)},
+                        "b": {"pooled": torch.tensor(b, dtype=torch.float32)}},
+                       {"image": torch.ones(len(y), dtype=torch.bool), "text": torch.ones(len(y), dtype=torch.bool)},
+                       {"label": y.tolist()})
+    task = Task("label", "label")
+    task.fit_classes([f"c{i}" for i in y])
+    return model, ds, task, y
+
+
+def test_stacking_meta_classifier_is_fitted_on_out_of_fold_probabilities():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mmtune.training.stacking import _logistic_into_linear, fit_stacking
+
+    model, ds, task, y = _stacking_fixture()
+    fit_stacking(model, ds, task, folds=3, seed=0)
+    got = model.heads["label"].weight.detach().clone()
+
+    def meta_weights(parts):
+        lin = torch.nn.Linear(6, 3)
+        _logistic_into_linear(lin, np.concatenate(parts, 1), y, 3, 0)
+        return lin.weight.detach()
+
+    est = lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
+    X = {k: ds.outputs[k]["pooled"].numpy().astype(np.float64) for k in ("a", "b")}
+    oof = [cross_val_predict(est(), X[k], y, cv=StratifiedKFold(3, shuffle=True, random_state=0),
+                             method="predict_proba") for k in ("a", "b")]
+    in_sample = [est().fit(X[k], y).predict_proba(X[k]) for k in ("a", "b")]
+    assert torch.allclose(got, meta_weights(oof), atol=1e-6)
+    # what a meta-classifier fitted on in-sample probabilities would be: clearly different
+    assert (got - meta_weights(in_sample)).abs().max() > 0.1
+
+
+def test_stacking_refuses_a_class_too_small_for_cross_validation():
+    from mmtune.training.stacking import fit_stacking
+
+    model, ds, task, _ = _stacking_fixture(n_per_class=(30, 30, 1))
+    with pytest.raises(ValueError, match="class 'c2' has 1 training row"):
+        fit_stacking(model, ds, task, folds=3, seed=0)
+
+
 def test_gradual_unfreezing_thaws_one_group_per_epoch(tmp_path, tiny_bert, colour_verdict):
     import lightning as L
 

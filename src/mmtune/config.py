@@ -283,11 +283,13 @@ class ImbalanceConfig(_Strict):
     sampler: bool = False
     """Draw training rows with probability inversely proportional to their class frequency."""
     sample_weight_column: Optional[str] = None
-    """Column holding a per-row loss weight (and, with the sampler, a sampling weight factor)."""
+    """Column holding a per-row loss weight (with the sampler too: the sampler balances classes, the loss
+    weighs rows, so a row counts w once)."""
     focal_gamma: Optional[float] = Field(None, ge=0.0)
     """Focal loss focusing parameter (None: cross-entropy; 0 equals cross-entropy)."""
     focal_alpha: Optional[float] = Field(None, gt=0.0, lt=1.0)
-    """Focal loss: binary tasks weight class 1 by alpha and class 0 by 1 - alpha."""
+    """Focal loss, binary tasks only: class 1 weighted by alpha and class 0 by 1 - alpha (a task with more
+    classes is refused; use ``class_weights`` there)."""
 
 
 class GANConfig(_Strict):
@@ -343,7 +345,8 @@ class EvaluationConfig(_Strict):
 
 class Config(_Strict):
     name: str = "run"
-    """The run's name: its bundle is ``output_dir/name``."""
+    """The run's name: its bundle is ``output_dir/name`` (a plain folder name: no path separators, not empty,
+    not ``.`` / ``..``, not starting with ``.``)."""
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -356,6 +359,14 @@ class Config(_Strict):
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v.strip() or "/" in v or "\\" in v or "\x00" in v or v.startswith("."):
+            raise ValueError(f"run name {v!r} must be a plain folder name: not empty, no '/' or '\\', "
+                             "not starting with '.' (so '.' and '..' are refused too)")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -392,6 +403,16 @@ class Config(_Strict):
                 raise ValueError("synthetic rows have pooled features only: use fusion concat, gated or late")
             if self.data.tasks and len(self.data.tasks) > 1:
                 raise ValueError("synthesis supports one single-label task")
+        imb, reg = self.imbalance, self.regularization
+        if imb.focal_gamma is not None and reg.label_smoothing > 0:
+            raise ValueError("regularization.label_smoothing and imbalance.focal_gamma do not combine (the focal "
+                             "loss has no smoothed targets): set one of them")
+        if imb.focal_alpha is not None and imb.focal_gamma is None:
+            raise ValueError("imbalance.focal_alpha is a focal-loss setting: set imbalance.focal_gamma too "
+                             "(or use imbalance.class_weights with cross-entropy)")
+        if imb.sampler and imb.class_weights != "none":
+            raise ValueError("imbalance.sampler and imbalance.class_weights both rebalance classes; together a "
+                             "minority row would count about 1/n_c^2: choose one")
         if self.finetune.target_modules:
             unknown = set(self.finetune.target_modules) - set(self.model.encoders)
             if unknown:
@@ -437,6 +458,30 @@ class Config(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Keys a resumed run may change: they do not change the model, the data or how it is optimised.
+RESUMABLE_KEYS = ("name", "output_dir", "evaluation", "trainer.max_epochs", "trainer.early_stopping_patience",
+                  "trainer.progress_bar", "trainer.tensorboard", "trainer.eval_batch_size", "data.num_workers",
+                  "finetune.cache_dir", "trainer.accelerator", "trainer.devices")
+
+
+def config_differences(before: Mapping[str, Any], after: Mapping[str, Any],
+                       ignore: Sequence[str] = ()) -> List[tuple]:
+    """``(dotted key, old value, new value)`` for every leaf that differs, outside the ``ignore`` prefixes."""
+    out: List[tuple] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if any(key == p or key.startswith(p + ".") for p in ignore):
+            return
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+        elif a != b:
+            out.append((key, a, b))
+
+    walk(before, after, "")
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # loading, overrides, errors that name the key
 
@@ -472,13 +517,11 @@ def load_config(
     for item in overrides:
         _apply_override(raw, item)
     cfg = _validate(raw)
-    if base_dir is not None:
+    if base_dir is not None:  # relative manifest paths in a YAML file mean: relative to the file's folder
         for key in ("train", "val", "test"):
             value = getattr(cfg.data, key)
-            if value and not Path(value).is_absolute() and not Path(value).exists():
-                candidate = base_dir / value
-                if candidate.exists():
-                    setattr(cfg.data, key, str(candidate))
+            if value and not Path(value).is_absolute():
+                setattr(cfg.data, key, str(base_dir / value))
     return cfg
 
 

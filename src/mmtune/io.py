@@ -1,4 +1,9 @@
-"""Atomic file writes: a crash never leaves a half-written file under its final name."""
+"""Atomic file writes: a crash never leaves a half-written file under its final name.
+
+Every writer goes through a temporary file in the same folder, fsynced, renamed onto the final name,
+and the folder fsynced: after a crash (or power loss, on a file system that honours fsync) a reader
+sees the old file or the complete new one.
+"""
 from __future__ import annotations
 
 import json
@@ -19,8 +24,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
 
     return atomic_write_with(path, write)
 
@@ -41,8 +44,10 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
     os.close(fd)
     try:
         writer(Path(tmp))
+        _fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -57,6 +62,10 @@ def atomic_write_dir(path: str | os.PathLike, writer: Callable[[Path], None]) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         writer(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync_file(f)
+        fsync_dir(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -67,10 +76,28 @@ def atomic_write_dir(path: str | os.PathLike, writer: Callable[[Path], None]) ->
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _fsync_file(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path) -> None:
+    """Make a rename in ``path`` durable (POSIX: fsync the folder)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -8,15 +8,8 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from ..values import is_blank
+from .images import load_image
 from .manifest import ManifestSpec, resolve_image_path
-
-
-def load_image(path: Path):
-    """Decode an image file to RGB (PIL)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 class MultimodalDataset(Dataset):

@@ -18,6 +18,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import pandas as pd
 
 from ..tasks import Task
+from .images import load_image
 from ..values import is_blank, is_missing
 
 TableSource = Union[str, os.PathLike, pd.DataFrame]
@@ -118,11 +119,8 @@ def _check_image(path: Path) -> Optional[str]:
     if not path.is_file():
         return f"image file {str(path)!r} does not exist"
     try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as exc:
+        load_image(path)  # a full decode: a truncated file fails here, not mid-epoch
+    except Exception as exc:  # Pillow raises many types for a bad file; each becomes this row's reason
         return f"image file {str(path)!r} is not a readable image ({type(exc).__name__}: {exc})"
     return None
 

@@ -48,9 +48,11 @@ class TextProcessor:
 
 
 class HFImageProcessor:
-    """Wraps a transformers image processor (the PIL backend: no torchvision needed)."""
+    """Wraps a transformers image processor, always on its PIL backend: the same pixels whether or not
+    torchvision happens to be installed. The backend is recorded when saved and used again when loaded."""
 
     modalities = ("image",)
+    backend = "pil"
 
     def __init__(self, image_processor, image_size: Optional[int] = None):
         self.image_processor = image_processor
@@ -80,26 +82,24 @@ class HFImageProcessor:
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.image_processor.save_pretrained(str(folder))
-        _write_meta(folder, "hf_image", image_size=self.image_size)
+        _write_meta(folder, "hf_image", image_size=self.image_size, backend=self.backend)
 
     @classmethod
     def load(cls, folder: Path, meta: Dict[str, Any]) -> "HFImageProcessor":
+        backend = meta.get("backend", "pil")  # bundles written before the key existed used PIL too
+        if backend != "pil":
+            raise ValueError(f"processor in {str(folder)!r} uses image backend {backend!r}; this mmtune reads 'pil'")
         return cls(load_hf_image_processor(str(folder)), meta.get("image_size"))
 
 
 def load_hf_image_processor(path: str):
-    """AutoImageProcessor on its PIL backend when torchvision is not installed."""
+    """AutoImageProcessor on its PIL backend (transformers >= 5: ``backend="pil"``; older releases: the
+    slow processor, which is PIL-based)."""
     from transformers import AutoImageProcessor
 
     try:
-        import torchvision  # noqa: F401
-
-        return AutoImageProcessor.from_pretrained(path)
-    except Exception:
-        pass
-    try:
         return AutoImageProcessor.from_pretrained(path, backend="pil")
-    except TypeError:
+    except TypeError:  # a release without the ``backend`` argument
         return AutoImageProcessor.from_pretrained(path, use_fast=False)
 
 

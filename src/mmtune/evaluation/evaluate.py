@@ -48,7 +48,8 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
         calibration[t.name] = entry
     metrics: Dict[str, Any] = {}
     for s in raw:
-        metrics[s] = {t.name: task_metrics(t, labels[s][t.name], calibrated(t, raw[s][t.name])) for t in tasks}
+        metrics[s] = {t.name: task_metrics(t, labels[s][t.name], calibrated(t, raw[s][t.name]),
+                                          eval_cfg.calibration_bins) for t in tasks}
     metrics["calibration"] = calibration
     target = "test" if "test" in raw else "val"
     if eval_cfg.modality_contribution and len(modalities) > 1:

@@ -8,7 +8,8 @@ from sklearn import metrics as skm
 
 
 def classification_metrics(y_true: Sequence[int], proba: np.ndarray, class_names: Optional[Sequence[Any]] = None,
-                           threshold: Optional[float] = None, top_k: Sequence[int] = (2, 3, 5)) -> Dict[str, Any]:
+                           threshold: Optional[float] = None, top_k: Sequence[int] = (2, 3, 5),
+                           ece_bins: int = 15) -> Dict[str, Any]:
     """Single-label metrics from class indices and an (N, C) probability matrix.
 
     Predictions are the argmax, or for a binary task with ``threshold`` set, class 1 when its
@@ -16,7 +17,8 @@ def classification_metrics(y_true: Sequence[int], proba: np.ndarray, class_names
     ``precision`` / ``recall`` / ``f1`` macro and weighted, ``per_class`` (precision, recall, f1,
     support per class), ``roc_auc`` (binary: the positive class's probability; multiclass: one-vs-rest
     macro), ``pr_auc`` (average precision; macro over classes for multiclass), ``log_loss``,
-    ``top_k_accuracy`` (for each k < C), ``confusion_matrix`` (rows: true class) and ``ece``. ROC-AUC
+    ``top_k_accuracy`` (for each k < C), ``confusion_matrix`` (rows: true class) and ``ece`` (``ece_bins``
+    equal-width bins, ``ece_bins`` recorded beside it). ROC-AUC
     and PR-AUC are None, with a note saying why, when the true labels hold fewer than all classes.
     """
     from .calibration import expected_calibration_error
@@ -45,7 +47,8 @@ def classification_metrics(y_true: Sequence[int], proba: np.ndarray, class_names
         "top_k_accuracy": {str(k): float(skm.top_k_accuracy_score(y, proba, k=k, labels=labels))
                            for k in top_k if k < n_classes},
         "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
-        "ece": expected_calibration_error(y, proba),
+        "ece": expected_calibration_error(y, proba, ece_bins),
+        "ece_bins": int(ece_bins),
     }
     present = np.unique(y)
     if len(present) < n_classes:
@@ -106,9 +109,10 @@ def tune_thresholds(y_true: np.ndarray, proba: np.ndarray) -> list:
     return out
 
 
-def task_metrics(task, y_true, proba: np.ndarray) -> Dict[str, Any]:
-    """Metrics of one task: single-label (with the task's decision threshold, if any) or multi-label
-    (with the task's per-label thresholds). ``proba`` as the Predictor returns it (calibrated)."""
+def task_metrics(task, y_true, proba: np.ndarray, ece_bins: int = 15) -> Dict[str, Any]:
+    """Metrics of one task: single-label (with the task's decision threshold, if any; ECE over ``ece_bins``
+    bins) or multi-label (with the task's per-label thresholds). ``proba`` as the Predictor returns it
+    (calibrated)."""
     if task.multilabel:
         return multilabel_metrics(np.asarray(y_true), proba, task.thresholds)
-    return classification_metrics(y_true, proba, task.classes, task.threshold)
+    return classification_metrics(y_true, proba, task.classes, task.threshold, ece_bins=ece_bins)

@@ -30,16 +30,15 @@ def _img(png: bytes, alt: str) -> str:
 def _thumb(path: Optional[str], side: int = 96) -> str:
     if not isinstance(path, str) or not Path(path).is_file():
         return "<em>no image</em>"
-    try:
-        from PIL import Image
+    from ..data.images import load_image
 
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((side, side))
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
+    try:
+        im = load_image(Path(path))
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
         return _img(buf.getvalue(), Path(path).name)
-    except Exception:  # an unreadable file shows as such, the report still builds
+    except (OSError, ValueError):  # a file changed since training shows as unreadable; the report still builds
         return "<em>unreadable image</em>"
 
 

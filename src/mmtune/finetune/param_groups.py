@@ -4,16 +4,31 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def _no_decay_ids(model: nn.Module) -> set:
-    norm_types = (nn.LayerNorm, nn.GroupNorm, _BatchNorm, nn.Embedding)
+def _decayed_types():
+    types = [nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+             nn.ConvTranspose3d]
+    try:  # GPT-2 style "Conv1D" (a linear layer with transposed weight)
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:  # pragma: no cover - older transformers
+        pass
+    return tuple(types)
+
+
+def decayed_parameter_ids(model: nn.Module) -> set:
+    """ids of the parameters weight decay (and the L1 penalty) apply to: the ``weight`` of linear and
+    convolution layers, and nothing else — never biases, norm weights, embeddings, class / mask tokens,
+    position embeddings, modality embeddings or learned placeholders (parameters set directly on a module)."""
+    types = _decayed_types()
     out = set()
     for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if name.endswith("bias") or isinstance(module, norm_types) or p.ndim <= 1:
-                out.add(id(p))
+        if isinstance(module, types):
+            w = getattr(module, "weight", None)
+            if isinstance(w, nn.Parameter):
+                out.add(id(w))
     return out
 
 
@@ -24,11 +39,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, encoder_lr: O
 
     Encoder parameters get ``encoder_lr`` (default ``lr``), times ``layer_decay ** d`` with ``layer_decay``
     set, where d counts layer groups up from the deepest (d = 0). Fusion parameters get ``fusion_lr``,
-    heads ``head_lr`` (both default ``lr``). Weight decay applies to weight matrices only — never to
-    biases, norm weights or embeddings. Only trainable parameters are included, unless
+    heads ``head_lr`` (both default ``lr``). Weight decay applies only to the weights of linear and
+    convolution layers (:func:`decayed_parameter_ids`). Only trainable parameters are included, unless
     ``include_frozen_encoders`` (gradual unfreezing: the optimizer must know parameters that start frozen).
     Each group has a ``name`` such as ``encoders.text/3/decay``."""
-    no_decay = _no_decay_ids(model)
+    decayed = decayed_parameter_ids(model)
     rate_and_name: Dict[int, tuple] = {}
     for ename, enc in model.encoders.items():
         groups = enc.layer_groups()
@@ -50,7 +65,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, encoder_lr: O
         if not (p.requires_grad or (include_frozen_encoders and id(p) in enc_ids)):
             continue
         rate, tag = rate_and_name[id(p)]
-        decay = id(p) not in no_decay
+        decay = id(p) in decayed
         buckets.setdefault((tag, rate, decay), []).append(p)
     return [
         {"params": params, "lr": rate, "weight_decay": weight_decay if decay else 0.0,

@@ -84,6 +84,15 @@ class Predictor:
             proba = {t.name: calibrate(t, proba[t.name]) for t in self.tasks}
         return proba
 
+    def _raw_and_calibrated(self, ds: MultimodalDataset, batch_size: Optional[int]):
+        raw = predict_proba_batches(self.model, self.tasks, self._batches(ds, batch_size), self.device)
+        return raw, {t.name: calibrate(t, raw[t.name]) for t in self.tasks}
+
+    @staticmethod
+    def _index(data: TableSource, n: int) -> pd.Index:
+        """The input DataFrame's own index (results line up with it), or 0..n-1 for a file."""
+        return data.index if isinstance(data, pd.DataFrame) else pd.RangeIndex(n)
+
     def _pick(self, task: Optional[str]) -> List[Task]:
         if task is None:
             return self.tasks
@@ -102,7 +111,7 @@ class Predictor:
         proba = self._proba(ds, batch_size, calibrated)
         out = {}
         for t in self._pick(task):
-            df = pd.DataFrame(proba[t.name], columns=[str(c) for c in t.classes])
+            df = pd.DataFrame(proba[t.name], columns=[str(c) for c in t.classes], index=self._index(data, len(ds)))
             if self.spec.id_column:
                 df.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
             out[t.name] = df
@@ -112,8 +121,8 @@ class Predictor:
         """The most probable class of each row (single-label), or the list of labels whose probability
         reaches the task's tuned threshold (multi-label). ``{task: labels}`` for several tasks."""
         ds = self._dataset(data, with_labels=False)
-        proba = self._proba(ds, batch_size)
-        out = {t.name: decide(t, proba[t.name]) for t in self._pick(task)}
+        raw, proba = self._raw_and_calibrated(ds, batch_size)
+        out = {t.name: decide(t, proba[t.name], raw[t.name]) for t in self._pick(task)}
         return out if len(out) > 1 else next(iter(out.values()))
 
     def predict_table(self, data: TableSource, batch_size: Optional[int] = None) -> pd.DataFrame:
@@ -121,14 +130,14 @@ class Predictor:
         (multi-label: the labels joined by the task's separator) and ``prob_<class>`` per class; with
         several tasks the columns are prefixed ``<task>.``. What ``mmtune predict`` writes."""
         ds = self._dataset(data, with_labels=False)
-        proba = self._proba(ds, batch_size)
-        out = pd.DataFrame(index=range(len(ds)))
+        raw, proba = self._raw_and_calibrated(ds, batch_size)
+        out = pd.DataFrame(index=self._index(data, len(ds)))
         if self.spec.id_column:
             out[self.spec.id_column] = ds.df[self.spec.id_column].to_numpy()
         multi = len(self.tasks) > 1
         for t in self.tasks:
             prefix = f"{t.name}." if multi else ""
-            labels = decide(t, proba[t.name])
+            labels = decide(t, proba[t.name], raw[t.name])
             out[f"{prefix}prediction"] = [t.separator.join(map(str, v)) for v in labels] if t.multilabel else list(labels)
             for j, c in enumerate(t.classes):
                 out[f"{prefix}prob_{c}"] = proba[t.name][:, j]
@@ -141,7 +150,8 @@ class Predictor:
         modality hidden through the present-mask."""
         ds = self._dataset(data, with_labels=True)
         proba = self._proba(ds, batch_size)
-        out: Dict[str, Any] = {t.name: task_metrics(t, ds.labels[t.name], proba[t.name]) for t in self.tasks}
+        out: Dict[str, Any] = {t.name: task_metrics(t, ds.labels[t.name], proba[t.name],
+                                                        self.config.evaluation.calibration_bins) for t in self.tasks}
         if contribution and len(self.modalities) > 1:
             from ..evaluation.ablation import modality_contribution
 
@@ -151,14 +161,17 @@ class Predictor:
 
 
 def calibrate(task: Task, proba: np.ndarray) -> np.ndarray:
-    """The task's stored temperature applied (single-label); multi-label probabilities unchanged."""
+    """The task's stored temperature applied (single-label; float64, so that no two classes tie where the
+    raw probabilities do not); multi-label probabilities unchanged."""
     from ..evaluation.calibration import apply_temperature
 
-    return proba if task.multilabel else apply_temperature(proba, task.temperature).astype(np.float32)
+    return proba if task.multilabel else apply_temperature(proba, task.temperature)
 
 
-def decide(task: Task, proba: np.ndarray):
-    """Labels from probabilities: argmax (single-label) or per-label thresholds (multi-label)."""
+def decide(task: Task, proba: np.ndarray, raw: Optional[np.ndarray] = None):
+    """Labels from probabilities: per-label thresholds (multi-label), p(class 1) against the tuned threshold
+    (binary with a threshold, on the calibrated ``proba`` it was tuned on), else the argmax — of ``raw``
+    when given: temperature scaling never changes which class is most probable."""
     names = np.empty(len(task.classes), dtype=object)
     names[:] = task.classes
     if task.multilabel:
@@ -166,4 +179,8 @@ def decide(task: Task, proba: np.ndarray):
         return [list(names[row >= th]) for row in proba]
     from ..evaluation.metrics import decide_single
 
-    return names[decide_single(proba, task.threshold)] if len(proba) else names[:0]
+    if not len(proba):
+        return names[:0]
+    if task.threshold is None and raw is not None:
+        return names[np.asarray(raw).argmax(1)]
+    return names[decide_single(proba, task.threshold)]

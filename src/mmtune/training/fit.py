@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,8 @@ import torch
 
 import numpy as np
 
-from ..bundle import MARKER, write_bundle
-from ..config import Config, load_config
+from ..bundle import RunClaim, write_bundle
+from ..config import RESUMABLE_KEYS, Config, config_differences, load_config
 from ..data.collate import Collator
 from ..data.datamodule import PreparedData, make_loader, prepare_data
 from ..data.manifest import TableSource
@@ -71,35 +70,32 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     """Fine-tune the configured model and write its run bundle.
 
     ``train`` / ``val`` / ``test`` (DataFrames or manifest paths) take precedence over the config's
-    ``data.*`` paths. ``resume`` continues from ``checkpoints/last.ckpt``; ``overwrite`` deletes an
-    existing run of the same name first. Returns the bundle folder and its metrics.
+    ``data.*`` paths. ``resume`` continues from ``checkpoints/last.ckpt`` (refused when the config changed
+    in a way that changes the model or its training); ``overwrite`` builds the new run beside an existing
+    one of the same name and replaces it only once complete. Returns the bundle folder and its metrics.
 
     Raises ConfigError (bad config), BadRowsError (bad rows with ``on_bad_rows: error``),
-    FileExistsError (the run folder is taken and neither ``resume`` nor ``overwrite`` is set).
+    FileExistsError (the run folder is taken and neither ``resume`` nor ``overwrite`` is set),
+    RunInUseError (another process is writing the same run).
     """
     quiet_libraries()
     cfg = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
-    run_dir = cfg.run_dir
+    with RunClaim(cfg.run_dir, resume, overwrite) as claim:
+        result = _fit_in(claim.work_dir, cfg, train, val, test, claim.resume, callbacks)
+        claim.commit()
+    return FitResult(cfg.run_dir, result, cfg)
+
+
+def _fit_in(run_dir: Path, cfg: Config, train, val, test, resume: bool, callbacks) -> Dict[str, Any]:
+    """The run itself, written into ``run_dir`` (the run folder, or the staging folder of an overwrite)."""
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif resume:
-            if not last_ckpt.is_file():
-                raise FileNotFoundError(f"cannot resume: {str(last_ckpt)!r} does not exist")
-        else:
-            state = "a finished run" if (run_dir / MARKER).is_file() else "an unfinished run"
-            raise FileExistsError(
-                f"{str(run_dir)!r} already holds {state}: pass --resume to continue it, --overwrite to replace it, "
-                "or choose another name (--set name=...)."
-            )
-    elif resume:
-        raise FileNotFoundError(f"cannot resume: {str(run_dir)!r} holds no run")
+    previous = _read_resume_state(last_ckpt, cfg) if resume else None
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     modalities = cfg.modalities
     data = prepare_data(cfg.data, modalities, train, val, test, cfg.imbalance.sample_weight_column)
     tasks = data.tasks
+    _check_loss_options(cfg, tasks)
     allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
     model = build_model(cfg.model, {t.name: len(t.classes) for t in tasks}, allow_missing=allow_missing)
     ft = cfg.finetune
@@ -117,12 +113,11 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
 
         keys = sorted(datasets["train"].outputs)
         datasets["train"], synthesis_report = synthesize_cached(datasets["train"], keys, cfg.synthesis, tasks[0].name, t.seed,
-                                                                     tasks[0].classes)
+                                                                 tasks[0].classes)
     loaders = {split: make_loader(ds, collate, eval_bs, False,
                                   cfg.data.num_workers if not isinstance(ds, CachedDataset) else 0)
                for split, ds in datasets.items() if split != "train"}
     loaders["train"] = _train_loader(cfg, model, datasets["train"], collate, modalities, tasks)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.model.fusion.type == "stacking":
         from .stacking import fit_stacking
 
@@ -132,19 +127,20 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         module = ClassifierModule(model, tasks, cfg.optim, cfg.schedule, ft, t.monitor, cfg.model.modality_dropout,
                                   cfg.augment, cfg.regularization, cfg.imbalance,
                                   _class_weights(cfg, tasks, datasets["train"]), t.epoch_metrics)
-        extra = ([GradualUnfreezing(ft)] if ft.strategy == "gradual" else []) + list(callbacks)
-        previous_logs = _read_previous_logs(run_dir, last_ckpt) if resume else None
+        extra = ([GradualUnfreezing(ft)] if ft.strategy == "gradual" else []) + [_ConfigInCheckpoint(cfg)]
+        extra += list(callbacks)
+        previous_logs = _previous_logs(run_dir, previous["epoch"]) if previous is not None else None
         trainer = build_trainer(cfg, run_dir, len(loaders["train"]), extra)
         if previous_logs is not None:
             _continue_logs(trainer, previous_logs)
         # from_pretrained leaves models in eval mode and Lightning keeps the mode it finds: set it here
         # (the classifier keeps fully frozen encoders and frozen batch-norm layers in eval mode).
         module.train()
-        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(last_ckpt) if resume else None)
+        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(last_ckpt) if resume else None,
+                    weights_only=True)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if t.restore_best and best and Path(best).is_file():
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-            module.load_state_dict(state, strict=False)
+        if t.restore_best and best:
+            module.load_checkpoint_weights(best)
         epochs = int(trainer.current_epoch)
     model.cpu()
     trainable = trainable_parameter_count(model)
@@ -161,7 +157,37 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         metrics["baselines"] = fit_baselines(cfg, metrics, train, val, test)
     report = (lambda: build_report(run_dir)) if cfg.evaluation.report else None
     write_bundle(run_dir, cfg, model, tasks, metrics, data.rejected, predictions, before_marker=report)
-    return FitResult(run_dir, metrics, cfg)
+    return metrics
+
+
+class _ConfigInCheckpoint(L.Callback):
+    """Stores the resolved config in every checkpoint, so that a resume can tell what changed."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg.to_dict()
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        checkpoint["mmtune_config"] = self.cfg
+
+
+def _read_resume_state(last_ckpt: Path, cfg: Config) -> Dict[str, Any]:
+    """The checkpoint's epoch, after checking it was written for this config (``weights_only``: a planted
+    pickle is refused, never run). Raises ValueError naming the keys that differ."""
+    try:
+        ckpt = torch.load(last_ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError… for a bad file
+        raise ValueError(f"cannot resume: {str(last_ckpt)!r} is not a readable mmtune checkpoint "
+                         f"({type(exc).__name__}); start again with --overwrite") from None
+    before = ckpt.get("mmtune_config")
+    if before is not None:
+        changed = config_differences(before, cfg.to_dict(), RESUMABLE_KEYS)
+        if changed:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:6])
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise ValueError(f"cannot resume {str(cfg.run_dir)!r}: the config differs from the one it was trained "
+                             f"with at {shown}{more}. Resume with the original settings, or start a new run "
+                             "(--overwrite or another name).")
+    return {"epoch": int(ckpt.get("epoch", 0))}
 
 
 def _train_loader(cfg: Config, model, ds, collate, modalities, tasks):
@@ -178,8 +204,8 @@ def _train_loader(cfg: Config, model, ds, collate, modalities, tasks):
             raise ValueError("imbalance.sampler needs a single-label task to balance")
         labels = ds.labels[task.name]
         labels = labels.tolist() if hasattr(labels, "tolist") else labels
-        w = ds.weights.tolist() if getattr(ds, "weights", None) is not None and hasattr(ds.weights, "tolist") else ds.weights
-        sampler = balanced_sampler(labels, w, t.seed)
+        # classes only: sample weights act in the loss, so a row counts w once (not w from the sampler and w again)
+        sampler = balanced_sampler(labels, None, t.seed)
     if not isinstance(ds, CachedDataset):
         mask = next((getattr(e.processor, "tokenizer", None) for e in model.encoders.values()
                      if getattr(e.processor, "tokenizer", None) is not None), None)
@@ -187,6 +213,15 @@ def _train_loader(cfg: Config, model, ds, collate, modalities, tasks):
         collate = Collator(collate.processors, modalities, text_augment=augment)
     return make_loader(ds, collate, t.batch_size, True, cfg.data.num_workers if not isinstance(ds, CachedDataset) else 0,
                        t.seed, sampler)
+
+
+def _check_loss_options(cfg: Config, tasks) -> None:
+    """Loss settings that depend on the classes found in the data."""
+    if cfg.imbalance.focal_alpha is not None:
+        wide = [t for t in tasks if not t.multilabel and len(t.classes) != 2]
+        if wide:
+            raise ValueError(f"imbalance.focal_alpha is defined for binary tasks; task {wide[0].name!r} has "
+                             f"{len(wide[0].classes)} classes: use imbalance.class_weights to weight classes there")
 
 
 def _class_weights(cfg: Config, tasks, train_ds) -> Dict[str, torch.Tensor]:
@@ -251,12 +286,11 @@ def _datasets(cfg: Config, model, data: PreparedData, modalities, eval_bs: int):
     return {s: data.dataset(s, modalities) for s in splits}, collator
 
 
-def _read_previous_logs(run_dir: Path, last_ckpt: Path) -> Optional[pd.DataFrame]:
+def _previous_logs(run_dir: Path, done_epoch: int) -> Optional[pd.DataFrame]:
     """Log rows up to the epoch the checkpoint holds (rows logged after it are redone on resume)."""
     path = run_dir / "logs" / "metrics.csv"
     if not path.is_file():
         return None
-    done_epoch = torch.load(last_ckpt, map_location="cpu", weights_only=False)["epoch"]
     df = pd.read_csv(path)
     return df[df["epoch"].isna() | (df["epoch"] <= done_epoch)] if "epoch" in df else df
 

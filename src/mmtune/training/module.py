@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from ..finetune import param_groups
+from ..finetune.param_groups import decayed_parameter_ids
 from ..finetune.feature_cache import as_encoder_outputs
 
 
@@ -48,7 +49,8 @@ class ClassifierModule(L.LightningModule):
             self.image_augment = ImageAugment(augment_cfg.image)
         self._image_norm = _image_normalisations(model)
         self._token_info = _token_info(model)
-        self.strict_loading = False  # frozen weights are not in checkpoints
+        self._l1_ids = decayed_parameter_ids(model)  # the same weights as weight decay
+        self.strict_loading = False  # frozen weights are not in checkpoints; on_load_checkpoint checks the keys
         self.train_acc = torch.nn.ModuleDict()
         self.val_metrics = torch.nn.ModuleDict()
         names = list(epoch_metrics or ["accuracy", "f1_macro"])
@@ -92,8 +94,8 @@ class ClassifierModule(L.LightningModule):
                 part = rows.mean()
             total = total + t.weight * part
         if self.reg is not None and self.reg.l1 > 0 and self.training:
-            total = total + self.reg.l1 * sum(p.abs().sum() for n, p in self.model.named_parameters()
-                                              if p.requires_grad and p.ndim >= 2)
+            total = total + self.reg.l1 * sum(p.abs().sum() for p in self.model.parameters()
+                                              if p.requires_grad and id(p) in self._l1_ids)
         return total
 
     def _drop_modalities(self, present: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -211,12 +213,42 @@ class ClassifierModule(L.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         raise ValueError(f"unknown schedule {s.name!r}")  # pragma: no cover
 
-    # ---- checkpoints without frozen weights --------------------------------------------
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+    # ---- checkpoints without frozen weights, loaded strictly ------------------------------
+    def checkpoint_keys(self) -> set:
+        """The state-dict keys a checkpoint of this module holds: everything but frozen encoder weights
+        (gradual unfreezing keeps everything: its groups thaw during training)."""
+        keys = set(self.state_dict().keys())
         if self.finetune_cfg.strategy == "gradual":
-            return  # groups thaw during training: keep everything
-        frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+            return keys
+        return keys - {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        keep = self.checkpoint_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Lightning loads with strict=False (frozen weights are absent by design); the key set is checked here.
+        check_checkpoint_keys(self.checkpoint_keys(), checkpoint.get("state_dict", {}), "the checkpoint")
+
+    def load_checkpoint_weights(self, path) -> None:
+        """Load a checkpoint's weights (``weights_only``: nothing in it is executed), refusing one whose keys
+        are not exactly this module's."""
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        check_checkpoint_keys(self.checkpoint_keys(), state, f"checkpoint {str(path)!r}")
+        self.load_state_dict(state, strict=False)
+
+
+def check_checkpoint_keys(expected: set, state: Dict[str, Any], what: str) -> None:
+    """Raise ValueError naming the missing and unexpected keys when ``state`` does not hold exactly ``expected``."""
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise ValueError(f"{what} does not match this model: {'; '.join(parts)}. It was written for a different "
+                         "model configuration.")
 
 
 def _metric(name: str, task):

@@ -59,15 +59,17 @@ def fit_stacking(model, train, task, folds: int, seed: int) -> None:
         present = train.present[model.output_modality[key]].numpy()
         oof = np.full((len(y), n_classes), 1.0 / n_classes)
         Xp, yp = X[present], y[present]
-        k = min(folds, int(np.bincount(yp).min()) if len(yp) else 2)
-        if k >= 2:
-            est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-            proba = cross_val_predict(est, Xp, yp, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                                      method="predict_proba")
-            cols = np.unique(yp)
-            oof_p = np.zeros((len(yp), n_classes))
-            oof_p[:, cols] = proba
-            oof[present] = oof_p
+        counts = np.bincount(yp, minlength=n_classes)
+        if counts.min() < 2:
+            c = int(counts.argmin())
+            raise ValueError(
+                f"fusion 'stacking': class {task.classes[c]!r} has {int(counts[c])} training row(s) with "
+                f"{key!r} present; out-of-fold stacking needs at least 2 per class. Add rows of that class "
+                "or choose another fusion (concat, late, gated).")
+        k = min(folds, int(counts.min()))
+        est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+        oof[present] = cross_val_predict(est, Xp, yp, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                                         method="predict_proba")
         _logistic_into_linear(fusion.branches[safe(key)], Xp, yp, n_classes, seed)
         oof_parts.append(oof)
     meta_X = np.concatenate(oof_parts, axis=1)

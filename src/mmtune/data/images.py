@@ -1,0 +1,43 @@
+"""Decoding image files to RGB: one function for validation, training, prediction and the report.
+
+A file is decoded in full (``Image.load``), so a truncated or corrupt file fails here, at validation,
+with its row number — never mid-epoch. High-bit-depth greyscale images (16-bit, 12-bit stored in 16
+bits, 32-bit integer, float) are scaled to 8 bits instead of clipped: ``convert("RGB")`` would clip
+every value above 255 to white.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(im):
+    """An RGB PIL image from any mode. Integer greyscale is divided by the smallest full scale that holds
+    its maximum — 255 (mode ``I`` only), 4095 (12-bit data in 16 bits), 65535 — then scaled to 0-255;
+    float images by 1 when they lie in [0, 1], else by their maximum."""
+    from PIL import Image
+
+    if im.mode not in _HIGH_BIT_MODES:
+        return im.convert("RGB")
+    a = np.asarray(im, dtype=np.float64)
+    top = float(a.max()) if a.size else 1.0
+    if im.mode == "F":
+        scale = 1.0 if top <= 1.0 else top
+    else:
+        scales = ([255.0] if im.mode == "I" else []) + [4095.0, 65535.0]
+        scale = next((s for s in scales if top <= s), top)
+    a = np.clip(a / max(scale, 1e-12), 0.0, 1.0) * 255.0
+    return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
+
+
+def load_image(path: Path):
+    """Decode an image file completely to RGB. Raises OSError / ValueError for an unreadable, truncated
+    or corrupt file (Pillow's own messages), and Pillow's DecompressionBombError for an oversized one."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
