@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install mmtune into it. With --test, the test dependencies too.
-# torch comes first: the CUDA build where an NVIDIA GPU is present, otherwise the CPU wheel
-# (a plain `pip install torch` on a CPU-only Linux machine pulls a multi-GB CUDA build).
+# torch comes first, from the indexes pip is configured with (see the README for a CPU-only machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${MMTUNE_TORCH_VERSION:-2.13.0}"
@@ -20,21 +19,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import mmtun
 fi
 
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$VPY" -m pip install "torch==${TORCH_VERSION}"
+  # pip's own configuration decides where torch comes from (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL,
+  # PIP_FIND_LINKS, pip.conf). MMTUNE_TORCH_INDEX names one more index just for torch, e.g. the
+  # PyTorch project's CPU wheel index on a CPU-only machine whose configured indexes offer only the
+  # multi-GB CUDA build.
+  if [ -n "${MMTUNE_TORCH_INDEX:-}" ]; then
+    "$VPY" -m pip install "torch==${TORCH_VERSION}" --extra-index-url "${MMTUNE_TORCH_INDEX}"
   else
-    # CPU-only machine: a local CPU wheel on pip's find-links is taken when present; otherwise the
-    # CPU wheel index of the PyTorch project.
-    local_wheel=""
-    for d in ${PIP_FIND_LINKS:-}; do
-      ls "$d"/torch-"${TORCH_VERSION}"+cpu-*.whl >/dev/null 2>&1 && local_wheel=yes
-    done
-    if [ -n "$local_wheel" ]; then
-      "$VPY" -m pip install "torch==${TORCH_VERSION}"
-    else
-      "$VPY" -m pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu \
-        --extra-index-url https://pypi.org/simple
-    fi
+    "$VPY" -m pip install "torch==${TORCH_VERSION}"
   fi
 fi
 "$VPY" -m pip install -e ".${extras}"

@@ -92,8 +92,8 @@ def check_bundle(run_dir: Path) -> Dict[str, Any]:
 # the run folder: claimed before any work, replaced only when the new run is complete
 
 
-class RunInUseError(RuntimeError):
-    """Another process holds the run folder."""
+class RunInUseError(FileExistsError):
+    """Another process holds the run folder (a FileExistsError: the name is taken, for now)."""
 
 
 class RunClaim:

@@ -78,6 +78,8 @@ def _evaluate(args) -> int:
     pred = Predictor.load(args.run)
     metrics = pred.evaluate(args.data, contribution=args.contribution)
     out = Path(args.out) if args.out else Path(args.run) / "evaluations" / f"{Path(args.data).stem}.json"
+    if out.is_dir():  # checked before any work is done
+        raise ValueError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'metrics.json')!r}")
     atomic_write_json(out, {"data": str(args.data), **metrics})
     print(json.dumps(_brief({"data": metrics}), indent=2))
     print(f"metrics written to {out}")
@@ -95,8 +97,16 @@ def _predict(args) -> int:
         ".parquet": lambda table, tmp: table.to_parquet(tmp, index=False),
     }
     write = writers.get(path.suffix.lower())
-    if write is None:  # checked before any work is done
+    # checked before any work is done
+    if write is None:
         raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(writers)}")
+    if path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder; give a file name such as {str(path / 'predictions.csv')!r}")
+    if path.exists() and Path(args.data).exists() and path.resolve() == Path(args.data).resolve():
+        raise ValueError(f"--out {str(path)!r} is the --data file: predictions would replace the input; "
+                         "write them to another file")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist")
     out = Predictor.load(args.run).predict_table(args.data, batch_size=args.batch_size)
     atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} predictions written to {path}")

@@ -68,7 +68,10 @@ class BadRow:
 class BadRowsError(ValueError):
     """Raised when rows fail validation and ``on_bad_rows`` is ``error``. ``.bad_rows`` lists them all."""
 
-    def __init__(self, bad_rows: Sequence[BadRow], limit: int = 50):
+    TRAIN_ADVICE = ("Fix them, or set data.on_bad_rows=skip to train without them "
+                    "(the skipped rows and reasons are written to rejected_rows.csv in the run bundle).")
+
+    def __init__(self, bad_rows: Sequence[BadRow], limit: int = 50, advice: Optional[str] = None):
         self.bad_rows = list(bad_rows)
         shown = "\n".join(f"  - {b}" for b in self.bad_rows[:limit])
         more = len(self.bad_rows) - limit
@@ -76,8 +79,7 @@ class BadRowsError(ValueError):
         rows = {(b.split, b.row) for b in self.bad_rows}
         super().__init__(
             f"{len(rows)} bad row(s) found ({len(self.bad_rows)} problem(s)):\n{shown}{tail}\n"
-            "Fix them, or set data.on_bad_rows=skip to train without them "
-            "(the skipped rows and reasons are written to rejected_rows.csv in the run bundle)."
+            + (advice or self.TRAIN_ADVICE)
         )
 
 

@@ -27,6 +27,20 @@ def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
         return build_preset(preset, spec.modality, weights, spec.pooling, spec.max_length, spec.image_size, bundle_dir)
     source = str(bundle_dir) if bundle_dir is not None else spec.checkpoint
     proc_dir = bundle_dir / "processor" if bundle_dir is not None else None
-    if spec.modality == "image_text":
-        return build_clip(source, weights, spec.max_length, spec.image_size, proc_dir)
-    return build_hf(spec.modality, source, weights, spec.pooling, spec.max_length, spec.image_size, proc_dir)
+    if weights and _looks_like_path(source) and not Path(source).is_dir():
+        raise ValueError(f"encoder checkpoint {source!r} is not a folder (a local checkpoint is a folder saved with "
+                         "save_pretrained; a hub id looks like 'org/name')")
+    try:
+        if spec.modality == "image_text":
+            return build_clip(source, weights, spec.max_length, spec.image_size, proc_dir)
+        return build_hf(spec.modality, source, weights, spec.pooling, spec.max_length, spec.image_size, proc_dir)
+    except OSError as exc:  # transformers: not a folder, not in the cache, no network, a file missing
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"encoder checkpoint {source!r} could not be loaded: it is neither a local folder with the "
+                         f"model's files nor a model in the local Hugging Face cache (downloads need the network). "
+                         f"Details: {reason}") from None
+
+
+def _looks_like_path(source: str) -> bool:
+    """A local path rather than a hub id: absolute, starting with '.' or '~', or more than one '/'."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source

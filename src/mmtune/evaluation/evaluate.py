@@ -78,5 +78,5 @@ def prediction_table(tasks, labels, proba, frame: pd.DataFrame, id_column, text_
         y = labels[t.name]
         out[f"{t.name}:true"] = ["|".join(str(i) for i, v in enumerate(r) if v) for r in y] if t.multilabel else y
         for j, c in enumerate(t.classes):
-            out[f"{t.name}:p:{c}"] = proba[t.name][:, j]
+            out[f"{t.name}:p:{c}"] = proba[t.name][:, j].astype(np.float64)  # float64: the CSV round-trips exactly
     return out

@@ -21,6 +21,10 @@ from ..models import build_model
 from ..tasks import Task
 
 
+PREDICT_ADVICE = ("Prediction never skips rows: fix these rows (or remove them from the input) and run it "
+                  "again.")
+
+
 class Predictor:
     """A fine-tuned model with its processors and label maps.
 
@@ -51,6 +55,7 @@ class Predictor:
     def load(cls, run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Predictor":
         """Rebuild the model from ``run_dir`` (architecture configs, processors, safetensors weights).
         Raises FileNotFoundError when the folder is not a complete bundle."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         from ..training.fit import quiet_libraries
@@ -63,7 +68,13 @@ class Predictor:
         allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
         model = build_model(cfg.model, {t.name: len(t.classes) for t in tasks}, bundle_dir=run_dir,
                             allow_missing=allow_missing)
-        load_model(model, str(run_dir / "model.safetensors"), strict=True, device="cpu")
+        weights = run_dir / "model.safetensors"
+        try:
+            load_model(model, str(weights), strict=True, device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated header or data, wrong keys
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{str(weights)!r} cannot be read as this bundle's weights ({reason}): the file is "
+                             "damaged or from another run; copy the bundle again or refit") from None
         return cls(model, cfg, tasks, run_dir, device)
 
     # ---- inputs ---------------------------------------------------------------------------
@@ -71,7 +82,7 @@ class Predictor:
         df, base_dir = read_table(data)
         bad = validate_rows(df, self.spec, base_dir, "input", check_known=with_labels, require_label=with_labels)
         if bad:
-            raise BadRowsError(bad)
+            raise BadRowsError(bad, advice=PREDICT_ADVICE)
         return MultimodalDataset(df, self.spec, base_dir, with_labels, self.modalities)
 
     def _batches(self, ds: MultimodalDataset, batch_size: Optional[int]):

@@ -35,6 +35,16 @@ class FitResult:
     run_dir: Path
     metrics: Dict[str, Any]
     config: Config
+    model: Any = None
+    """The trained model as it is in memory after fit (LoRA merged, on the CPU) — what the bundle holds."""
+    tasks: Any = None
+    """The tasks with their classes and fitted calibration."""
+
+    def in_memory(self):
+        """A :class:`~mmtune.Predictor` over the in-memory model (no reloading from the bundle)."""
+        from ..serving.predictor import Predictor
+
+        return Predictor(self.model, self.config, self.tasks, self.run_dir)
 
     def load(self):
         """The bundle as a :class:`~mmtune.Predictor`."""
@@ -81,12 +91,12 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     quiet_libraries()
     cfg = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
     with RunClaim(cfg.run_dir, resume, overwrite) as claim:
-        result = _fit_in(claim.work_dir, cfg, train, val, test, claim.resume, callbacks)
+        metrics, model, tasks = _fit_in(claim.work_dir, cfg, train, val, test, claim.resume, callbacks)
         claim.commit()
-    return FitResult(cfg.run_dir, result, cfg)
+    return FitResult(cfg.run_dir, metrics, cfg, model, tasks)
 
 
-def _fit_in(run_dir: Path, cfg: Config, train, val, test, resume: bool, callbacks) -> Dict[str, Any]:
+def _fit_in(run_dir: Path, cfg: Config, train, val, test, resume: bool, callbacks):
     """The run itself, written into ``run_dir`` (the run folder, or the staging folder of an overwrite)."""
     last_ckpt = run_dir / "checkpoints" / "last.ckpt"
     previous = _read_resume_state(last_ckpt, cfg) if resume else None
@@ -157,7 +167,7 @@ def _fit_in(run_dir: Path, cfg: Config, train, val, test, resume: bool, callback
         metrics["baselines"] = fit_baselines(cfg, metrics, train, val, test)
     report = (lambda: build_report(run_dir)) if cfg.evaluation.report else None
     write_bundle(run_dir, cfg, model, tasks, metrics, data.rejected, predictions, before_marker=report)
-    return metrics
+    return metrics, model, tasks
 
 
 class _ConfigInCheckpoint(L.Callback):
