@@ -94,10 +94,16 @@ def test_binary_threshold_goals():
     best = tune_binary_threshold(y, p, "max_f1")
     grid = [skm.f1_score(y, (p >= t).astype(int)) for t in np.unique(p)]
     assert best["f1"] == pytest.approx(max(grid), abs=1e-9)
+    # brute force over every candidate threshold: the tuner must pick the best one meeting the goal
+    cand = np.unique(p)
+    prec_at = np.array([skm.precision_score(y, (p >= t).astype(int), zero_division=0) for t in cand])
+    rec_at = np.array([skm.recall_score(y, (p >= t).astype(int)) for t in cand])
     prec = tune_binary_threshold(y, p, "min_precision", 0.9)
-    assert skm.precision_score(y, (p >= prec["threshold"]).astype(int)) >= 0.9
+    ok = prec_at >= 0.9
+    assert prec["threshold"] == pytest.approx(cand[ok].min()) and prec["recall"] == pytest.approx(rec_at[ok].max())
     rec = tune_binary_threshold(y, p, "min_recall", 0.95)
-    assert skm.recall_score(y, (p >= rec["threshold"]).astype(int)) >= 0.95
+    ok = rec_at >= 0.95
+    assert rec["threshold"] == pytest.approx(cand[ok].max()) and rec["precision"] == pytest.approx(prec_at[ok].max())
     with pytest.raises(ValueError, match="precision 1.01"):
         tune_binary_threshold(y, p, "min_precision", 1.01)
 
@@ -126,15 +132,46 @@ def test_report_has_every_section_and_plot(evaluated):
     assert list((d / "tensorboard").glob("events.out.tfevents*"))
 
 
-def test_saved_predictions_reproduce_metrics(evaluated):
+def test_saved_predictions_reproduce_every_metric(evaluated):
+    """Every number in metrics.json["test"] equals scikit-learn (or, for ECE, its formula) on the saved
+    prediction CSV, to 1e-9."""
     d = evaluated.run_dir
     preds = pd.read_csv(d / "predictions" / "test.csv")
     labels = json.loads((d / "labels.json").read_text())["tasks"][0]
-    p = apply_temperature(preds[[f"label:p:{c}" for c in labels["classes"]]].to_numpy(), labels["temperature"])
+    classes = labels["classes"]
+    p = apply_temperature(preds[[f"label:p:{c}" for c in classes]].to_numpy(), labels["temperature"])
+    p = p / p.sum(1, keepdims=True)
     y = preds["label:true"].to_numpy()
+    pred = p.argmax(1)
+    L = list(range(len(classes)))
     m = evaluated.metrics["test"]["label"]
-    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)), abs=1e-9)
-    assert m["log_loss"] == pytest.approx(skm.log_loss(y, p / p.sum(1, keepdims=True)), abs=1e-6)
+    expected = {
+        "accuracy": skm.accuracy_score(y, pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
+        "log_loss": skm.log_loss(y, np.clip(p, 1e-15, 1), labels=L),
+        "roc_auc": skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=L),
+        "pr_auc": skm.average_precision_score(np.eye(len(classes))[y], p, average="macro"),
+    }
+    for avg in ("macro", "weighted"):
+        expected[f"f1_{avg}"] = skm.f1_score(y, pred, labels=L, average=avg, zero_division=0)
+        expected[f"precision_{avg}"] = skm.precision_score(y, pred, labels=L, average=avg, zero_division=0)
+        expected[f"recall_{avg}"] = skm.recall_score(y, pred, labels=L, average=avg, zero_division=0)
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, abs=1e-9), k
+    for k, v in m["top_k_accuracy"].items():
+        assert v == pytest.approx(skm.top_k_accuracy_score(y, p, k=int(k), labels=L), abs=1e-9), k
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=L).tolist()
+    pr, rc, f1, sup = skm.precision_recall_fscore_support(y, pred, labels=L, zero_division=0)
+    for i, row in enumerate(m["per_class"]):
+        assert (row["class"], row["support"]) == (classes[i], sup[i])
+        assert [row["precision"], row["recall"], row["f1"]] == pytest.approx([pr[i], rc[i], f1[i]], abs=1e-9)
+    # ECE by its definition: equal-width confidence bins, |accuracy - confidence| weighted by bin size
+    conf, bins = p.max(1), m["ece_bins"]
+    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    ece = sum((idx == b).mean() * abs((pred == y)[idx == b].mean() - conf[idx == b].mean())
+              for b in range(bins) if (idx == b).any())
+    assert m["ece"] == pytest.approx(ece, abs=1e-9)
+    assert m["ece"] == pytest.approx(evaluated.metrics["calibration"]["label"]["ece_test_after"], abs=1e-12)
 
 
 def test_stored_temperature_changes_proba_not_labels(evaluated, colour_verdict):
@@ -152,6 +189,7 @@ def test_stored_temperature_changes_proba_not_labels(evaluated, colour_verdict):
     assert cal["ece_val_after"] <= cal["ece_val_before"] + 1e-9  # fitted on val: never worse there
 
 
+@pytest.mark.stochastic
 def test_modality_contribution_is_recorded(evaluated):
     mc = evaluated.metrics["modality_contribution"]
     assert set(mc) == {"split", "all", "without image", "without text"}
@@ -191,6 +229,7 @@ def test_cli_report_regenerates(evaluated, capsys):
     assert (evaluated.run_dir / "report.html").is_file()
 
 
+@pytest.mark.stochastic
 def test_binary_threshold_is_stored_and_used(tmp_path, tiny_bert, colour_verdict):
     df = pd.read_csv(colour_verdict["train"])
     df["verdict"] = df["label"].str.split("-").str[1]
@@ -208,6 +247,7 @@ def test_binary_threshold_is_stored_and_used(tmp_path, tiny_bert, colour_verdict
     assert list(labels) == list(expected)
 
 
+@pytest.mark.stochastic
 def test_baselines_report_the_fusion_gain(tmp_path, tiny_vit, tiny_bert, colour_verdict):
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
     cfg = base_config(tmp_path, enc, trainer={"max_epochs": 8}, evaluation={"baselines": True, "report": False})

@@ -174,6 +174,7 @@ def test_cache_gives_the_same_logits_as_live_encoders(tmp_path, tiny_vit, tiny_b
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 5
 
 
+@pytest.mark.stochastic
 def test_frozen_cached_fit_learns_and_reloads(tmp_path, tiny_vit, tiny_bert, colour_verdict):
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
     cfg = base_config(tmp_path, enc, finetune={"strategy": "frozen"}, trainer={"max_epochs": 30}, optim={"lr": 1e-2})
@@ -213,6 +214,7 @@ def test_lora_bundle_reloads_identically(tmp_path, tiny_vit, tiny_bert, colour_v
     assert res.metrics["trainable_parameters"] < sum(p.numel() for p in reloaded.model.parameters()) / 2
 
 
+@pytest.mark.stochastic
 def test_multitask_and_multilabel_bundle(tmp_path, tiny_vit, tiny_bert, colour_verdict):
     df = _frame(colour_verdict, "train")
     df["family"] = df["label"].str.split("-").str[0]
@@ -268,7 +270,8 @@ def test_two_encoders_on_one_modality_plus_missing_rows(tmp_path, tiny_vit, tiny
     assert np.isfinite(p.drop(columns="id").to_numpy()).all()
 
 
-def test_stacking_uses_out_of_fold_outputs(tmp_path, tiny_vit, tiny_bert, colour_verdict):
+@pytest.mark.stochastic
+def test_stacking_fits_end_to_end_and_reloads(tmp_path, tiny_vit, tiny_bert, colour_verdict):
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
     cfg = base_config(tmp_path, enc, model={"fusion": {"type": "stacking", "stacking_folds": 3}},
                       finetune={"strategy": "frozen"})

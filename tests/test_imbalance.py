@@ -188,22 +188,38 @@ def test_synthetic_rows_enter_the_training_set_only(tmp_path, tiny_vit, tiny_ber
         assert all({"mean_distance", "spread_ratio"} <= set(v) for v in s["fidelity"].values())
 
 
-def test_imbalance_options_train(tmp_path, tiny_bert, colour_verdict):
+@pytest.mark.stochastic
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_remedies_together_still_learn(tmp_path, tiny_bert, colour_verdict, seed):
+    """Sampler, sample weights, focal loss, L1, mixup and text augmentation at once still learn what the
+    text can tell: keep vs return (the text alone can reach 0.5 of the 4-class accuracy; chance is 0.25).
+    Measured over seeds 0-3 (AVX2 and ATEN_CPU_CAPABILITY=default): accuracy 0.53, keep/return 0.94-1.0."""
     df = pd.read_csv(colour_verdict["train"])
     df["w"] = np.where(df["label"] == "warm-keep", 2.0, 1.0)
     enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, data={"image_column": None}, trainer={"max_epochs": 2},
-                      imbalance={"class_weights": "effective", "sampler": True, "sample_weight_column": "w",
-                                 "focal_gamma": 2.0},
-                      regularization={"l1": 1e-5, "label_smoothing": 0.1},
+    cfg = base_config(tmp_path, enc, data={"image_column": None}, trainer={"max_epochs": 6, "seed": seed},
+                      imbalance={"sampler": True, "sample_weight_column": "w", "focal_gamma": 2.0},
+                      regularization={"l1": 1e-5},
                       augment={"mixup_alpha": 0.4, "text": {"word_dropout": 0.1, "token_mask": 0.1, "token_dropout": 0.1}},
                       evaluation={"report": False})
     res = mmtune.fit(cfg, train=df.drop(columns=["image"]))
-    assert np.isfinite(res.metrics["val"]["label"]["log_loss"])
-    bad = df.drop(columns=["image"]).copy()
-    bad.loc[3, "w"] = -1
-    with pytest.raises(mmtune.data.BadRowsError, match="sample weight must be a number >= 0"):
-        mmtune.fit({**cfg, "name": "bad"}, train=bad)
+    preds = pd.read_csv(res.run_dir / "predictions" / "val.csv")
+    classes = ["cool-keep", "cool-return", "warm-keep", "warm-return"]
+    p = preds[[f"label:p:{c}" for c in classes]].to_numpy()
+    verdict = lambda idx: np.array([classes[i].split("-")[1] for i in idx])
+    keep_return_acc = (verdict(p.argmax(1)) == verdict(preds["label:true"])).mean()
+    assert keep_return_acc >= 0.85, keep_return_acc
+    assert res.metrics["val"]["label"]["accuracy"] >= 0.4
+
+
+def test_bad_sample_weight_is_a_bad_row(tmp_path, tiny_bert, colour_verdict):
+    df = pd.read_csv(colour_verdict["train"]).drop(columns=["image"])
+    df["w"] = 1.0
+    df.loc[3, "w"] = -1
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, data={"image_column": None}, imbalance={"sample_weight_column": "w"})
+    with pytest.raises(mmtune.data.BadRowsError, match="train row 4, column 'w': sample weight must be a number >= 0"):
+        mmtune.fit(cfg, train=df)
 
 
 def test_augmentation_with_cache_is_a_clear_error():

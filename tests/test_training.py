@@ -97,12 +97,46 @@ def test_missing_modality_is_masked_not_crashed(tiny_vit, tiny_bert):
 
 @pytest.mark.parametrize("schedule", ["constant", "step", "cosine", "plateau"])
 @pytest.mark.parametrize("optim", ["adam", "adamw", "sgd"])
-def test_every_optimizer_and_schedule_trains(tmp_path, tiny_bert, colour_verdict, optim, schedule):
+def test_every_optimizer_and_schedule_runs_as_configured(tmp_path, tiny_bert, colour_verdict, optim, schedule):
+    """The optimizer class is the configured one and the learning rate follows the configured schedule,
+    step by step, through a real fit."""
+    import lightning as L
+
     import mmtune
     from conftest import base_config
 
+    class Record(L.Callback):
+        def __init__(self):
+            self.lrs, self.opt = [], None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.opt = trainer.optimizers[0]
+            self.sched = [c.scheduler for c in trainer.lr_scheduler_configs]
+            self.lrs.append((trainer.current_epoch, self.opt.param_groups[0]["lr"]))
+
+    rec = Record()
+    lr = 3e-3
     cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}},
-                      data={"image_column": None}, trainer={"max_epochs": 2, "limit_train_batches": 3},
-                      optim={"name": optim}, schedule={"name": schedule, "step_epochs": 1})
-    res = mmtune.fit(cfg, train=str(colour_verdict["train"]))
-    assert math.isfinite(res.metrics["val"]["label"]["log_loss"])
+                      data={"image_column": None}, trainer={"max_epochs": 3, "limit_train_batches": 4},
+                      optim={"name": optim, "lr": lr},
+                      schedule={"name": schedule, "step_epochs": 1, "gamma": 0.5, "warmup_fraction": 0.25,
+                                "patience": 0},
+                      evaluation={"report": False})
+    mmtune.fit(cfg, train=str(colour_verdict["train"]), callbacks=[rec])
+    assert type(rec.opt).__name__.lower() == optim
+    lrs = [v for _, v in rec.lrs]
+    per_epoch = [[v for e, v in rec.lrs if e == k] for k in range(3)]
+    assert len(lrs) == 12
+    if schedule == "constant":
+        assert lrs == pytest.approx([lr] * 12)
+    elif schedule == "step":
+        assert all(per_epoch[k] == pytest.approx([lr / 2 ** k] * 4) for k in range(3))
+    elif schedule == "cosine":  # 3 warmup steps up to lr, then down towards 0
+        expected = [lr * cosine_with_warmup(12, 0.25, 0.0, lr)(i) for i in range(12)]
+        assert lrs == pytest.approx(expected)
+        assert lrs[2] == pytest.approx(lr) and lrs[0] < lrs[1] < lrs[2] > lrs[6] > lrs[11]
+    else:  # plateau: ReduceLROnPlateau on the monitor, constant within an epoch, never rising
+        assert [type(x).__name__ for x in rec.sched] == ["ReduceLROnPlateau"] and rec.sched[0].factor == 0.5
+        assert all(len(set(e)) == 1 for e in per_epoch)
+        firsts = [e[0] for e in per_epoch]
+        assert firsts[0] == pytest.approx(lr) and firsts == sorted(firsts, reverse=True)

@@ -563,6 +563,8 @@ def _explain(exc: ValidationError) -> str:
             valid = _valid_keys(loc[:-1])
             hint = f"; valid keys there: {', '.join(valid)}" if valid else ""
             lines.append(f"unknown config key '{key}'{hint}")
+        elif not loc:  # a check across keys: its message names them
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
         elif err["type"] == "literal_error":
             lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
         else:
