@@ -36,7 +36,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--majority", type=int, default=200, help="training rows per majority class")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of: {', '.join(METHODS)}")
     args = ap.parse_args()
+    chosen = [m.strip() for m in args.methods.split(",")]
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
 
     import mmtune
     from mmtune.config import load_config
@@ -57,6 +62,8 @@ def main() -> None:
 
     results = {}
     for method, extra in METHODS.items():
+        if method not in chosen:
+            continue
         f1s, recalls = [], []
         for seed in range(args.seeds):
             cfg = load_config(demo_config_path(), [

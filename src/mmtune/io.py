@@ -84,6 +84,7 @@ def atomic_write_dir(path: str | os.PathLike, writer: Callable[[Path], None]) ->
 
 
 def _fsync_file(path) -> None:
+    """Flush a file (or, on POSIX, a folder's entries) to stable storage."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -93,11 +94,7 @@ def _fsync_file(path) -> None:
 
 def fsync_dir(path) -> None:
     """Make a rename in ``path`` durable (POSIX: fsync the folder)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_file(path)
 
 
 def _umask() -> int:
