@@ -91,6 +91,11 @@ def test_relative_manifest_paths_resolve_against_the_yaml_folder(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     cfg = load_config(tmp_path / "proj" / "c.yaml")
     assert Path(cfg.data.train) == tmp_path / "proj" / "train.csv"
+    # a path typed as an override is a shell path: relative to the current directory
+    cfg = load_config(tmp_path / "proj" / "c.yaml", ["data.train=train.csv"])
+    assert Path(cfg.data.train) == tmp_path / "train.csv"
+    cfg = load_config(tmp_path / "proj" / "c.yaml", ["data.val=train.csv"])
+    assert (Path(cfg.data.train), Path(cfg.data.val)) == (tmp_path / "proj" / "train.csv", tmp_path / "train.csv")
 
 
 def _truncated_jpeg(folder: Path) -> Path:

@@ -514,14 +514,18 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         base_dir = path.resolve().parent
+    from_file = set(raw["data"]) if base_dir is not None and isinstance(raw.get("data"), dict) else set()
     for item in overrides:
         _apply_override(raw, item)
     cfg = _validate(raw)
-    if base_dir is not None:  # relative manifest paths in a YAML file mean: relative to the file's folder
-        for key in ("train", "val", "test"):
-            value = getattr(cfg.data, key)
-            if value and not Path(value).is_absolute():
-                setattr(cfg.data, key, str(base_dir / value))
+    # Relative manifest paths written in a YAML file are relative to the file's folder; paths given as
+    # overrides (typed on a command line) are relative to the current directory, as a shell path is.
+    for key in ("train", "val", "test"):
+        value = getattr(cfg.data, key)
+        if value and not Path(value).is_absolute():
+            overridden = any(item.split("=", 1)[0].strip() == f"data.{key}" for item in overrides)
+            written_in_file = key in from_file and not overridden
+            setattr(cfg.data, key, str(base_dir / value) if written_in_file else str(Path(value).resolve()))
     return cfg
 
 
