@@ -207,7 +207,7 @@ def test_temperature_never_changes_the_predicted_class():
     raw = np.array([[0.49999997, 0.50000003], [0.6, 0.4]], dtype=np.float32)
     # float32 calibrated values tie here: argmax of the tie would say "a" for row 1
     assert np.float32(calibrate(task, raw)[0, 0]) == np.float32(calibrate(task, raw)[0, 1])
-    assert list(decide(task, calibrate(task, raw), raw)) == ["b", "a"]
+    assert list(decide(task, calibrate(task, raw))) == ["b", "a"]
     assert calibrate(task, raw)[0].argmax() == 1
 
 

@@ -75,11 +75,11 @@ def check_bundle(run_dir: Path) -> Dict[str, Any]:
         meta = json.loads(marker.read_text())
     except ValueError:
         raise ValueError(f"{str(marker)!r} is not valid JSON: the bundle is damaged") from None
-    fmt = meta.get("format") if isinstance(meta, dict) else None
-    if fmt not in READABLE_FORMATS:
-        raise ValueError(f"run bundle {str(run_dir)!r} has format version {fmt!r}; this mmtune reads format "
-                         f"{', '.join(map(str, READABLE_FORMATS))}. Use the mmtune version that wrote it "
-                         f"({meta.get('mmtune_version', 'unknown') if isinstance(meta, dict) else 'unknown'}).")
+    meta = meta if isinstance(meta, dict) else {}
+    if meta.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"run bundle {str(run_dir)!r} has format version {meta.get('format')!r}; this mmtune reads "
+                         f"format {', '.join(map(str, READABLE_FORMATS))}. Use the mmtune version that wrote it "
+                         f"({meta.get('mmtune_version', 'unknown')}).")
     for f in meta.get("files", []):
         if f == "report.html":
             continue  # regenerable with `mmtune report`

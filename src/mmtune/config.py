@@ -515,21 +515,20 @@ def load_config(
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         base_dir = path.resolve().parent
     from_file = set(raw["data"]) if base_dir is not None and isinstance(raw.get("data"), dict) else set()
-    for item in overrides:
-        _apply_override(raw, item)
+    overridden = {_apply_override(raw, item) for item in overrides}
     cfg = _validate(raw)
     # Relative manifest paths written in a YAML file are relative to the file's folder; paths given as
     # overrides (typed on a command line) are relative to the current directory, as a shell path is.
     for key in ("train", "val", "test"):
         value = getattr(cfg.data, key)
         if value and not Path(value).is_absolute():
-            overridden = any(item.split("=", 1)[0].strip() == f"data.{key}" for item in overrides)
-            written_in_file = key in from_file and not overridden
+            written_in_file = key in from_file and f"data.{key}" not in overridden
             setattr(cfg.data, key, str(base_dir / value) if written_in_file else str(Path(value).resolve()))
     return cfg
 
 
-def _apply_override(raw: Dict[str, Any], item: str) -> None:
+def _apply_override(raw: Dict[str, Any], item: str) -> str:
+    """Set ``key.path=value`` in ``raw``; returns the dotted key."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.path=value (for example trainer.max_epochs=3)")
     key, value = item.split("=", 1)
@@ -549,6 +548,7 @@ def _apply_override(raw: Dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = nxt
     node[parts[-1]] = parsed
+    return ".".join(parts)
 
 
 def _validate(raw: Dict[str, Any]) -> Config:

@@ -95,10 +95,6 @@ class Predictor:
             proba = {t.name: calibrate(t, proba[t.name]) for t in self.tasks}
         return proba
 
-    def _raw_and_calibrated(self, ds: MultimodalDataset, batch_size: Optional[int]):
-        raw = predict_proba_batches(self.model, self.tasks, self._batches(ds, batch_size), self.device)
-        return raw, {t.name: calibrate(t, raw[t.name]) for t in self.tasks}
-
     @staticmethod
     def _index(data: TableSource, n: int) -> pd.Index:
         """The input DataFrame's own index (results line up with it), or 0..n-1 for a file."""
@@ -132,8 +128,8 @@ class Predictor:
         """The most probable class of each row (single-label), or the list of labels whose probability
         reaches the task's tuned threshold (multi-label). ``{task: labels}`` for several tasks."""
         ds = self._dataset(data, with_labels=False)
-        raw, proba = self._raw_and_calibrated(ds, batch_size)
-        out = {t.name: decide(t, proba[t.name], raw[t.name]) for t in self._pick(task)}
+        proba = self._proba(ds, batch_size)
+        out = {t.name: decide(t, proba[t.name]) for t in self._pick(task)}
         return out if len(out) > 1 else next(iter(out.values()))
 
     def predict_table(self, data: TableSource, batch_size: Optional[int] = None) -> pd.DataFrame:
@@ -141,14 +137,14 @@ class Predictor:
         (multi-label: the labels joined by the task's separator) and ``prob_<class>`` per class; with
         several tasks the columns are prefixed ``<task>.``. What ``mmtune predict`` writes."""
         ds = self._dataset(data, with_labels=False)
-        raw, proba = self._raw_and_calibrated(ds, batch_size)
+        proba = self._proba(ds, batch_size)
         out = pd.DataFrame(index=self._index(data, len(ds)))
         if self.spec.id_column:
             out[self.spec.id_column] = ds.df[self.spec.id_column].to_numpy()
         multi = len(self.tasks) > 1
         for t in self.tasks:
             prefix = f"{t.name}." if multi else ""
-            labels = decide(t, proba[t.name], raw[t.name])
+            labels = decide(t, proba[t.name])
             out[f"{prefix}prediction"] = [t.separator.join(map(str, v)) for v in labels] if t.multilabel else list(labels)
             for j, c in enumerate(t.classes):
                 out[f"{prefix}prob_{c}"] = proba[t.name][:, j]
@@ -172,17 +168,17 @@ class Predictor:
 
 
 def calibrate(task: Task, proba: np.ndarray) -> np.ndarray:
-    """The task's stored temperature applied (single-label; float64, so that no two classes tie where the
-    raw probabilities do not); multi-label probabilities unchanged."""
+    """The task's stored temperature applied (single-label); multi-label probabilities unchanged. Kept in
+    float64: temperature scaling is monotone, and in float64 no two classes tie where the raw float32
+    probabilities do not, so the argmax never changes (float32 could round two classes to one value)."""
     from ..evaluation.calibration import apply_temperature
 
     return proba if task.multilabel else apply_temperature(proba, task.temperature)
 
 
-def decide(task: Task, proba: np.ndarray, raw: Optional[np.ndarray] = None):
+def decide(task: Task, proba: np.ndarray):
     """Labels from probabilities: per-label thresholds (multi-label), p(class 1) against the tuned threshold
-    (binary with a threshold, on the calibrated ``proba`` it was tuned on), else the argmax — of ``raw``
-    when given: temperature scaling never changes which class is most probable."""
+    (binary with a threshold, tuned on calibrated probabilities), else the argmax."""
     names = np.empty(len(task.classes), dtype=object)
     names[:] = task.classes
     if task.multilabel:
@@ -190,8 +186,4 @@ def decide(task: Task, proba: np.ndarray, raw: Optional[np.ndarray] = None):
         return [list(names[row >= th]) for row in proba]
     from ..evaluation.metrics import decide_single
 
-    if not len(proba):
-        return names[:0]
-    if task.threshold is None and raw is not None:
-        return names[np.asarray(raw).argmax(1)]
-    return names[decide_single(proba, task.threshold)]
+    return names[decide_single(proba, task.threshold)] if len(proba) else names[:0]
