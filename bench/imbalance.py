@@ -24,7 +24,7 @@ METHODS = {
     "none": [],
     "class weights": ["imbalance.class_weights=inverse"],
     "sampler": ["imbalance.sampler=true"],
-    "focal": ["imbalance.focal_gamma=2.0"],
+    "focal": ["loss.type=focal", "loss.gamma=2.0"],
     "SMOTE": ["synthesis.method=smote", "synthesis.target_ratio=1.0"],
     "GAN": ["synthesis.method=gan", "synthesis.target_ratio=1.0", "synthesis.gan.epochs=200"],
 }
@@ -46,7 +46,7 @@ def main() -> None:
     import mmtune
     from mmtune.config import load_config
     from mmtune.demo import demo_config_path, make_dataset
-    from mmtune.training.fit import quiet_libraries
+    from mmtune.logs import quiet_libraries
 
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="mmtune-imbalance-"))
@@ -68,7 +68,7 @@ def main() -> None:
         for seed in range(args.seeds):
             cfg = load_config(demo_config_path(), [
                 f"output_dir={work / 'runs'}", f"name=imb-{method.replace(' ', '_')}-{seed}",
-                "finetune.strategy=frozen", f"trainer.max_epochs={args.epochs}", f"trainer.seed={seed}",
+                "finetune.type=frozen", f"trainer.max_epochs={args.epochs}", f"trainer.seed={seed}",
                 "trainer.early_stopping_patience=null", "trainer.monitor=val_f1_macro", "trainer.progress_bar=false",
                 "optim.lr=0.003", "schedule.name=constant", "data.val_fraction=0.2", f"data.split_seed={seed}",
                 "evaluation.report=false", "evaluation.modality_contribution=false", *extra])

@@ -28,7 +28,7 @@ from mmtune.data.datamodule import make_loader, prepare_data
 from mmtune.demo import demo_config_path, make_dataset
 from mmtune.finetune import apply_strategy, param_groups
 from mmtune.models import build_model
-from mmtune.training.fit import quiet_libraries
+from mmtune.logs import quiet_libraries
 
 
 class TrainTimer(L.Callback):
@@ -87,7 +87,7 @@ def main() -> None:
     data = prepare_data(cfg.data, cfg.modalities)
     n_train = len(data.frames["train"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n_train} training rows, "
-          f"batch {cfg.trainer.batch_size}, strategy {cfg.finetune.strategy}", flush=True)
+          f"batch {cfg.trainer.batch_size}, strategy {cfg.finetune.type}", flush=True)
 
     # The plain loop runs before and after fit, so that drift of the machine's speed over the run
     # weighs on both sides alike; each run's first epoch is warm-up and not counted.

@@ -24,7 +24,7 @@ STRATEGIES = [
     ("full", {}),
     ("partial", {"finetune.unfreeze_last": 1}),
     ("gradual", {"finetune.unfreeze_last": 1}),
-    ("lora", {"finetune.lora_r": 8}),
+    ("lora", {"finetune.r": 8}),
     ("ia3", {}),
     ("bitfit", {}),
     ("frozen (cache)", {"finetune.cache": True}),
@@ -38,7 +38,7 @@ def run_one(name, extra, paths, work, epochs, queue):
     import mmtune
     from mmtune.config import load_config
     from mmtune.demo import demo_config_path
-    from mmtune.training.fit import quiet_libraries
+    from mmtune.logs import quiet_libraries
 
     quiet_libraries()
 
@@ -56,7 +56,7 @@ def run_one(name, extra, paths, work, epochs, queue):
 
     strategy = name.split()[0]
     overrides = [f"output_dir={work}", f"name={strategy}-{len(extra)}-{abs(hash(name)) % 1000}",
-                 f"data.train={paths['train']}", f"data.test={paths['test']}", f"finetune.strategy={strategy}",
+                 f"data.train={paths['train']}", f"data.test={paths['test']}", f"finetune.type={strategy}",
                  f"trainer.max_epochs={epochs}", "trainer.early_stopping_patience=null", "trainer.progress_bar=false",
                  "schedule.name=constant", "optim.lr=0.002", "finetune.encoder_lr=0.0003"]
     overrides += [f"{k}={v}" for k, v in extra.items()]

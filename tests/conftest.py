@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmtune.demo import make_dataset, vocabulary
-from mmtune.training.fit import quiet_libraries
+from mmtune.logs import quiet_libraries
 
 quiet_libraries()
 torch.set_num_threads(2)

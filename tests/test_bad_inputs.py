@@ -22,7 +22,7 @@ from mmtune.config import load_config
 def _text_cfg(tmp_path, tiny_bert, **extra):
     extra = {"evaluation": {"report": False}, **extra}
     return base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}},
-                       data={"image_column": None, "id_column": "id"}, trainer={"max_epochs": 2}, **extra)
+                       data={"id_column": "id"}, trainer={"max_epochs": 2}, **extra)
 
 
 def _train_frame(colour_verdict, with_images=False):
@@ -57,7 +57,7 @@ def test_cache_key_follows_image_contents_not_size_and_mtime(tmp_path):
     Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
     st = os.stat(path)
     ds = lambda: MultimodalDataset(pd.DataFrame({"image": ["a.bmp"], "label": ["x"]}),
-                                   ManifestSpec.simple(image_column="image"), tmp_path, with_labels=False)
+                                   ManifestSpec.simple({"image": "image"}), tmp_path, with_labels=False)
     before = rows_fingerprint(ds())
     Image.new("RGB", (8, 8), (0, 0, 255)).save(path)  # same size on disk, other pixels
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -157,34 +157,33 @@ def test_weight_decay_never_reaches_tokens_position_or_modality_embeddings(tiny_
     assert linear and linear <= decayed  # every linear weight does decay
 
 
-def test_label_smoothing_with_focal_loss_is_refused():
-    with pytest.raises(mmtune.ConfigError, match="label_smoothing and imbalance.focal_gamma do not combine"):
-        load_config({"regularization": {"label_smoothing": 0.1}, "imbalance": {"focal_gamma": 2.0}})
+def test_label_smoothing_is_not_a_focal_loss_setting():
+    with pytest.raises(mmtune.ConfigError, match="unknown config key 'loss.label_smoothing'; valid keys there: alpha, gamma, type"):
+        load_config({"loss": {"type": "focal", "label_smoothing": 0.1}})
     with pytest.raises(mmtune.ConfigError, match="sampler and imbalance.class_weights both rebalance"):
         load_config({"imbalance": {"sampler": True, "class_weights": "inverse"}})
 
 
 def test_focal_alpha_on_a_multiclass_task_is_refused(tmp_path, tiny_bert, colour_verdict):
-    cfg = _text_cfg(tmp_path, tiny_bert, imbalance={"focal_gamma": 2.0, "focal_alpha": 0.25})
-    with pytest.raises(ValueError, match="focal_alpha is defined for binary tasks; task 'label' has 4 classes"):
+    cfg = _text_cfg(tmp_path, tiny_bert, loss={"type": "focal", "gamma": 2.0, "alpha": 0.25})
+    with pytest.raises(ValueError, match="loss.alpha \\(focal\\) is defined for binary tasks; task 'label' has 4 classes"):
         mmtune.fit(cfg, train=_train_frame(colour_verdict))
     assert not (tmp_path / "runs" / "t").exists() or not list((tmp_path / "runs" / "t").rglob("*.ckpt"))
 
 
 def test_sampler_with_sample_weights_counts_a_row_once(tmp_path, tiny_bert, colour_verdict):
     from mmtune.config import load_config as lc
-    from mmtune.data.datamodule import prepare_data
+    from mmtune.data.datamodule import TableDataModule
+    from mmtune.finetune import build_strategy
     from mmtune.models import build_model
-    from mmtune.training.fit import _datasets, _train_loader
 
     df = _train_frame(colour_verdict)
     df["w"] = np.where(df["label"] == "warm-keep", 3.0, 1.0)
     cfg = lc(_text_cfg(tmp_path, tiny_bert, imbalance={"sampler": True, "sample_weight_column": "w"}))
-    data = prepare_data(cfg.data, cfg.modalities, df, None, None, "w")
     model = build_model(cfg.model, {"label": 4})
-    ds, collate = _datasets(cfg, model, data, cfg.modalities, 8)
-    loader = _train_loader(cfg, model, ds["train"], collate, cfg.modalities, data.tasks)
-    y = np.asarray(ds["train"].labels["label"])
+    data = TableDataModule(cfg, df).read().attach(model, build_strategy(cfg.finetune))
+    loader = data.train_dataloader()
+    y = np.asarray(data.datasets["train"].labels["label"])
     w = loader.sampler.weights.numpy()
     assert np.allclose(w, 1.0 / np.bincount(y)[y])  # the sampler balances classes only; the loss applies w
 
@@ -198,17 +197,18 @@ def test_ece_is_one_number_per_split_whatever_the_bin_count(tmp_path, tiny_bert,
 
 
 def test_temperature_never_changes_the_predicted_class():
+    from mmtune.evaluation.calibration import Calibration
     from mmtune.serving.predictor import calibrate, decide
     from mmtune.tasks import Task
 
     task = Task("label", "label")
     task.fit_classes(["a", "b"])
-    task.temperature = 20.0
+    cal = Calibration(temperature=20.0)
     raw = np.array([[0.49999997, 0.50000003], [0.6, 0.4]], dtype=np.float32)
     # float32 calibrated values tie here: argmax of the tie would say "a" for row 1
-    assert np.float32(calibrate(task, raw)[0, 0]) == np.float32(calibrate(task, raw)[0, 1])
-    assert list(decide(task, calibrate(task, raw))) == ["b", "a"]
-    assert calibrate(task, raw)[0].argmax() == 1
+    assert np.float32(calibrate(task, raw, cal)[0, 0]) == np.float32(calibrate(task, raw, cal)[0, 1])
+    assert list(decide(task, calibrate(task, raw, cal), cal)) == ["b", "a"]
+    assert calibrate(task, raw, cal)[0].argmax() == 1
 
 
 def test_image_processors_always_use_the_pil_backend_and_record_it(tmp_path, tiny_vit):
@@ -228,14 +228,14 @@ def test_image_processors_always_use_the_pil_backend_and_record_it(tmp_path, tin
 
 def test_an_empty_checkpoint_is_refused_not_loaded(tmp_path, tiny_bert):
     from mmtune.models import build_model
-    from mmtune.training.module import ClassifierModule
+    from mmtune.finetune import build_strategy
+    from mmtune.tasks import Task
+    from mmtune.training.module import build_module
 
     cfg = load_config(_text_cfg(tmp_path, tiny_bert))
-    from mmtune.tasks import Task
-
     task = Task("label", "label")
     task.fit_classes(["a", "b"])
-    module = ClassifierModule(build_model(cfg.model, {"label": 2}), [task], cfg.optim, cfg.schedule, cfg.finetune)
+    module = build_module(cfg, build_model(cfg.model, {"label": 2}), [task], build_strategy(cfg.finetune))
     torch.save({"state_dict": {}}, tmp_path / "empty.ckpt")
     with pytest.raises(ValueError, match=r"does not match this model: \d+ missing"):
         module.load_checkpoint_weights(tmp_path / "empty.ckpt")
@@ -307,12 +307,13 @@ def test_best_checkpoint_restore_never_unpickles(tmp_path, tiny_bert):
 
     from mmtune.models import build_model
     from mmtune.tasks import Task
-    from mmtune.training.module import ClassifierModule
+    from mmtune.finetune import build_strategy
+    from mmtune.training.module import build_module
 
     cfg = load_config(_text_cfg(tmp_path, tiny_bert))
     task = Task("label", "label")
     task.fit_classes(["a", "b"])
-    module = ClassifierModule(build_model(cfg.model, {"label": 2}), [task], cfg.optim, cfg.schedule, cfg.finetune)
+    module = build_module(cfg, build_model(cfg.model, {"label": 2}), [task], build_strategy(cfg.finetune))
     flag = tmp_path / "payload-ran"
     torch.save({"state_dict": {}, "payload": _Planted(str(flag))}, tmp_path / "best.ckpt")
     with pytest.raises(pickle.UnpicklingError):
@@ -338,7 +339,7 @@ def test_a_second_fit_of_the_same_run_gets_one_line(tmp_path, tiny_bert, colour_
 def test_a_missing_local_checkpoint_is_one_line(tmp_path, capsys):
     (tmp_path / "t.csv").write_text("text,label\na,x\nb,y\n")
     (tmp_path / "c.yaml").write_text(
-        "name: x\noutput_dir: " + str(tmp_path / "runs") + "\ndata: {train: t.csv, image_column: null}\n"
+        "name: x\noutput_dir: " + str(tmp_path / "runs") + "\ndata: {train: t.csv}\n"
         "model: {encoders: {t: {modality: text, checkpoint: ./my-bert-typo}}}\n")
     assert cli(["fit", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err

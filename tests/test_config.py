@@ -43,10 +43,13 @@ def test_override_unknown_key_is_an_error():
         load_config(ENC, ["trainer.max_epochs"])
 
 
-def test_modality_needs_its_column():
-    with pytest.raises(ConfigError, match="image_column"):
-        load_config({"data": {"image_column": None},
-                     "model": {"encoders": {"img": {"modality": "image", "checkpoint": "efficientnet-lite0"}}}})
+def test_columns_are_named_per_modality_of_the_table():
+    cfg = load_config({"data": {"columns": {"image": "photo"}}})
+    assert cfg.data.column("image") == "photo" and cfg.data.column("text") == "text"
+    with pytest.raises(ConfigError, match="data.columns': unknown modality 'audio'; valid: image, text"):
+        load_config({"data": {"columns": {"audio": "clip"}}})
+    with pytest.raises(ConfigError, match="'data.image_column' is now 'data.columns.image'"):
+        load_config({"data": {"image_column": "photo"}})
 
 
 def test_yaml_roundtrip_and_relative_paths(tmp_path):

@@ -137,9 +137,9 @@ def test_saved_predictions_reproduce_every_metric(evaluated):
     prediction CSV, to 1e-9."""
     d = evaluated.run_dir
     preds = pd.read_csv(d / "predictions" / "test.csv")
-    labels = json.loads((d / "labels.json").read_text())["tasks"][0]
-    classes = labels["classes"]
-    p = apply_temperature(preds[[f"label:p:{c}" for c in classes]].to_numpy(), labels["temperature"])
+    classes = json.loads((d / "labels.json").read_text())["tasks"][0]["classes"]
+    temperature = json.loads((d / "calibration.json").read_text())["label"]["temperature"]
+    p = apply_temperature(preds[[f"label:p:{c}" for c in classes]].to_numpy(), temperature)
     p = p / p.sum(1, keepdims=True)
     y = preds["label:true"].to_numpy()
     pred = p.argmax(1)
@@ -176,7 +176,7 @@ def test_saved_predictions_reproduce_every_metric(evaluated):
 
 def test_stored_temperature_changes_proba_not_labels(evaluated, colour_verdict):
     pred = mmtune.load(evaluated.run_dir)
-    t = pred.tasks[0].temperature
+    t = pred.calibration["label"].temperature
     assert t is not None and t > 0 and abs(t - 1.0) > 1e-3
     test = pd.read_csv(colour_verdict["test"])
     test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
@@ -234,12 +234,12 @@ def test_binary_threshold_is_stored_and_used(tmp_path, tiny_bert, colour_verdict
     df = pd.read_csv(colour_verdict["train"])
     df["verdict"] = df["label"].str.split("-").str[1]
     enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, data={"image_column": None, "label_column": "verdict"},
+    cfg = base_config(tmp_path, enc, data={"label_column": "verdict"},
                       trainer={"max_epochs": 3}, evaluation={"threshold_goal": "min_recall", "threshold_value": 0.9,
                                                              "report": False})
     res = mmtune.fit(cfg, train=df)
     pred = mmtune.load(res.run_dir)
-    th = pred.tasks[0].threshold
+    th = pred.calibration["verdict"].threshold
     assert th is not None and res.metrics["calibration"]["verdict"]["decision_threshold"]["recall"] >= 0.9
     proba = pred.predict_proba(df.head(50))
     labels = pred.predict(df.head(50))
@@ -262,7 +262,7 @@ def test_baselines_report_the_fusion_gain(tmp_path, tiny_vit, tiny_bert, colour_
 
 def test_configured_epoch_metrics_are_logged_and_agree_with_sklearn(tmp_path, tiny_bert, colour_verdict):
     enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, data={"image_column": None},
+    cfg = base_config(tmp_path, enc,
                       trainer={"max_epochs": 3, "monitor": "val_balanced_accuracy",
                                "epoch_metrics": ["accuracy", "f1_macro", "balanced_accuracy", "auroc",
                                                  "precision_macro", "recall_macro"]},

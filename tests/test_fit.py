@@ -180,7 +180,7 @@ def test_skip_bad_rows_writes_them_into_the_bundle(tmp_path, tiny_bert, colour_v
     df.loc[9, "label"] = None
     df["image"] = [str(Path(colour_verdict["train"]).parent / p) for p in df["image"]]
     cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}},
-                      data={"on_bad_rows": "skip", "image_column": None}, trainer={"max_epochs": 1})
+                      data={"on_bad_rows": "skip"}, trainer={"max_epochs": 1})
     with pytest.warns(UserWarning, match="skipping 2 bad row"):
         res = mmtune.fit(cfg, train=df)
     rejected = pd.read_csv(res.run_dir / "rejected_rows.csv")

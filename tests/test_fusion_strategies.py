@@ -13,12 +13,21 @@ import mmtune
 from conftest import base_config
 from mmtune.config import load_config
 from mmtune.data.collate import Collator
+from mmtune.finetune import STRATEGIES as STRATEGY_TABLE
 from mmtune.finetune import apply_strategy, param_groups, trainable_parameter_count
 from mmtune.finetune.lora import add_adapters
+from mmtune.fusion import FUSIONS as FUSION_TABLE
 from mmtune.models import build_model
 
-FUSIONS = ["concat", "single_stream", "late", "stacking", "cross_attention", "gated"]
-STRATEGIES = ["full", "frozen", "partial", "gradual", "lora", "ia3", "bitfit"]
+# The tables are the lists: a fusion or strategy registered there is tested by the contract below.
+FUSIONS = FUSION_TABLE.names()
+STRATEGIES = STRATEGY_TABLE.names()
+
+
+def _fusion(name):
+    """Small settings for fusion ``name`` (only the keys its own config has)."""
+    wanted = {"type": name, "width": 16, "heads": 2, "hidden_dims": [] if FUSION_TABLE.get(name).linear_head else [16]}
+    return {k: v for k, v in wanted.items() if k in FUSION_TABLE.get(name).Config.model_fields}
 
 
 def _cfg(tiny_vit, tiny_bert, fusion, strategy, **extra):
@@ -26,9 +35,8 @@ def _cfg(tiny_vit, tiny_bert, fusion, strategy, **extra):
         "data": {"allow_missing": ["image", "text"]},
         "model": {"encoders": {"image": {"modality": "image", "checkpoint": tiny_vit},
                                "text": {"modality": "text", "checkpoint": tiny_bert}},
-                  "fusion": {"type": fusion, "width": 16, "heads": 2, "hidden_dims": [] if fusion == "late" else [16]},
-                  "head": {"hidden_dims": []}},
-        "finetune": {"strategy": "frozen" if fusion == "stacking" else strategy, **extra},
+                  "fusion": _fusion(fusion), "head": {"hidden_dims": []}},
+        "finetune": {"type": "frozen" if FUSION_TABLE.get(fusion).needs_cache else strategy, **extra},
     })
 
 
@@ -46,8 +54,9 @@ def _batch(model, n=4):
     return col(samples)
 
 
-# stacking is defined on frozen encoders (it fits on cached features), so it pairs with "frozen" only
-COMBOS = [(f, s) for f in FUSIONS for s in STRATEGIES if f != "stacking" or s == "frozen"]
+# a fusion fitted on cached features (stacking) pairs only with a strategy that trains no encoder
+COMBOS = [(f, s) for f in FUSIONS for s in STRATEGIES
+          if not FUSION_TABLE.get(f).needs_cache or not STRATEGY_TABLE.get(s).trains_encoders]
 
 
 @pytest.mark.parametrize("fusion,strategy", COMBOS)
@@ -177,7 +186,7 @@ def test_cache_gives_the_same_logits_as_live_encoders(tmp_path, tiny_vit, tiny_b
 @pytest.mark.stochastic
 def test_frozen_cached_fit_learns_and_reloads(tmp_path, tiny_vit, tiny_bert, colour_verdict):
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, finetune={"strategy": "frozen"}, trainer={"max_epochs": 30}, optim={"lr": 1e-2})
+    cfg = base_config(tmp_path, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 30}, optim={"lr": 1e-2})
     res = mmtune.fit(cfg, train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
     assert list((tmp_path / "runs" / ".cache").glob("*.safetensors"))
     test = _frame(colour_verdict, "test")
@@ -199,10 +208,10 @@ def test_lora_bundle_reloads_identically(tmp_path, tiny_vit, tiny_bert, colour_v
         def on_fit_end(self, trainer, module):
             model = copy.deepcopy(module.model).cpu()
             assert any("lora_" in n for n, _ in model.named_parameters())
-            captured["before"] = Predictor(model, load_config(cfg), list(module.tasks.values())).predict_proba(test)
+            captured["before"] = Predictor(model, load_config(cfg), list(module.objective.tasks.values())).predict_proba(test)
 
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, finetune={"strategy": "lora", "lora_r": 4},
+    cfg = base_config(tmp_path, enc, finetune={"type": "lora", "r": 4},
                       trainer={"max_epochs": 3, "restore_best": False})
     res = mmtune.fit(cfg, train=str(colour_verdict["train"]), callbacks=[Snapshot()])
     reloaded = mmtune.load(res.run_dir)
@@ -231,7 +240,8 @@ def test_multitask_and_multilabel_bundle(tmp_path, tiny_vit, tiny_bert, colour_v
     assert {"f1_micro", "f1_macro", "subset_accuracy", "mean_average_precision"} <= set(m["tags"])
     assert m["family"]["accuracy"] > 0.8 and m["tags"]["f1_micro"] > 0.8
     tasks = {t["name"]: t for t in json.loads((res.run_dir / "labels.json").read_text())["tasks"]}
-    assert tasks["tags"]["classes"] == ["any", "keep", "warm"] and len(tasks["tags"]["thresholds"]) == 3
+    calibration = json.loads((res.run_dir / "calibration.json").read_text())
+    assert tasks["tags"]["classes"] == ["any", "keep", "warm"] and len(calibration["tags"]["thresholds"]) == 3
     logs = pd.read_csv(res.run_dir / "logs" / "metrics.csv")
     assert {"val_acc/family", "val_f1_macro/tags"} <= set(logs.columns)
 
@@ -273,8 +283,8 @@ def test_two_encoders_on_one_modality_plus_missing_rows(tmp_path, tiny_vit, tiny
 @pytest.mark.stochastic
 def test_stacking_fits_end_to_end_and_reloads(tmp_path, tiny_vit, tiny_bert, colour_verdict):
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, model={"fusion": {"type": "stacking", "stacking_folds": 3}},
-                      finetune={"strategy": "frozen"})
+    cfg = base_config(tmp_path, enc, model={"fusion": {"type": "stacking", "folds": 3}},
+                      finetune={"type": "frozen"})
     cfg["model"]["head"] = {"hidden_dims": []}
     res = mmtune.fit(cfg, train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
     assert res.metrics["epochs_trained"] == 0
@@ -355,21 +365,21 @@ def test_gradual_unfreezing_thaws_one_group_per_epoch(tmp_path, tiny_bert, colou
             seen.append(sum(p.requires_grad for p in module.model.encoders["text"].parameters()))
 
     enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, data={"image_column": None},
-                      finetune={"strategy": "gradual", "unfreeze_last": 1, "unfreeze_every": 1},
+    cfg = base_config(tmp_path, enc,
+                      finetune={"type": "gradual", "unfreeze_last": 1, "unfreeze_every": 1},
                       trainer={"max_epochs": 3, "limit_train_batches": 2})
     mmtune.fit(cfg, train=str(colour_verdict["train"]), callbacks=[Watch()])
     assert seen[0] < seen[1] < seen[2]
 
 
-@pytest.mark.parametrize("fusion", [f for f in FUSIONS if f != "stacking"])
+@pytest.mark.parametrize("fusion", [f for f in FUSIONS if not FUSION_TABLE.get(f).needs_cache])
 @pytest.mark.parametrize("strategy", ["partial", "lora"])
 def test_clip_joint_encoder_with_every_fusion(tiny_clip, fusion, strategy):
     cfg = load_config({
         "data": {"allow_missing": ["image", "text"]},
         "model": {"encoders": {"clip": {"modality": "image_text", "checkpoint": tiny_clip}},
-                  "fusion": {"type": fusion, "width": 16, "heads": 2, "hidden_dims": [] if fusion == "late" else [16]}},
-        "finetune": {"strategy": strategy},
+                  "fusion": _fusion(fusion)},
+        "finetune": {"type": strategy},
     })
     torch.manual_seed(0)
     model = build_model(cfg.model, {"label": 3}, allow_missing=True)

@@ -171,7 +171,7 @@ def test_synthetic_rows_enter_the_training_set_only(tmp_path, tiny_vit, tiny_ber
     test = pd.read_csv(colour_verdict["test"])
     test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, finetune={"strategy": "frozen"}, trainer={"max_epochs": 3},
+    cfg = base_config(tmp_path, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 3},
                       synthesis={"method": method, "target_ratio": 1.0, "k_neighbors": 2, "gan": {"epochs": 20}},
                       data={"val_fraction": 0.25}, evaluation={"report": False})
     res = mmtune.fit(cfg, train=df, test=test)
@@ -197,8 +197,8 @@ def test_remedies_together_still_learn(tmp_path, tiny_bert, colour_verdict, seed
     df = pd.read_csv(colour_verdict["train"])
     df["w"] = np.where(df["label"] == "warm-keep", 2.0, 1.0)
     enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, data={"image_column": None}, trainer={"max_epochs": 6, "seed": seed},
-                      imbalance={"sampler": True, "sample_weight_column": "w", "focal_gamma": 2.0},
+    cfg = base_config(tmp_path, enc, trainer={"max_epochs": 6, "seed": seed},
+                      imbalance={"sampler": True, "sample_weight_column": "w"}, loss={"type": "focal", "gamma": 2.0},
                       regularization={"l1": 1e-5},
                       augment={"mixup_alpha": 0.4, "text": {"word_dropout": 0.1, "token_mask": 0.1, "token_dropout": 0.1}},
                       evaluation={"report": False})
@@ -217,14 +217,14 @@ def test_bad_sample_weight_is_a_bad_row(tmp_path, tiny_bert, colour_verdict):
     df["w"] = 1.0
     df.loc[3, "w"] = -1
     enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp_path, enc, data={"image_column": None}, imbalance={"sample_weight_column": "w"})
+    cfg = base_config(tmp_path, enc, imbalance={"sample_weight_column": "w"})
     with pytest.raises(mmtune.data.BadRowsError, match="train row 4, column 'w': sample weight must be a number >= 0"):
         mmtune.fit(cfg, train=df)
 
 
 def test_augmentation_with_cache_is_a_clear_error():
     with pytest.raises(mmtune.ConfigError, match="input augmentation needs live encoders"):
-        load_config({"finetune": {"strategy": "frozen"}, "augment": {"image": {"enabled": True}}})
+        load_config({"finetune": {"type": "frozen"}, "augment": {"image": {"enabled": True}}})
     with pytest.raises(mmtune.ConfigError, match="works on cached encoder features"):
         load_config({"synthesis": {"method": "gan"}})
 

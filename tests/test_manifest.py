@@ -14,7 +14,7 @@ def folder(tmp_path):
     return tmp_path
 
 
-SPEC = ManifestSpec.simple(image_column="image", text_column="text", label_column="label", id_column="id")
+SPEC = ManifestSpec.simple({"image": "image", "text": "text"}, label_column="label", id_column="id")
 
 
 def test_every_kind_of_bad_row_is_reported_with_row_and_reason(folder):
@@ -36,7 +36,7 @@ def test_every_kind_of_bad_row_is_reported_with_row_and_reason(folder):
 
 def test_unseen_label_in_val_is_a_bad_row(folder):
     df = pd.DataFrame({"id": [1], "image": ["ok.png"], "text": ["t"], "label": ["z"]})
-    spec = ManifestSpec.simple("image", "text", "label", "id")
+    spec = ManifestSpec.simple({"image": "image", "text": "text"}, "label", "id")
     spec.tasks[0].fit_classes(["x", "y"])
     bad = validate_rows(df, spec, folder, "val", check_known=True)
     assert len(bad) == 1 and bad[0].row == 1 and "never occurs in the training set" in bad[0].reason
@@ -45,7 +45,7 @@ def test_unseen_label_in_val_is_a_bad_row(folder):
 def test_missing_column_names_manifest_and_columns(folder):
     df = pd.DataFrame({"image": ["ok.png"], "caption": ["t"], "label": ["x"]})
     with pytest.raises(ValueError, match="'text'.*columns are: 'image', 'caption', 'label'"):
-        validate_rows(df, ManifestSpec.simple("image", "text", "label"), folder, "train", source_name="m.csv")
+        validate_rows(df, ManifestSpec.simple({"image": "image", "text": "text"}, "label"), folder, "train", source_name="m.csv")
 
 
 def _cfg(**data):

@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
-from mmtune.config import FinetuneConfig, load_config
+from mmtune.config import load_config
+from mmtune.finetune import STRATEGIES
 from mmtune.data.collate import Collator
 from mmtune.finetune import apply_strategy, param_groups, trainable_parameter_count
 from mmtune.models import build_model
-from mmtune.training.module import cosine_with_warmup
+from mmtune.optim import cosine_with_warmup
 from PIL import Image
 
 
@@ -33,10 +34,16 @@ def _grads(model, batch):
     return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
 
 
+def _ft(name, **settings):
+    """The ``finetune`` section of strategy ``name`` with those of ``settings`` it has."""
+    cls = STRATEGIES.get(name).Config
+    return cls(**{k: v for k, v in settings.items() if k in cls.model_fields})
+
+
 @pytest.mark.parametrize("strategy", ["full", "frozen", "partial"])
 def test_gradients_reach_exactly_the_trainable_parameters(tiny_vit, tiny_bert, strategy):
     model = _model(tiny_vit, tiny_bert)
-    apply_strategy(model, FinetuneConfig(strategy=strategy, unfreeze_last=1))
+    apply_strategy(model, _ft(strategy, unfreeze_last=1))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     got = _grads(model, _batch(model))
     assert got == trainable
@@ -54,11 +61,11 @@ def test_gradients_reach_exactly_the_trainable_parameters(tiny_vit, tiny_bert, s
 
 def test_frozen_encoders_stay_in_eval_mode(tiny_vit, tiny_bert):
     model = _model(tiny_vit, tiny_bert)
-    apply_strategy(model, FinetuneConfig(strategy="frozen"))
+    apply_strategy(model, _ft("frozen"))
     model.train()
     assert all(not e.training for e in model.encoders.values())
     assert model.fusion.training
-    apply_strategy(model, FinetuneConfig(strategy="full"))
+    apply_strategy(model, _ft("full"))
     model.train()
     assert all(e.training for e in model.encoders.values())
 
@@ -117,7 +124,7 @@ def test_every_optimizer_and_schedule_runs_as_configured(tmp_path, tiny_bert, co
     rec = Record()
     lr = 3e-3
     cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}},
-                      data={"image_column": None}, trainer={"max_epochs": 3, "limit_train_batches": 4},
+                      trainer={"max_epochs": 3, "limit_train_batches": 4},
                       optim={"name": optim, "lr": lr},
                       schedule={"name": schedule, "step_epochs": 1, "gamma": 0.5, "warmup_fraction": 0.25,
                                 "patience": 0},

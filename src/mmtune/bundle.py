@@ -1,9 +1,15 @@
 """The run bundle: everything needed to reload a fine-tuned model with no network.
 
 ``runs/<name>/`` holds config.yaml (fully resolved), model.safetensors, encoders/<name>/
-(architecture config and processor per encoder), labels.json, metrics.json, logs/,
-checkpoints/, rejected_rows.csv (when rows were skipped) and, written last, bundle.json. A
-folder without bundle.json is an unfinished run, never mistaken for a complete one.
+(architecture config and processor per encoder), labels.json (tasks and classes), calibration.json
+(temperatures and decision thresholds per task), metrics.json, logs/, checkpoints/, rejected_rows.csv
+(when rows were skipped) and, written last, bundle.json. A folder without bundle.json is an unfinished
+run, never mistaken for a complete one.
+
+The bundle is the only contract between training and everything after it: :func:`read_bundle` returns
+the typed config, tasks, calibration and (optionally) the model, for the Predictor, the report and
+whatever comes later. Format 1 bundles (calibration inside labels.json, the config's earlier keys) are
+read and upgraded; other formats are refused with their version.
 """
 from __future__ import annotations
 
@@ -11,23 +17,25 @@ import datetime as _dt
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import pandas as pd
 
 from .io import atomic_write_dir, atomic_write_json, atomic_write_text, atomic_write_with, fsync_dir
 
 MARKER = "bundle.json"
-FORMAT = 1
-READABLE_FORMATS = (1,)
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
-def write_bundle(run_dir: Path, config, model, tasks, metrics: Dict[str, Any],
+def write_bundle(run_dir: Path, config, model, tasks, calibration: Dict[str, Any], metrics: Dict[str, Any],
                  rejected: Optional[pd.DataFrame] = None, predictions: Optional[Dict[str, pd.DataFrame]] = None,
                  before_marker=None) -> Path:
     """Write every bundle file atomically, then run ``before_marker`` (the report), then bundle.json
-    last. Returns ``run_dir``."""
+    last. ``calibration`` maps a task name to its :class:`~mmtune.evaluation.calibration.Calibration`.
+    Returns ``run_dir``."""
     from safetensors.torch import save_model
 
     run_dir = Path(run_dir)
@@ -37,8 +45,9 @@ def write_bundle(run_dir: Path, config, model, tasks, metrics: Dict[str, Any],
         atomic_write_dir(run_dir / "encoders" / name, enc.save_parts)
     atomic_write_with(run_dir / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
     atomic_write_json(run_dir / "labels.json", {"tasks": [t.to_json() for t in tasks]})
+    atomic_write_json(run_dir / "calibration.json", {t.name: calibration[t.name].to_json() for t in tasks})
     atomic_write_json(run_dir / "metrics.json", metrics)
-    files = ["config.yaml", "model.safetensors", "labels.json", "metrics.json", "encoders"]
+    files = ["config.yaml", "model.safetensors", "labels.json", "calibration.json", "metrics.json", "encoders"]
     for split, table in (predictions or {}).items():
         atomic_write_with(run_dir / "predictions" / f"{split}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
         files.append(f"predictions/{split}.csv")
@@ -86,6 +95,75 @@ def check_bundle(run_dir: Path) -> Dict[str, Any]:
         if not (run_dir / f).exists():
             raise FileNotFoundError(f"run bundle {str(run_dir)!r} lacks {f!r}")
     return meta
+
+
+@dataclass
+class Bundle:
+    """A run bundle as typed objects: what everything after training reads."""
+
+    run_dir: Path
+    config: Any
+    """The resolved :class:`~mmtune.config.Config` it was trained with."""
+    tasks: List[Any]
+    """Its :class:`~mmtune.tasks.Task` list (label columns and classes)."""
+    calibration: Dict[str, Any]
+    """Task name -> :class:`~mmtune.evaluation.calibration.Calibration`."""
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    """The MultimodalClassifier with the bundle's weights (when read with ``model=True``)."""
+
+
+def read_bundle(run_dir, *, model: bool = True, complete: bool = True) -> Bundle:
+    """Read a run bundle: config, tasks, calibration, metrics and — with ``model`` — the model, rebuilt from
+    the bundle's encoder folders and safetensors weights (no network, no original checkpoint). ``complete``
+    False reads a bundle being written (the report is built before bundle.json). Raises FileNotFoundError
+    (not a complete bundle, a file missing) or ValueError (unknown format, damaged weights)."""
+    from .config import load_config, upgrade_format1
+    from .evaluation.calibration import Calibration
+    from .tasks import Task
+
+    import yaml
+
+    run_dir = Path(run_dir)
+    meta = check_bundle(run_dir) if complete else {"format": FORMAT}
+    for f in ("config.yaml", "labels.json"):
+        if not (run_dir / f).is_file():
+            raise FileNotFoundError(f"run bundle {str(run_dir)!r} lacks {f!r}")
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    labels = json.loads((run_dir / "labels.json").read_text())["tasks"]
+    if meta.get("format") == 1:
+        raw = upgrade_format1(raw)
+        calibration = {t["name"]: Calibration.from_json(t) for t in labels}
+    else:
+        stored = json.loads((run_dir / "calibration.json").read_text()) if (run_dir / "calibration.json").is_file() else {}
+        calibration = {t["name"]: Calibration.from_json(stored.get(t["name"])) for t in labels}
+    cfg = load_config(raw)
+    tasks = [Task.from_json(t) for t in labels]
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    out = Bundle(run_dir, cfg, tasks, calibration, metrics, meta)
+    if model:
+        out.model = _load_model(run_dir, cfg, tasks)
+    return out
+
+
+def _load_model(run_dir: Path, cfg, tasks):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from .models import build_model
+
+    allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
+    model = build_model(cfg.model, {t.name: len(t.classes) for t in tasks}, bundle_dir=run_dir, allow_missing=allow_missing)
+    weights = run_dir / "model.safetensors"
+    try:
+        load_model(model, str(weights), strict=True, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated header or data, wrong keys
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{str(weights)!r} cannot be read as this bundle's weights ({reason}): the file is "
+                         "damaged or from another run; copy the bundle again or refit") from None
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,3 +263,34 @@ class RunClaim:
                 shutil.rmtree(self._staging, ignore_errors=True)
         finally:
             self._unlock()
+
+
+# Keys a resumed run may change: they do not change the model, the data or how it is optimised.
+RESUMABLE_KEYS = ("name", "output_dir", "evaluation", "trainer.max_epochs", "trainer.early_stopping_patience",
+                  "trainer.progress_bar", "trainer.tensorboard", "trainer.eval_batch_size", "data.num_workers",
+                  "finetune.cache_dir", "trainer.accelerator", "trainer.devices")
+
+
+def read_resume_state(run_dir: Path, cfg) -> Dict[str, Any]:
+    """The epoch ``run_dir/checkpoints/last.ckpt`` holds, after checking it was written for this config
+    (``weights_only``: a planted pickle is refused, never run). Raises ValueError naming the keys that differ."""
+    import torch
+
+    from .config import config_differences
+
+    last_ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
+    try:
+        ckpt = torch.load(last_ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError… for a bad file
+        raise ValueError(f"cannot resume: {str(last_ckpt)!r} is not a readable mmtune checkpoint "
+                         f"({type(exc).__name__}); start again with --overwrite") from None
+    before = ckpt.get("mmtune_config")
+    if before is not None:
+        changed = config_differences(before, cfg.to_dict(), RESUMABLE_KEYS)
+        if changed:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:6])
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise ValueError(f"cannot resume {str(cfg.run_dir)!r}: the config differs from the one it was trained "
+                             f"with at {shown}{more}. Resume with the original settings, or start a new run "
+                             "(--overwrite or another name).")
+    return {"epoch": int(ckpt.get("epoch", 0))}

@@ -11,15 +11,56 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, Field, SerializeAsAny, ValidationError, create_model, field_validator,
+                      model_validator)
+
+from .modalities import JOINT, MODALITIES, encoder_modality_names, encoder_reads
+from .schema import PartConfig, Section
+
+_Strict = Section
 
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value is not valid."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class SectionError(ValueError):
+    """Errors found inside a part's own config section, each line naming its full key."""
+
+    def __init__(self, lines: List[str]):
+        self.lines = lines
+        super().__init__("; ".join(lines))
+
+
+def _tables():
+    from .finetune.strategies import STRATEGIES
+    from .fusion import FUSIONS
+    from .losses import LOSSES
+
+    return {"model.fusion": (FUSIONS, "concat"), "finetune": (STRATEGIES, "full"), "loss": (LOSSES, "cross_entropy")}
+
+
+def _part(section: str, value: Any) -> PartConfig:
+    """Validate a part's section with the Config class of the table entry its ``type`` names."""
+    table, default = _tables()[section]
+    if value is None:
+        value = {}
+    if isinstance(value, PartConfig):
+        value = value.model_dump()
+    if not isinstance(value, Mapping):
+        raise SectionError([f"config key '{section}': must be a mapping with a 'type' (got {value!r})"])
+    name = value.get("type", default)
+    if name not in table:
+        raise SectionError([f"config key '{section}.type': unknown {table.kind} {name!r}; valid: {', '.join(table.names())}"])
+    cls = table.get(name).Config
+    try:
+        return cls.model_validate({**value, "type": name})
+    except ValidationError as exc:
+        raise SectionError(_error_lines(exc, [section], cls)) from None
+
+
+def _default(section: str):
+    return lambda: _part(section, None)
 
 
 class TaskConfig(_Strict):
@@ -43,15 +84,14 @@ class DataConfig(_Strict):
     """Validation manifest; when absent, a stratified, seeded split of ``train``."""
     test: Optional[str] = None
     """Test manifest; when absent and ``test_fraction`` > 0, a stratified split of ``train``."""
-    image_column: Optional[str] = "image"
-    """Column holding image file paths (None: no image modality)."""
-    text_column: Optional[str] = "text"
-    """Column holding text (None: no text modality)."""
+    columns: Dict[str, str] = Field(default_factory=dict)
+    """Modality -> the column holding it (``{image: image_path, text: caption}``); a modality not named
+    here is read from the column of its own name (``image``, ``text``)."""
     label_column: str = "label"
     """Column holding the class label (single task; ignored when ``tasks`` is set)."""
     tasks: Optional[Dict[str, TaskConfig]] = None
     """Several label columns, a head each: ``{task name: {column, multilabel, separator, weight}}``."""
-    allow_missing: List[Literal["image", "text"]] = Field(default_factory=list)
+    allow_missing: List[str] = Field(default_factory=list)
     """Modalities a row may lack (empty value); the model masks them and uses a learned placeholder."""
     id_column: Optional[str] = None
     """Column carried through to predictions unchanged."""
@@ -66,12 +106,24 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes."""
 
+    @field_validator("columns", "allow_missing")
+    @classmethod
+    def _modalities(cls, v):
+        unknown = [m for m in v if m not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modality {unknown[0]!r}; valid: {', '.join(MODALITIES.names())}")
+        return v
+
+    def column(self, modality: str) -> str:
+        """The column holding ``modality``."""
+        return self.columns.get(modality, modality)
+
 
 class EncoderConfig(_Strict):
     """One pretrained encoder."""
 
-    modality: Literal["image", "text", "image_text"]
-    """What it reads: ``image``, ``text`` or ``image_text`` (a joint encoder such as CLIP)."""
+    modality: str
+    """What it reads: a modality (``image``, ``text``) or a joint encoder's modalities (``image_text``: CLIP)."""
     checkpoint: str
     """A Hugging Face hub id, a local directory saved with ``save_pretrained``, or an offline preset
     (``minilm-l6`` / ``efficientnet-lite0``)."""
@@ -82,38 +134,12 @@ class EncoderConfig(_Strict):
     image_size: Optional[int] = Field(None, ge=16)
     """Image: input side in pixels (default: the processor's own)."""
 
-
-FUSIONS = ("concat", "single_stream", "late", "stacking", "cross_attention", "gated")
-
-
-class FusionConfig(_Strict):
-    """How the modalities' features meet."""
-
-    type: Literal["concat", "single_stream", "late", "stacking", "cross_attention", "gated"] = "concat"
-    """``concat``: pooled features concatenated, shared MLP. ``single_stream``: all token sequences through one
-    transformer, classified from a fusion token. ``late``: a head per modality, logits combined by weights.
-    ``stacking``: unimodal classifiers, a meta-classifier on their out-of-fold outputs. ``cross_attention``:
-    each modality's tokens attend to the others'. ``gated``: gated multimodal unit."""
-    hidden_dims: List[int] = Field(default_factory=lambda: [256])
-    """Widths of the shared layers after the fusion (empty: none)."""
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    """Dropout inside the fusion."""
-    width: int = Field(128, ge=4)
-    """Common width modalities are projected to (single_stream, cross_attention, gated, late)."""
-    layers: int = Field(2, ge=1)
-    """Transformer layers (single_stream)."""
-    heads: int = Field(4, ge=1)
-    """Attention heads (single_stream, cross_attention); must divide ``width``."""
-    late_weights: Literal["learned", "mean"] = "learned"
-    """late: combine the per-modality logits with learned weights or a plain mean."""
-    stacking_folds: int = Field(5, ge=2)
-    """stacking: folds for the out-of-fold predictions the meta-classifier learns from."""
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "FusionConfig":
-        if self.type in ("single_stream", "cross_attention") and self.width % self.heads:
-            raise ValueError(f"fusion.heads ({self.heads}) must divide fusion.width ({self.width})")
-        return self
+    @field_validator("modality")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in encoder_modality_names():
+            raise ValueError(f"unknown modality {v!r}; valid: {', '.join(encoder_modality_names())}")
+        return v
 
 
 class HeadConfig(_Strict):
@@ -128,10 +154,17 @@ class HeadConfig(_Strict):
 class ModelConfig(_Strict):
     encoders: Dict[str, EncoderConfig] = Field(default_factory=dict)
     """One entry per encoder, keyed by a name of your choice."""
-    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    fusion: SerializeAsAny[PartConfig] = Field(default_factory=_default("model.fusion"))
+    """How the modalities' features meet: ``type`` names an entry of ``mmtune.fusion.FUSIONS`` (concat,
+    single_stream, late, stacking, cross_attention, gated), the other keys are that fusion's own settings."""
     head: HeadConfig = Field(default_factory=HeadConfig)
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Training only: chance that a modality of a row is hidden (never all of a row's modalities)."""
+
+    @field_validator("fusion", mode="before")
+    @classmethod
+    def _fusion(cls, v: Any) -> PartConfig:
+        return _part("model.fusion", v)
 
     @field_validator("encoders")
     @classmethod
@@ -142,50 +175,33 @@ class ModelConfig(_Strict):
         return v
 
 
-class FinetuneConfig(_Strict):
-    """How much of each pretrained encoder is trained."""
+def _in_table(table_name: str):
+    def check(cls, v: str) -> str:
+        from . import optim
 
-    strategy: Literal["full", "frozen", "partial", "gradual", "lora", "ia3", "bitfit"] = "full"
-    """``full``: everything; ``frozen``: encoders fixed (linear probe; embedding cache); ``partial``: the last
-    ``unfreeze_last`` layer groups of each encoder; ``gradual``: ``partial`` at first, one more group every
-    ``unfreeze_every`` epochs; ``lora`` / ``ia3``: peft adapters in each encoder; ``bitfit``: encoder biases only.
-    Fusion and heads always train."""
-    unfreeze_last: int = Field(1, ge=0)
-    """partial / gradual: how many of each encoder's deepest layer groups train (at first, for gradual)."""
-    unfreeze_every: int = Field(1, ge=1)
-    """gradual: epochs between unfreezing one more group."""
-    encoder_lr: Optional[float] = Field(None, gt=0.0)
-    """Learning rate of encoder parameters (default: ``optim.lr``)."""
-    fusion_lr: Optional[float] = Field(None, gt=0.0)
-    """Learning rate of the fusion (default: ``optim.lr``)."""
-    head_lr: Optional[float] = Field(None, gt=0.0)
-    """Learning rate of the heads (default: ``optim.lr``)."""
-    layer_decay: Optional[float] = Field(None, gt=0.0, le=1.0)
-    """Layer-wise learning-rate decay: each shallower layer group of an encoder gets this factor times the
-    rate of the group above it (the deepest group gets ``encoder_lr``)."""
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0.0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Optional[Dict[str, List[str]]] = None
-    """lora / ia3: module names to adapt per encoder name (default: chosen per architecture)."""
-    cache: bool = True
-    """frozen: compute encoder outputs once per dataset and train the epochs over that cache."""
-    cache_dir: Optional[str] = None
-    """Where the embedding cache lives (default: ``<output_dir>/.cache``)."""
+        table = getattr(optim, table_name)
+        if v not in table:
+            raise ValueError(f"unknown {table.kind} {v!r}; valid: {', '.join(table.names())}")
+        return v
+
+    return check
 
 
 class OptimConfig(_Strict):
-    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    name: str = "adamw"
+    """An entry of ``mmtune.optim.OPTIMIZERS``: ``adamw``, ``adam``, ``sgd``."""
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     """L2 (adam, sgd) or decoupled (adamw) weight decay; never applied to biases and norm weights."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     """SGD momentum."""
 
+    _name = field_validator("name")(classmethod(_in_table("OPTIMIZERS")))
+
 
 class ScheduleConfig(_Strict):
-    name: Literal["constant", "step", "cosine", "plateau"] = "constant"
-    """``constant``; ``step``: multiply by ``gamma`` every ``step_epochs``; ``cosine``: linear warmup then
+    name: str = "constant"
+    """An entry of ``mmtune.optim.SCHEDULES``. ``constant``; ``step``: multiply by ``gamma`` every ``step_epochs``; ``cosine``: linear warmup then
     cosine decay to ``min_lr``; ``plateau``: multiply by ``gamma`` after ``patience`` epochs without improvement."""
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Cosine: share of all optimizer steps spent warming up linearly from 0."""
@@ -194,6 +210,8 @@ class ScheduleConfig(_Strict):
     patience: int = Field(1, ge=0)
     """Plateau: epochs without improvement of ``trainer.monitor`` before the rate drops."""
     min_lr: float = Field(0.0, ge=0.0)
+
+    _name = field_validator("name")(classmethod(_in_table("SCHEDULES")))
 
 
 class TrainerConfig(_Strict):
@@ -228,51 +246,19 @@ class TrainerConfig(_Strict):
     """Debugging aid: train on only this many batches (int) or this share (float) per epoch."""
 
 
-class ImageAugmentConfig(_Strict):
-    """Batch-level image augmentation with kornia, on training batches only."""
-
-    enabled: bool = False
-    crop_scale: List[float] = Field(default_factory=lambda: [0.7, 1.0])
-    """Random resized crop: the range of the crop's area share (back to the input size)."""
-    rotation: float = Field(15.0, ge=0.0, le=180.0)
-    """Random rotation up to this many degrees."""
-    flip: bool = True
-    """Random horizontal flip."""
-    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
-    """Brightness, contrast and saturation jitter strength (0: off)."""
-    randaugment: bool = False
-    """Add a RandAugment policy (kornia.augmentation.auto.RandAugment)."""
-    randaugment_n: int = Field(2, ge=1)
-    randaugment_m: int = Field(9, ge=0, le=30)
-
-
-class TextAugmentConfig(_Strict):
-    """Word-level text augmentation, on training batches only (each a per-word probability)."""
-
-    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Delete a word."""
-    word_mask: float = Field(0.0, ge=0.0, lt=1.0)
-    """Replace a word by the tokenizer's mask (or unknown) token."""
-    word_swap: float = Field(0.0, ge=0.0, lt=1.0)
-    """Swap a word with its right neighbour."""
-    token_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Token level, after tokenisation: hide a token from attention (its attention-mask entry set to 0)."""
-    token_mask: float = Field(0.0, ge=0.0, lt=1.0)
-    """Token level: replace a token id by the tokenizer's mask (or unknown) token id."""
-
-
-class AugmentConfig(_Strict):
-    image: ImageAugmentConfig = Field(default_factory=ImageAugmentConfig)
-    text: TextAugmentConfig = Field(default_factory=TextAugmentConfig)
-    mixup_alpha: float = Field(0.0, ge=0.0)
-    """Manifold mixup on the fused representation: Beta(alpha, alpha) mixing of rows and targets (0: off)."""
+AugmentConfig = create_model(
+    "AugmentConfig", __base__=Section,
+    mixup_alpha=(float, Field(0.0, ge=0.0, description="Manifold mixup on the fused representation: "
+                              "Beta(alpha, alpha) mixing of rows and targets (0: off).")),
+    **{name: (m.Augment, Field(default_factory=m.Augment)) for name, m in MODALITIES.items() if m.Augment},
+)
+"""``augment.mixup_alpha`` and one section per modality of the table that has augmentation (``augment.image``,
+``augment.text``)."""
 
 
 class RegularizationConfig(_Strict):
     l1: float = Field(0.0, ge=0.0)
     """L1 penalty on trainable weight matrices (biases and norms excluded), added to the loss."""
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    """Single-label tasks: label smoothing of the cross-entropy."""
 
 
 class ImbalanceConfig(_Strict):
@@ -285,11 +271,6 @@ class ImbalanceConfig(_Strict):
     sample_weight_column: Optional[str] = None
     """Column holding a per-row loss weight (with the sampler too: the sampler balances classes, the loss
     weighs rows, so a row counts w once)."""
-    focal_gamma: Optional[float] = Field(None, ge=0.0)
-    """Focal loss focusing parameter (None: cross-entropy; 0 equals cross-entropy)."""
-    focal_alpha: Optional[float] = Field(None, gt=0.0, lt=1.0)
-    """Focal loss, binary tasks only: class 1 weighted by alpha and class 0 by 1 - alpha (a task with more
-    classes is refused; use ``class_weights`` there)."""
 
 
 class GANConfig(_Strict):
@@ -350,7 +331,11 @@ class Config(_Strict):
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    finetune: SerializeAsAny[PartConfig] = Field(default_factory=_default("finetune"))
+    """How much of each encoder trains: ``type`` names an entry of ``mmtune.finetune.STRATEGIES`` (full,
+    frozen, partial, gradual, bitfit, lora, ia3), the other keys are that strategy's own settings."""
+    loss: SerializeAsAny[PartConfig] = Field(default_factory=_default("loss"))
+    """The per-task loss: ``type`` names an entry of ``mmtune.losses.LOSSES`` (cross_entropy, focal)."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -359,6 +344,16 @@ class Config(_Strict):
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+
+    @field_validator("finetune", mode="before")
+    @classmethod
+    def _finetune(cls, v: Any) -> PartConfig:
+        return _part("finetune", v)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss(cls, v: Any) -> PartConfig:
+        return _part("loss", v)
 
     @field_validator("name")
     @classmethod
@@ -370,51 +365,45 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        mods = {e.modality for e in self.model.encoders.values()}
-        needs_image = bool(mods & {"image", "image_text"})
-        needs_text = bool(mods & {"text", "image_text"})
-        if needs_image and not self.data.image_column:
-            raise ValueError("an image encoder is configured but data.image_column is empty")
-        if needs_text and not self.data.text_column:
-            raise ValueError("a text encoder is configured but data.text_column is empty")
+        """Checks across sections; each asks the parts chosen (their declared constraints)."""
+        from .finetune.strategies import build_strategy
+        from .fusion import FUSIONS, Fusion, fusion_class
+
         logged = {"val_loss"} | {"val_acc" if m == "accuracy" else f"val_{m}" for m in self.trainer.epoch_metrics}
         if self.trainer.monitor not in logged:
             raise ValueError(f"trainer.monitor={self.trainer.monitor} is not logged; add it to trainer.epoch_metrics "
                              f"or pick one of {sorted(logged)}")
-        if self.model.fusion.type == "late" and self.model.head.hidden_dims:
-            raise ValueError("fusion 'late' combines per-modality logits: model.head.hidden_dims must be empty")
-        if self.model.fusion.type == "stacking":
-            if self.finetune.strategy != "frozen" or not self.finetune.cache:
-                raise ValueError("fusion 'stacking' trains on cached encoder outputs: set finetune.strategy=frozen "
-                                 "(with finetune.cache=true)")
-            if self.model.head.hidden_dims:
-                raise ValueError("fusion 'stacking': the head is the linear meta-classifier; model.head.hidden_dims must be empty")
-            if self.data.tasks and (len(self.data.tasks) > 1 or any(t.multilabel for t in self.data.tasks.values())):
-                raise ValueError("fusion 'stacking' supports one single-label task")
-        cached = self.finetune.strategy == "frozen" and self.finetune.cache
-        if cached and (self.augment.image.enabled or any(v > 0 for v in self.augment.text.model_dump().values())):
-            raise ValueError("input augmentation needs live encoders: with finetune.strategy=frozen set "
-                             "finetune.cache=false, or use augment.mixup_alpha (works on cached features)")
+        fusion, strategy = fusion_class(self.model.fusion), build_strategy(self.finetune)
+        name = self.model.fusion.type
+        several = bool(self.data.tasks) and (len(self.data.tasks) > 1 or any(t.multilabel for t in self.data.tasks.values()))
+        if fusion.linear_head and self.model.head.hidden_dims:
+            raise ValueError(f"fusion '{name}' needs a linear head: model.head.hidden_dims must be empty")
+        if fusion.needs_cache and not strategy.uses_cache:
+            raise ValueError(f"fusion '{name}' trains on cached encoder outputs: set finetune.type=frozen "
+                             "(with finetune.cache=true)")
+        if fusion.single_task and several:
+            raise ValueError(f"fusion '{name}' supports one single-label task")
+        augmented = [m for m in MODALITIES if getattr(getattr(self.augment, m, None), "active", False)]
+        if strategy.uses_cache and augmented:
+            raise ValueError(f"input augmentation needs live encoders (augment.{augmented[0]} is on): with "
+                             "finetune.type=frozen set finetune.cache=false, or use augment.mixup_alpha (works on "
+                             "cached features)")
         if self.synthesis.method != "none":
-            if not cached:
+            if not strategy.uses_cache:
                 raise ValueError(f"synthesis.method={self.synthesis.method} works on cached encoder features: "
-                                 "set finetune.strategy=frozen (with finetune.cache=true)")
-            if self.model.fusion.type not in ("concat", "gated", "late"):
-                raise ValueError("synthetic rows have pooled features only: use fusion concat, gated or late")
+                                 "set finetune.type=frozen (with finetune.cache=true)")
+            pooled = [n for n, c in FUSIONS.items() if not c.reads_tokens and c.fit_directly is Fusion.fit_directly]
+            if name not in pooled:
+                raise ValueError(f"synthetic rows have pooled features only: use fusion {', '.join(pooled)}")
             if self.data.tasks and len(self.data.tasks) > 1:
                 raise ValueError("synthesis supports one single-label task")
-        imb, reg = self.imbalance, self.regularization
-        if imb.focal_gamma is not None and reg.label_smoothing > 0:
-            raise ValueError("regularization.label_smoothing and imbalance.focal_gamma do not combine (the focal "
-                             "loss has no smoothed targets): set one of them")
-        if imb.focal_alpha is not None and imb.focal_gamma is None:
-            raise ValueError("imbalance.focal_alpha is a focal-loss setting: set imbalance.focal_gamma too "
-                             "(or use imbalance.class_weights with cross-entropy)")
+        imb = self.imbalance
         if imb.sampler and imb.class_weights != "none":
             raise ValueError("imbalance.sampler and imbalance.class_weights both rebalance classes; together a "
                              "minority row would count about 1/n_c^2: choose one")
-        if self.finetune.target_modules:
-            unknown = set(self.finetune.target_modules) - set(self.model.encoders)
+        targets = getattr(self.finetune, "target_modules", None)
+        if targets:
+            unknown = set(targets) - set(self.model.encoders)
             if unknown:
                 raise ValueError(f"finetune.target_modules names unknown encoder(s) {sorted(unknown)}; "
                                  f"encoders: {sorted(self.model.encoders)}")
@@ -423,10 +412,7 @@ class Config(_Strict):
     @property
     def modalities(self) -> List[str]:
         """The modalities the configured encoders read, sorted."""
-        out = set()
-        for e in self.model.encoders.values():
-            out.update(["image", "text"] if e.modality == "image_text" else [e.modality])
-        return sorted(out)
+        return sorted({m for e in self.model.encoders.values() for m in encoder_reads(e.modality)})
 
     def only_modality(self, modality: str, name: str) -> "Config":
         """The same settings with only the encoders that read ``modality`` alone, named ``name``: the
@@ -458,10 +444,64 @@ class Config(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Keys a resumed run may change: they do not change the model, the data or how it is optimised.
-RESUMABLE_KEYS = ("name", "output_dir", "evaluation", "trainer.max_epochs", "trainer.early_stopping_patience",
-                  "trainer.progress_bar", "trainer.tensorboard", "trainer.eval_batch_size", "data.num_workers",
-                  "finetune.cache_dir", "trainer.accelerator", "trainer.devices")
+# Keys an earlier config format had, and what they are now (a config using one is refused with this advice;
+# bundles of format 1 are upgraded by :func:`upgrade_format1`).
+RENAMED = {
+    "data.image_column": "data.columns.image", "data.text_column": "data.columns.text",
+    "finetune.strategy": "finetune.type", "finetune.lora_r": "finetune.r", "finetune.lora_alpha": "finetune.alpha",
+    "finetune.lora_dropout": "finetune.dropout", "model.fusion.late_weights": "model.fusion.weights",
+    "model.fusion.stacking_folds": "model.fusion.folds", "regularization.label_smoothing": "loss.label_smoothing",
+    "imbalance.focal_gamma": "loss.gamma (with loss.type=focal)",
+    "imbalance.focal_alpha": "loss.alpha (with loss.type=focal)",
+}
+
+
+def _renamed(raw: Mapping[str, Any]) -> List[str]:
+    out = []
+    for old, new in RENAMED.items():
+        node: Any = raw
+        for part in old.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, Mapping) else _ABSENT
+        if node is not _ABSENT:
+            out.append(f"config key '{old}' is now '{new}'")
+    return out
+
+
+_ABSENT = object()
+
+
+def upgrade_format1(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A resolved config as bundles of format 1 stored it, in today's keys: modality columns under
+    ``data.columns``, the fusion's and strategy's settings of other types dropped, the loss settings in
+    ``loss``."""
+    from .finetune.strategies import STRATEGIES
+    from .fusion import FUSIONS
+
+    raw = copy.deepcopy(raw)
+    data = raw.setdefault("data", {})
+    columns = data.setdefault("columns", {})
+    for m in ("image", "text"):
+        col = data.pop(f"{m}_column", None)
+        if col:
+            columns[m] = col
+    fusion = raw.setdefault("model", {}).setdefault("fusion", {})
+    fusion["weights"] = fusion.pop("late_weights", "learned")
+    fusion["folds"] = fusion.pop("stacking_folds", 5)
+    keep = FUSIONS.get(fusion.get("type", "concat")).Config.model_fields
+    raw["model"]["fusion"] = {k: v for k, v in fusion.items() if k in keep}
+    ft = raw.setdefault("finetune", {})
+    ft["type"] = ft.pop("strategy", "full")
+    for k in ("r", "alpha", "dropout"):
+        if f"lora_{k}" in ft:
+            ft[k] = ft.pop(f"lora_{k}")
+    keep = STRATEGIES.get(ft["type"]).Config.model_fields
+    raw["finetune"] = {k: v for k, v in ft.items() if k in keep}
+    smoothing = (raw.get("regularization") or {}).pop("label_smoothing", 0.0)
+    gamma = (raw.get("imbalance") or {}).pop("focal_gamma", None)
+    alpha = (raw.get("imbalance") or {}).pop("focal_alpha", None)
+    raw["loss"] = ({"type": "focal", "gamma": gamma, "alpha": alpha} if gamma is not None
+                   else {"type": "cross_entropy", "label_smoothing": smoothing})
+    return raw
 
 
 def config_differences(before: Mapping[str, Any], after: Mapping[str, Any],
@@ -516,6 +556,7 @@ def load_config(
         base_dir = path.resolve().parent
     from_file = set(raw["data"]) if base_dir is not None and isinstance(raw.get("data"), dict) else set()
     overridden = {_apply_override(raw, item) for item in overrides}
+    _keep_settings_of_new_type(raw, overridden)
     cfg = _validate(raw)
     # Relative manifest paths written in a YAML file are relative to the file's folder; paths given as
     # overrides (typed on a command line) are relative to the current directory, as a shell path is.
@@ -525,6 +566,22 @@ def load_config(
             written_in_file = key in from_file and f"data.{key}" not in overridden
             setattr(cfg.data, key, str(base_dir / value) if written_in_file else str(Path(value).resolve()))
     return cfg
+
+
+def _keep_settings_of_new_type(raw: Dict[str, Any], overridden: set) -> None:
+    """A part whose ``type`` an override changes keeps only the settings the new type has (the old type's
+    own settings from the file are dropped; settings given as overrides are kept and checked)."""
+    for section, (table, _) in _tables().items():
+        if f"{section}.type" not in overridden:
+            continue
+        node: Any = raw
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or node.get("type") not in table:
+            continue
+        fields = table.get(node["type"]).Config.model_fields
+        for key in [k for k in node if k not in fields and f"{section}.{k}" not in overridden]:
+            del node[key]
 
 
 def _apply_override(raw: Dict[str, Any], item: str) -> str:
@@ -552,32 +609,37 @@ def _apply_override(raw: Dict[str, Any], item: str) -> str:
 
 
 def _validate(raw: Dict[str, Any]) -> Config:
+    renamed = _renamed(raw)
+    if renamed:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(renamed))
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from None
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_error_lines(exc, [], Config))) from None
 
 
-def _explain(exc: ValidationError) -> str:
+def _error_lines(exc: ValidationError, prefix: List[str], root: Any) -> List[str]:
     lines = []
     for err in exc.errors():
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, SectionError):
+            lines.extend(inner.lines)
+            continue
         loc = [str(p) for p in err["loc"]]
-        key = ".".join(loc) or "(top level)"
+        key = ".".join(prefix + loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            valid = _valid_keys(loc[:-1])
+            valid = _valid_keys(loc[:-1], root)
             hint = f"; valid keys there: {', '.join(valid)}" if valid else ""
             lines.append(f"unknown config key '{key}'{hint}")
         elif not loc:  # a check across keys: its message names them
             lines.append(str(err["msg"]).removeprefix("Value error, "))
-        elif err["type"] == "literal_error":
-            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
         else:
-            lines.append(f"config key '{key}': {err['msg']} (got {err.get('input')!r})")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+            lines.append(f"config key '{key}': {str(err['msg']).removeprefix('Value error, ')} (got {err.get('input')!r})")
+    return lines
 
 
-def _valid_keys(loc: List[str]) -> List[str]:
-    model: Any = Config
+def _valid_keys(loc: List[str], root: Any = None) -> List[str]:
+    model: Any = root or Config
     for part in loc:
         fields = getattr(model, "model_fields", None)
         if fields is None:

@@ -112,7 +112,7 @@ def run_demo(output_dir: Path, rows: int = 800, overrides=(), verbose: bool = Tr
     base = load_config(demo_config_path(), [f"output_dir={output_dir}", f"data.train={data_dir / 'train.csv'}",
                                              f"data.test={data_dir / 'test.csv'}", *overrides])
     stem = base.name.rsplit("-", 1)[0]
-    variants = {"fused": base, **{f"{m} only": base.only_modality(m, f"{stem}-{m}") for m in ("image", "text")}}
+    variants = {"fused": base, **{f"{m} only": base.only_modality(m, f"{stem}-{m}") for m in base.modalities}}
     results: Dict[str, Dict[str, Any]] = {}
     for variant, cfg in variants.items():
         if verbose:

@@ -1,4 +1,5 @@
-"""Prediction tasks: which column holds the labels, single- or multi-label, and the label map."""
+"""Prediction tasks: which column holds the labels, single- or multi-label, and the label map (calibration
+and decision thresholds are :class:`~mmtune.evaluation.calibration.Calibration`, stored beside them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,12 +33,6 @@ class Task:
     separator: str = "|"
     weight: float = 1.0
     classes: List[Any] = field(default_factory=list)
-    thresholds: Optional[List[float]] = None
-    """Multi-label: per-label decision thresholds (tuned on validation)."""
-    temperature: Optional[float] = None
-    """Single-label: temperature fitted on validation; predict divides the logits by it."""
-    threshold: Optional[float] = None
-    """Binary single-label: decision threshold on p(class 1) tuned on validation (None: argmax)."""
 
     # ---- parsing -------------------------------------------------------------------------
     def values(self, value: Any) -> Optional[List[Any]]:
@@ -87,12 +82,11 @@ class Task:
     # ---- persistence ---------------------------------------------------------------------
     def to_json(self) -> Dict[str, Any]:
         return {"name": self.name, "column": self.column, "multilabel": self.multilabel, "separator": self.separator,
-                "weight": self.weight, "classes": list(self.classes), "thresholds": self.thresholds,
-                "temperature": self.temperature, "threshold": self.threshold}
+                "weight": self.weight, "classes": list(self.classes)}
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Task":
-        return cls(**d)
+        return cls(**{k: d[k] for k in ("name", "column", "multilabel", "separator", "weight", "classes") if k in d})
 
 
 def tasks_from_config(data_cfg) -> List[Task]:

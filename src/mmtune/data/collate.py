@@ -1,7 +1,7 @@
 """Turn a list of samples into model inputs with each encoder's own processor."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -15,19 +15,20 @@ class Collator:
     processor's blank input and marked absent in ``present``; the model never sees a crash.
     """
 
-    def __init__(self, processors: Mapping[str, Any], modalities: Sequence[str], text_augment=None):
+    def __init__(self, processors: Mapping[str, Any], modalities: Sequence[str],
+                 value_augments: Optional[Mapping[str, Any]] = None):
         self.processors = dict(processors)
         self.modalities = sorted(modalities)
-        self.text_augment = text_augment  # training loaders only
+        self.value_augments = dict(value_augments or {})  # modality -> function of a raw value; training only
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         present = {
             m: torch.tensor([s["values"].get(m) is not None for s in samples], dtype=torch.bool)
             for m in self.modalities
         }
-        if self.text_augment is not None and self.text_augment.active:
-            samples = [{**s, "values": {**s["values"], "text": self.text_augment(s["values"].get("text"))}}
-                       if "text" in s["values"] else s for s in samples]
+        if self.value_augments:
+            samples = [{**s, "values": {m: (self.value_augments[m](v) if m in self.value_augments and v is not None else v)
+                                        for m, v in s["values"].items()}} for s in samples]
         inputs = {}
         for name, proc in self.processors.items():
             columns = {m: [s["values"].get(m) for s in samples] for m in proc.modalities}

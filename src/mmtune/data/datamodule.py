@@ -1,31 +1,23 @@
-"""From the config's manifests to validated splits and DataLoaders."""
+"""From the config's manifests to validated splits, datasets and DataLoaders: the LightningDataModule of a fit."""
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
+import lightning as L
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from ..modalities import MODALITIES
+from ..tasks import Task, label_key
+from .collate import Collator
 from .dataset import MultimodalDataset
-from ..tasks import Task, label_key, tasks_from_config
 from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, read_table, rejected_rows_frame,
-                       validate_rows)
-
-
-def spec_from_config(data_cfg, modalities, tasks: Optional[List[Task]] = None,
-                     weight_column: Optional[str] = None) -> ManifestSpec:
-    return ManifestSpec(
-        image_column=data_cfg.image_column if "image" in modalities else None,
-        text_column=data_cfg.text_column if "text" in modalities else None,
-        tasks=tuple(tasks if tasks is not None else tasks_from_config(data_cfg)),
-        id_column=data_cfg.id_column,
-        allow_missing=tuple(data_cfg.allow_missing),
-        weight_column=weight_column,
-    )
+                       spec_from_config, validate_rows)
 
 
 @dataclass
@@ -124,3 +116,133 @@ def make_loader(dataset, collator, batch_size: int, shuffle: bool, num_workers: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       collate_fn=collator, num_workers=num_workers,
                       generator=gen if shuffle and sampler is None else None, persistent_workers=num_workers > 0)
+
+
+class TableDataModule(L.LightningDataModule):
+    """The data of one fit. :meth:`read` validates and splits the tables (the tasks' classes come from the
+    training rows); :meth:`attach` builds the datasets for a model and strategy — raw rows with the
+    encoders' processors, or cached encoder outputs (plus synthetic rows) when the strategy trains no
+    encoder — then Lightning asks for the loaders. Class weights come from the training split."""
+
+    def __init__(self, cfg, train: Optional[TableSource] = None, val: Optional[TableSource] = None,
+                 test: Optional[TableSource] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.sources = (train, val, test)
+        self.modalities = cfg.modalities
+        self.prepared: Optional[PreparedData] = None
+        self.datasets: Dict[str, Any] = {}
+        self.synthesis: Optional[Dict[str, Any]] = None
+
+    # ---- tables ---------------------------------------------------------------------------------
+    def read(self) -> "TableDataModule":
+        """Read, validate and split (see :func:`prepare_data`)."""
+        self.prepared = prepare_data(self.cfg.data, self.modalities, *self.sources, self.cfg.imbalance.sample_weight_column)
+        return self
+
+    @property
+    def tasks(self) -> List[Task]:
+        return self.prepared.tasks
+
+    @property
+    def rejected(self) -> pd.DataFrame:
+        return self.prepared.rejected
+
+    @property
+    def splits(self) -> List[str]:
+        return [s for s in ("train", "val", "test") if s in self.prepared.frames]
+
+    def shown(self, split: str) -> Dict[str, list]:
+        """Per modality, each row's value as the saved predictions show it (an image's absolute path)."""
+        p = self.prepared
+        return {m: [MODALITIES.get(m).display(v, p.base_dirs.get(split)) for v in p.frames[split][col]]
+                for m, col in p.spec.modality_columns}
+
+    # ---- datasets -------------------------------------------------------------------------------
+    def attach(self, model, strategy) -> "TableDataModule":
+        """Datasets for ``model`` trained with ``strategy``: cached encoder outputs (computed once per rows and
+        encoder, see :mod:`mmtune.finetune.feature_cache`) when it uses the cache, else raw rows."""
+        cfg, p = self.cfg, self.prepared
+        self.model = model
+        self.cached = strategy.uses_cache
+        if self.cached:
+            from ..finetune.feature_cache import build_cached_dataset, encoder_fingerprint, first
+
+            cache_dir = Path(cfg.finetune.cache_dir or Path(cfg.output_dir) / ".cache")
+            specs = {n: e.model_dump(mode="json") for n, e in cfg.model.encoders.items()}
+            prints = {n: encoder_fingerprint(enc, specs[n]) for n, enc in model.encoders.items()}
+            self.datasets = {s: build_cached_dataset(model, specs, p.dataset(s, self.modalities), self.modalities,
+                                                     cache_dir, self.eval_batch_size, prints) for s in self.splits}
+            self.collate = first
+        else:
+            self.datasets = {s: p.dataset(s, self.modalities) for s in self.splits}
+            self.collate = Collator({n: e.processor for n, e in model.encoders.items()}, self.modalities)
+        if cfg.synthesis.method != "none":
+            from ..synthesis.oversample import synthesize_cached
+
+            task = self.tasks[0]
+            self.datasets["train"], self.synthesis = synthesize_cached(
+                self.datasets["train"], sorted(self.datasets["train"].outputs), cfg.synthesis, task.name,
+                cfg.trainer.seed, task.classes)
+        return self
+
+    @property
+    def eval_batch_size(self) -> int:
+        t = self.cfg.trainer
+        return t.eval_batch_size or 2 * t.batch_size
+
+    @property
+    def workers(self) -> int:
+        return 0 if self.cached else self.cfg.data.num_workers
+
+    # ---- loaders --------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, or drawn by the class-balancing sampler; raw values augmented per modality (training only)."""
+        from .samplers import balanced_sampler
+
+        cfg, ds, seed = self.cfg, self.datasets["train"], self.cfg.trainer.seed
+        sampler = None
+        if cfg.imbalance.sampler:
+            task = next((x for x in self.tasks if not x.multilabel), None)
+            if task is None:
+                raise ValueError("imbalance.sampler needs a single-label task to balance")
+            # classes only: sample weights act in the loss, so a row counts w once (not w from the sampler and w again)
+            sampler = balanced_sampler(_as_list(ds.labels[task.name]), None, seed)
+        collate = self.collate
+        if not self.cached:
+            augments = {m: MODALITIES.get(m).value_augment(getattr(cfg.augment, m, None), self.model, seed)
+                        for m in self.modalities}
+            collate = Collator(collate.processors, self.modalities, {m: f for m, f in augments.items() if f is not None})
+        return make_loader(ds, collate, cfg.trainer.batch_size, True, self.workers, seed, sampler)
+
+    def eval_loader(self, split: str) -> DataLoader:
+        return make_loader(self.datasets[split], self.collate, self.eval_batch_size, False, self.workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_loader("test")
+
+    def eval_loaders(self) -> Dict[str, DataLoader]:
+        return {s: self.eval_loader(s) for s in self.splits if s != "train"}
+
+    def class_weights(self) -> Dict[str, torch.Tensor]:
+        """Per single-label task, the loss weight of each class from the training split's counts."""
+        from ..losses import class_weights
+
+        imb = self.cfg.imbalance
+        out = {}
+        for task in self.tasks:
+            if task.multilabel or imb.class_weights == "none":
+                continue
+            labels = np.asarray(_as_list(self.datasets["train"].labels[task.name]), dtype=int)
+            w = class_weights(np.bincount(labels, minlength=len(task.classes)), imb.class_weights, imb.effective_beta,
+                              task.classes)
+            if w is not None:
+                out[task.name] = w
+        return out
+
+
+def _as_list(v) -> list:
+    return v.tolist() if hasattr(v, "tolist") else list(v)

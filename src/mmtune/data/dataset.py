@@ -7,13 +7,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import pandas as pd
 from torch.utils.data import Dataset
 
-from ..values import is_blank
-from .images import load_image
-from .manifest import ManifestSpec, resolve_image_path
+from ..modalities import MODALITIES
+from .manifest import ManifestSpec
 
 
 class MultimodalDataset(Dataset):
-    """Rows of a validated manifest. ``__getitem__`` decodes the image file only when asked.
+    """Rows of a validated manifest. ``__getitem__`` decodes a value (an image file) only when asked.
 
     Each item is ``{"values": {modality: raw or None}, "labels": {task: class index or multi-hot list},
     "index": i}``; ``labels`` is empty when ``with_labels`` is False.
@@ -53,13 +52,8 @@ class MultimodalDataset(Dataset):
     def __getitem__(self, i: int) -> Dict[str, Any]:
         values: Dict[str, Any] = {}
         for modality, _ in self.columns:
-            v = self._values[modality][i]
-            if is_blank(v):
-                values[modality] = None
-            elif modality == "image":
-                values[modality] = load_image(resolve_image_path(v, self.base_dir))
-            else:
-                values[modality] = str(v)
+            v, entry = self._values[modality][i], MODALITIES.get(modality)
+            values[modality] = None if entry.is_blank(v) else entry.read(v, self.base_dir)
         item = {"values": values, "labels": {t: v[i] for t, v in self._labels.items()}, "index": i}
         if self.weights is not None:
             item["weight"] = self.weights[i]

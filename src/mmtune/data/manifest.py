@@ -13,13 +13,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from ..tasks import Task
-from .images import load_image
-from ..values import is_blank, is_missing
+from ..modalities import MODALITIES, resolve_path
+from ..tasks import Task, tasks_from_config
+from ..values import is_missing
 
 TableSource = Union[str, os.PathLike, pd.DataFrame]
 
@@ -85,46 +85,37 @@ class BadRowsError(ValueError):
 
 @dataclass
 class ManifestSpec:
-    """Which columns hold what; the part of the config the data layer needs."""
+    """Which columns hold what; the part of the config the data layer needs. ``columns`` maps each
+    modality read (an entry of :data:`~mmtune.modalities.MODALITIES`) to its column."""
 
-    image_column: Optional[str] = None
-    text_column: Optional[str] = None
+    columns: Dict[str, str] = field(default_factory=dict)
     tasks: Tuple[Task, ...] = field(default_factory=tuple)
     id_column: Optional[str] = None
     allow_missing: Tuple[str, ...] = field(default_factory=tuple)
     weight_column: Optional[str] = None
 
     @classmethod
-    def simple(cls, image_column=None, text_column=None, label_column=None, id_column=None, allow_missing=()):
+    def simple(cls, columns: Optional[Dict[str, str]] = None, label_column=None, id_column=None, allow_missing=()):
         """A spec with one single-label task on ``label_column``."""
         tasks = (Task(label_column, label_column),) if label_column else ()
-        return cls(image_column, text_column, tasks, id_column, tuple(allow_missing))
+        return cls(dict(columns or {}), tasks, id_column, tuple(allow_missing))
 
     @property
     def modality_columns(self) -> List[Tuple[str, str]]:
-        out = []
-        if self.image_column:
-            out.append(("image", self.image_column))
-        if self.text_column:
-            out.append(("text", self.text_column))
-        return out
+        """``(modality, column)`` pairs, modalities sorted."""
+        return sorted(self.columns.items())
 
 
-def resolve_image_path(value: Any, base_dir: Optional[Path]) -> Path:
-    p = Path(str(value))
-    if not p.is_absolute() and base_dir is not None:
-        p = base_dir / p
-    return p
-
-
-def _check_image(path: Path) -> Optional[str]:
-    if not path.is_file():
-        return f"image file {str(path)!r} does not exist"
-    try:
-        load_image(path)  # a full decode: a truncated file fails here, not mid-epoch
-    except Exception as exc:  # Pillow raises many types for a bad file; each becomes this row's reason
-        return f"image file {str(path)!r} is not a readable image ({type(exc).__name__}: {exc})"
-    return None
+def spec_from_config(data_cfg, modalities, tasks: Optional[List[Task]] = None,
+                     weight_column: Optional[str] = None) -> ManifestSpec:
+    """The spec for the config's ``data`` section and the modalities its encoders read."""
+    return ManifestSpec(
+        columns={m: data_cfg.column(m) for m in modalities},
+        tasks=tuple(tasks if tasks is not None else tasks_from_config(data_cfg)),
+        id_column=data_cfg.id_column,
+        allow_missing=tuple(data_cfg.allow_missing),
+        weight_column=weight_column,
+    )
 
 
 def validate_rows(
@@ -139,8 +130,9 @@ def validate_rows(
     """Check every row; return every problem found (an empty list when all rows are good).
 
     Checks: required columns exist (a missing column raises ValueError at once, naming the
-    manifest and its columns); image value missing, file absent or unreadable; text missing or
-    empty (unless the modality is in ``spec.allow_missing``); label missing or NaN; with
+    manifest and its columns); each modality's cell blank (unless the modality is in
+    ``spec.allow_missing``) or not usable (its table entry's ``check``: an image file absent or
+    unreadable, a text that is not a string); label missing or NaN; with
     ``check_known``, a label outside its task's ``classes`` (the training labels)."""
     tasks = spec.tasks if require_label else ()
     needed = [c for _, c in spec.modality_columns]
@@ -155,28 +147,21 @@ def validate_rows(
         raise ValueError(
             f"{where} has no column(s) {', '.join(repr(c) for c in absent)}; "
             f"its columns are: {', '.join(repr(str(c)) for c in df.columns)}. "
-            "Set data.image_column / data.text_column / data.label_column (or data.tasks) / data.id_column to match."
+            "Set data.columns / data.label_column (or data.tasks) / data.id_column to match."
         )
     bad: List[BadRow] = []
     for i, row in enumerate(df.itertuples(index=False, name=None)):
         values = dict(zip(df.columns, row))
         rownum = i + 1
-        for modality, col in spec.modality_columns:
-            v = values[col]
-            if is_blank(v):
-                if modality in spec.allow_missing:
-                    continue
-                reason = "empty text" if modality == "text" else "missing image path"
-                if not isinstance(v, str) and is_missing(v):
-                    reason = f"missing {modality} (NaN or null)"
-                bad.append(BadRow(split, rownum, col, reason))
+        for name, col in spec.modality_columns:
+            v, modality = values[col], MODALITIES.get(name)
+            if modality.is_blank(v):
+                if name not in spec.allow_missing:
+                    bad.append(BadRow(split, rownum, col, modality.blank_problem(v)))
                 continue
-            if modality == "image":
-                problem = _check_image(resolve_image_path(v, base_dir))
-                if problem:
-                    bad.append(BadRow(split, rownum, col, problem))
-            elif not isinstance(v, str):
-                bad.append(BadRow(split, rownum, col, f"text must be a string, got {type(v).__name__} {v!r}"))
+            problem = modality.check(v, base_dir)
+            if problem:
+                bad.append(BadRow(split, rownum, col, problem))
         for task in tasks:
             lab = values[task.column]
             parsed = task.values(lab)
@@ -210,3 +195,8 @@ def rejected_rows_frame(df_by_split: dict, bad: Sequence[BadRow]) -> pd.DataFram
         records.append({"split": b.split, "row": b.row, "column": b.column, "reason": b.reason,
                         **{f"value.{k}": v for k, v in original.items()}})
     return pd.DataFrame.from_records(records)
+
+
+def resolve_image_path(value: Any, base_dir: Optional[Path]) -> Path:
+    """A file cell as a path (relative to the manifest's folder)."""
+    return resolve_path(value, base_dir)

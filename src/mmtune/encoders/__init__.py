@@ -17,7 +17,7 @@ def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
     a run bundle and the weights are left for the bundle's safetensors file: no network, no
     original checkpoint needed. Raises ValueError for a modality the checkpoint cannot serve.
     """
-    from .clip import build_clip
+    from . import clip  # noqa: F401  (registers the joint image_text encoder)
     from .hf import build_hf
     from .offline import build_preset, preset_name
 
@@ -31,8 +31,6 @@ def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
         raise ValueError(f"encoder checkpoint {source!r} is not a folder (a local checkpoint is a folder saved with "
                          "save_pretrained; a hub id looks like 'org/name')")
     try:
-        if spec.modality == "image_text":
-            return build_clip(source, weights, spec.max_length, spec.image_size, proc_dir)
         return build_hf(spec.modality, source, weights, spec.pooling, spec.max_length, spec.image_size, proc_dir)
     except OSError as exc:  # transformers: not a folder, not in the cache, no network, a file missing
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

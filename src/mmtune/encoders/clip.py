@@ -98,3 +98,13 @@ def build_clip(source: str, weights: bool, max_length: int, image_size: Optional
                            proc.parts["text"].max_length, proc.parts["image"].image_size)
     return CLIPEncoder(model, AutoTokenizer.from_pretrained(source), load_hf_image_processor(source),
                        max_length, image_size)
+
+
+def _register() -> None:
+    from .hf import HF_ENCODERS
+
+    HF_ENCODERS.register("image_text", lambda source, weights, pooling, max_length, image_size, processor_dir=None:
+                         build_clip(source, weights, max_length, image_size, processor_dir))
+
+
+_register()

@@ -7,6 +7,7 @@ from typing import Optional
 from torch import nn
 
 from .base import Encoder, EncoderOutput, pool_tokens
+from ..registry import Registry
 from .processors import HFImageProcessor, TextProcessor, load_hf_image_processor, load_processor
 
 _ARCH_FILE = "mmtune_encoder.json"
@@ -132,19 +133,33 @@ class HFImageEncoder(Encoder):
         self.processor.save(folder / "processor")
 
 
-def build_hf(modality: str, source: str, weights: bool, pooling: str, max_length: int,
-             image_size: Optional[int], processor_dir: Optional[Path] = None) -> Encoder:
-    """Build a text or image encoder from a hub id / local folder (``weights=True``) or from a bundle
-    folder holding its config and processor (``weights=False``)."""
+HF_ENCODERS: Registry = Registry("Hugging Face encoder")
+"""An encoder config's ``modality`` -> ``build(source, weights, pooling, max_length, image_size, processor_dir)``
+for any transformers checkpoint of that modality (hub id, local folder, or a bundle's encoder folder)."""
+
+
+@HF_ENCODERS.register("text")
+def _text(source, weights, pooling, max_length, image_size, processor_dir=None) -> Encoder:
     from transformers import AutoTokenizer
 
-    model = load_auto_model(source, weights, tower="text" if modality == "text" else "vision")
-    if modality == "text":
-        tok = load_processor(processor_dir).tokenizer if processor_dir else AutoTokenizer.from_pretrained(source)
-        return HFTextEncoder(model, tok, pooling, max_length)
-    if modality == "image":
-        if processor_dir:
-            proc = load_processor(processor_dir)
-            return HFImageEncoder(model, proc.image_processor, pooling, proc.image_size)
-        return HFImageEncoder(model, load_hf_image_processor(source), pooling, image_size)
-    raise ValueError(f"modality {modality!r} is not served by a plain Hugging Face encoder")
+    model = load_auto_model(source, weights, tower="text")
+    tok = load_processor(processor_dir).tokenizer if processor_dir else AutoTokenizer.from_pretrained(source)
+    return HFTextEncoder(model, tok, pooling, max_length)
+
+
+@HF_ENCODERS.register("image")
+def _image(source, weights, pooling, max_length, image_size, processor_dir=None) -> Encoder:
+    model = load_auto_model(source, weights, tower="vision")
+    if processor_dir:
+        proc = load_processor(processor_dir)
+        return HFImageEncoder(model, proc.image_processor, pooling, proc.image_size)
+    return HFImageEncoder(model, load_hf_image_processor(source), pooling, image_size)
+
+
+def build_hf(modality: str, source: str, weights: bool, pooling: str, max_length: int,
+             image_size: Optional[int], processor_dir: Optional[Path] = None) -> Encoder:
+    """Build the encoder :data:`HF_ENCODERS` has for ``modality`` from a hub id / local folder
+    (``weights=True``) or from a bundle folder holding its config and processor (``weights=False``)."""
+    if modality not in HF_ENCODERS:
+        raise ValueError(f"no Hugging Face encoder reads modality {modality!r}; valid: {', '.join(HF_ENCODERS.names())}")
+    return HF_ENCODERS.get(modality)(source, weights, pooling, max_length, image_size, processor_dir)

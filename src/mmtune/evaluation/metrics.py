@@ -109,10 +109,10 @@ def tune_thresholds(y_true: np.ndarray, proba: np.ndarray) -> list:
     return out
 
 
-def task_metrics(task, y_true, proba: np.ndarray, ece_bins: int = 15) -> Dict[str, Any]:
-    """Metrics of one task: single-label (with the task's decision threshold, if any; ECE over ``ece_bins``
-    bins) or multi-label (with the task's per-label thresholds). ``proba`` as the Predictor returns it
+def task_metrics(task, y_true, proba: np.ndarray, ece_bins: int = 15, calibration=None) -> Dict[str, Any]:
+    """Metrics of one task: single-label (with the calibration's decision threshold, if any; ECE over
+    ``ece_bins`` bins) or multi-label (with its per-label thresholds). ``proba`` as the Predictor returns it
     (calibrated)."""
     if task.multilabel:
-        return multilabel_metrics(np.asarray(y_true), proba, task.thresholds)
-    return classification_metrics(y_true, proba, task.classes, task.threshold, ece_bins=ece_bins)
+        return multilabel_metrics(np.asarray(y_true), proba, getattr(calibration, "thresholds", None))
+    return classification_metrics(y_true, proba, task.classes, getattr(calibration, "threshold", None), ece_bins=ece_bins)

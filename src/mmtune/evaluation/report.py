@@ -12,12 +12,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from ..io import atomic_write_bytes, atomic_write_text
-from ..tasks import Task
-from . import plots
-from .calibration import apply_temperature
 
 SECTIONS = ["Summary", "Training curves", "Confusion matrix", "ROC and precision-recall curves", "Calibration",
             "Per-class metrics", "Modality contribution", "Worst misclassified test examples", "Configuration"]
@@ -27,7 +23,8 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _thumb(path: Optional[str], side: int = 96) -> str:
+def thumbnail(path: Optional[str], side: int = 96) -> str:
+    """An image file as an inlined PNG thumbnail (or a note when it is gone or unreadable)."""
     if not isinstance(path, str) or not Path(path).is_file():
         return "<em>no image</em>"
     from ..data.images import load_image
@@ -56,19 +53,25 @@ def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
 def build_report(run_dir: str | Path) -> Path:
     """Write ``plots/*.png`` and ``report.html`` in ``run_dir`` from its config, labels, metrics, logs and
     saved predictions. Returns the report's path. Raises FileNotFoundError naming a missing file."""
+    from ..bundle import read_bundle
+    from ..extras import require
+    from ..modalities import MODALITIES
+
+    require("matplotlib", "report", "the report")
+    from . import plots
+
     run_dir = Path(run_dir)
     for f in ("config.yaml", "labels.json", "metrics.json"):
         if not (run_dir / f).is_file():
             raise FileNotFoundError(f"cannot build the report: {str(run_dir / f)!r} is missing")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    tasks = [Task.from_json(t) for t in json.loads((run_dir / "labels.json").read_text())["tasks"]]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    bundle = read_bundle(run_dir, model=False, complete=False)
+    config, tasks, metrics = bundle.config, bundle.tasks, bundle.metrics
     logs_path = run_dir / "logs" / "metrics.csv"
     logs = pd.read_csv(logs_path) if logs_path.is_file() else None
     split = "test" if (run_dir / "predictions" / "test.csv").is_file() else "val"
     preds = pd.read_csv(run_dir / "predictions" / f"{split}.csv") if (run_dir / "predictions" / f"{split}.csv").is_file() else None
-    bins = (config.get("evaluation") or {}).get("calibration_bins", 15)
-    n_worst = (config.get("evaluation") or {}).get("worst_examples", 12)
+    bins, n_worst = config.evaluation.calibration_bins, config.evaluation.worst_examples
+    shown = [m for m in MODALITIES if preds is not None and m in preds.columns]
 
     pngs: Dict[str, bytes] = {}
     parts: Dict[str, List[str]] = {s: [] for s in SECTIONS}
@@ -107,10 +110,11 @@ def build_report(run_dir: str | Path) -> Path:
             pngs[f"{prefix}pr.png"] = plots.pr_curves(y, raw, t.classes)
             parts["ROC and precision-recall curves"].append(_img(pngs[f"{prefix}pr.png"], f"PR {t.name}"))
             parts["Calibration"].append(f"<p>{html.escape(t.name)}: multi-label; per-label thresholds "
-                                        f"{html.escape(str([round(x, 3) for x in (t.thresholds or [])]))}.</p>")
+                                        f"{html.escape(str([round(x, 3) for x in (calib.thresholds or [])]))}.</p>")
             continue
         y = preds[f"{t.name}:true"].to_numpy(dtype=int)
-        cal = apply_temperature(raw, t.temperature)
+        calib = bundle.calibration[t.name]
+        cal = calib.probabilities(t, raw)
         if "confusion_matrix" in m:
             pngs[f"{prefix}confusion_matrix.png"] = plots.confusion_matrix(m["confusion_matrix"], t.classes)
             parts["Confusion matrix"].append(_img(pngs[f"{prefix}confusion_matrix.png"], f"confusion {t.name}"))
@@ -118,11 +122,11 @@ def build_report(run_dir: str | Path) -> Path:
         pngs[f"{prefix}pr.png"] = plots.pr_curves(y, cal, t.classes)
         parts["ROC and precision-recall curves"].append(_img(pngs[f"{prefix}roc.png"], f"ROC {t.name}")
                                                         + _img(pngs[f"{prefix}pr.png"], f"PR {t.name}"))
-        pngs[f"{prefix}reliability.png"] = plots.reliability(y, raw, cal if t.temperature else None, bins)
+        pngs[f"{prefix}reliability.png"] = plots.reliability(y, raw, cal if calib.temperature else None, bins)
         c = (metrics.get("calibration") or {}).get(t.name, {})
-        note = f"temperature {t.temperature:.3f}" if t.temperature else "no temperature scaling"
-        if t.threshold is not None:
-            note += f"; decision threshold on p({t.classes[1]}) = {t.threshold:.3f}"
+        note = f"temperature {calib.temperature:.3f}" if calib.temperature else "no temperature scaling"
+        if calib.threshold is not None:
+            note += f"; decision threshold on p({t.classes[1]}) = {calib.threshold:.3f}"
         parts["Calibration"].append(f"<p>{html.escape(t.name)}: {html.escape(note)}; ECE on {split} "
                                     f"{c.get(f'ece_{split}_before', float('nan')):.4f} before, "
                                     f"{c.get(f'ece_{split}_after', float('nan')):.4f} after.</p>"
@@ -131,20 +135,20 @@ def build_report(run_dir: str | Path) -> Path:
             parts["Per-class metrics"].append(f"<h3>{html.escape(t.name)}</h3>" + _table(
                 m["per_class"], ["class", "precision", "recall", "f1", "support"]))
         # Worst misclassified: wrong and most confident.
-        pred = cal.argmax(1) if t.threshold is None else (cal[:, 1] >= t.threshold).astype(int)
+        pred = cal.argmax(1) if calib.threshold is None else (cal[:, 1] >= calib.threshold).astype(int)
         wrong = np.where(pred != y)[0]
         order = wrong[np.argsort(-cal[wrong, pred[wrong]])][:n_worst]
         rows = []
         for i in order:
             r = preds.iloc[i]
-            rows.append("<tr>" + f"<td>{_thumb(r.get('image'))}</td>"
+            rows.append("<tr>" + "".join(f"<td>{MODALITIES.get(m).render_html(r.get(m))}</td>" for m in shown)
                         + f"<td>{html.escape(str(r.get('id', r['row'])))}</td>"
-                        + f"<td>{html.escape(str(r.get('text', '')))}</td>"
                         + f"<td>{html.escape(str(t.classes[y[i]]))}</td><td>{html.escape(str(t.classes[pred[i]]))}</td>"
                         + f"<td>{cal[i, pred[i]]:.3f}</td></tr>")
         parts["Worst misclassified test examples"].append(
             f"<h3>{html.escape(t.name)}</h3>" + (
-                "<table><tr><th>image</th><th>id</th><th>text</th><th>true</th><th>predicted</th><th>confidence</th></tr>"
+                "<table><tr>" + "".join(f"<th>{html.escape(m)}</th>" for m in shown)
+                + "<th>id</th><th>true</th><th>predicted</th><th>confidence</th></tr>"
                 + "".join(rows) + "</table>" if rows else "<p>No misclassified examples.</p>"))
 
     mc = metrics.get("modality_contribution")
@@ -171,16 +175,19 @@ def build_report(run_dir: str | Path) -> Path:
             [{"model": k, **v} for k, v in b["models"].items()], ["model", "accuracy", "f1_macro"])
             + f"<p>Fusion gain over the best single modality: {b['fusion_gain']:+.4f} accuracy.</p>")
 
-    brief = {k: config.get(k) for k in ("name", "model", "finetune", "optim", "schedule", "trainer")}
+    import yaml
+
+    raw = config.to_dict()
+    brief = {k: raw.get(k) for k in ("name", "model", "finetune", "loss", "optim", "schedule", "trainer")}
     parts["Configuration"].append(f"<pre>{html.escape(yaml.safe_dump(brief, sort_keys=False))}</pre>")
 
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "plots" / name, png)
     body = "".join(f'<section id="{html.escape(s.lower().replace(" ", "-"))}"><h2>{html.escape(s)}</h2>{"".join(parts[s])}</section>'
                    for s in SECTIONS)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmtune report: {html.escape(str(config.get('name')))}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmtune report: {html.escape(config.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}img{{max-width:100%;margin:4px}}
 section{{margin-bottom:2em}}pre{{background:#f6f6f6;padding:1em;font-size:12px}}</style></head>
-<body><h1>mmtune report: {html.escape(str(config.get('name')))}</h1>{body}</body></html>"""
+<body><h1>mmtune report: {html.escape(config.name)}</h1>{body}</body></html>"""
     return atomic_write_text(run_dir / "report.html", page)

@@ -1,4 +1,5 @@
-from .freeze import STRATEGIES, apply_strategy, trainable_parameter_count
 from .param_groups import param_groups
+from .strategies import STRATEGIES, FinetuneConfig, Strategy, apply_strategy, build_strategy, trainable_parameter_count
 
-__all__ = ["STRATEGIES", "apply_strategy", "param_groups", "trainable_parameter_count"]
+__all__ = ["STRATEGIES", "FinetuneConfig", "Strategy", "apply_strategy", "build_strategy", "param_groups",
+           "trainable_parameter_count"]

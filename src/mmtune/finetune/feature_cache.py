@@ -21,8 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
-from ..data.manifest import resolve_image_path
-from ..values import is_blank
+from ..modalities import MODALITIES
 from ..encoders.base import EncoderOutput
 from ..io import atomic_write_with
 
@@ -61,19 +60,16 @@ def encoder_fingerprint(enc, spec_json: Dict[str, Any]) -> str:
 
 
 def rows_fingerprint(ds: MultimodalDataset, modalities=None) -> str:
-    """Hash of the rows' input values (of ``modalities``, default all); image files by their contents."""
+    """Hash of the rows' input values (of ``modalities``, default all), each as its modality digests it
+    (image files by their contents)."""
     h = hashlib.sha256()
     for modality, _ in ds.columns:
         if modalities is not None and modality not in modalities:
             continue
         h.update(modality.encode())
         for v in ds._values[modality]:
-            if is_blank(v):
-                h.update(b"\x00missing")
-            elif modality == "image":
-                h.update(file_digest(resolve_image_path(v, ds.base_dir)))
-            else:
-                h.update(str(v).encode())
+            entry = MODALITIES.get(modality)
+            h.update(b"\x00missing" if entry.is_blank(v) else entry.digest(v, ds.base_dir))
             h.update(b"\x1f")
     return h.hexdigest()
 
@@ -176,15 +172,14 @@ def present_masks(ds: MultimodalDataset, modalities) -> Dict[str, torch.Tensor]:
     out = {}
     for m in sorted(modalities):
         vals = ds._values.get(m)
-        out[m] = torch.tensor([not is_blank(v) for v in vals],
-                              dtype=torch.bool)
+        out[m] = torch.tensor([not MODALITIES.get(m).is_blank(v) for v in vals], dtype=torch.bool)
     return out
 
 
 def build_cached_dataset(model, encoder_specs: Dict[str, Dict[str, Any]], ds: MultimodalDataset, modalities,
                          cache_dir: Path, batch_size: int, fingerprints: Optional[Dict[str, str]] = None) -> CachedDataset:
     """A :class:`CachedDataset` for ``ds`` with every encoder of ``model`` (keys as the model names its outputs)."""
-    with_tokens = bool(getattr(model.fusion, "uses_tokens", False))
+    with_tokens = bool(getattr(model.fusion, "reads_tokens", False))
     outputs: Dict[str, Dict[str, torch.Tensor]] = {}
     for name, enc in model.encoders.items():
         per_sub = cached_outputs(name, enc, encoder_specs[name], ds, cache_dir, batch_size, with_tokens,

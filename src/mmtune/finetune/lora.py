@@ -42,20 +42,22 @@ def _host_attr(enc: nn.Module) -> str:
 
 
 def add_adapters(model: nn.Module, ft) -> Dict[str, int]:
-    """Wrap each encoder's inner network with peft (LoRA or IA3, per ``ft.strategy``).
+    """Wrap each encoder's inner network with peft (LoRA or IA3, per ``ft.type``).
     Returns each encoder's trainable-parameter count as peft reports it."""
-    import peft
+    from ..extras import require
+
+    peft = require("peft", "lora", f"finetune.type={ft.type}")
 
     counts = {}
     for name, enc in model.encoders.items():
         attr = _host_attr(enc)
         host = getattr(enc, attr)
-        chosen = default_targets(host, ft.strategy)
+        chosen = default_targets(host, ft.type)
         if ft.target_modules and name in ft.target_modules:
             chosen = {"target_modules": list(ft.target_modules[name]),
                       "feedforward_modules": [m for m in chosen["feedforward_modules"] if m in ft.target_modules[name]]}
-        if ft.strategy == "lora":
-            cfg = peft.LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+        if ft.type == "lora":
+            cfg = peft.LoraConfig(r=ft.r, lora_alpha=ft.alpha, lora_dropout=ft.dropout,
                                   target_modules=chosen["target_modules"], bias="none")
         else:
             cfg = peft.IA3Config(target_modules=chosen["target_modules"],
@@ -74,8 +76,10 @@ def adapter_parameter_names(enc: nn.Module) -> Set[str]:
 def merge_adapters(model: nn.Module) -> bool:
     """Fold every encoder's adapters into its weights and remove peft's wrapper, so the model has its
     plain architecture again (what the bundle stores). Returns True when something was merged."""
-    import peft
-
+    try:
+        import peft
+    except ImportError:  # no peft: no adapters to merge
+        return False
     merged = False
     for enc in model.encoders.values():
         attr = _host_attr(enc)

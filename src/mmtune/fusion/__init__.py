@@ -1,40 +1,38 @@
-"""Fusion modules: ``forward(outputs: Dict[str, EncoderOutput], present: Dict[str, BoolTensor]) -> Tensor``.
+"""Fusion modules and their table.
 
-Keys are iterated sorted, so the order never depends on dict insertion; a missing modality is
-a mask (and, with ``allow_missing``, a learned placeholder), never a crash. Each module has
-``out_dim`` and ``uses_tokens`` (whether it reads token sequences or only pooled vectors)."""
+``forward(outputs: Dict[str, EncoderOutput], present: Dict[str, BoolTensor]) -> Tensor``. Keys are
+iterated sorted, so the order never depends on dict insertion; a missing modality is a mask (and, with
+``allow_missing``, a learned placeholder), never a crash. Each fusion owns its ``Config`` and declares
+its constraints (:class:`~mmtune.fusion.base.Fusion`); :data:`FUSIONS` is the one list of their names."""
 from __future__ import annotations
 
 from typing import Dict
 
-from torch import nn
-
+from ..registry import Registry
 from .attention import CrossAttentionFusion
+from .base import Fusion, FusionConfig, FusionInputs
 from .concat import ConcatFusion
 from .gated import GatedFusion
 from .late import LateFusion
 from .single_stream import SingleStreamFusion
 from .stacking import StackingFusion
 
-__all__ = ["ConcatFusion", "CrossAttentionFusion", "GatedFusion", "LateFusion", "SingleStreamFusion",
-           "StackingFusion", "build_fusion"]
+FUSIONS: Registry = Registry("fusion")
+"""Fusion name (``model.fusion.type``) -> Fusion class."""
+for _cls in (ConcatFusion, SingleStreamFusion, LateFusion, StackingFusion, CrossAttentionFusion, GatedFusion):
+    FUSIONS.register(_cls.Config.model_fields["type"].default, _cls)
+
+__all__ = ["FUSIONS", "ConcatFusion", "CrossAttentionFusion", "Fusion", "FusionConfig", "FusionInputs", "GatedFusion",
+           "LateFusion", "SingleStreamFusion", "StackingFusion", "build_fusion", "fusion_class"]
+
+
+def fusion_class(cfg_or_name) -> type:
+    """The Fusion class a config section (or a name) chooses."""
+    return FUSIONS.get(getattr(cfg_or_name, "type", cfg_or_name))
 
 
 def build_fusion(cfg, in_dims: Dict[str, int], token_dims: Dict[str, int], allow_missing: bool = False,
-                 num_classes: int = 0) -> nn.Module:
-    """The fusion module a ``FusionConfig`` names, for encoder outputs whose pooled widths are
-    ``in_dims`` and token widths ``token_dims``. Raises ValueError for an unknown type."""
-    t = cfg.type
-    if t == "concat":
-        return ConcatFusion(in_dims, cfg.hidden_dims, cfg.dropout, allow_missing)
-    if t == "gated":
-        return GatedFusion(in_dims, cfg.width, cfg.hidden_dims, cfg.dropout, allow_missing)
-    if t == "late":
-        return LateFusion(in_dims, cfg.width, cfg.hidden_dims, cfg.dropout, cfg.late_weights, allow_missing)
-    if t == "single_stream":
-        return SingleStreamFusion(token_dims, cfg.width, cfg.layers, cfg.heads, cfg.hidden_dims, cfg.dropout, allow_missing)
-    if t == "cross_attention":
-        return CrossAttentionFusion(token_dims, cfg.width, cfg.heads, cfg.hidden_dims, cfg.dropout, allow_missing)
-    if t == "stacking":
-        return StackingFusion(in_dims, num_classes)
-    raise ValueError(f"unknown fusion type {t!r}; valid: concat, single_stream, late, stacking, cross_attention, gated")
+                 num_classes: int = 0) -> Fusion:
+    """The fusion module ``cfg`` (a fusion's Config) names, for encoder outputs whose pooled widths are
+    ``in_dims`` and token widths ``token_dims``."""
+    return fusion_class(cfg).build(cfg, FusionInputs(in_dims, token_dims, allow_missing, num_classes))

@@ -1,16 +1,17 @@
 """Cross-attention fusion: each modality's tokens attend to the other modalities' tokens."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
+from .base import Attending, Fusion
 from .common import masked_mean, mlp, safe, tokens_of
 
 
-class CrossAttentionFusion(nn.Module):
+class CrossAttentionFusion(Fusion):
     """For each output k: project its tokens to ``width``; queries from k attend to the tokens of every
     other output (text->image and image->text for two modalities), padding and absent modalities
     masked; residual + layer norm + feed-forward; masked mean over k's own tokens. The summaries are
@@ -19,7 +20,15 @@ class CrossAttentionFusion(nn.Module):
     attention weights (B, T_k, T_others + 1) for visualisation; ``last_attention_keys[k]`` says which
     output each key position belongs to."""
 
-    uses_tokens = True
+
+    class Config(Attending):
+        type: Literal["cross_attention"] = "cross_attention"
+
+    reads_tokens = True
+
+    @classmethod
+    def build(cls, cfg, inputs):
+        return cls(inputs.token_dims, cfg.width, cfg.heads, cfg.hidden_dims, cfg.dropout, inputs.allow_missing)
 
     def __init__(self, token_dims: Dict[str, int], width: int = 128, heads: int = 4,
                  hidden_dims: Sequence[int] = (256,), dropout: float = 0.1, allow_missing: bool = False):

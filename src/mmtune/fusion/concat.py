@@ -1,20 +1,28 @@
 """Single stream by concatenation: pooled features side by side, then a shared MLP."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
+from .base import SharedLayers, Fusion
 from .common import Placeholders, mlp
 
 
-class ConcatFusion(nn.Module):
+class ConcatFusion(Fusion):
     """Concatenate each output's pooled vector (absent: a learned placeholder with ``allow_missing``,
     else zeros) and pass the result through the shared layers."""
 
-    uses_tokens = False
+
+    class Config(SharedLayers):
+        type: Literal["concat"] = "concat"
+
+
+    @classmethod
+    def build(cls, cfg, inputs):
+        return cls(inputs.pooled_dims, cfg.hidden_dims, cfg.dropout, inputs.allow_missing)
 
     def __init__(self, in_dims: Dict[str, int], hidden_dims: Sequence[int] = (256,), dropout: float = 0.1,
                  allow_missing: bool = False):

@@ -1,20 +1,28 @@
 """Gated multimodal unit (Arevalo et al., 2017), for any number of modalities."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
+from .base import Projected, Fusion
 from .common import Placeholders, mlp, safe
 
 
-class GatedFusion(nn.Module):
+class GatedFusion(Fusion):
     """h_k = tanh(W_k x_k); per-dimension gates z = softmax over modalities of W_z [x_1..x_K];
     fused = sum_k z_k * h_k. An absent modality's gate is closed (its logit set to -inf)."""
 
-    uses_tokens = False
+
+    class Config(Projected):
+        type: Literal["gated"] = "gated"
+
+
+    @classmethod
+    def build(cls, cfg, inputs):
+        return cls(inputs.pooled_dims, cfg.width, cfg.hidden_dims, cfg.dropout, inputs.allow_missing)
 
     def __init__(self, in_dims: Dict[str, int], width: int = 128, hidden_dims: Sequence[int] = (),
                  dropout: float = 0.1, allow_missing: bool = False):

@@ -1,23 +1,34 @@
 """Late (parallel) fusion: a classifier per modality, their logits combined by weights."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..encoders.base import EncoderOutput
+from .base import Projected, Fusion
 from .common import mlp, safe
 
 
-class LateFusion(nn.Module):
+class LateFusion(Fusion):
     """Each modality k gets its own branch h_k = MLP_k(x_k). The output is the concatenation of
     w_k * h_k, where w = softmax of learned weights (or uniform, ``weights="mean"``) over the
     modalities present in the row. Followed by a *linear* head W = [W_1 .. W_K], the logits are
     exactly sum_k w_k (W_k h_k) + b: each modality's own head, combined by the weights — late fusion,
     written as one model so that every fusion shares the same head interface."""
 
-    uses_tokens = False
+
+    class Config(Projected):
+        type: Literal["late"] = "late"
+        weights: Literal["learned", "mean"] = "learned"
+        """Combine the per-modality logits with learned weights or a plain mean."""
+
+    linear_head = True
+
+    @classmethod
+    def build(cls, cfg, inputs):
+        return cls(inputs.pooled_dims, cfg.width, cfg.hidden_dims, cfg.dropout, cfg.weights, inputs.allow_missing)
 
     def __init__(self, in_dims: Dict[str, int], width: int = 128, hidden_dims: Sequence[int] = (),
                  dropout: float = 0.1, weights: str = "learned", allow_missing: bool = False):

@@ -1,22 +1,34 @@
 """Single-stream transformer: every modality's tokens in one sequence, classified from a fusion token."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Literal, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..encoders.base import EncoderOutput
+from .base import Attending, Fusion
 from .common import mlp, safe, tokens_of
 
 
-class SingleStreamFusion(nn.Module):
+class SingleStreamFusion(Fusion):
     """Tokens of each output are projected to ``width`` and tagged with a learned modality embedding;
     a learned fusion token is prepended; a small transformer encoder runs over the whole sequence
     with padding and absent modalities masked out; the fusion token's final state is the output.
     With ``allow_missing``, an absent modality is represented by a learned placeholder token."""
 
-    uses_tokens = True
+
+    class Config(Attending):
+        type: Literal["single_stream"] = "single_stream"
+        layers: int = Field(2, ge=1)
+        """Transformer layers over the joint sequence."""
+
+    reads_tokens = True
+
+    @classmethod
+    def build(cls, cfg, inputs):
+        return cls(inputs.token_dims, cfg.width, cfg.layers, cfg.heads, cfg.hidden_dims, cfg.dropout, inputs.allow_missing)
 
     def __init__(self, token_dims: Dict[str, int], width: int = 128, layers: int = 2, heads: int = 4,
                  hidden_dims: Sequence[int] = (), dropout: float = 0.1, allow_missing: bool = False):

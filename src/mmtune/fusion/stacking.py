@@ -1,26 +1,46 @@
 """Cascade / stacking: unimodal classifiers, then a meta-classifier on their out-of-fold outputs."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..encoders.base import EncoderOutput
+from .base import Fusion, FusionConfig
 from .common import safe
 
 
-class StackingFusion(nn.Module):
+class StackingFusion(Fusion):
     """One linear classifier per output key (a unimodal model on that encoder's pooled features);
     the output is the concatenation of their class probabilities (uniform for an absent modality),
     on which the head — the meta-classifier — decides. The branches and the meta-classifier are
     fitted by :func:`mmtune.training.stacking.fit_stacking` (the meta-classifier on out-of-fold
     probabilities, so it learns how far to trust each modality on data that modality did not see)."""
 
-    uses_tokens = False
+    class Config(FusionConfig):
+        type: Literal["stacking"] = "stacking"
+        folds: int = Field(5, ge=2)
+        """Folds of the out-of-fold predictions the meta-classifier learns from."""
 
-    def __init__(self, in_dims: Dict[str, int], num_classes: int):
+    needs_cache = True
+    linear_head = True
+    single_task = True
+
+    @classmethod
+    def build(cls, cfg, inputs):
+        return cls(inputs.pooled_dims, inputs.num_classes, cfg.folds)
+
+    def fit_directly(self, model, train, tasks, seed):
+        from ..training.stacking import fit_stacking
+
+        fit_stacking(model, train, tasks[0], self.folds, seed)
+        return {}
+
+    def __init__(self, in_dims: Dict[str, int], num_classes: int, folds: int = 5):
         super().__init__()
+        self.folds = folds
         self.keys = sorted(in_dims)
         self.num_classes = num_classes
         self.branches = nn.ModuleDict({safe(k): nn.Linear(in_dims[k], num_classes) for k in self.keys})

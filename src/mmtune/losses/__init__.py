@@ -1,11 +1,19 @@
-"""Losses and class weights for imbalanced data."""
+"""Losses (one table, :data:`LOSSES`, chosen by ``loss.type``) and class weights for imbalanced data.
+
+A loss gives the per-row loss of one task; the training objective (``mmtune.training.objective``) sums
+tasks by their weights, applies sample weights and the L1 penalty. Multi-label tasks use binary
+cross-entropy per label unless a loss overrides :meth:`Loss.multi_label`."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+
+from ..registry import Registry
+from ..schema import PartConfig
 
 
 def class_weights(counts: Sequence[int], scheme: Union[str, Dict[str, float]], beta: float = 0.999,
@@ -49,3 +57,73 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
     if weight is not None:
         loss = loss * weight.to(loss.device)[target]
     return loss.mean() if reduction == "mean" else loss
+
+
+class LossConfig(PartConfig):
+    """Base of every loss's settings (the ``loss`` section of the config)."""
+
+
+class Loss:
+    """Base of the losses. ``single_label`` returns the (B,) per-row loss of a single-label task, with
+    optional per-class weights; ``multi_label`` that of a multi-label task (targets multi-hot)."""
+
+    Config: type = LossConfig
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def check_tasks(self, tasks: List) -> None:
+        """Raise ValueError when the loss is not defined for a task found in the data."""
+
+    def single_label(self, logits: torch.Tensor, target: torch.Tensor,
+                     weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def multi_label(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none").mean(1)
+
+
+LOSSES: Registry = Registry("loss")
+"""Loss name (``loss.type``) -> Loss class."""
+
+
+@LOSSES.register("cross_entropy")
+class CrossEntropy(Loss):
+    """Cross-entropy, with class weights and label smoothing."""
+
+    class Config(LossConfig):
+        type: Literal["cross_entropy"] = "cross_entropy"
+        label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+        """Single-label tasks: label smoothing of the targets."""
+
+    def single_label(self, logits, target, weight=None):
+        return F.cross_entropy(logits.float(), target, weight=weight, reduction="none",
+                               label_smoothing=self.cfg.label_smoothing)
+
+
+@LOSSES.register("focal")
+class Focal(Loss):
+    """Focal loss (:func:`focal_loss`), with class weights."""
+
+    class Config(LossConfig):
+        type: Literal["focal"] = "focal"
+        gamma: float = Field(2.0, ge=0.0)
+        """Focusing parameter (0 equals cross-entropy)."""
+        alpha: Optional[float] = Field(None, gt=0.0, lt=1.0)
+        """Binary tasks only: class 1 weighted by alpha and class 0 by 1 - alpha (a task with more classes
+        is refused; use ``imbalance.class_weights`` there)."""
+
+    def check_tasks(self, tasks):
+        if self.cfg.alpha is not None:
+            wide = [t for t in tasks if not t.multilabel and len(t.classes) != 2]
+            if wide:
+                raise ValueError(f"loss.alpha (focal) is defined for binary tasks; task {wide[0].name!r} has "
+                                 f"{len(wide[0].classes)} classes: use imbalance.class_weights to weight classes there")
+
+    def single_label(self, logits, target, weight=None):
+        return focal_loss(logits, target, self.cfg.gamma, self.cfg.alpha, weight)
+
+
+def build_loss(cfg) -> Loss:
+    """The Loss object for a ``loss`` config section."""
+    return LOSSES.get(cfg.type)(cfg)

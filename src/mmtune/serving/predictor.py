@@ -1,7 +1,6 @@
 """Load a run bundle and predict, with no network and without the original checkpoints."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -9,15 +8,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..bundle import check_bundle
-from ..config import Config, load_config
+from ..bundle import read_bundle
+from ..config import Config
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
-from ..data.datamodule import spec_from_config
-from ..data.manifest import BadRowsError, TableSource, read_table, validate_rows
-from ..evaluation import task_metrics
+from ..data.manifest import BadRowsError, TableSource, read_table, spec_from_config, validate_rows
+from ..evaluation.calibration import Calibration
+from ..evaluation.metrics import task_metrics
 from ..inference import predict_proba_batches
-from ..models import build_model
 from ..tasks import Task
 
 
@@ -34,11 +32,12 @@ class Predictor:
     both return ``{task: ...}`` unless ``task=`` picks one.
     """
 
-    def __init__(self, model, config: Config, tasks: List[Task], run_dir: Optional[Path] = None,
-                 device: Union[str, torch.device] = "cpu"):
+    def __init__(self, model, config: Config, tasks: List[Task], calibration: Optional[Dict[str, Calibration]] = None,
+                 run_dir: Optional[Path] = None, device: Union[str, torch.device] = "cpu"):
         self.model = model.eval()
         self.config = config
         self.tasks = list(tasks)
+        self.calibration = {t.name: (calibration or {}).get(t.name) or Calibration() for t in self.tasks}
         self.run_dir = run_dir
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -53,29 +52,13 @@ class Predictor:
 
     @classmethod
     def load(cls, run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Predictor":
-        """Rebuild the model from ``run_dir`` (architecture configs, processors, safetensors weights).
-        Raises FileNotFoundError when the folder is not a complete bundle."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model
-
-        from ..training.fit import quiet_libraries
+        """Rebuild the model from ``run_dir`` (:func:`~mmtune.bundle.read_bundle`: architecture configs,
+        processors, safetensors weights). Raises FileNotFoundError when the folder is not a complete bundle."""
+        from ..logs import quiet_libraries
 
         quiet_libraries()
-        run_dir = Path(run_dir)
-        check_bundle(run_dir)
-        cfg = load_config(run_dir / "config.yaml")
-        tasks = [Task.from_json(t) for t in json.loads((run_dir / "labels.json").read_text())["tasks"]]
-        allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
-        model = build_model(cfg.model, {t.name: len(t.classes) for t in tasks}, bundle_dir=run_dir,
-                            allow_missing=allow_missing)
-        weights = run_dir / "model.safetensors"
-        try:
-            load_model(model, str(weights), strict=True, device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated header or data, wrong keys
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{str(weights)!r} cannot be read as this bundle's weights ({reason}): the file is "
-                             "damaged or from another run; copy the bundle again or refit") from None
-        return cls(model, cfg, tasks, run_dir, device)
+        b = read_bundle(run_dir)
+        return cls(b.model, b.config, b.tasks, b.calibration, b.run_dir, device)
 
     # ---- inputs ---------------------------------------------------------------------------
     def _dataset(self, data: TableSource, with_labels: bool) -> MultimodalDataset:
@@ -92,7 +75,7 @@ class Predictor:
     def _proba(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True) -> Dict[str, np.ndarray]:
         proba = predict_proba_batches(self.model, self.tasks, self._batches(ds, batch_size), self.device)
         if calibrated:
-            proba = {t.name: calibrate(t, proba[t.name]) for t in self.tasks}
+            proba = {t.name: self.calibration[t.name].probabilities(t, proba[t.name]) for t in self.tasks}
         return proba
 
     @staticmethod
@@ -129,7 +112,7 @@ class Predictor:
         reaches the task's tuned threshold (multi-label). ``{task: labels}`` for several tasks."""
         ds = self._dataset(data, with_labels=False)
         proba = self._proba(ds, batch_size)
-        out = {t.name: decide(t, proba[t.name]) for t in self._pick(task)}
+        out = {t.name: decide(t, proba[t.name], self.calibration[t.name]) for t in self._pick(task)}
         return out if len(out) > 1 else next(iter(out.values()))
 
     def predict_table(self, data: TableSource, batch_size: Optional[int] = None) -> pd.DataFrame:
@@ -144,7 +127,7 @@ class Predictor:
         multi = len(self.tasks) > 1
         for t in self.tasks:
             prefix = f"{t.name}." if multi else ""
-            labels = decide(t, proba[t.name])
+            labels = decide(t, proba[t.name], self.calibration[t.name])
             out[f"{prefix}prediction"] = [t.separator.join(map(str, v)) for v in labels] if t.multilabel else list(labels)
             for j, c in enumerate(t.classes):
                 out[f"{prefix}prob_{c}"] = proba[t.name][:, j]
@@ -157,33 +140,33 @@ class Predictor:
         modality hidden through the present-mask."""
         ds = self._dataset(data, with_labels=True)
         proba = self._proba(ds, batch_size)
-        out: Dict[str, Any] = {t.name: task_metrics(t, ds.labels[t.name], proba[t.name],
-                                                        self.config.evaluation.calibration_bins) for t in self.tasks}
+        out: Dict[str, Any] = {t.name: task_metrics(t, ds.labels[t.name], proba[t.name], self.config.evaluation.calibration_bins,
+                                                    self.calibration[t.name]) for t in self.tasks}
         if contribution and len(self.modalities) > 1:
             from ..evaluation.ablation import modality_contribution
 
             out["modality_contribution"] = modality_contribution(
-                self.model, self.tasks, list(self._batches(ds, batch_size)), ds.labels, list(self.modalities))
+                self.model, self.tasks, self.calibration, list(self._batches(ds, batch_size)), ds.labels,
+                list(self.modalities))
         return out
 
 
-def calibrate(task: Task, proba: np.ndarray) -> np.ndarray:
-    """The task's stored temperature applied (single-label); multi-label probabilities unchanged. Kept in
+def calibrate(task: Task, proba: np.ndarray, calibration: Optional[Calibration] = None) -> np.ndarray:
+    """The calibration's temperature applied (single-label); multi-label probabilities unchanged. Kept in
     float64: temperature scaling is monotone, and in float64 no two classes tie where the raw float32
     probabilities do not, so the argmax never changes (float32 could round two classes to one value)."""
-    from ..evaluation.calibration import apply_temperature
-
-    return proba if task.multilabel else apply_temperature(proba, task.temperature)
+    return (calibration or Calibration()).probabilities(task, proba)
 
 
-def decide(task: Task, proba: np.ndarray):
+def decide(task: Task, proba: np.ndarray, calibration: Optional[Calibration] = None):
     """Labels from probabilities: per-label thresholds (multi-label), p(class 1) against the tuned threshold
     (binary with a threshold, tuned on calibrated probabilities), else the argmax."""
+    from ..evaluation.metrics import decide_single
+
+    cal = calibration or Calibration()
     names = np.empty(len(task.classes), dtype=object)
     names[:] = task.classes
     if task.multilabel:
-        th = np.asarray(task.thresholds or [0.5] * len(task.classes))
+        th = np.asarray(cal.thresholds or [0.5] * len(task.classes))
         return [list(names[row >= th]) for row in proba]
-    from ..evaluation.metrics import decide_single
-
-    return names[decide_single(proba, task.threshold)] if len(proba) else names[:0]
+    return names[decide_single(proba, cal.threshold)] if len(proba) else names[:0]

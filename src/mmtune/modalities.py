@@ -1,0 +1,246 @@
+"""The modality table: how a column of each modality is read, validated, decided blank, fingerprinted,
+shown and augmented. The manifest, dataset, collator, cache, report and config iterate over
+:data:`MODALITIES`; adding a modality is one entry here plus an encoder that reads it.
+
+A joint encoder reads several modalities at once (CLIP: image and text); :data:`JOINT` maps such an
+encoder's ``modality`` name to the modalities it reads."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from pydantic import Field
+
+from .registry import Registry
+from .schema import Section
+from .values import is_blank, is_missing
+
+
+class Modality:
+    """Base of the modality entries. ``name`` is the key of the modality everywhere (config, present-masks,
+    processors); ``Augment`` the config class of its training-time augmentation (``augment.<name>``)."""
+
+    name: str = ""
+    Augment: Optional[type] = None
+    blank_reason: str = "missing value"
+
+    def is_blank(self, value: Any) -> bool:
+        return is_blank(value)
+
+    def blank_problem(self, value: Any) -> str:
+        """Why a blank cell is a bad row (when the modality is not allowed to be missing)."""
+        return f"missing {self.name} (NaN or null)" if not isinstance(value, str) and is_missing(value) else self.blank_reason
+
+    def check(self, value: Any, base_dir: Optional[Path]) -> Optional[str]:
+        """The problem with a non-blank cell, or None when it can be used."""
+        return None
+
+    def read(self, value: Any, base_dir: Optional[Path]) -> Any:
+        """The decoded value a processor takes (for example a PIL image)."""
+        return value
+
+    def digest(self, value: Any, base_dir: Optional[Path]) -> bytes:
+        """Bytes that change whenever the decoded value can change (the embedding cache's key)."""
+        return str(value).encode()
+
+    def display(self, value: Any, base_dir: Optional[Path]) -> Any:
+        """What the saved predictions show for a cell."""
+        return value
+
+    def render_html(self, shown: Any) -> str:
+        """A cell of the report, from what :meth:`display` gave."""
+        return html.escape("" if shown is None or (isinstance(shown, float) and shown != shown) else str(shown))
+
+    def value_augment(self, cfg: Any, model: Any, seed: int) -> Optional[Callable[[Any], Any]]:
+        """Training only: a function applied to each raw value in the collator (None: none)."""
+        return None
+
+    def batch_augments(self, cfg: Any, model: Any) -> List[Tuple[str, Callable[[Dict[str, Any]], Dict[str, Any]]]]:
+        """Training only: ``(encoder name, function of that encoder's input tensors)`` pairs applied to
+        each training batch."""
+        return []
+
+
+MODALITIES: Registry = Registry("modality")
+"""Modality name -> Modality object."""
+JOINT: Registry = Registry("joint encoder modality")
+"""A joint encoder's ``modality`` name -> the modalities it reads."""
+
+
+def resolve_path(value: Any, base_dir: Optional[Path]) -> Path:
+    """A file cell as a path: relative paths are relative to the manifest's folder."""
+    p = Path(str(value))
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return p
+
+
+# ---- image -----------------------------------------------------------------------------------
+
+
+class ImageAugmentConfig(Section):
+    """Batch-level image augmentation with kornia, on training batches only."""
+
+    enabled: bool = False
+    crop_scale: List[float] = Field(default_factory=lambda: [0.7, 1.0])
+    """Random resized crop: the range of the crop's area share (back to the input size)."""
+    rotation: float = Field(15.0, ge=0.0, le=180.0)
+    """Random rotation up to this many degrees."""
+    flip: bool = True
+    """Random horizontal flip."""
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    """Brightness, contrast and saturation jitter strength (0: off)."""
+    randaugment: bool = False
+    """Add a RandAugment policy (kornia.augmentation.auto.RandAugment)."""
+    randaugment_n: int = Field(2, ge=1)
+    randaugment_m: int = Field(9, ge=0, le=30)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled
+
+
+class Image(Modality):
+    """A path to an image file (relative to the manifest's folder), decoded in full to RGB."""
+
+    name = "image"
+    Augment = ImageAugmentConfig
+    blank_reason = "missing image path"
+
+    def check(self, value, base_dir):
+        from .data.images import load_image
+
+        path = resolve_path(value, base_dir)
+        if not path.is_file():
+            return f"image file {str(path)!r} does not exist"
+        try:
+            load_image(path)  # a full decode: a truncated file fails here, not mid-epoch
+        except Exception as exc:  # Pillow raises many types for a bad file; each becomes this row's reason
+            return f"image file {str(path)!r} is not a readable image ({type(exc).__name__}: {exc})"
+        return None
+
+    def read(self, value, base_dir):
+        from .data.images import load_image
+
+        return load_image(resolve_path(value, base_dir))
+
+    def digest(self, value, base_dir):
+        from .finetune.feature_cache import file_digest
+
+        return file_digest(resolve_path(value, base_dir))
+
+    def display(self, value, base_dir):
+        return None if is_blank(value) else str(resolve_path(value, base_dir).resolve())
+
+    def render_html(self, shown):
+        from .evaluation.report import thumbnail
+
+        return thumbnail(shown)
+
+    def batch_augments(self, cfg, model):
+        if cfg is None or not cfg.enabled:
+            return []
+        from .data.transforms import ImageAugment
+
+        augment = ImageAugment(cfg)
+        out = []
+        for name, enc in model.encoders.items():
+            proc = getattr(enc.processor, "parts", {}).get("image", enc.processor)
+            if "image" in getattr(enc.processor, "modalities", ()) and hasattr(proc, "normalization"):
+                mean, std = proc.normalization()
+                out.append((name, _pixels(augment, mean, std)))
+        return out
+
+
+def _pixels(augment, mean, std):
+    def apply(inputs):
+        return {**inputs, "pixel_values": augment(inputs["pixel_values"], mean, std)} if "pixel_values" in inputs else inputs
+
+    return apply
+
+
+# ---- text ------------------------------------------------------------------------------------
+
+
+class TextAugmentConfig(Section):
+    """Text augmentation, on training batches only (each a per-word or per-token probability)."""
+
+    word_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Delete a word."""
+    word_mask: float = Field(0.0, ge=0.0, lt=1.0)
+    """Replace a word by the tokenizer's mask (or unknown) token."""
+    word_swap: float = Field(0.0, ge=0.0, lt=1.0)
+    """Swap a word with its right neighbour."""
+    token_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Token level, after tokenisation: hide a token from attention (its attention-mask entry set to 0)."""
+    token_mask: float = Field(0.0, ge=0.0, lt=1.0)
+    """Token level: replace a token id by the tokenizer's mask (or unknown) token id."""
+
+    @property
+    def active(self) -> bool:
+        return any(v > 0 for v in self.model_dump().values())
+
+
+def _tokenizer(enc):
+    proc = getattr(enc.processor, "parts", {}).get("text", enc.processor)
+    return getattr(proc, "tokenizer", None)
+
+
+class Text(Modality):
+    """A string."""
+
+    name = "text"
+    Augment = TextAugmentConfig
+    blank_reason = "empty text"
+
+    def check(self, value, base_dir):
+        return None if isinstance(value, str) else f"text must be a string, got {type(value).__name__} {value!r}"
+
+    def read(self, value, base_dir):
+        return str(value)
+
+    def value_augment(self, cfg, model, seed):
+        if cfg is None or not (cfg.word_dropout > 0 or cfg.word_mask > 0 or cfg.word_swap > 0):
+            return None
+        from .data.transforms import TextAugment
+
+        tok = next((_tokenizer(e) for e in model.encoders.values() if _tokenizer(e) is not None), None)
+        return TextAugment(cfg, getattr(tok, "mask_token", None) or getattr(tok, "unk_token", None), seed)
+
+    def batch_augments(self, cfg, model):
+        if cfg is None or not (cfg.token_mask > 0 or cfg.token_dropout > 0):
+            return []
+        from .data.transforms import augment_tokens
+
+        out = []
+        for name, enc in model.encoders.items():
+            tok = _tokenizer(enc)
+            if tok is None:
+                continue
+            mask_id = tok.mask_token_id if getattr(tok, "mask_token_id", None) is not None else tok.unk_token_id
+            special = [i for i in tok.all_special_ids if i is not None]
+
+            def apply(inputs, mask_id=mask_id, special=special):
+                if "input_ids" not in inputs:
+                    return inputs
+                ids, att = augment_tokens(inputs["input_ids"], inputs.get("attention_mask"), cfg, mask_id, special)
+                return {**inputs, "input_ids": ids, **({"attention_mask": att} if att is not None else {})}
+
+            out.append((name, apply))
+        return out
+
+
+MODALITIES.register("image", Image())
+MODALITIES.register("text", Text())
+JOINT.register("image_text", ("image", "text"))
+
+
+def encoder_reads(modality: str) -> Tuple[str, ...]:
+    """The modalities an encoder whose config says ``modality`` reads."""
+    return tuple(JOINT.get(modality)) if modality in JOINT else (modality,)
+
+
+def encoder_modality_names() -> List[str]:
+    """What an encoder's ``modality`` may say: a modality, or a joint encoder's name."""
+    return MODALITIES.names() + JOINT.names()

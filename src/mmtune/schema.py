@@ -1,0 +1,18 @@
+"""The base of every config section, shared by the central schema (``mmtune.config``) and the components
+that own their settings (a fusion's or a strategy's ``Config``)."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    """A strict config section: unknown keys and bad values are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartConfig(Section):
+    """Settings of a part chosen by ``type`` from its table (a fusion, a fine-tuning strategy, a loss).
+    Subclasses narrow ``type`` to ``Literal["their name"]``."""
+
+    type: str

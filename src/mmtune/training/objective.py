@@ -1,0 +1,109 @@
+"""What the LightningModule is given: the training objective and the epoch metrics."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torchmetrics
+from torch import nn
+
+from ..finetune.param_groups import decayed_parameter_ids
+
+
+class Objective(nn.Module):
+    """The loss of a batch: per task the configured :class:`~mmtune.losses.Loss` (with that task's class
+    weights), the sample-weighted mean over rows, the weighted sum over tasks, plus — in training — the L1
+    penalty on trainable weight matrices (the weights weight decay applies to)."""
+
+    def __init__(self, loss, tasks, class_weights: Optional[Dict[str, torch.Tensor]] = None, l1: float = 0.0,
+                 model: Optional[nn.Module] = None):
+        super().__init__()
+        self.loss = loss
+        self.tasks = {t.name: t for t in tasks}
+        for name, w in (class_weights or {}).items():
+            self.register_buffer(f"class_weight_{name}", w, persistent=False)
+        self._weighted = set(class_weights or {})
+        self.l1 = l1
+        ids = decayed_parameter_ids(model) if model is not None and l1 > 0 else set()
+        self._l1_params: List[nn.Parameter] = [p for p in model.parameters() if id(p) in ids] if ids else []
+
+    def row_losses(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B,) loss of one task."""
+        if self.tasks[name].multilabel:
+            return self.loss.multi_label(logits, target)
+        weight = getattr(self, f"class_weight_{name}") if name in self._weighted else None
+        return self.loss.single_label(logits, target, weight)
+
+    def forward(self, logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
+                weights: Optional[torch.Tensor] = None, mix: Optional[tuple] = None, penalty: bool = False) -> torch.Tensor:
+        """With ``mix`` = (lam, perm) the targets are mixed as the features were; ``penalty`` adds L1."""
+        total = 0.0
+        for name, t in self.tasks.items():
+            rows = self.row_losses(name, logits[name], labels[name])
+            if mix is not None:
+                lam, perm = mix
+                rows = lam * rows + (1 - lam) * self.row_losses(name, logits[name], labels[name][perm])
+            part = rows.mean() if weights is None else (rows * weights).sum() / weights.sum().clamp_min(1e-12)
+            total = total + t.weight * part
+        if penalty and self.l1 > 0:
+            total = total + self.l1 * sum(p.abs().sum() for p in self._l1_params if p.requires_grad)
+        return total
+
+
+class EpochMetrics(nn.Module):
+    """torchmetrics per task, accumulated over an epoch. :meth:`compute` returns the logged values:
+    ``val_acc`` / ``val_<metric>`` as means over tasks, and ``<key>/<task>`` with several tasks."""
+
+    def __init__(self, tasks, names, prefix: str):
+        super().__init__()
+        self.tasks = {t.name: t for t in tasks}
+        self.prefix = prefix
+        self.metrics = nn.ModuleDict({t.name: nn.ModuleDict({m: _metric(m, t) for m in names if _metric(m, t) is not None})
+                                      for t in tasks})
+
+    def update(self, logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> None:
+        for name, t in self.tasks.items():
+            y = labels[name].int() if t.multilabel else labels[name]
+            for metric in self.metrics[name].values():
+                metric.update(logits[name].detach(), y)
+
+    def compute(self) -> Dict[str, torch.Tensor]:
+        values: Dict[str, list] = {}
+        out: Dict[str, torch.Tensor] = {}
+        for name, metrics in self.metrics.items():
+            for mname, metric in metrics.items():
+                v = metric.compute()
+                metric.reset()
+                key = f"{self.prefix}_acc" if mname == "accuracy" else f"{self.prefix}_{mname}"
+                values.setdefault(key, []).append(v)
+                if len(self.tasks) > 1:
+                    out[f"{key}/{name}"] = v
+        out.update({key: torch.stack(vs).mean() for key, vs in values.items()})
+        return out
+
+
+def _metric(name: str, task):
+    """A torchmetrics metric for ``task`` (None when it has no meaning there, e.g. balanced accuracy of a
+    multi-label task)."""
+    n = len(task.classes)
+    if task.multilabel:
+        kw = {"task": "multilabel", "num_labels": n}
+        if name == "accuracy":
+            return torchmetrics.classification.MultilabelExactMatch(num_labels=n)
+        if name == "balanced_accuracy":
+            return None
+    else:
+        kw = {"task": "multiclass", "num_classes": n}
+        if name == "accuracy":
+            return torchmetrics.Accuracy(**kw)
+        if name == "balanced_accuracy":
+            return torchmetrics.Accuracy(**kw, average="macro")
+    if name == "f1_macro":
+        return torchmetrics.F1Score(**kw, average="macro")
+    if name == "auroc":
+        return torchmetrics.AUROC(**kw, average="macro")
+    if name == "precision_macro":
+        return torchmetrics.Precision(**kw, average="macro")
+    if name == "recall_macro":
+        return torchmetrics.Recall(**kw, average="macro")
+    raise ValueError(f"unknown epoch metric {name!r}")

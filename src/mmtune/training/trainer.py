@@ -1,0 +1,108 @@
+"""Training with Lightning's Trainer: checkpoints (best and last), early stopping, CSV logs that survive a
+resume, and the callbacks the config and strategy need."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import lightning as L
+import pandas as pd
+
+from ..io import atomic_write_with
+from .module import build_module
+
+
+class ConfigInCheckpoint(L.Callback):
+    """Stores the resolved config in every checkpoint, so that a resume can tell what changed."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg.to_dict()
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        checkpoint["mmtune_config"] = self.cfg
+
+
+class StrategyEpochs(L.Callback):
+    """At the start of each epoch, let a strategy whose trainable set changes by epoch (gradual) apply it."""
+
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    def on_train_epoch_start(self, trainer, module):
+        self.strategy.apply(module.model, epoch=trainer.current_epoch)
+        module.model.train()
+
+
+def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str, Any]],
+          callbacks: Sequence[L.Callback] = ()) -> Dict[str, Any]:
+    """Fit ``model`` on ``data`` (a TableDataModule) and restore the best epoch's weights; a fusion fitted
+    without gradients (stacking) is fitted directly instead. Returns ``best_checkpoint`` and ``epochs_trained``."""
+    direct = model.fusion.fit_directly(model, data.datasets["train"], data.tasks, cfg.trainer.seed)
+    if direct is not None:
+        return {"best_checkpoint": None, "epochs_trained": 0, **direct}
+    module = build_module(cfg, model, data.tasks, strategy, data.class_weights())
+    extra = ([StrategyEpochs(strategy)] if strategy.varies_by_epoch else []) + [ConfigInCheckpoint(cfg), *callbacks]
+    trainer = build_trainer(cfg, run_dir, math.ceil(len(data.datasets["train"]) / cfg.trainer.batch_size), extra)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if previous is not None:
+        _continue_logs(trainer, _previous_logs(run_dir, previous["epoch"]))
+    # from_pretrained leaves models in eval mode and Lightning keeps the mode it finds: set it here
+    # (the classifier keeps fully frozen encoders and frozen batch-norm layers in eval mode).
+    module.train()
+    trainer.fit(module, datamodule=data, ckpt_path=str(last) if previous is not None else None, weights_only=True)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.trainer.restore_best and best:
+        module.load_checkpoint_weights(best)
+    return {"best_checkpoint": Path(best).name if best else None, "epochs_trained": int(trainer.current_epoch)}
+
+
+def _previous_logs(run_dir: Path, done_epoch: int) -> Optional[pd.DataFrame]:
+    """Log rows up to the epoch the checkpoint holds (rows logged after it are redone on resume)."""
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path)
+    return df[df["epoch"].isna() | (df["epoch"] <= done_epoch)] if "epoch" in df else df
+
+
+def _continue_logs(trainer: L.Trainer, previous: Optional[pd.DataFrame]) -> None:
+    """Lightning's CSV logger starts a fresh metrics.csv; put the rows before the checkpoint back so
+    that a resumed run keeps one log from epoch 0."""
+    if previous is None:
+        return
+    writer = trainer.loggers[0].experiment  # creating it clears the old file
+    atomic_write_with(writer.metrics_file_path, lambda tmp: previous[sorted(previous.columns)].to_csv(tmp, index=False))
+    writer.metrics_keys = sorted(previous.columns)
+
+
+def build_trainer(cfg, run_dir: Path, n_train_batches: int, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """The Lightning Trainer the config describes: best and last checkpoints, early stopping, CSV logs."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = cfg.trainer
+    mode = "min" if t.monitor.endswith("loss") else "max"
+    callbacks: list = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor=t.monitor,
+                                       mode=mode, save_top_k=1, save_last=True, enable_version_counter=False)]
+    if t.early_stopping_patience is not None:
+        callbacks.append(EarlyStopping(monitor=t.monitor, mode=mode, patience=t.early_stopping_patience))
+    callbacks.extend(extra_callbacks)
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    if t.tensorboard:
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+        except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+            raise ValueError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
+    kwargs: Dict[str, Any] = {}
+    if t.limit_train_batches is not None:
+        kwargs["limit_train_batches"] = t.limit_train_batches
+    return L.Trainer(
+        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val, callbacks=callbacks, logger=loggers,
+        enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, n_train_batches)), default_root_dir=str(run_dir), **kwargs,
+    )
