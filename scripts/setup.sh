@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${MMTUNE_TORCH_VERSION:-2.13.0}"
 PY="${PYTHON:-python3}"
-extras=""
+extras="[all]"
 [ "${1:-}" = "--test" ] && extras="[test]"
 
 if [ ! -x .venv/bin/python ]; then

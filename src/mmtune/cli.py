@@ -1,4 +1,4 @@
-"""``mmtune fit | evaluate | predict | demo``."""
+"""``mmtune fit | evaluate | predict | report | parts | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +10,30 @@ from typing import List, Optional
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
+def parts_table() -> str:
+    """The names each table of parts holds — the config accepts exactly these."""
+    from .encoders import offline
+    from .finetune import STRATEGIES
+    from .fusion import FUSIONS
+    from .losses import LOSSES
+    from .modalities import JOINT, MODALITIES
+    from .optim import OPTIMIZERS, SCHEDULES
+
+    rows = [("modalities (data.columns, encoder modality)", MODALITIES.names() + JOINT.names()),
+            ("encoder presets (encoder checkpoint)", offline.PRESETS.names()),
+            ("fusions (model.fusion.type)", FUSIONS.names()), ("strategies (finetune.type)", STRATEGIES.names()),
+            ("losses (loss.type)", LOSSES.names()), ("optimizers (optim.name)", OPTIMIZERS.names()),
+            ("schedules (schedule.name)", SCHEDULES.names())]
+    return "\n".join(f"  {kind}: {', '.join(names)}" for kind, names in rows)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmtune", description="Fine-tune multimodal classifiers and ship them.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="fine-tune the model a YAML config describes")
+    f = sub.add_parser("fit", help="fine-tune the model a YAML config describes",
+                       epilog="parts a config can name:\n" + parts_table(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("config", help="YAML config file")
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set trainer.max_epochs=3 (repeatable)")
@@ -38,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet)")
     pr.add_argument("--batch-size", type=int, default=None)
 
+    sub.add_parser("parts", help="list the parts a config can name (fusions, strategies, losses, …)")
+
     d = sub.add_parser("demo", help="fine-tune the embedded image+text demo and compare with each modality alone")
     d.add_argument("--output-dir", default="runs", help="where the data and the three run bundles go")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -50,11 +71,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError
     from .data.manifest import BadRowsError
+    from .extras import MissingExtraError
 
     try:
-        return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo,
-                "report": _report}[args.command](args)
-    except (ConfigError, BadRowsError) + EXPECTED_ERRORS as exc:
+        return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo, "report": _report,
+                "parts": _parts}[args.command](args)
+    except (ConfigError, BadRowsError, MissingExtraError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -131,6 +153,11 @@ def _report(args) -> int:
 
     check_bundle(args.run)
     print(f"report written to {build_report(args.run)}")
+    return 0
+
+
+def _parts(args) -> int:
+    print(parts_table())
     return 0
 
 
