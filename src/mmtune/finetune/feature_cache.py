@@ -1,6 +1,6 @@
 """The embedding cache: frozen encoders' outputs computed once per dataset and checkpoint.
 
-With ``finetune.strategy: frozen`` nothing in an encoder changes during training, so its outputs
+With ``finetune.type: frozen`` nothing in an encoder changes during training, so its outputs
 for a given row never change either. They are computed once, stored under ``cache_dir`` in a
 safetensors file whose name is a hash of everything they depend on — the encoder's config entry,
 its weights, its architecture config and processor files, every file of a local checkpoint folder,
