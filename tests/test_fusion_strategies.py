@@ -242,6 +242,8 @@ def test_multitask_and_multilabel_bundle(tmp_path, tiny_vit, tiny_bert, colour_v
     tasks = {t["name"]: t for t in json.loads((res.run_dir / "labels.json").read_text())["tasks"]}
     calibration = json.loads((res.run_dir / "calibration.json").read_text())
     assert tasks["tags"]["classes"] == ["any", "keep", "warm"] and len(calibration["tags"]["thresholds"]) == 3
+    page = (res.run_dir / "report.html").read_text()
+    assert f"tags: multi-label; per-label thresholds {[round(x, 3) for x in calibration['tags']['thresholds']]}" in page
     logs = pd.read_csv(res.run_dir / "logs" / "metrics.csv")
     assert {"val_acc/family", "val_f1_macro/tags"} <= set(logs.columns)
 

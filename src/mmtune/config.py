@@ -14,7 +14,7 @@ import yaml
 from pydantic import (BaseModel, Field, SerializeAsAny, ValidationError, create_model, field_validator,
                       model_validator)
 
-from .modalities import JOINT, MODALITIES, encoder_modality_names, encoder_reads
+from .modalities import MODALITIES, encoder_modality_names, encoder_reads
 from .schema import PartConfig, Section
 
 _Strict = Section

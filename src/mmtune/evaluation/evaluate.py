@@ -1,7 +1,7 @@
 """After training: calibration, decision thresholds, metrics, saved predictions, modality contribution."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import pandas as pd

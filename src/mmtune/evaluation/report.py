@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -110,7 +109,7 @@ def build_report(run_dir: str | Path) -> Path:
             pngs[f"{prefix}pr.png"] = plots.pr_curves(y, raw, t.classes)
             parts["ROC and precision-recall curves"].append(_img(pngs[f"{prefix}pr.png"], f"PR {t.name}"))
             parts["Calibration"].append(f"<p>{html.escape(t.name)}: multi-label; per-label thresholds "
-                                        f"{html.escape(str([round(x, 3) for x in (calib.thresholds or [])]))}.</p>")
+                                        f"{html.escape(str([round(x, 3) for x in (bundle.calibration[t.name].thresholds or [])]))}.</p>")
             continue
         y = preds[f"{t.name}:true"].to_numpy(dtype=int)
         calib = bundle.calibration[t.name]

@@ -6,7 +6,7 @@ parameters train at a given epoch, which callbacks and adapters it needs, whethe
 frozen weights. Fusion and heads always train. :data:`STRATEGIES` is the one list of their names."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 from pydantic import Field
 from torch import nn

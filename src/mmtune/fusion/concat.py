@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Dict, Literal, Sequence
 
 import torch
-from torch import nn
 
 from ..encoders.base import EncoderOutput
 from .base import SharedLayers, Fusion
