@@ -14,6 +14,14 @@ def fit(*args, **kwargs):
     return _fit(*args, **kwargs)
 
 
+def align(tables, on=None, time=None, tolerance=None, direction="nearest", paths=()):
+    """Join tables recorded apart onto the first; returns ``(joined DataFrame, report)``. See
+    :func:`mmtune.data.align.align_tables`."""
+    from .data.align import align_tables
+
+    return align_tables(tables, on, time, tolerance, direction, paths)
+
+
 def load(run_dir, device: str = "cpu"):
     """Load a run bundle as a :class:`~mmtune.serving.Predictor`."""
     from .serving.predictor import Predictor
@@ -21,4 +29,4 @@ def load(run_dir, device: str = "cpu"):
     return Predictor.load(run_dir, device)
 
 
-__all__ = ["BadRowsError", "Config", "ConfigError", "fit", "load", "load_config", "__version__"]
+__all__ = ["BadRowsError", "Config", "ConfigError", "align", "fit", "load", "load_config", "__version__"]

@@ -155,7 +155,7 @@ def _load_model(run_dir: Path, cfg, tasks):
     from .models import build_model
 
     allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
-    model = build_model(cfg.model, {t.name: len(t.classes) for t in tasks}, bundle_dir=run_dir, allow_missing=allow_missing)
+    model = build_model(cfg.model, {t.name: t.outputs for t in tasks}, bundle_dir=run_dir, allow_missing=allow_missing)
     weights = run_dir / "model.safetensors"
     try:
         load_model(model, str(weights), strict=True, device="cpu")

@@ -1,4 +1,4 @@
-"""``mmtune fit | evaluate | predict | report | parts | demo``."""
+"""``mmtune fit | evaluate | predict | report | parts | align | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import List, Optional
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+_WRITERS = {
+    ".csv": lambda table, tmp: table.to_csv(tmp, index=False),
+    ".jsonl": lambda table, tmp: table.to_json(tmp, orient="records", lines=True),
+    ".parquet": lambda table, tmp: table.to_parquet(tmp, index=False),
+}
 
 
 def parts_table() -> str:
@@ -59,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("parts", help="list the parts a config can name (fusions, strategies, losses, …)")
 
+    al = sub.add_parser("align", help="join tables recorded apart into one manifest (key, then nearest time)")
+    al.add_argument("tables", nargs="+", help="manifests; each row of the first is an example")
+    al.add_argument("--on", help="key column every table has (rows join only on equal keys)")
+    al.add_argument("--time", help="time column (numbers or dates): the nearest row within --tolerance")
+    al.add_argument("--tolerance", help="largest time difference that still matches, e.g. 2s, 500ms")
+    al.add_argument("--direction", default="nearest", choices=["nearest", "backward", "forward"])
+    al.add_argument("--paths", action="append", default=[], metavar="COLUMN",
+                    help="a column of file paths, made absolute (repeatable)")
+    al.add_argument("--out", required=True, help="the joined manifest (.csv, .jsonl or .parquet); the report goes "
+                                                 "beside it as <out>.alignment.json")
+
     d = sub.add_parser("demo", help="fine-tune the embedded image+text demo and compare with each modality alone")
     d.add_argument("--output-dir", default="runs", help="where the data and the three run bundles go")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -75,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo, "report": _report,
-                "parts": _parts}[args.command](args)
+                "parts": _parts, "align": _align}[args.command](args)
     except (ConfigError, BadRowsError, MissingExtraError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -113,15 +129,10 @@ def _predict(args) -> int:
     from .serving.predictor import Predictor
 
     path = Path(args.out)
-    writers = {
-        ".csv": lambda table, tmp: table.to_csv(tmp, index=False),
-        ".jsonl": lambda table, tmp: table.to_json(tmp, orient="records", lines=True),
-        ".parquet": lambda table, tmp: table.to_parquet(tmp, index=False),
-    }
-    write = writers.get(path.suffix.lower())
+    write = _WRITERS.get(path.suffix.lower())
     # checked before any work is done
     if write is None:
-        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(writers)}")
+        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
     if path.is_dir():
         raise ValueError(f"--out {str(path)!r} is a folder; give a file name such as {str(path / 'predictions.csv')!r}")
     if path.exists() and Path(args.data).exists() and path.resolve() == Path(args.data).resolve():
@@ -153,6 +164,24 @@ def _report(args) -> int:
 
     check_bundle(args.run)
     print(f"report written to {build_report(args.run)}")
+    return 0
+
+
+def _align(args) -> int:
+    from .data.align import align_tables
+    from .io import atomic_write_json, atomic_write_with
+
+    path = Path(args.out)
+    write = _WRITERS.get(path.suffix.lower())
+    if write is None:  # checked before any work is done
+        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
+    if any(Path(t).exists() and path.exists() and path.resolve() == Path(t).resolve() for t in args.tables):
+        raise ValueError(f"--out {str(path)!r} is one of the input tables; write the joined table to another file")
+    joined, report = align_tables(args.tables, args.on, args.time, args.tolerance, args.direction, args.paths)
+    atomic_write_with(path, lambda tmp: write(joined, tmp))
+    atomic_write_json(path.with_name(path.name + ".alignment.json"), report.to_json())
+    print(report)
+    print(f"{len(joined)} rows written to {path}")
     return 0
 
 

@@ -70,9 +70,40 @@ class TaskConfig(_Strict):
     """Column holding this task's label(s)."""
     multilabel: bool = False
     """Several labels per row: a list (JSONL / Parquet) or a ``separator``-joined string."""
+    regression: bool = False
+    """A numeric target: one output, standardised with the training split's mean and standard deviation."""
+    regression_loss: Literal["mse", "huber"] = "mse"
+    """Regression: squared error, or Huber (``huber_delta``, in standard deviations of the target)."""
+    huber_delta: float = Field(1.0, gt=0.0)
     separator: str = "|"
     weight: float = Field(1.0, ge=0.0)
     """This task's weight in the summed loss."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "TaskConfig":
+        if self.multilabel and self.regression:
+            raise ValueError("a task is multilabel or regression, not both")
+        return self
+
+
+class AlignConfig(_Strict):
+    """Build the training table by joining tables recorded apart (see ``mmtune align``)."""
+
+    tables: List[str] = Field(min_length=2)
+    """Manifests to join; each row of the first is an example (paths relative to the YAML file's folder)."""
+    on: Optional[str] = None
+    """Key column every table has (rows join only on equal keys)."""
+    time: Optional[str] = None
+    """Time column: each row takes the nearest row of each other table within ``tolerance``."""
+    tolerance: Optional[str] = None
+    """Largest time difference that still matches, e.g. ``2s`` (a number for numeric times)."""
+    direction: Literal["nearest", "backward", "forward"] = "nearest"
+
+    @model_validator(mode="after")
+    def _something_to_join_on(self) -> "AlignConfig":
+        if not self.on and not self.time:
+            raise ValueError("data.align needs on (a key column) and/or time (a time column)")
+        return self
 
 
 class DataConfig(_Strict):
@@ -80,6 +111,8 @@ class DataConfig(_Strict):
 
     train: Optional[str] = None
     """Training manifest (CSV, TSV, JSONL, JSON or Parquet); image paths are relative to its folder."""
+    align: Optional[AlignConfig] = None
+    """Instead of ``train``: join these tables into the training table."""
     val: Optional[str] = None
     """Validation manifest; when absent, a stratified, seeded split of ``train``."""
     test: Optional[str] = None
@@ -228,7 +261,7 @@ class TrainerConfig(_Strict):
     """Validation metrics logged every epoch (torchmetrics), as val_acc, val_f1_macro, val_balanced_accuracy,
     val_auroc, val_precision_macro, val_recall_macro (means over tasks; per task too with several tasks)."""
     monitor: Literal["val_loss", "val_acc", "val_f1_macro", "val_balanced_accuracy", "val_auroc",
-                     "val_precision_macro", "val_recall_macro"] = "val_loss"
+                     "val_precision_macro", "val_recall_macro", "val_rmse"] = "val_loss"
     """Validation metric for early stopping, the best checkpoint and the plateau schedule (mean over tasks;
     for a multi-label task, accuracy is subset accuracy)."""
     restore_best: bool = True
@@ -369,13 +402,19 @@ class Config(_Strict):
         from .finetune.strategies import build_strategy
         from .fusion import FUSIONS, Fusion, fusion_class
 
-        logged = {"val_loss"} | {"val_acc" if m == "accuracy" else f"val_{m}" for m in self.trainer.epoch_metrics}
+        tasks = list((self.data.tasks or {}).values())
+        logged = {"val_loss"}
+        if not tasks or any(not t.regression for t in tasks):
+            logged |= {"val_acc" if m == "accuracy" else f"val_{m}" for m in self.trainer.epoch_metrics}
+        if any(t.regression for t in tasks):
+            logged.add("val_rmse")
         if self.trainer.monitor not in logged:
             raise ValueError(f"trainer.monitor={self.trainer.monitor} is not logged; add it to trainer.epoch_metrics "
                              f"or pick one of {sorted(logged)}")
         fusion, strategy = fusion_class(self.model.fusion), build_strategy(self.finetune)
         name = self.model.fusion.type
-        several = bool(self.data.tasks) and (len(self.data.tasks) > 1 or any(t.multilabel for t in self.data.tasks.values()))
+        several = bool(self.data.tasks) and (len(self.data.tasks) > 1 or any(t.multilabel or t.regression
+                                                                             for t in self.data.tasks.values()))
         if fusion.linear_head and self.model.head.hidden_dims:
             raise ValueError(f"fusion '{name}' needs a linear head: model.head.hidden_dims must be empty")
         if fusion.needs_cache and not strategy.uses_cache:
@@ -395,9 +434,11 @@ class Config(_Strict):
             pooled = [n for n, c in FUSIONS.items() if not c.reads_tokens and c.fit_directly is Fusion.fit_directly]
             if name not in pooled:
                 raise ValueError(f"synthetic rows have pooled features only: use fusion {', '.join(pooled)}")
-            if self.data.tasks and len(self.data.tasks) > 1:
+            if several:
                 raise ValueError("synthesis supports one single-label task")
         imb = self.imbalance
+        if self.data.align is not None and self.data.train:
+            raise ValueError("data.train and data.align both give the training table: set one of them")
         if imb.sampler and imb.class_weights != "none":
             raise ValueError("imbalance.sampler and imbalance.class_weights both rebalance classes; together a "
                              "minority row would count about 1/n_c^2: choose one")
@@ -565,6 +606,10 @@ def load_config(
         if value and not Path(value).is_absolute():
             written_in_file = key in from_file and f"data.{key}" not in overridden
             setattr(cfg.data, key, str(base_dir / value) if written_in_file else str(Path(value).resolve()))
+    if cfg.data.align is not None:
+        written_in_file = "align" in from_file and "data.align.tables" not in overridden
+        cfg.data.align.tables = [t if Path(t).is_absolute() else str(base_dir / t) if written_in_file
+                                 else str(Path(t).resolve()) for t in cfg.data.align.tables]
     return cfg
 
 

@@ -16,8 +16,11 @@ def move(batch: Any, device: torch.device) -> Any:
 
 
 def probabilities(task, logits: torch.Tensor) -> torch.Tensor:
-    """Softmax for a single-label task, sigmoid per label for a multi-label one."""
+    """Softmax for a single-label task, sigmoid per label for a multi-label one; for a regression target the
+    prediction in the target's units, (B, 1)."""
     logits = logits.float()
+    if getattr(task, "regression", False):
+        return task.destandardize(logits[:, :1])
     return torch.sigmoid(logits) if task.multilabel else torch.softmax(logits, dim=-1)
 
 
@@ -41,5 +44,5 @@ def predict_proba_batches(model, tasks, batches: Iterable[Dict[str, Any]], devic
     finally:
         if was_training:
             model.train()
-    return {t.name: (np.concatenate(out[t.name]) if out[t.name] else np.zeros((0, len(t.classes)), np.float32))
+    return {t.name: (np.concatenate(out[t.name]) if out[t.name] else np.zeros((0, t.outputs), np.float32))
             for t in tasks}

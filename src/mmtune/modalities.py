@@ -24,6 +24,8 @@ class Modality:
     name: str = ""
     Augment: Optional[type] = None
     blank_reason: str = "missing value"
+    files: bool = False
+    """Cells are file paths (relative to the manifest's folder)."""
 
     def is_blank(self, value: Any) -> bool:
         return is_blank(value)
@@ -107,6 +109,7 @@ class Image(Modality):
     name = "image"
     Augment = ImageAugmentConfig
     blank_reason = "missing image path"
+    files = True
 
     def check(self, value, base_dir):
         from .data.images import load_image

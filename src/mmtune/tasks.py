@@ -2,6 +2,7 @@
 and decision thresholds are :class:`~mmtune.evaluation.calibration.Calibration`, stored beside them)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,10 +34,36 @@ class Task:
     separator: str = "|"
     weight: float = 1.0
     classes: List[Any] = field(default_factory=list)
+    regression: bool = False
+    """A numeric target (one output; ``classes`` stays empty)."""
+    regression_loss: str = "mse"
+    huber_delta: float = 1.0
+    mean: Optional[float] = None
+    """Regression: the training split's mean and standard deviation of the target; the model predicts the
+    standardised target and :meth:`destandardize` turns it back into the target's units."""
+    std: Optional[float] = None
 
     # ---- parsing -------------------------------------------------------------------------
+    @property
+    def outputs(self) -> int:
+        """Width of the task's head: one per class, or 1 for a regression target."""
+        return 1 if self.regression else len(self.classes)
+
+    def number(self, value: Any) -> Optional[float]:
+        """A regression target as a finite float, or None when it is not one."""
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return None
+        return v if math.isfinite(v) else None
+
+    def destandardize(self, z):
+        return z * (self.std or 1.0) + (self.mean or 0.0)
+
     def values(self, value: Any) -> Optional[List[Any]]:
         """The row's label(s) as a list of raw values; None when the label is missing."""
+        if self.regression:
+            return None if is_blank(value) else [value]
         if self.multilabel:
             if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, str)):
                 items = list(value.tolist() if hasattr(value, "tolist") else value)
@@ -49,7 +76,14 @@ class Task:
         return None if is_blank(value) else [value]
 
     def fit_classes(self, column_values: Sequence[Any]) -> None:
-        """Set ``classes`` to the distinct labels seen (sorted naturally by their text)."""
+        """Set ``classes`` to the distinct labels seen (sorted naturally by their text); for a regression
+        target, ``mean`` and ``std`` of its numbers instead."""
+        if self.regression:
+            nums = [x for x in (self.number(v) for v in column_values if not is_blank(v)) if x is not None]
+            self.mean = float(sum(nums) / len(nums)) if nums else 0.0
+            var = sum((x - self.mean) ** 2 for x in nums) / max(1, len(nums) - 1)
+            self.std = float(math.sqrt(var)) if var > 0 else 1.0
+            return
         first: Dict[str, Any] = {}
         for v in column_values:
             for item in self.values(v) or []:
@@ -65,11 +99,15 @@ class Task:
 
     def unknown(self, value: Any) -> List[Any]:
         """Labels of ``value`` that are not among ``classes``."""
+        if self.regression:
+            return []
         idx = self.index
         return [v for v in (self.values(value) or []) if label_key(v) not in idx]
 
     def encode(self, value: Any):
-        """Class index (single-label) or a multi-hot list of floats (multi-label)."""
+        """Class index (single-label), a multi-hot list of floats (multi-label), or the number (regression)."""
+        if self.regression:
+            return float(value)
         idx = self.index
         vals = self.values(value)
         if self.multilabel:
@@ -82,15 +120,20 @@ class Task:
     # ---- persistence ---------------------------------------------------------------------
     def to_json(self) -> Dict[str, Any]:
         return {"name": self.name, "column": self.column, "multilabel": self.multilabel, "separator": self.separator,
-                "weight": self.weight, "classes": list(self.classes)}
+                "weight": self.weight, "classes": list(self.classes),
+                **({"regression": True, "regression_loss": self.regression_loss, "huber_delta": self.huber_delta,
+                    "mean": self.mean, "std": self.std} if self.regression else {})}
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "Task":
-        return cls(**{k: d[k] for k in ("name", "column", "multilabel", "separator", "weight", "classes") if k in d})
+        keys = ("name", "column", "multilabel", "separator", "weight", "classes", "regression", "regression_loss",
+                "huber_delta", "mean", "std")
+        return cls(**{k: d[k] for k in keys if k in d})
 
 
 def tasks_from_config(data_cfg) -> List[Task]:
     """The tasks the config names: ``data.tasks`` when set, else one task on ``data.label_column``."""
     if data_cfg.tasks:
-        return [Task(name, t.column, t.multilabel, t.separator, t.weight) for name, t in data_cfg.tasks.items()]
+        return [Task(name, t.column, t.multilabel, t.separator, t.weight, regression=t.regression,
+                     regression_loss=t.regression_loss, huber_delta=t.huber_delta) for name, t in data_cfg.tasks.items()]
     return [Task(data_cfg.label_column, data_cfg.label_column)]

@@ -48,5 +48,5 @@ def collate_labels(samples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
     out = {}
     for task in samples[0]["labels"] if samples else ():
         vals = [s["labels"][task] for s in samples]
-        out[task] = torch.tensor(vals, dtype=torch.float32 if isinstance(vals[0], list) else torch.long)
+        out[task] = torch.tensor(vals, dtype=torch.float32 if isinstance(vals[0], (list, float)) else torch.long)
     return out

@@ -29,6 +29,8 @@ class PreparedData:
     base_dirs: Dict[str, Optional[Path]]
     spec: ManifestSpec
     rejected: pd.DataFrame = field(default_factory=pd.DataFrame)
+    alignment: Optional[Dict[str, Any]] = None
+    """The report of ``data.align`` (per joined table: matches, reasons, time offsets)."""
 
     @property
     def tasks(self) -> List[Task]:
@@ -48,8 +50,17 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
     sources = {"train": train if train is not None else data_cfg.train,
                "val": val if val is not None else data_cfg.val,
                "test": test if test is not None else data_cfg.test}
+    alignment = None
+    if sources["train"] is None and data_cfg.align is not None:
+        from ..modalities import MODALITIES
+        from .align import align_tables
+
+        a = data_cfg.align
+        files = [data_cfg.column(m) for m in modalities if MODALITIES.get(m).files]
+        sources["train"], report = align_tables(a.tables, a.on, a.time, a.tolerance, a.direction, paths=files)
+        alignment = report.to_json()
     if sources["train"] is None:
-        raise ValueError("no training data: set data.train to a manifest file or pass a DataFrame")
+        raise ValueError("no training data: set data.train to a manifest file (or data.align) or pass a DataFrame")
     frames, base_dirs = {}, {}
     for split, src in sources.items():
         if src is None:
@@ -77,9 +88,9 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
             frames[split] = frames[split].drop(index=sorted(drop)).reset_index(drop=True)
 
     for task in spec.tasks:
-        if len(task.classes) < 2:
+        if not task.regression and len(task.classes) < 2:
             raise ValueError(f"the training set has {len(task.classes)} class(es) in column {task.column!r}; need at least 2")
-    strat = next((t.column for t in spec.tasks if not t.multilabel), None)
+    strat = next((t.column for t in spec.tasks if not t.multilabel and not t.regression), None)
     if "val" not in frames:
         frames["train"], frames["val"] = _split(frames["train"], strat, data_cfg.val_fraction, data_cfg.split_seed)
         base_dirs["val"] = base_dirs["train"]
@@ -90,7 +101,7 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
     for split, df in frames.items():
         if len(df) == 0:
             raise ValueError(f"the {split} split is empty after validation")
-    return PreparedData(frames, base_dirs, spec, rejected)
+    return PreparedData(frames, base_dirs, spec, rejected, alignment)
 
 
 def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: int):
@@ -203,7 +214,7 @@ class TableDataModule(L.LightningDataModule):
         cfg, ds, seed = self.cfg, self.datasets["train"], self.cfg.trainer.seed
         sampler = None
         if cfg.imbalance.sampler:
-            task = next((x for x in self.tasks if not x.multilabel), None)
+            task = next((x for x in self.tasks if not x.multilabel and not x.regression), None)
             if task is None:
                 raise ValueError("imbalance.sampler needs a single-label task to balance")
             # classes only: sample weights act in the loss, so a row counts w once (not w from the sampler and w again)
@@ -234,7 +245,7 @@ class TableDataModule(L.LightningDataModule):
         imb = self.cfg.imbalance
         out = {}
         for task in self.tasks:
-            if task.multilabel or imb.class_weights == "none":
+            if task.multilabel or task.regression or imb.class_weights == "none":
                 continue
             labels = np.asarray(_as_list(self.datasets["train"].labels[task.name]), dtype=int)
             w = class_weights(np.bincount(labels, minlength=len(task.classes)), imb.class_weights, imb.effective_beta,

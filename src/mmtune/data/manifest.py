@@ -167,6 +167,8 @@ def validate_rows(
             parsed = task.values(lab)
             if parsed is None or (not task.multilabel and not parsed):
                 bad.append(BadRow(split, rownum, task.column, "missing label (NaN, null or empty)"))
+            elif task.regression and task.number(lab) is None:
+                bad.append(BadRow(split, rownum, task.column, f"target must be a finite number, got {lab!r}"))
             elif check_known:
                 unknown = task.unknown(lab)
                 if unknown:

@@ -40,7 +40,7 @@ def modality_contribution(model, tasks, calibration: Mapping[str, Any], loader, 
             y = labels[t.name]
             m = task_metrics(t, y.tolist() if hasattr(y, "tolist") else y, cal.probabilities(t, proba[t.name]),
                              calibration=cal)
-            keys = ("f1_micro", "f1_macro") if t.multilabel else ("accuracy", "f1_macro")
+            keys = ("rmse", "r2") if t.regression else ("f1_micro", "f1_macro") if t.multilabel else ("accuracy", "f1_macro")
             row[t.name] = {k: m[k] for k in keys}
         out[name] = {"hidden": hidden, "metrics": row}
     base = out["all"]["metrics"]

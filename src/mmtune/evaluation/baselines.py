@@ -11,7 +11,8 @@ def fit_baselines(cfg, fused_metrics: Dict[str, Any], train, val, test) -> Dict[
 
     split = "test" if "test" in fused_metrics else "val"
     task = cfg.tasks[0].name
-    models = {"fused": {k: fused_metrics[split][task].get(k) for k in ("accuracy", "f1_macro")}}
+    keys, headline = (("r2", "rmse"), "r2") if cfg.tasks[0].regression else (("accuracy", "f1_macro"), "accuracy")
+    models = {"fused": {k: fused_metrics[split][task].get(k) for k in keys}}
     for modality in cfg.modalities:
         if not any(e.modality == modality for e in cfg.model.encoders.values()):
             continue  # a joint encoder (CLIP) has no single-modality counterpart here
@@ -20,6 +21,7 @@ def fit_baselines(cfg, fused_metrics: Dict[str, Any], train, val, test) -> Dict[
         sub.evaluation.report = False
         sub.evaluation.modality_contribution = False
         res = fit(sub, train, val, test, overwrite=True)
-        models[f"{modality} only"] = {k: res.metrics[split][task].get(k) for k in ("accuracy", "f1_macro")}
-    best_single = max(v["accuracy"] for k, v in models.items() if k != "fused")
-    return {"split": split, "task": task, "models": models, "fusion_gain": models["fused"]["accuracy"] - best_single}
+        models[f"{modality} only"] = {k: res.metrics[split][task].get(k) for k in keys}
+    best_single = max(v[headline] for k, v in models.items() if k != "fused")
+    return {"split": split, "task": task, "models": models, "metric": headline,
+            "fusion_gain": models["fused"][headline] - best_single}

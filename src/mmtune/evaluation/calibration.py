@@ -19,7 +19,7 @@ class Calibration:
 
     def probabilities(self, task, proba: np.ndarray) -> np.ndarray:
         """The temperature applied (single-label, float64); multi-label probabilities unchanged."""
-        return proba if task.multilabel else apply_temperature(proba, self.temperature)
+        return proba if task.multilabel or getattr(task, "regression", False) else apply_temperature(proba, self.temperature)
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)

@@ -21,7 +21,9 @@ def _labels(ds, task) -> Any:
 def fit_calibration(task, y_val, p_val, eval_cfg) -> Tuple[Calibration, Dict[str, Any]]:
     """The task's calibration fitted on validation (raw probabilities ``p_val``): per-label thresholds
     (multi-label), else a temperature and, for a binary task with a goal, a decision threshold. Returns it
-    and what the report shows of the tuning."""
+    and what the report shows of the tuning. A regression target has none."""
+    if task.regression:
+        return Calibration(), {}
     if task.multilabel:
         return Calibration(thresholds=tune_thresholds(np.asarray(y_val), p_val)), {}
     temperature = fit_temperature(y_val, p_val) if eval_cfg.temperature_scaling else None
@@ -50,7 +52,7 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
     for t in tasks:
         cal, info = fit_calibration(t, labels["val"][t.name], raw["val"][t.name], eval_cfg)
         calibration[t.name] = cal
-        if t.multilabel:
+        if t.multilabel or t.regression:
             continue
         entry: Dict[str, Any] = {"temperature": cal.temperature}
         for s in raw:
@@ -83,6 +85,10 @@ def prediction_table(tasks, labels, proba, frame: pd.DataFrame, id_column, shown
         out[modality] = values
     for t in tasks:
         y = labels[t.name]
+        if t.regression:
+            out[f"{t.name}:true"] = np.asarray(y, dtype=np.float64)
+            out[f"{t.name}:pred"] = proba[t.name][:, 0].astype(np.float64)
+            continue
         out[f"{t.name}:true"] = ["|".join(str(i) for i, v in enumerate(r) if v) for r in y] if t.multilabel else y
         for j, c in enumerate(t.classes):
             out[f"{t.name}:p:{c}"] = proba[t.name][:, j].astype(np.float64)  # float64: the CSV round-trips exactly

@@ -109,10 +109,21 @@ def tune_thresholds(y_true: np.ndarray, proba: np.ndarray) -> list:
     return out
 
 
+def regression_metrics(y_true, pred) -> Dict[str, Any]:
+    """``n``, ``rmse``, ``mae``, ``r2`` (scikit-learn) of numeric predictions."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(pred, dtype=np.float64).reshape(-1)
+    return {"n": int(len(y)), "rmse": float(np.sqrt(mean_squared_error(y, p))), "mae": float(mean_absolute_error(y, p)),
+            "r2": float(r2_score(y, p)) if len(y) > 1 else None}
+
+
 def task_metrics(task, y_true, proba: np.ndarray, ece_bins: int = 15, calibration=None) -> Dict[str, Any]:
     """Metrics of one task: single-label (with the calibration's decision threshold, if any; ECE over
     ``ece_bins`` bins) or multi-label (with its per-label thresholds). ``proba`` as the Predictor returns it
-    (calibrated)."""
+    (calibrated); for a regression target, its predictions (N, 1)."""
+    if getattr(task, "regression", False):
+        return regression_metrics(y_true, proba)
     if task.multilabel:
         return multilabel_metrics(np.asarray(y_true), proba, getattr(calibration, "thresholds", None))
     return classification_metrics(y_true, proba, task.classes, getattr(calibration, "threshold", None), ece_bins=ece_bins)

@@ -121,6 +121,20 @@ def reliability(y, before: np.ndarray, after: Optional[np.ndarray], bins: int = 
     return _png(fig)
 
 
+def regression(y: np.ndarray, pred: np.ndarray, name: str) -> bytes:
+    """Predicted against actual (with the identity line), and residuals against the prediction."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a.scatter(y, pred, s=8, alpha=0.6)
+    lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    a.plot([lo, hi], [lo, hi], color="grey", lw=1)
+    a.set(xlabel=f"actual {name}", ylabel="predicted", title="predicted vs actual")
+    b.scatter(pred, y - pred, s=8, alpha=0.6)
+    b.axhline(0, color="grey", lw=1)
+    b.set(xlabel="predicted", ylabel="actual - predicted", title="residuals")
+    return _png(fig)
+
+
 def contribution(entries: Dict[str, Any], task: str, metric: str) -> bytes:
     plt = _plt()
     names = [n for n in entries if n != "split"]

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..io import atomic_write_bytes, atomic_write_text
 
-SECTIONS = ["Summary", "Training curves", "Confusion matrix", "ROC and precision-recall curves", "Calibration",
+SECTIONS = ["Summary", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
             "Per-class metrics", "Modality contribution", "Worst misclassified test examples", "Configuration"]
 
 
@@ -81,7 +81,8 @@ def build_report(run_dir: str | Path) -> Path:
         for t in tasks:
             m = (metrics.get(s) or {}).get(t.name)
             if m:
-                keys = ["f1_micro", "f1_macro", "subset_accuracy", "mean_average_precision"] if t.multilabel else \
+                keys = ["rmse", "mae", "r2"] if t.regression else \
+                    ["f1_micro", "f1_macro", "subset_accuracy", "mean_average_precision"] if t.multilabel else \
                     ["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "pr_auc", "log_loss", "ece"]
                 rows.append({"split": s, "task": t.name, "n": m.get("n"), **{k: m.get(k) for k in keys}})
     cols = ["split", "task", "n"] + sorted({k for r in rows for k in r} - {"split", "task", "n"})
@@ -97,6 +98,13 @@ def build_report(run_dir: str | Path) -> Path:
         prefix = "" if len(tasks) == 1 else f"{t.name}_"
         m = (metrics.get(split) or {}).get(t.name) or {}
         if preds is None:
+            continue
+        if t.regression:
+            y, pred = preds[f"{t.name}:true"].to_numpy(dtype=float), preds[f"{t.name}:pred"].to_numpy(dtype=float)
+            pngs[f"{prefix}regression.png"] = plots.regression(y, pred, t.name)
+            parts["Predicted vs actual"].append(f"<p>{html.escape(t.name)}: a numeric target (RMSE {m.get('rmse', float('nan')):.4g}, "
+                                             f"R² {m.get('r2') if m.get('r2') is not None else float('nan'):.4f}).</p>"
+                                             + _img(pngs[f"{prefix}regression.png"], f"regression {t.name}"))
             continue
         pcols = [f"{t.name}:p:{c}" for c in t.classes]
         raw = preds[pcols].to_numpy(dtype=float)
@@ -162,7 +170,7 @@ def build_report(run_dir: str | Path) -> Path:
             f"<p>Metrics on the {html.escape(mc.get('split', split))} split with modalities hidden through the "
             "present-mask (no retraining).</p>" + _table(rows, list(rows[0].keys())))
         for t in tasks:
-            metric = "f1_micro" if t.multilabel else "accuracy"
+            metric = "r2" if t.regression else "f1_micro" if t.multilabel else "accuracy"
             name = f"{t.name}_contribution.png" if len(tasks) > 1 else "modality_contribution.png"
             pngs[name] = plots.contribution(entries, t.name, metric)
             parts["Modality contribution"].append(_img(pngs[name], f"contribution {t.name}"))
@@ -180,6 +188,8 @@ def build_report(run_dir: str | Path) -> Path:
     brief = {k: raw.get(k) for k in ("name", "model", "finetune", "loss", "optim", "schedule", "trainer")}
     parts["Configuration"].append(f"<pre>{html.escape(yaml.safe_dump(brief, sort_keys=False))}</pre>")
 
+    if not parts["Predicted vs actual"]:
+        parts["Predicted vs actual"].append("<p>No numeric (regression) target.</p>")
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "plots" / name, png)
     body = "".join(f'<section id="{html.escape(s.lower().replace(" ", "-"))}"><h2>{html.escape(s)}</h2>{"".join(parts[s])}</section>'

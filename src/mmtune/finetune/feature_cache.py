@@ -140,7 +140,7 @@ class CachedDataset(Dataset):
         self.present = present
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         self.synthetic = None  # set when synthetic rows were appended
-        self.labels = {t: torch.tensor(v, dtype=torch.float32 if v and isinstance(v[0], list) else torch.long)
+        self.labels = {t: torch.tensor(v, dtype=torch.float32 if v and isinstance(v[0], (list, float)) else torch.long)
                        for t, v in labels.items()}
         self.n = len(next(iter(present.values()))) if present else len(next(iter(outputs.values()))["pooled"])
 

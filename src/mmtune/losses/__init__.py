@@ -115,7 +115,7 @@ class Focal(Loss):
 
     def check_tasks(self, tasks):
         if self.cfg.alpha is not None:
-            wide = [t for t in tasks if not t.multilabel and len(t.classes) != 2]
+            wide = [t for t in tasks if not t.multilabel and not t.regression and len(t.classes) != 2]
             if wide:
                 raise ValueError(f"loss.alpha (focal) is defined for binary tasks; task {wide[0].name!r} has "
                                  f"{len(wide[0].classes)} classes: use imbalance.class_weights to weight classes there")

@@ -101,7 +101,8 @@ class Predictor:
         proba = self._proba(ds, batch_size, calibrated)
         out = {}
         for t in self._pick(task):
-            df = pd.DataFrame(proba[t.name], columns=[str(c) for c in t.classes], index=self._index(data, len(ds)))
+            columns = ["prediction"] if t.regression else [str(c) for c in t.classes]
+            df = pd.DataFrame(proba[t.name], columns=columns, index=self._index(data, len(ds)))
             if self.spec.id_column:
                 df.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
             out[t.name] = df
@@ -129,6 +130,8 @@ class Predictor:
             prefix = f"{t.name}." if multi else ""
             labels = decide(t, proba[t.name], self.calibration[t.name])
             out[f"{prefix}prediction"] = [t.separator.join(map(str, v)) for v in labels] if t.multilabel else list(labels)
+            if t.regression:
+                continue
             for j, c in enumerate(t.classes):
                 out[f"{prefix}prob_{c}"] = proba[t.name][:, j]
         return out
@@ -163,6 +166,8 @@ def decide(task: Task, proba: np.ndarray, calibration: Optional[Calibration] = N
     (binary with a threshold, tuned on calibrated probabilities), else the argmax."""
     from ..evaluation.metrics import decide_single
 
+    if task.regression:
+        return np.asarray(proba, dtype=np.float64)[:, 0]
     cal = calibration or Calibration()
     names = np.empty(len(task.classes), dtype=object)
     names[:] = task.classes

@@ -49,7 +49,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
         data = TableDataModule(cfg, train, val, test).read()
         build_loss(cfg.loss).check_tasks(data.tasks)
-        model = build_model(cfg.model, {t.name: len(t.classes) for t in data.tasks},
+        model = build_model(cfg.model, {t.name: t.outputs for t in data.tasks},
                             allow_missing=bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0)
         strategy = build_strategy(cfg.finetune)
         strategy.prepare(model)
@@ -63,7 +63,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         calibration, metrics, predictions = finalize(
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
             cfg.data.id_column, {s: data.shown(s) for s in data.splits})
-        metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}))
+        metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}),
+                       **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}))
         if cfg.evaluation.baselines and len(cfg.modalities) > 1:
             from ..evaluation.baselines import fit_baselines
 

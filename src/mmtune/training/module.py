@@ -45,7 +45,9 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self):
-        self.log("train_acc", self.train_metrics.compute()["train_acc"])
+        for key, value in self.train_metrics.compute().items():
+            if "/" not in key:
+                self.log(key, value)
 
     def validation_step(self, batch, batch_idx):
         logits = self(batch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
@@ -29,7 +30,13 @@ class Objective(nn.Module):
 
     def row_losses(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B,) loss of one task."""
-        if self.tasks[name].multilabel:
+        t = self.tasks[name]
+        if t.regression:  # on the standardised target
+            z = (target.to(logits.dtype) - (t.mean or 0.0)) / (t.std or 1.0)
+            if t.regression_loss == "huber":
+                return F.huber_loss(logits[:, 0], z, reduction="none", delta=t.huber_delta)
+            return (logits[:, 0] - z) ** 2
+        if t.multilabel:
             return self.loss.multi_label(logits, target)
         weight = getattr(self, f"class_weight_{name}") if name in self._weighted else None
         return self.loss.single_label(logits, target, weight)
@@ -58,14 +65,16 @@ class EpochMetrics(nn.Module):
         super().__init__()
         self.tasks = {t.name: t for t in tasks}
         self.prefix = prefix
-        self.metrics = nn.ModuleDict({t.name: nn.ModuleDict({m: _metric(m, t) for m in names if _metric(m, t) is not None})
-                                      for t in tasks})
+        self.metrics = nn.ModuleDict({t.name: nn.ModuleDict(
+            {"rmse": torchmetrics.MeanSquaredError(squared=False)} if t.regression else
+            {m: _metric(m, t) for m in names if _metric(m, t) is not None}) for t in tasks})
 
     def update(self, logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor]) -> None:
         for name, t in self.tasks.items():
             y = labels[name].int() if t.multilabel else labels[name]
+            out = t.destandardize(logits[name].detach()[:, 0].float()) if t.regression else logits[name].detach()
             for metric in self.metrics[name].values():
-                metric.update(logits[name].detach(), y)
+                metric.update(out, y.float() if t.regression else y)
 
     def compute(self) -> Dict[str, torch.Tensor]:
         values: Dict[str, list] = {}

@@ -82,7 +82,7 @@ def build_trainer(cfg, run_dir: Path, n_train_batches: int, extra_callbacks: Seq
     from lightning.pytorch.loggers import CSVLogger
 
     t = cfg.trainer
-    mode = "min" if t.monitor.endswith("loss") else "max"
+    mode = "min" if t.monitor.endswith(("loss", "rmse")) else "max"
     callbacks: list = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor=t.monitor,
                                        mode=mode, save_top_k=1, save_last=True, enable_version_counter=False)]
     if t.early_stopping_patience is not None:
