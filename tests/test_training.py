@@ -1,5 +1,5 @@
 """Strategies, optimizer groups and schedules on the one model class."""
-import math
+
 
 import pytest
 import torch

@@ -117,9 +117,10 @@ class DataConfig(_Strict):
     """Validation manifest; when absent, a stratified, seeded split of ``train``."""
     test: Optional[str] = None
     """Test manifest; when absent and ``test_fraction`` > 0, a stratified split of ``train``."""
-    columns: Dict[str, str] = Field(default_factory=dict)
+    columns: Dict[str, Union[str, List[str]]] = Field(default_factory=dict)
     """Modality -> the column holding it (``{image: image_path, text: caption}``); a modality not named
-    here is read from the column of its own name (``image``, ``text``)."""
+    here is read from the column of its own name (``image``, ``text``). ``tabular`` takes a list of columns
+    (numbers and categories)."""
     label_column: str = "label"
     """Column holding the class label (single task; ignored when ``tasks`` is set)."""
     tasks: Optional[Dict[str, TaskConfig]] = None
@@ -147,8 +148,8 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown modality {unknown[0]!r}; valid: {', '.join(MODALITIES.names())}")
         return v
 
-    def column(self, modality: str) -> str:
-        """The column holding ``modality``."""
+    def column(self, modality: str) -> Union[str, List[str]]:
+        """The column (or, for a modality of several columns, the list of them) holding ``modality``."""
         return self.columns.get(modality, modality)
 
 
@@ -166,6 +167,12 @@ class EncoderConfig(_Strict):
     """Text: maximum number of tokens."""
     image_size: Optional[int] = Field(None, ge=16)
     """Image: input side in pixels (default: the processor's own)."""
+    columns: Optional[List[str]] = None
+    """Tabular: the columns it reads (default: ``data.columns.tabular``)."""
+    types: Optional[Dict[str, Literal["numeric", "categorical"]]] = None
+    """Tabular: force a column's type (default: inferred from the training rows, and printed)."""
+    dim: Optional[int] = Field(None, ge=2)
+    """Tabular: width of each column's token and of the pooled vector (default 32)."""
 
     @field_validator("modality")
     @classmethod
@@ -412,6 +419,14 @@ class Config(_Strict):
             raise ValueError(f"trainer.monitor={self.trainer.monitor} is not logged; add it to trainer.epoch_metrics "
                              f"or pick one of {sorted(logged)}")
         fusion, strategy = fusion_class(self.model.fusion), build_strategy(self.finetune)
+        self._tabular_columns()
+        from .encoders.offline import PRESETS, preset_name
+
+        scratch = [n for n, e in self.model.encoders.items()
+                   if preset_name(e.checkpoint) and PRESETS.get(preset_name(e.checkpoint)).from_scratch]
+        if scratch and strategy.uses_cache:
+            raise ValueError(f"encoder {scratch[0]!r} is trained from scratch, so its outputs change while training and "
+                             "cannot be cached: set finetune.cache=false (the other encoders stay frozen)")
         name = self.model.fusion.type
         several = bool(self.data.tasks) and (len(self.data.tasks) > 1 or any(t.multilabel or t.regression
                                                                              for t in self.data.tasks.values()))
@@ -449,6 +464,25 @@ class Config(_Strict):
                 raise ValueError(f"finetune.target_modules names unknown encoder(s) {sorted(unknown)}; "
                                  f"encoders: {sorted(self.model.encoders)}")
         return self
+
+    def _tabular_columns(self) -> None:
+        """The tabular columns are named once, in ``data.columns.tabular`` or the encoder's ``columns``."""
+        for name, e in self.model.encoders.items():
+            if e.modality != "tabular":
+                continue
+            given = self.data.columns.get("tabular")
+            if isinstance(given, str):
+                given = [given]
+            if e.columns is None and given is None:
+                raise ValueError(f"the tabular encoder {name!r} needs its columns: set data.columns.tabular "
+                                 "(a list of column names)")
+            if e.columns is None:
+                e.columns = list(given)
+            elif given is None:
+                self.data.columns = {**self.data.columns, "tabular": list(e.columns)}
+            elif list(given) != list(e.columns):
+                raise ValueError(f"data.columns.tabular {list(given)} and model.encoders.{name}.columns "
+                                 f"{list(e.columns)} differ: name the columns once")
 
     @property
     def modalities(self) -> List[str]:

@@ -234,8 +234,39 @@ class Text(Modality):
         return out
 
 
+class Tabular(Modality):
+    """Several columns of numbers and categories, read together as one row dict. A cell may be missing
+    (imputed, flagged); the modality is absent only when every one of its cells is."""
+
+    name = "tabular"
+    blank_reason = "every tabular column is empty"
+
+    def is_blank(self, value):
+        return not isinstance(value, dict) or all(is_blank(v) for v in value.values())
+
+    def check(self, value, base_dir):
+        for col, v in value.items():
+            if not is_blank(v) and not isinstance(v, (str, int, float, bool)) and not hasattr(v, "item"):
+                return f"column {col!r}: a number or a category is expected, got {type(v).__name__} {v!r}"
+        return None
+
+    def read(self, value, base_dir):
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in value.items()}
+
+    def digest(self, value, base_dir):
+        import json
+
+        return json.dumps({k: (None if is_blank(v) else str(v)) for k, v in sorted(value.items())}).encode()
+
+    def display(self, value, base_dir):
+        import json
+
+        return json.dumps({k: (None if is_blank(v) else (v.item() if hasattr(v, "item") else v)) for k, v in value.items()})
+
+
 MODALITIES.register("image", Image())
 MODALITIES.register("text", Text())
+MODALITIES.register("tabular", Tabular())
 JOINT.register("image_text", ("image", "text"))
 
 

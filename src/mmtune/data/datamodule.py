@@ -16,8 +16,8 @@ from ..modalities import MODALITIES
 from ..tasks import Task, label_key
 from .collate import Collator
 from .dataset import MultimodalDataset
-from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, read_table, rejected_rows_frame,
-                       spec_from_config, validate_rows)
+from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, column_values, read_table,
+                       rejected_rows_frame, spec_from_config, validate_rows)
 
 
 @dataclass
@@ -166,8 +166,21 @@ class TableDataModule(L.LightningDataModule):
     def shown(self, split: str) -> Dict[str, list]:
         """Per modality, each row's value as the saved predictions show it (an image's absolute path)."""
         p = self.prepared
-        return {m: [MODALITIES.get(m).display(v, p.base_dirs.get(split)) for v in p.frames[split][col]]
+        return {m: [MODALITIES.get(m).display(v, p.base_dirs.get(split)) for v in column_values(p.frames[split], col)]
                 for m, col in p.spec.modality_columns}
+
+    def fit_encoders(self, model) -> Dict[str, str]:
+        """Encoders trained from scratch (tabular) fit their inputs — column types, statistics, vocabularies —
+        on the training split, before anything trains; returns what each said about its columns."""
+        out = {}
+        for name, enc in model.encoders.items():
+            if hasattr(enc, "fit_inputs"):
+                ds = self.prepared.dataset("train", self.modalities)
+                mods = list(enc.processor.modalities)
+                out[name] = enc.fit_inputs(ds._values[mods[0]] if len(mods) == 1 else
+                                           [{m: ds._values[m][i] for m in mods} for i in range(len(ds))])
+                print(f"encoder {name!r} columns: {out[name]} (force a type with model.encoders.{name}.types)")
+        return out
 
     # ---- datasets -------------------------------------------------------------------------------
     def attach(self, model, strategy) -> "TableDataModule":

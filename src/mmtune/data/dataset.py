@@ -8,7 +8,7 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from ..modalities import MODALITIES
-from .manifest import ManifestSpec
+from .manifest import ManifestSpec, column_values
 
 
 class MultimodalDataset(Dataset):
@@ -32,7 +32,7 @@ class MultimodalDataset(Dataset):
         wanted = set(modalities) if modalities is not None else None
         self.columns = [(m, c) for m, c in spec.modality_columns if wanted is None or m in wanted]
         # Plain Python lists: cheap to index, cheap to pickle into workers.
-        self._values = {m: self.df[c].tolist() for m, c in self.columns}
+        self._values = {m: column_values(self.df, c) for m, c in self.columns}
         self._labels: Dict[str, List[Any]] = {}
         self.weights: Optional[List[float]] = None
         if with_labels:

