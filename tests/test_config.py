@@ -46,8 +46,8 @@ def test_override_unknown_key_is_an_error():
 def test_columns_are_named_per_modality_of_the_table():
     cfg = load_config({"data": {"columns": {"image": "photo"}}})
     assert cfg.data.column("image") == "photo" and cfg.data.column("text") == "text"
-    with pytest.raises(ConfigError, match="data.columns': unknown modality 'audio'; valid: image, text"):
-        load_config({"data": {"columns": {"audio": "clip"}}})
+    with pytest.raises(ConfigError, match="data.columns': unknown modality 'video'; valid: image, text, tabular, audio"):
+        load_config({"data": {"columns": {"video": "clip"}}})
     with pytest.raises(ConfigError, match="'data.image_column' is now 'data.columns.image'"):
         load_config({"data": {"image_column": "photo"}})
 

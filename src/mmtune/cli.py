@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="runs", help="where the data and the three run bundles go")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of the demo config (repeatable)")
-    d.add_argument("--rows", type=int, default=800, help="examples to generate (default 800)")
+    d.add_argument("--rows", type=int, default=None, help="examples to generate (default 800; 400 with --audio)")
+    d.add_argument("--audio", action="store_true", help="the audio + text variant (a tone's pitch and a note's verdict)")
     return p
 
 
@@ -193,7 +194,7 @@ def _parts(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.output_dir), args.rows, args.overrides)
+    run_demo(Path(args.output_dir), args.rows or (400 if args.audio else 800), args.overrides, audio=args.audio)
     return 0
 
 

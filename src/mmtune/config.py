@@ -173,6 +173,9 @@ class EncoderConfig(_Strict):
     """Tabular: force a column's type (default: inferred from the training rows, and printed)."""
     dim: Optional[int] = Field(None, ge=2)
     """Tabular: width of each column's token and of the pooled vector (default 32)."""
+    max_seconds: float = Field(10.0, gt=0.0)
+    """Audio: seconds of each recording the encoder reads (the centre of a longer one; a random window in
+    training); shorter ones are padded."""
 
     @field_validator("modality")
     @classmethod

@@ -91,25 +91,68 @@ def make_dataset(out_dir: str | Path, n: int = 600, image_size: int = 96, seed: 
     return paths
 
 
-def demo_config_path() -> Path:
-    return Path(__file__).parent / "configs" / "demo.yaml"
+def tone(rng: random.Random, pitch: str, rate: int, seconds: float):
+    """A noisy tone: a fundamental near 220 Hz (``low``) or 880 Hz (``high``) with two harmonics, a random
+    envelope and level, and background noise."""
+    import numpy as np
+
+    n = int(rate * seconds)
+    t = np.arange(n) / rate
+    f0 = (220.0 if pitch == "low" else 880.0) * rng.uniform(0.9, 1.1)
+    x = sum(a * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6.28)) for k, a in ((1, 1.0), (2, 0.4), (3, 0.2)))
+    env = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.05)  # 50 ms fades
+    noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, 0.05, n)
+    return (rng.uniform(0.2, 0.6) * x / 1.6 * env + noise).astype("float32")
 
 
-def run_demo(output_dir: Path, rows: int = 800, overrides=(), verbose: bool = True) -> Dict[str, Dict[str, Any]]:
+def make_audio_dataset(out_dir: str | Path, n: int = 400, seed: int = 0, rate: int = 22050,
+                       test_fraction: float = 0.25) -> Dict[str, Path]:
+    """The audio variant of the demo: a recording (a ``low`` or ``high`` tone, 0.6-2.0 s, recorded at ``rate``)
+    and a customer's note; the label is pitch x verdict, so it needs both. Writes ``audio/*.wav``,
+    ``train.csv`` and ``test.csv`` (columns id, audio, text, label)."""
+    import soundfile as sf
+
+    out = Path(out_dir)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows: List[Dict[str, Any]] = []
+    for i in range(n):
+        pitch = "high" if i % 2 == 0 else "low"
+        verdict = "keep" if (i // 2) % 2 == 0 else "return"
+        name = f"audio/{i:05d}.wav"
+        sf.write(str(out / name), tone(rng, pitch, rate, rng.uniform(0.6, 2.0)), rate)
+        note = rng.choice(KEEP if verdict == "keep" else RETURN)
+        rows.append({"id": f"au{i:05d}", "audio": name, "text": f"{rng.choice(OPENERS)} this {rng.choice(ITEMS)}: {note}".strip(),
+                     "label": f"{pitch}-{verdict}"})
+    rng.shuffle(rows)
+    n_test = int(round(n * test_fraction))
+    paths = {"train": out / "train.csv", "test": out / "test.csv"}
+    pd.DataFrame(rows[n_test:]).to_csv(paths["train"], index=False)
+    pd.DataFrame(rows[:n_test]).to_csv(paths["test"], index=False)
+    return paths
+
+
+def demo_config_path(audio: bool = False) -> Path:
+    return Path(__file__).parent / "configs" / ("demo-audio.yaml" if audio else "demo.yaml")
+
+
+def run_demo(output_dir: Path, rows: int = 800, overrides=(), verbose: bool = True,
+             audio: bool = False) -> Dict[str, Dict[str, Any]]:
     """Generate the data, fine-tune the fused model and each modality alone with the same settings,
-    print their test metrics side by side. Returns ``{variant: metrics}``; leaves three run bundles."""
+    print their test metrics side by side. Returns ``{variant: metrics}``; leaves three run bundles.
+    ``audio``: the audio + text variant (a tone's pitch and the note's verdict)."""
     import time
 
     from .config import load_config
     from .training.fit import fit
 
     output_dir = Path(output_dir)
-    data_dir = output_dir / "demo-data"
+    data_dir = output_dir / ("demo-audio-data" if audio else "demo-data")
     marker = data_dir / f".rows-{rows}"
     if not marker.exists():
-        make_dataset(data_dir, n=rows, image_size=96, seed=0)
+        make_audio_dataset(data_dir, n=rows, seed=0) if audio else make_dataset(data_dir, n=rows, image_size=96, seed=0)
         marker.touch()
-    base = load_config(demo_config_path(), [f"output_dir={output_dir}", f"data.train={data_dir / 'train.csv'}",
+    base = load_config(demo_config_path(audio), [f"output_dir={output_dir}", f"data.train={data_dir / 'train.csv'}",
                                              f"data.test={data_dir / 'test.csv'}", *overrides])
     stem = base.name.rsplit("-", 1)[0]
     variants = {"fused": base, **{f"{m} only": base.only_modality(m, f"{stem}-{m}") for m in base.modalities}}

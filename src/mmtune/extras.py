@@ -8,7 +8,8 @@ import importlib
 import importlib.util
 from typing import List, Tuple
 
-EXTRAS = {"peft": "lora", "kornia": "augment", "imblearn": "imbalance", "matplotlib": "report"}
+EXTRAS = {"peft": "lora", "kornia": "augment", "imblearn": "imbalance", "matplotlib": "report", "soundfile": "audio",
+          "soxr": "audio"}
 """Importable module -> the extra that installs it (``pip install 'mmtune[<extra>]'``; ``all``: every one)."""
 
 

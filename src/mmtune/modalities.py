@@ -26,6 +26,8 @@ class Modality:
     blank_reason: str = "missing value"
     files: bool = False
     """Cells are file paths (relative to the manifest's folder)."""
+    needs: Tuple[Tuple[str, str, str], ...] = ()
+    """Optional packages a column of this modality needs, as ``(module, extra, feature)``."""
 
     def is_blank(self, value: Any) -> bool:
         return is_blank(value)
@@ -264,9 +266,96 @@ class Tabular(Modality):
         return json.dumps({k: (None if is_blank(v) else (v.item() if hasattr(v, "item") else v)) for k, v in value.items()})
 
 
+class AudioAugmentConfig(Section):
+    """Audio augmentation, on training batches only (a random crop of long recordings always happens in
+    training; evaluation takes the centre)."""
+
+    enabled: bool = False
+    gain_db: float = Field(6.0, ge=0.0)
+    """Random gain, uniform in ±gain_db decibels (waveform encoders)."""
+    noise_snr_db: Optional[float] = Field(30.0, gt=0.0)
+    """Add white noise at this signal-to-noise ratio in dB (None: off; waveform encoders)."""
+    shift: float = Field(0.1, ge=0.0, lt=1.0)
+    """Circular time shift by up to this share of the clip (waveform encoders)."""
+    time_masks: int = Field(2, ge=0)
+    """SpecAugment: time masks per clip, each up to ``time_mask_width`` of the frames (spectrogram encoders)."""
+    time_mask_width: float = Field(0.1, ge=0.0, lt=1.0)
+    freq_masks: int = Field(2, ge=0)
+    """SpecAugment: frequency masks per clip, each up to ``freq_mask_bins`` mel bins."""
+    freq_mask_bins: int = Field(8, ge=0)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled
+
+
+class Audio(Modality):
+    """A path to a recording (wav, flac, ogg; mp3 where libsndfile reads it), decoded to mono. Each encoder's
+    processor resamples it to the encoder's rate and takes ``max_seconds`` of it."""
+
+    name = "audio"
+    Augment = AudioAugmentConfig
+    blank_reason = "missing audio path"
+    files = True
+    needs = (("soundfile", "audio", "audio columns"), ("soxr", "audio", "audio columns"))
+
+    def check(self, value, base_dir):
+        from .data.audio import audio_problem
+
+        return audio_problem(resolve_path(value, base_dir))
+
+    def read(self, value, base_dir):
+        from .data.audio import load_audio
+
+        return load_audio(resolve_path(value, base_dir))
+
+    def digest(self, value, base_dir):
+        from .finetune.feature_cache import file_digest
+
+        return file_digest(resolve_path(value, base_dir))
+
+    def display(self, value, base_dir):
+        return None if is_blank(value) else str(resolve_path(value, base_dir).resolve())
+
+    def value_augment(self, cfg, model, seed):
+        """A random window of each long recording (as long as the longest any audio encoder takes)."""
+        import numpy as np
+
+        seconds = [e.processor.max_seconds for e in model.encoders.values()
+                   if "audio" in getattr(e.processor, "modalities", ()) and hasattr(e.processor, "max_seconds")]
+        if not seconds:
+            return None
+        longest, rng = max(seconds), np.random.default_rng(seed)
+
+        def crop(clip):
+            x, sr = clip
+            n = int(round(longest * sr))
+            if len(x) <= n:
+                return clip
+            start = int(rng.integers(0, len(x) - n + 1))
+            return x[start:start + n], sr
+
+        return crop
+
+    def batch_augments(self, cfg, model):
+        if cfg is None or not cfg.enabled:
+            return []
+        from .data.transforms import augment_spectrogram, augment_waveform
+
+        out = []
+        for name, enc in model.encoders.items():
+            kind = getattr(enc.processor, "kind", None)
+            if kind == "waveform":
+                out.append((name, lambda inputs: augment_waveform(inputs, cfg)))
+            elif kind == "spectrogram":
+                out.append((name, lambda inputs: augment_spectrogram(inputs, cfg)))
+        return out
+
+
 MODALITIES.register("image", Image())
 MODALITIES.register("text", Text())
 MODALITIES.register("tabular", Tabular())
+MODALITIES.register("audio", Audio())
 JOINT.register("image_text", ("image", "text"))
 
 

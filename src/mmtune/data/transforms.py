@@ -95,3 +95,51 @@ def augment_tokens(input_ids: torch.Tensor, attention_mask: Optional[torch.Tenso
         drop = eligible & (torch.rand(input_ids.shape, device=input_ids.device) < cfg.token_dropout)
         attention_mask = attention_mask.masked_fill(drop, 0)
     return input_ids, attention_mask
+
+
+def augment_waveform(inputs: Dict[str, torch.Tensor], cfg) -> Dict[str, torch.Tensor]:
+    """Training batches of a waveform encoder (``input_values`` (B, T), padding marked by ``attention_mask``):
+    a random gain of ±``gain_db`` dB, white noise at ``noise_snr_db`` dB below each clip's power, and a
+    circular shift by up to ``shift`` of the clip — applied to the real samples only."""
+    x = inputs.get("input_values")
+    if x is None or x.dim() != 2:
+        return inputs
+    mask = inputs.get("attention_mask")
+    real = mask.to(x.dtype) if mask is not None else torch.ones_like(x)
+    b, t = x.shape
+    gain = 10 ** (torch.empty(b, 1, device=x.device).uniform_(-cfg.gain_db, cfg.gain_db) / 20) if cfg.gain_db > 0 else 1.0
+    x = x * gain
+    if cfg.shift > 0:
+        lengths = real.sum(1).long().clamp_min(1)
+        out = x.clone()
+        for i in range(b):
+            n = int(lengths[i])
+            k = int(torch.randint(-int(cfg.shift * n), int(cfg.shift * n) + 1, (1,)))
+            out[i, :n] = torch.roll(x[i, :n], k)
+        x = out
+    if cfg.noise_snr_db is not None:
+        power = (x ** 2 * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp_min(1)
+        noise = torch.randn_like(x) * torch.sqrt(power / 10 ** (cfg.noise_snr_db / 10))
+        x = x + noise * real
+    return {**inputs, "input_values": x}
+
+
+def augment_spectrogram(inputs: Dict[str, torch.Tensor], cfg) -> Dict[str, torch.Tensor]:
+    """SpecAugment on training batches of a spectrogram encoder (``spectrogram`` (B, C, mels, frames)): up to
+    ``time_masks`` bands of frames and ``freq_masks`` bands of mel bins set to the clip's mean."""
+    x = inputs.get("spectrogram")
+    if x is None:
+        return inputs
+    x = x.clone()
+    b, _, m, t = x.shape
+    fill = x.mean(dim=(1, 2, 3))
+    for i in range(b):
+        for _ in range(cfg.time_masks):
+            w = int(torch.randint(0, max(1, int(cfg.time_mask_width * t)) + 1, (1,)))
+            s = int(torch.randint(0, max(1, t - w + 1), (1,)))
+            x[i, :, :, s:s + w] = fill[i]
+        for _ in range(cfg.freq_masks):
+            w = int(torch.randint(0, cfg.freq_mask_bins + 1, (1,)))
+            s = int(torch.randint(0, max(1, m - w + 1), (1,)))
+            x[i, :, s:s + w, :] = fill[i]
+    return {**inputs, "spectrogram": x}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from . import tabular  # noqa: F401  (registers the tabular preset)
+from . import audio, tabular  # noqa: F401  (register the audio and tabular encoders)
 from .base import Encoder, EncoderOutput, depth_groups, pool_tokens
 
 __all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_tokens"]
@@ -32,7 +32,8 @@ def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
         raise ValueError(f"encoder checkpoint {source!r} is not a folder (a local checkpoint is a folder saved with "
                          "save_pretrained; a hub id looks like 'org/name')")
     try:
-        return build_hf(spec.modality, source, weights, spec.pooling, spec.max_length, spec.image_size, proc_dir)
+        return build_hf(spec.modality, source, weights, spec.pooling, spec.max_length, spec.image_size, proc_dir,
+                        max_seconds=spec.max_seconds)
     except OSError as exc:  # transformers: not a folder, not in the cache, no network, a file missing
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"encoder checkpoint {source!r} could not be loaded: it is neither a local folder with the "

@@ -103,7 +103,7 @@ def build_clip(source: str, weights: bool, max_length: int, image_size: Optional
 def _register() -> None:
     from .hf import HF_ENCODERS
 
-    HF_ENCODERS.register("image_text", lambda source, weights, pooling, max_length, image_size, processor_dir=None:
+    HF_ENCODERS.register("image_text", lambda source, weights, pooling, max_length, image_size, processor_dir=None, **_:
                          build_clip(source, weights, max_length, image_size, processor_dir))
 
 

@@ -134,12 +134,13 @@ class HFImageEncoder(Encoder):
 
 
 HF_ENCODERS: Registry = Registry("Hugging Face encoder")
-"""An encoder config's ``modality`` -> ``build(source, weights, pooling, max_length, image_size, processor_dir)``
+"""An encoder config's ``modality`` -> ``build(source, weights, pooling, max_length, image_size, processor_dir,
+**settings)`` (settings: the encoder config's other keys a builder may use, such as ``max_seconds``)
 for any transformers checkpoint of that modality (hub id, local folder, or a bundle's encoder folder)."""
 
 
 @HF_ENCODERS.register("text")
-def _text(source, weights, pooling, max_length, image_size, processor_dir=None) -> Encoder:
+def _text(source, weights, pooling, max_length, image_size, processor_dir=None, **_) -> Encoder:
     from transformers import AutoTokenizer
 
     model = load_auto_model(source, weights, tower="text")
@@ -148,7 +149,7 @@ def _text(source, weights, pooling, max_length, image_size, processor_dir=None) 
 
 
 @HF_ENCODERS.register("image")
-def _image(source, weights, pooling, max_length, image_size, processor_dir=None) -> Encoder:
+def _image(source, weights, pooling, max_length, image_size, processor_dir=None, **_) -> Encoder:
     model = load_auto_model(source, weights, tower="vision")
     if processor_dir:
         proc = load_processor(processor_dir)
@@ -157,9 +158,9 @@ def _image(source, weights, pooling, max_length, image_size, processor_dir=None)
 
 
 def build_hf(modality: str, source: str, weights: bool, pooling: str, max_length: int,
-             image_size: Optional[int], processor_dir: Optional[Path] = None) -> Encoder:
+             image_size: Optional[int], processor_dir: Optional[Path] = None, **extra) -> Encoder:
     """Build the encoder :data:`HF_ENCODERS` has for ``modality`` from a hub id / local folder
     (``weights=True``) or from a bundle folder holding its config and processor (``weights=False``)."""
     if modality not in HF_ENCODERS:
         raise ValueError(f"no Hugging Face encoder reads modality {modality!r}; valid: {', '.join(HF_ENCODERS.names())}")
-    return HF_ENCODERS.get(modality)(source, weights, pooling, max_length, image_size, processor_dir)
+    return HF_ENCODERS.get(modality)(source, weights, pooling, max_length, image_size, processor_dir, **extra)

@@ -181,8 +181,12 @@ def load_processor(folder: Path):
     if not meta_path.is_file():
         raise FileNotFoundError(f"no saved processor in {str(folder)!r} ({_META} missing)")
     meta = json.loads(meta_path.read_text())
-    if meta["kind"] == "tabular":
-        from .tabular import TabularProcessor
-
-        return TabularProcessor.load(Path(folder), meta)
+    if meta["kind"] not in _KINDS:
+        raise ValueError(f"processor in {str(folder)!r} is of kind {meta['kind']!r}; this mmtune reads "
+                         f"{', '.join(_KINDS)}")
     return _KINDS[meta["kind"]].load(Path(folder), meta)
+
+
+def register_kind(kind: str, cls) -> None:
+    """Make ``load_processor`` read processors saved with ``kind`` (modules of other modalities register theirs)."""
+    _KINDS[kind] = cls

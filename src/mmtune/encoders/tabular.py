@@ -20,6 +20,7 @@ from torch import nn
 
 from .base import Encoder, EncoderOutput
 from .offline import PRESETS, Preset
+from .processors import register_kind
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
 
@@ -192,3 +193,4 @@ def _build(spec, weights: bool, bundle_dir: Optional[Path]) -> Encoder:
 
 
 PRESETS.register("tabular", Preset("tabular", _build, from_scratch=True))
+register_kind("tabular", TabularProcessor)
