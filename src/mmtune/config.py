@@ -14,7 +14,7 @@ import yaml
 from pydantic import (BaseModel, Field, SerializeAsAny, ValidationError, create_model, field_validator,
                       model_validator)
 
-from .modalities import MODALITIES, encoder_modality_names, encoder_reads
+from .modalities import MODALITIES, encoder_modality_names, encoder_reads, is_field
 from .schema import PartConfig, Section
 
 _Strict = Section
@@ -143,14 +143,16 @@ class DataConfig(_Strict):
     @field_validator("columns", "allow_missing")
     @classmethod
     def _modalities(cls, v):
-        unknown = [m for m in v if m not in MODALITIES]
+        unknown = [m for m in v if not is_field(m)]
         if unknown:
-            raise ValueError(f"unknown modality {unknown[0]!r}; valid: {', '.join(MODALITIES.names())}")
+            raise ValueError(f"unknown modality {unknown[0]!r}; valid: {', '.join(MODALITIES.names())}, or "
+                             "<modality>.<name> for another column of one (text.body, image.back)")
         return v
 
-    def column(self, modality: str) -> Union[str, List[str]]:
-        """The column (or, for a modality of several columns, the list of them) holding ``modality``."""
-        return self.columns.get(modality, modality)
+    def column(self, field: str) -> Union[str, List[str]]:
+        """The column (or, for a modality of several columns, the list of them) holding ``field``; by default
+        the column named like the modality (``text``), or like the suffix of another field (``text.body``: ``body``)."""
+        return self.columns.get(field, field.split(".", 1)[1] if "." in field else field)
 
 
 class EncoderConfig(_Strict):
@@ -177,12 +179,26 @@ class EncoderConfig(_Strict):
     """Audio: seconds of each recording the encoder reads (the centre of a longer one; a random window in
     training); shorter ones are padded."""
 
+    fields: Optional[List[str]] = None
+    """Several columns of this encoder's modality read by this one encoder (shared weights, a learned
+    embedding per column), e.g. ``[text, text.body]``; each is its own input to the fusion."""
+
     @field_validator("modality")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in encoder_modality_names():
-            raise ValueError(f"unknown modality {v!r}; valid: {', '.join(encoder_modality_names())}")
+        if v not in encoder_modality_names() and not is_field(v):
+            raise ValueError(f"unknown modality {v!r}; valid: {', '.join(encoder_modality_names())}, or "
+                             "<modality>.<name> for another column of one (text.body)")
         return v
+
+    @model_validator(mode="after")
+    def _fields_of_its_modality(self) -> "EncoderConfig":
+        if self.fields is not None:
+            wrong = [f for f in self.fields if not is_field(f) or f.split(".", 1)[0] != self.modality]
+            if wrong or len(self.fields) < 2 or "." in self.modality:
+                raise ValueError(f"encoder fields {self.fields}: two or more columns of its modality "
+                                 f"{self.modality!r} (e.g. [{self.modality}, {self.modality}.second])")
+        return self
 
 
 class HeadConfig(_Strict):
@@ -490,7 +506,7 @@ class Config(_Strict):
     @property
     def modalities(self) -> List[str]:
         """The modalities the configured encoders read, sorted."""
-        return sorted({m for e in self.model.encoders.values() for m in encoder_reads(e.modality)})
+        return sorted({m for e in self.model.encoders.values() for m in (e.fields or encoder_reads(e.modality))})
 
     def only_modality(self, modality: str, name: str) -> "Config":
         """The same settings with only the encoders that read ``modality`` alone, named ``name``: the

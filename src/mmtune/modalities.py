@@ -152,7 +152,7 @@ class Image(Modality):
         out = []
         for name, enc in model.encoders.items():
             proc = getattr(enc.processor, "parts", {}).get("image", enc.processor)
-            if "image" in getattr(enc.processor, "modalities", ()) and hasattr(proc, "normalization"):
+            if any(kind(m) == "image" for m in getattr(enc.processor, "modalities", ())) and hasattr(proc, "normalization"):
                 mean, std = proc.normalization()
                 out.append((name, _pixels(augment, mean, std)))
         return out
@@ -322,7 +322,8 @@ class Audio(Modality):
         import numpy as np
 
         seconds = [e.processor.max_seconds for e in model.encoders.values()
-                   if "audio" in getattr(e.processor, "modalities", ()) and hasattr(e.processor, "max_seconds")]
+                   if any(kind(m) == "audio" for m in getattr(e.processor, "modalities", ()))
+                   and hasattr(e.processor, "max_seconds")]
         if not seconds:
             return None
         longest, rng = max(seconds), np.random.default_rng(seed)
@@ -359,8 +360,24 @@ MODALITIES.register("audio", Audio())
 JOINT.register("image_text", ("image", "text"))
 
 
+def kind(field: str) -> str:
+    """The modality of a field: ``text`` for ``text`` and for a second text column ``text.body``."""
+    return field.split(".", 1)[0]
+
+
+def modality_of(field: str) -> Modality:
+    """The table entry of a field (``image.back`` is an ``image``)."""
+    return MODALITIES.get(kind(field))
+
+
+def is_field(name: str) -> bool:
+    """A modality name, or ``<modality>.<suffix>`` naming another column of that modality."""
+    base, _, suffix = name.partition(".")
+    return base in MODALITIES and (not _ or (suffix.isidentifier()))
+
+
 def encoder_reads(modality: str) -> Tuple[str, ...]:
-    """The modalities an encoder whose config says ``modality`` reads."""
+    """The fields an encoder whose config says ``modality`` reads."""
     return tuple(JOINT.get(modality)) if modality in JOINT else (modality,)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from ..modalities import MODALITIES
+from ..modalities import kind, modality_of
 from ..tasks import Task, label_key
 from .collate import Collator
 from .dataset import MultimodalDataset
@@ -52,11 +52,11 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
                "test": test if test is not None else data_cfg.test}
     alignment = None
     if sources["train"] is None and data_cfg.align is not None:
-        from ..modalities import MODALITIES
+        from ..modalities import modality_of
         from .align import align_tables
 
         a = data_cfg.align
-        files = [data_cfg.column(m) for m in modalities if MODALITIES.get(m).files]
+        files = [data_cfg.column(m) for m in modalities if modality_of(m).files]
         sources["train"], report = align_tables(a.tables, a.on, a.time, a.tolerance, a.direction, paths=files)
         alignment = report.to_json()
     if sources["train"] is None:
@@ -166,7 +166,7 @@ class TableDataModule(L.LightningDataModule):
     def shown(self, split: str) -> Dict[str, list]:
         """Per modality, each row's value as the saved predictions show it (an image's absolute path)."""
         p = self.prepared
-        return {m: [MODALITIES.get(m).display(v, p.base_dirs.get(split)) for v in column_values(p.frames[split], col)]
+        return {m: [modality_of(m).display(v, p.base_dirs.get(split)) for v in column_values(p.frames[split], col)]
                 for m, col in p.spec.modality_columns}
 
     def fit_encoders(self, model) -> Dict[str, str]:
@@ -234,7 +234,7 @@ class TableDataModule(L.LightningDataModule):
             sampler = balanced_sampler(_as_list(ds.labels[task.name]), None, seed)
         collate = self.collate
         if not self.cached:
-            augments = {m: MODALITIES.get(m).value_augment(getattr(cfg.augment, m, None), self.model, seed)
+            augments = {m: modality_of(m).value_augment(getattr(cfg.augment, kind(m), None), self.model, seed)
                         for m in self.modalities}
             collate = Collator(collate.processors, self.modalities, {m: f for m, f in augments.items() if f is not None})
         return make_loader(ds, collate, cfg.trainer.batch_size, True, self.workers, seed, sampler)

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import pandas as pd
 from torch.utils.data import Dataset
 
-from ..modalities import MODALITIES
+from ..modalities import modality_of
 from .manifest import ManifestSpec, column_values
 
 
@@ -52,7 +52,7 @@ class MultimodalDataset(Dataset):
     def __getitem__(self, i: int) -> Dict[str, Any]:
         values: Dict[str, Any] = {}
         for modality, _ in self.columns:
-            v, entry = self._values[modality][i], MODALITIES.get(modality)
+            v, entry = self._values[modality][i], modality_of(modality)
             values[modality] = None if entry.is_blank(v) else entry.read(v, self.base_dir)
         item = {"values": values, "labels": {t: v[i] for t, v in self._labels.items()}, "index": i}
         if self.weights is not None:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import pandas as pd
 
-from ..modalities import MODALITIES, resolve_path
+from ..modalities import modality_of, resolve_path
 from ..tasks import Task, tasks_from_config
 from ..values import is_missing
 
@@ -167,7 +167,7 @@ def validate_rows(
         values = dict(zip(df.columns, row))
         rownum = i + 1
         for name, col in spec.modality_columns:
-            v, modality = cells[name][i], MODALITIES.get(name)
+            v, modality = cells[name][i], modality_of(name)
             if modality.is_blank(v):
                 if name not in spec.allow_missing:
                     bad.append(BadRow(split, rownum, column_label(col), modality.blank_problem(v)))

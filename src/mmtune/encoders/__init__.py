@@ -11,6 +11,16 @@ __all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_to
 
 
 def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
+    """The encoder an ``EncoderConfig`` describes, reading its field (``text.body``) or, with ``fields``,
+    several columns of its modality with shared weights (see :mod:`mmtune.encoders.fields`)."""
+    from .fields import SharedFieldsEncoder, for_field
+
+    field = spec.modality
+    enc = _build_encoder(spec.model_copy(update={"modality": field.split(".", 1)[0]}), bundle_dir)
+    return SharedFieldsEncoder(enc, spec.fields) if spec.fields else for_field(enc, field)
+
+
+def _build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
     """Build the encoder an ``EncoderConfig`` describes.
 
     With ``bundle_dir`` None the pretrained weights load from the checkpoint (hub id, local folder

@@ -40,8 +40,8 @@ class Encoder(nn.Module):
         return self.output_dims()
 
     def output_modalities(self) -> Dict[str, str]:
-        """The modality whose present-mask applies to each output key."""
-        return {"": self.modality}
+        """The field (modality, or another column of one) whose present-mask applies to each output key."""
+        return {"": getattr(self, "field", None) or self.modality}
 
     @property
     def out_dim(self) -> int:

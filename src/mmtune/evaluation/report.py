@@ -54,7 +54,7 @@ def build_report(run_dir: str | Path) -> Path:
     saved predictions. Returns the report's path. Raises FileNotFoundError naming a missing file."""
     from ..bundle import read_bundle
     from ..extras import require
-    from ..modalities import MODALITIES
+    from ..modalities import is_field, modality_of
 
     require("matplotlib", "report", "the report")
     from . import plots
@@ -70,7 +70,7 @@ def build_report(run_dir: str | Path) -> Path:
     split = "test" if (run_dir / "predictions" / "test.csv").is_file() else "val"
     preds = pd.read_csv(run_dir / "predictions" / f"{split}.csv") if (run_dir / "predictions" / f"{split}.csv").is_file() else None
     bins, n_worst = config.evaluation.calibration_bins, config.evaluation.worst_examples
-    shown = [m for m in MODALITIES if preds is not None and m in preds.columns]
+    shown = [c for c in (preds.columns if preds is not None else []) if ":" not in c and is_field(c)]
 
     pngs: Dict[str, bytes] = {}
     parts: Dict[str, List[str]] = {s: [] for s in SECTIONS}
@@ -148,7 +148,7 @@ def build_report(run_dir: str | Path) -> Path:
         rows = []
         for i in order:
             r = preds.iloc[i]
-            rows.append("<tr>" + "".join(f"<td>{MODALITIES.get(m).render_html(r.get(m))}</td>" for m in shown)
+            rows.append("<tr>" + "".join(f"<td>{modality_of(m).render_html(r.get(m))}</td>" for m in shown)
                         + f"<td>{html.escape(str(r.get('id', r['row'])))}</td>"
                         + f"<td>{html.escape(str(t.classes[y[i]]))}</td><td>{html.escape(str(t.classes[pred[i]]))}</td>"
                         + f"<td>{cal[i, pred[i]]:.3f}</td></tr>")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
-from ..modalities import MODALITIES
+from ..modalities import modality_of
 from ..encoders.base import EncoderOutput
 from ..io import atomic_write_with
 
@@ -68,7 +68,7 @@ def rows_fingerprint(ds: MultimodalDataset, modalities=None) -> str:
             continue
         h.update(modality.encode())
         for v in ds._values[modality]:
-            entry = MODALITIES.get(modality)
+            entry = modality_of(modality)
             h.update(b"\x00missing" if entry.is_blank(v) else entry.digest(v, ds.base_dir))
             h.update(b"\x1f")
     return h.hexdigest()
@@ -172,7 +172,7 @@ def present_masks(ds: MultimodalDataset, modalities) -> Dict[str, torch.Tensor]:
     out = {}
     for m in sorted(modalities):
         vals = ds._values.get(m)
-        out[m] = torch.tensor([not MODALITIES.get(m).is_blank(v) for v in vals], dtype=torch.bool)
+        out[m] = torch.tensor([not modality_of(m).is_blank(v) for v in vals], dtype=torch.bool)
     return out
 
 

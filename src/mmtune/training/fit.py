@@ -80,10 +80,10 @@ def check_extras(cfg: Config) -> None:
     """Every optional package the config's parts need, checked before any work (MissingExtraError)."""
     from ..fusion import fusion_class
 
-    from ..modalities import MODALITIES
+    from ..modalities import modality_of
 
     needs = list(build_strategy(cfg.finetune).needs) + list(getattr(fusion_class(cfg.model.fusion), "needs", ()))
-    needs += [n for m in cfg.modalities for n in MODALITIES.get(m).needs]
+    needs += [n for m in cfg.modalities for n in modality_of(m).needs]
     if any(getattr(getattr(cfg.augment, m, None), "enabled", False) for m in cfg.modalities):
         needs.append(("kornia", "augment", "image augmentation (augment.image.enabled)"))
     if cfg.synthesis.method in ("smote", "borderline_smote"):

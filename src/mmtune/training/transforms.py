@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 
 from ..finetune.feature_cache import as_encoder_outputs
-from ..modalities import MODALITIES
+from ..modalities import MODALITIES, kind
 
 
 class ModalityDropout:
@@ -68,8 +68,8 @@ def batch_transforms(cfg, model) -> List[Callable[[Dict[str, Any]], Dict[str, An
     out: List[Callable] = []
     if cfg.model.modality_dropout > 0:
         out.append(ModalityDropout(cfg.model.modality_dropout))
-    per_encoder = [pair for m in cfg.modalities
-                   for pair in MODALITIES.get(m).batch_augments(getattr(cfg.augment, m, None), model)]
+    kinds = sorted({kind(m) for m in cfg.modalities})  # each kind once: its augmentations cover all its fields
+    per_encoder = [pair for k in kinds for pair in MODALITIES.get(k).batch_augments(getattr(cfg.augment, k, None), model)]
     if per_encoder:
         out.append(InputAugment(per_encoder))
     return out

@@ -1,0 +1,107 @@
+"""Several columns of one modality (a title and a body; a front and a back photo).
+
+Each column is a *field*: ``text`` is the column named by ``data.columns.text``, ``text.body`` another one.
+An encoder reads one field (:func:`for_field` re-keys a built encoder: its processor reads that field and
+its output answers to that field's present-mask), or several fields with shared weights
+(:class:`SharedFieldsEncoder`: the same encoder run on each, plus a learned embedding per field, each field
+its own input to the fusion)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..modalities import kind
+from .base import Encoder, EncoderOutput
+
+
+class FieldProcessor:
+    """A processor of one modality that reads the column of ``field``; everything else is the inner one's."""
+
+    def __init__(self, inner, field: str):
+        self.inner, self.field = inner, field
+        self.modalities = (field,)
+
+    def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        return self.inner({kind(self.field): columns[self.field]})
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+
+def for_field(enc: Encoder, field: str) -> Encoder:
+    """``enc`` (of ``field``'s modality) reading ``field``."""
+    if field != kind(field):
+        enc.field = field
+        enc.processor = FieldProcessor(enc.processor, field)
+    return enc
+
+
+class SharedProcessor:
+    """The inner processor once per field; tensors keyed ``<field>::<name>``."""
+
+    def __init__(self, inner, fields: Sequence[str]):
+        self.inner, self.fields = inner, list(fields)
+        self.modalities = tuple(self.fields)
+
+    def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        out = {}
+        for f in self.fields:
+            out.update({f"{f}::{k}": v for k, v in self.inner({kind(f): columns[f]}).items()})
+        return out
+
+    def save(self, folder: Path) -> None:
+        self.inner.save(folder)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["inner"], name)
+
+
+class SharedFieldsEncoder(Encoder):
+    """One encoder (``model``) run on each field, a learned embedding per field added to its pooled vector
+    and tokens; outputs keyed by field."""
+
+    def __init__(self, inner: Encoder, fields: Sequence[str]):
+        super().__init__()
+        self.model = inner
+        self.fields = list(fields)
+        self.modality = inner.modality
+        self.processor = SharedProcessor(inner.processor, self.fields)
+        self.field_embedding = nn.Parameter(torch.zeros(len(self.fields), inner.out_dim))
+        self._token_dim = inner.token_dims()[""]
+
+    @property
+    def out_dim(self) -> int:
+        return self.model.out_dim
+
+    def output_dims(self) -> Dict[str, int]:
+        return {f: self.model.out_dim for f in self.fields}
+
+    def token_dims(self) -> Dict[str, int]:
+        return {f: self._token_dim for f in self.fields}
+
+    def output_modalities(self) -> Dict[str, str]:
+        return {f: f for f in self.fields}
+
+    def forward(self, **inputs) -> Dict[str, EncoderOutput]:
+        out = {}
+        for i, f in enumerate(self.fields):
+            own = {k.split("::", 1)[1]: v for k, v in inputs.items() if k.startswith(f + "::")}
+            o = self.model(**own)
+            e = self.field_embedding[i]
+            tokens = o.tokens + e if o.tokens is not None and o.tokens.shape[-1] == e.shape[0] else o.tokens
+            out[f] = EncoderOutput(o.pooled + e, tokens, o.mask)
+        return out
+
+    def layer_groups(self) -> List[List[nn.Parameter]]:
+        groups = [list(g) for g in self.model.layer_groups()]
+        groups[-1].append(self.field_embedding)
+        return groups
+
+    def pooled_only_parameters(self) -> List[nn.Parameter]:
+        return self.model.pooled_only_parameters()
+
+    def save_parts(self, folder: Path) -> None:
+        self.model.save_parts(folder)
