@@ -15,21 +15,6 @@ sf = pytest.importorskip("soundfile")
 
 
 @pytest.fixture(scope="session")
-def tiny_wav2vec2(tmp_path_factory):
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    folder = tmp_path_factory.mktemp("tiny-wav2vec2")
-    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_feat_extract_layers=2,
-                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
-    torch.manual_seed(0)
-    Wav2Vec2Model(cfg).save_pretrained(str(folder))
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(str(folder))
-    return str(folder)
-
-
-@pytest.fixture(scope="session")
 def tones(tmp_path_factory):
     return make_audio_dataset(tmp_path_factory.mktemp("tones"), n=240, seed=0, rate=22050)
 
@@ -130,3 +115,54 @@ def test_audio_and_text_together_find_a_label_neither_has_alone(tmp_path, tones)
     a = res.in_memory().predict_proba(test).drop(columns="id").to_numpy()
     b = mmtune.load(res.run_dir).predict_proba(test).drop(columns="id").to_numpy()
     assert np.abs(a - b).max() <= 1e-5
+
+
+def _tiny_audio_model(name):
+    from transformers import (ASTConfig, ASTFeatureExtractor, ASTModel, HubertConfig, HubertModel,
+                              Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel, WhisperConfig,
+                              WhisperFeatureExtractor, WhisperModel)
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    conv = dict(conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_feat_extract_layers=2,
+                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    wave = Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True)
+    if name == "hubert":
+        return HubertModel(HubertConfig(**small, **conv)), wave
+    if name == "wavlm":
+        return WavLMModel(WavLMConfig(**small, **conv, num_buckets=32, max_bucket_distance=64)), wave
+    if name == "ast":
+        return ASTModel(ASTConfig(**small, max_length=100, num_mel_bins=128, frequency_stride=10, time_stride=10)), \
+            ASTFeatureExtractor(max_length=100)
+    tokens = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    return WhisperModel(WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                                      max_source_positions=1500, vocab_size=100, **tokens)), WhisperFeatureExtractor()
+
+
+@pytest.mark.parametrize("name", ["hubert", "wavlm", "ast", "whisper"])
+def test_other_hugging_face_audio_families_load_pool_and_reload(tmp_path, name):
+    from safetensors.torch import load_model, save_model
+
+    from mmtune.config import load_config
+    from mmtune.encoders import build_encoder
+
+    torch.manual_seed(0)
+    model, fe = _tiny_audio_model(name)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    fe.save_pretrained(str(tmp_path / "ckpt"))
+    spec = load_config({"model": {"encoders": {"a": {"modality": "audio", "checkpoint": str(tmp_path / "ckpt"),
+                                                     "max_seconds": 1.0}}}}).model.encoders["a"]
+    enc = build_encoder(spec).eval()
+    x = tone(random.Random(2), "low", 16000, 0.75)
+    inputs = enc.processor({"audio": [(x, 16000), (x[:4000], 16000)]})
+    out = enc(**inputs)
+    assert out.pooled.shape == (2, 32) and torch.isfinite(out.pooled).all()
+    if out.mask is not None:  # padding frames masked: the short clip has fewer real frames
+        assert out.mask[1].sum() < out.mask[0].sum()
+    assert len(enc.layer_groups()) >= 3  # embeddings, then a group per layer: partial / gradual / layer decay work
+    # rebuilt from its saved parts (what a bundle holds) with the same weights: the same outputs
+    enc.save_parts(tmp_path / "parts")
+    save_model(enc, str(tmp_path / "w.safetensors"))
+    again = build_encoder(spec, tmp_path / "parts")
+    load_model(again, str(tmp_path / "w.safetensors"))
+    assert torch.allclose(again.eval()(**again.processor({"audio": [(x, 16000)]})).pooled, out.pooled[:1], atol=1e-5)

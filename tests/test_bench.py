@@ -15,3 +15,12 @@ def test_speed_bench_runs_and_prints_its_json():
     assert set(last) == {"fit_samples_per_s", "plain_loop_samples_per_s", "ratio", "predict_rows_per_s",
                          "predict_p50_ms", "predict_p99_ms", "peak_rss_mb"}
     assert all(v > 0 for v in last.values())
+
+
+def test_modalities_bench_runs_and_prints_its_json():
+    out = subprocess.run([sys.executable, str(BENCH / "modalities.py"), "--rows", "40", "--epochs", "1"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"audio_text_acc", "audio_only_acc", "tabular_text_acc", "regression_r2", "two_text_columns_acc"} <= set(last)
+    assert all(0.0 <= last[k] <= 1.0 for k in ("audio_text_acc", "audio_only_acc", "tabular_text_acc", "two_text_columns_acc"))

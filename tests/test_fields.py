@@ -59,3 +59,47 @@ def test_fields_are_checked():
                                                           "fields": ["text", "image.back"]}}}})
     with pytest.raises(mmtune.ConfigError, match="unknown modality 'video.front'"):
         mmtune.load_config({"data": {"columns": {"video.front": "f"}}})
+
+
+def test_every_kind_of_column_in_one_model(tmp_path, tiny_vit, tiny_bert, tiny_wav2vec2, colour_verdict):
+    """Two photos through one shared encoder, a title and a body, a recording, numbers and categories; a class
+    and a number to predict — trained, evaluated and reloaded with the same predictions."""
+    import soundfile as sf
+
+    from mmtune.demo import tone
+
+    df = pd.read_csv(colour_verdict["train"]).head(96)
+    folder = colour_verdict["train"].parent
+    rng = random.Random(0)
+    (tmp_path / "calls").mkdir()
+    for i in range(len(df)):
+        sf.write(str(tmp_path / "calls" / f"{i}.wav"), tone(rng, "low" if i % 2 else "high", 8000, 0.4), 8000)
+    df["front"] = [str(folder / p) for p in df["image"]]
+    df["back"] = [None if i % 5 == 0 else str(folder / p) for i, p in enumerate(df["image"][::-1])]
+    df["title"], df["body"] = df["text"], [t[::-1] for t in df["text"]]
+    df["call"] = [str(tmp_path / "calls" / f"{i}.wav") for i in range(len(df))]
+    df["price"] = np.linspace(1, 50, len(df))
+    df["brand"] = ["acme", "globex"] * (len(df) // 2)
+    df["sold_for"] = df["price"] * 2 + 3
+    enc = {"photos": {"modality": "image", "checkpoint": tiny_vit, "fields": ["image", "image.back"]},
+           "title": {"modality": "text", "checkpoint": tiny_bert},
+           "body": {"modality": "text.body", "checkpoint": tiny_bert},
+           "call": {"modality": "audio", "checkpoint": tiny_wav2vec2, "max_seconds": 0.5},
+           "table": {"modality": "tabular", "checkpoint": "tabular"}}
+    cfg = base_config(tmp_path, enc, data={"columns": {"image": "front", "image.back": "back", "text": "title",
+                                                       "text.body": "body", "audio": "call", "tabular": ["price", "brand"]},
+                                           "allow_missing": ["image.back"],
+                                           "tasks": {"label": {"column": "label"},
+                                                     "sold_for": {"column": "sold_for", "regression": True}}},
+                      model={"encoders": enc, "fusion": {"type": "gated", "width": 16, "hidden_dims": [16]}},
+                      trainer={"max_epochs": 2})
+    res = mmtune.fit(cfg, train=df)
+    assert set(res.model.output_modality.values()) == {"image", "image.back", "text", "text.body", "audio", "tabular"}
+    assert {"without image.back", "without audio", "without tabular"} <= set(res.metrics["modality_contribution"])
+    assert {"rmse", "r2"} <= set(res.metrics["val"]["sold_for"])
+    rows = df.head(10)
+    a = res.in_memory().predict_table(rows)
+    b = mmtune.load(res.run_dir).predict_table(rows)
+    num = [c for c in a.columns if c.startswith(("label.prob", "sold_for.prediction"))]
+    assert np.abs(a[num].to_numpy(float) - b[num].to_numpy(float)).max() <= 1e-5
+    assert (res.run_dir / "report.html").is_file()

@@ -46,8 +46,10 @@ class WaveformProcessor:
     def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
         clips = [_clip(c, self.sampling_rate, self.max_seconds) for c in columns["audio"]]
         kwargs = {"sampling_rate": self.sampling_rate, "return_tensors": "pt"}
+        # an extractor with a fixed window (Whisper: 30 s) pads to it; the others to the longest clip
+        padding = "max_length" if getattr(self.feature_extractor, "n_samples", None) else True
         try:
-            out = self.feature_extractor(clips, padding=True, return_attention_mask=True, **kwargs)
+            out = self.feature_extractor(clips, padding=padding, return_attention_mask=True, **kwargs)
         except TypeError:  # extractors without attention masks
             out = self.feature_extractor(clips, **kwargs)
         return dict(out)
