@@ -4,7 +4,8 @@
 
 Scenarios (the pretrained encoders are the offline presets, frozen):
 - audio + text: a tone's pitch (low / high) and a note's verdict (keep / return), 4 classes
-  (EfficientNet-Lite0 on log-mel spectrograms, MiniLM; embedding cache);
+  (EfficientNet-Lite0 on log-mel spectrograms, MiniLM; embedding cache); the same with the resemblyzer speaker
+  encoder in place of the EfficientNet, when its weights are installed (``pip install --no-deps resemblyzer``);
 - tabular + text: an amount above or below 5 and the note's verdict, 4 classes (the tabular encoder trains
   from scratch, MiniLM frozen);
 - regression: a price of 100 + 3 * amount + 20 * keep + N(0, 2) from a numeric column and a note (R²);
@@ -80,6 +81,18 @@ def main() -> None:
                                "text": TEXT}, args.epochs, args.seed)
     results["audio"] = compare(cfg, str(paths["train"]), str(paths["test"]))
 
+    print("the two offline audio encoders, audio alone and fused with the text", flush=True)
+    try:
+        from mmtune.encoders.speaker import weights_path
+
+        weights_path()
+        cfg = base(work, "speaker", {"audio": {"modality": "audio", "checkpoint": "resemblyzer-speaker", "max_seconds": 2.0},
+                                     "text": TEXT}, args.epochs, args.seed)
+        results["speaker"] = compare(cfg, str(paths["train"]), str(paths["test"]))
+    except ImportError as exc:
+        print(f"  resemblyzer-speaker skipped: {exc}", flush=True)
+        results["speaker"] = {"fused": None, "audio only": None}
+
     print("tabular + text", flush=True)
     rng = random.Random(args.seed)
     rows = []
@@ -119,6 +132,7 @@ def main() -> None:
     summary = {
         "audio_text_acc": results["audio"]["fused"], "audio_only_acc": results["audio"]["audio only"],
         "text_only_acc_audio_task": results["audio"]["text only"],
+        "speaker_audio_text_acc": results["speaker"]["fused"], "speaker_audio_only_acc": results["speaker"]["audio only"],
         "tabular_text_acc": results["tabular"]["fused"], "tabular_only_acc": results["tabular"]["tabular only"],
         "regression_r2": results["regression"]["fused"], "regression_tabular_only_r2": results["regression"]["tabular only"],
         "regression_text_only_r2": results["regression"]["text only"],

@@ -166,3 +166,37 @@ def test_other_hugging_face_audio_families_load_pool_and_reload(tmp_path, name):
     again = build_encoder(spec, tmp_path / "parts")
     load_model(again, str(tmp_path / "w.safetensors"))
     assert torch.allclose(again.eval()(**again.processor({"audio": [(x, 16000)]})).pooled, out.pooled[:1], atol=1e-5)
+
+
+def test_the_speaker_encoder_architecture_and_its_features():
+    """The resemblyzer speaker encoder as written here (random weights; its real weights are read from the
+    installed package when there is one): partial utterances of 1.6 s at half overlap, padding partials
+    masked, unit-length embeddings, a layer group per LSTM layer."""
+    from mmtune.encoders.speaker import SpeakerEncoder, slaney_mel_filterbank
+
+    fb = slaney_mel_filterbank()
+    assert fb.shape == (40, 201) and (fb >= 0).all()
+    # unit area in Hz: each filter's weights times the bin spacing (40 Hz) sum to the triangle's area, 1
+    assert np.allclose(fb.sum(1) * 40.0, 1.0, atol=0.15)
+    torch.manual_seed(0)
+    enc = SpeakerEncoder(weights=False, max_seconds=3.0).eval()
+    long, short = tone(random.Random(0), "low", 16000, 2.5), tone(random.Random(1), "high", 8000, 1.0)
+    inputs = enc.processor({"audio": [(long, 16000), (short, 8000)]})
+    assert inputs["mels"].shape[2:] == (160, 40)
+    assert inputs["partials"].sum(1).tolist() == [3, 1]  # 250 frames: windows at 0, 80, 160; 100 frames: one
+    out = enc(**inputs)
+    assert torch.allclose(out.pooled.norm(dim=1), torch.ones(2), atol=1e-5)
+    alone = enc(**enc.processor({"audio": [(short, 8000)]})).pooled
+    assert torch.allclose(alone, out.pooled[1:], atol=1e-5)  # a longer neighbour's partials change nothing
+    assert [len(g) for g in enc.layer_groups()] == [4, 4, 4, 2]
+
+
+def test_the_speaker_encoder_names_what_it_needs(monkeypatch):
+    import importlib.util
+
+    from mmtune.encoders.speaker import weights_path
+    from mmtune.extras import MissingExtraError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(MissingExtraError, match="pip install --no-deps resemblyzer"):
+        weights_path()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from . import audio, tabular  # noqa: F401  (register the audio and tabular encoders)
+from . import audio, speaker, tabular  # noqa: F401  (register the audio, speaker and tabular encoders)
 from .base import Encoder, EncoderOutput, depth_groups, pool_tokens
 
 __all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_tokens"]
