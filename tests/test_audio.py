@@ -200,3 +200,19 @@ def test_the_speaker_encoder_names_what_it_needs(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingExtraError, match="pip install --no-deps resemblyzer"):
         weights_path()
+
+
+def test_lora_finds_the_attention_projections_of_an_audio_model(tiny_wav2vec2):
+    from mmtune.config import load_config
+    from mmtune.finetune import build_strategy
+    from mmtune.models import build_model
+
+    cfg = load_config({"model": {"encoders": {"a": {"modality": "audio", "checkpoint": tiny_wav2vec2}}},
+                       "finetune": {"type": "lora", "r": 2}})
+    model = build_model(cfg.model, {"label": 2})
+    strategy = build_strategy(cfg.finetune)
+    strategy.prepare(model)
+    strategy.apply(model)
+    trainable = [n for n, p in model.encoders.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("q_proj" in n for n in trainable) and any("v_proj" in n for n in trainable)
