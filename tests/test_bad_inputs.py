@@ -276,7 +276,8 @@ def test_overwrite_with_bad_data_keeps_the_old_bundle(tmp_path, tiny_bert, colou
         mmtune.fit(cfg, train=bad, overwrite=True)
     assert sorted(p.relative_to(first.run_dir) for p in first.run_dir.rglob("*")) == before
     mmtune.load(first.run_dir)  # still a complete bundle
-    assert [p.name for p in (tmp_path / "runs").iterdir() if not p.name.endswith(".lock")] == ["t"]
+    # no staging folder is left beside the run (the lock file and the shared embedding cache stay)
+    assert [p.name for p in (tmp_path / "runs").iterdir() if not p.name.endswith(".lock") and p.name != ".cache"] == ["t"]
     second = mmtune.fit({**cfg, "trainer": {**cfg["trainer"], "seed": 1}}, train=df, overwrite=True)
     assert second.run_dir == first.run_dir and mmtune.load(second.run_dir)
 

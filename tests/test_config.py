@@ -69,3 +69,8 @@ SHIPPED = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")) + [
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_yaml_validates(path):
     assert isinstance(load_config(path), Config)
+
+
+def test_override_words_yaml_reads_as_booleans_stay_words():
+    cfg = load_config(ENC, ["name=off", "trainer.progress_bar=off", "data.label_column=yes"])
+    assert cfg.name == "off" and cfg.trainer.progress_bar is False and cfg.data.label_column == "yes"

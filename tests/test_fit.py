@@ -186,3 +186,14 @@ def test_skip_bad_rows_writes_them_into_the_bundle(tmp_path, tiny_bert, colour_v
     rejected = pd.read_csv(res.run_dir / "rejected_rows.csv")
     assert list(rejected["row"]) == [6, 10]
     assert list(rejected["reason"]) == ["empty text", "missing label (NaN, null or empty)"]
+
+
+def test_last_checkpoint_is_the_last_epoch_even_without_improvement(tmp_path, tiny_bert, colour_verdict):
+    """A learning rate too small to change anything: the monitored metric never improves after epoch 0, yet
+    last.ckpt (what --resume continues from) holds the last epoch; best.ckpt stays at epoch 0."""
+    cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}}, optim={"lr": 1e-12},
+                      trainer={"max_epochs": 3}, evaluation={"report": False, "linear_probe": False})
+    res = mmtune.fit(cfg, train=str(colour_verdict["train"]))
+    last = torch.load(res.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(res.run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2 and best["epoch"] == 0

@@ -104,6 +104,12 @@ def _fit(args) -> int:
     overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else [])
     res = fit(args.config, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(_brief(res.metrics), indent=2))
+    for task, diff in (res.metrics.get("model_minus_probe") or {}).items():
+        probe = res.metrics["linear_probe"][task][diff["split"]]
+        model = res.metrics[diff["split"]][task]
+        print(f"linear probe (logistic regression on the frozen encoders' features), {task}, {diff['split']}: "
+              f"accuracy {probe['accuracy']:.3f}; the model {model['accuracy']:.3f} ({diff['accuracy']:+.3f}), "
+              f"macro F1 {probe['f1_macro']:.3f} vs {model['f1_macro']:.3f} ({diff['f1_macro']:+.3f})")
     if "baselines" in res.metrics:
         print(json.dumps(res.metrics["baselines"], indent=2))
     print(f"run bundle: {res.run_dir}")

@@ -368,6 +368,9 @@ class EvaluationConfig(_Strict):
     """The precision or recall to reach with ``min_precision`` / ``min_recall``."""
     modality_contribution: bool = True
     """Test metrics with each modality masked out (no retraining)."""
+    linear_probe: bool = True
+    """Also fit a logistic regression on the frozen pretrained encoders' pooled features (from the embedding
+    cache, before training) and report its metrics beside the model's: the yardstick fine-tuning must beat."""
     baselines: bool = False
     """Also train each modality alone with the same settings and report the fusion gain."""
     report: bool = True
@@ -694,6 +697,8 @@ def _apply_override(raw: Dict[str, Any], item: str) -> str:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
+    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+        parsed = value.strip()  # YAML 1.1 reads on / off / yes / no as booleans; only true / false are
     node = raw
     for i, part in enumerate(parts[:-1]):
         nxt = node.get(part)

@@ -192,7 +192,9 @@ class TableDataModule(L.LightningDataModule):
         if self.cached:
             from ..finetune.feature_cache import build_cached_dataset, encoder_fingerprint, first
 
-            cache_dir = Path(cfg.finetune.cache_dir or Path(cfg.output_dir) / ".cache")
+            from ..finetune.feature_cache import cache_folder
+
+            cache_dir = cache_folder(cfg)
             specs = {n: e.model_dump(mode="json") for n, e in cfg.model.encoders.items()}
             prints = {n: encoder_fingerprint(enc, specs[n]) for n, enc in model.encoders.items()}
             self.datasets = {s: build_cached_dataset(model, specs, p.dataset(s, self.modalities), self.modalities,

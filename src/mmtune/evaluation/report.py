@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..io import atomic_write_bytes, atomic_write_text
 
-SECTIONS = ["Summary", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
+SECTIONS = ["Summary", "Linear probe", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
             "Per-class metrics", "Modality contribution", "Worst misclassified test examples", "Configuration"]
 
 
@@ -87,6 +87,22 @@ def build_report(run_dir: str | Path) -> Path:
                 rows.append({"split": s, "task": t.name, "n": m.get("n"), **{k: m.get(k) for k in keys}})
     cols = ["split", "task", "n"] + sorted({k for r in rows for k in r} - {"split", "task", "n"})
     parts["Summary"].append(_table(rows, cols))
+
+    probe = metrics.get("linear_probe") or {}
+    if probe:
+        rows = []
+        for tname, entry in probe.items():
+            for s in ("val", "test"):
+                if s in entry and s in metrics and tname in metrics[s]:
+                    for who, m in (("linear probe", entry[s]), ("the model", metrics[s][tname])):
+                        rows.append({"task": tname, "split": s, "model": who,
+                                     **{k: m.get(k) for k in ("accuracy", "f1_macro", "log_loss")}})
+        parts["Linear probe"].append(
+            "<p>A logistic regression on the frozen pretrained encoders' pooled features (fitted before training; "
+            "C chosen on validation): what fine-tuning has to beat.</p>" + _table(rows, ["task", "split", "model",
+                                                                                          "accuracy", "f1_macro", "log_loss"]))
+    else:
+        parts["Linear probe"].append("<p>Off (evaluation.linear_probe), or no single-label task or pretrained encoder.</p>")
 
     if logs is not None and len(logs):
         pngs["training_curves.png"] = plots.training_curves(logs)

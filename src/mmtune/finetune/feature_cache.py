@@ -26,6 +26,11 @@ from ..encoders.base import EncoderOutput
 from ..io import atomic_write_with
 
 
+def cache_folder(cfg) -> Path:
+    """Where a config's embedding cache lives: ``finetune.cache_dir``, else ``<output_dir>/.cache``."""
+    return Path(cfg.finetune.cache_dir or Path(cfg.output_dir) / ".cache")
+
+
 def file_digest(path: Path) -> bytes:
     """A fast content hash (BLAKE2b) of one file, read in 1 MiB blocks."""
     h = hashlib.blake2b(digest_size=16)

@@ -15,8 +15,11 @@ from ..config import Config, load_config
 from ..data.datamodule import TableDataModule
 from ..data.manifest import TableSource
 from ..evaluation.evaluate import finalize
+from ..evaluation.probe import compare as compare_probe
+from ..evaluation.probe import linear_probe
 from ..extras import MissingExtraError, missing_for
 from ..finetune import build_strategy, trainable_parameter_count
+from ..finetune.feature_cache import cache_folder
 from ..logs import quiet_libraries
 from ..losses import build_loss
 from ..models import build_model
@@ -52,6 +55,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         model = build_model(cfg.model, {t.name: t.outputs for t in data.tasks},
                             allow_missing=bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0)
         data.fit_encoders(model)
+        probe = linear_probe(model, data, cache_folder(cfg), data.eval_batch_size, cfg.evaluation.calibration_bins,
+                             cfg.trainer.seed) if cfg.evaluation.linear_probe else {}
         strategy = build_strategy(cfg.finetune)
         strategy.prepare(model)
         strategy.apply(model)
@@ -65,7 +70,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
             cfg.data.id_column, {s: data.shown(s) for s in data.splits})
         metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}),
-                       **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}))
+                       **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}),
+                       **({"linear_probe": probe, "model_minus_probe": compare_probe(metrics, probe)} if probe else {}))
         if cfg.evaluation.baselines and len(cfg.modalities) > 1:
             from ..evaluation.baselines import fit_baselines
 

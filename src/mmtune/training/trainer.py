@@ -83,8 +83,13 @@ def build_trainer(cfg, run_dir: Path, n_train_batches: int, extra_callbacks: Seq
 
     t = cfg.trainer
     mode = "min" if t.monitor.endswith(("loss", "rmse")) else "max"
+    # "best" follows the monitored metric; "last" is written after every epoch whether or not the metric
+    # improved (Lightning's own save_last only writes it when a monitored checkpoint was saved), so that a
+    # resume continues from the latest epoch.
     callbacks: list = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor=t.monitor,
-                                       mode=mode, save_top_k=1, save_last=True, enable_version_counter=False)]
+                                       mode=mode, save_top_k=1, save_last=False, enable_version_counter=False),
+                       ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last", monitor=None,
+                                       save_top_k=1, every_n_epochs=1, enable_version_counter=False)]
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(monitor=t.monitor, mode=mode, patience=t.early_stopping_patience))
     callbacks.extend(extra_callbacks)

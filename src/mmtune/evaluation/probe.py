@@ -1,0 +1,96 @@
+"""The yardstick of every run: a linear probe on the frozen pretrained encoders' pooled features.
+
+Before anything trains, each pretrained encoder's pooled output for every row is taken from the embedding
+cache (computed once per rows and encoder; a frozen run reuses it), the features of all encoders are
+concatenated with the rows' present-masks, standardised, and a multinomial logistic regression
+(scikit-learn) is fitted on the training split for each single-label task, its regularisation ``C`` chosen
+on the validation split (log loss). Its test metrics stand beside the model's in ``metrics.json`` — so a
+run shows at once whether fine-tuning bought anything over the frozen features."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+def probe_features(model, data, cache_dir: Path, batch_size: int) -> Optional[Dict[str, np.ndarray]]:
+    """Per split, (N, D) features of the pretrained encoders (those trained from scratch are left out) and the
+    present-masks; None when no encoder is pretrained."""
+    from ..finetune.feature_cache import cached_outputs, encoder_fingerprint, present_masks
+
+    cfg = data.cfg
+    names = [n for n, e in model.encoders.items() if not getattr(e, "from_scratch", False)]
+    if not names:
+        return None
+    specs = {n: cfg.model.encoders[n].model_dump(mode="json") for n in names}
+    prints = {n: encoder_fingerprint(model.encoders[n], specs[n]) for n in names}
+    out = {}
+    for split in data.splits:
+        ds = data.prepared.dataset(split, data.modalities)
+        parts = []
+        for n in names:
+            for sub, d in sorted(cached_outputs(n, model.encoders[n], specs[n], ds, cache_dir, batch_size, False,
+                                                prints[n]).items()):
+                parts.append(d["pooled"].numpy().astype(np.float64))
+        present = present_masks(ds, data.modalities)
+        parts += [present[m].numpy()[:, None].astype(np.float64) for m in sorted(present)]
+        out[split] = np.concatenate(parts, axis=1)
+    return out
+
+
+def linear_probe(model, data, cache_dir: Path, batch_size: int, ece_bins: int = 15, seed: int = 0) -> Dict[str, Any]:
+    """``{task: {"C", "val", "test"}}`` for each single-label task (metrics as for the model, from
+    :func:`~mmtune.evaluation.metrics.classification_metrics`); ``{}`` when there is nothing to probe."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.preprocessing import StandardScaler
+
+    from .metrics import classification_metrics
+
+    tasks = [t for t in data.tasks if not t.multilabel and not getattr(t, "regression", False)]
+    feats = probe_features(model, data, cache_dir, batch_size) if tasks else None
+    if feats is None:
+        return {}
+    scaler = StandardScaler().fit(feats["train"])
+    X = {s: scaler.transform(f) for s, f in feats.items()}
+    out: Dict[str, Any] = {}
+    for t in tasks:
+        y = {s: np.asarray([t.encode(v) for v in data.prepared.frames[s][t.column]], dtype=int) for s in feats}
+        if len(np.unique(y["train"])) < 2:
+            continue
+        best = None
+        for c in C_GRID:
+            clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(X["train"], y["train"])
+            p = _full(clf, X["val"], len(t.classes))
+            loss = log_loss(y["val"], np.clip(p, 1e-12, 1), labels=list(range(len(t.classes))))
+            if best is None or loss < best[0]:
+                best = (loss, c, clf)
+        _, c, clf = best
+        entry: Dict[str, Any] = {"C": c}
+        for s in ("val", "test"):
+            if s in X:
+                entry[s] = classification_metrics(y[s].tolist(), _full(clf, X[s], len(t.classes)), t.classes,
+                                                  ece_bins=ece_bins)
+        out[t.name] = entry
+    return out
+
+
+def _full(clf, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities over every class (a class absent from the training rows gets 0)."""
+    p = np.zeros((len(X), n_classes))
+    p[:, clf.classes_] = clf.predict_proba(X)
+    return p
+
+
+def compare(model_metrics: Dict[str, Any], probe: Dict[str, Any]) -> Dict[str, Any]:
+    """The model's test (else validation) metrics minus the probe's, per task."""
+    split = "test" if "test" in model_metrics else "val"
+    out = {}
+    for task, entry in probe.items():
+        m, p = model_metrics.get(split, {}).get(task, {}), entry.get(split, {})
+        out[task] = {"split": split, **{k: m[k] - p[k] for k in ("accuracy", "f1_macro", "log_loss")
+                                        if isinstance(m.get(k), (int, float)) and isinstance(p.get(k), (int, float))}}
+    return out

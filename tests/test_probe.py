@@ -1,0 +1,68 @@
+"""The linear probe beside every run: scikit-learn's logistic regression on the frozen encoders' features,
+its C chosen on validation, its metrics and the model's difference in metrics.json, the console and the report."""
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, log_loss
+from sklearn.preprocessing import StandardScaler
+
+import mmtune
+from conftest import base_config
+from mmtune.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
+    tmp = tmp_path_factory.mktemp("probe")
+    enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 4})
+    return mmtune.fit(cfg, train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
+
+
+def test_the_probe_is_sklearn_on_the_frozen_features_with_c_from_validation(probed, colour_verdict):
+    from mmtune.data.datamodule import TableDataModule
+    from mmtune.evaluation.probe import C_GRID, probe_features
+    from mmtune.finetune.feature_cache import cache_folder
+    from mmtune.models import build_model
+
+    cfg = probed.config
+    data = TableDataModule(cfg, str(colour_verdict["train"]), None, str(colour_verdict["test"])).read()
+    model = build_model(cfg.model, {t.name: t.outputs for t in data.tasks})  # the pretrained encoders again
+    feats = probe_features(model, data, cache_folder(cfg), 32)
+    scaler = StandardScaler().fit(feats["train"])
+    y = {s: np.asarray([data.tasks[0].encode(v) for v in data.prepared.frames[s]["label"]]) for s in feats}
+    losses = {c: log_loss(y["val"], LogisticRegression(C=c, max_iter=2000, random_state=0)
+                          .fit(scaler.transform(feats["train"]), y["train"]).predict_proba(scaler.transform(feats["val"])),
+                          labels=[0, 1, 2, 3]) for c in C_GRID}
+    probe = probed.metrics["linear_probe"]["label"]
+    assert probe["C"] == min(losses, key=losses.get)
+    clf = LogisticRegression(C=probe["C"], max_iter=2000, random_state=0).fit(scaler.transform(feats["train"]), y["train"])
+    assert probe["test"]["accuracy"] == pytest.approx(accuracy_score(y["test"], clf.predict(scaler.transform(feats["test"]))))
+    diff = probed.metrics["model_minus_probe"]["label"]
+    assert diff["split"] == "test"
+    assert diff["accuracy"] == pytest.approx(probed.metrics["test"]["label"]["accuracy"] - probe["test"]["accuracy"])
+    # a frozen run reads the probe's cache entries: one file per encoder and split, nothing computed twice
+    assert len(list(cache_folder(cfg).glob("*.safetensors"))) == 2 * 3
+
+
+def test_the_probe_is_in_the_report_and_the_console(probed, capsys, tmp_path, tiny_bert, colour_verdict):
+    page = (probed.run_dir / "report.html").read_text()
+    assert "Linear probe" in page and "what fine-tuning has to beat" in page
+    cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}}, trainer={"max_epochs": 1},
+                      evaluation={"report": False})
+    cfg["data"]["train"] = str(colour_verdict["train"])
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli(["fit", str(tmp_path / "c.yaml")]) == 0
+    assert "linear probe (logistic regression on the frozen encoders' features), label, val: accuracy" in capsys.readouterr().out
+    off = mmtune.fit(cfg, overrides=["evaluation.linear_probe=false", "name=off"])
+    assert "linear_probe" not in off.metrics
+
+
+def test_no_probe_without_a_pretrained_encoder(tmp_path):
+    df = pd.DataFrame({"id": range(40), "x": np.arange(40.0), "label": ["a", "b"] * 20})
+    cfg = base_config(tmp_path, {"t": {"modality": "tabular", "checkpoint": "tabular"}}, data={"columns": {"tabular": ["x"]}},
+                      trainer={"max_epochs": 1}, evaluation={"report": False})
+    assert "linear_probe" not in mmtune.fit(cfg, train=df).metrics
