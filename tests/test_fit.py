@@ -197,3 +197,32 @@ def test_last_checkpoint_is_the_last_epoch_even_without_improvement(tmp_path, ti
     last = torch.load(res.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     best = torch.load(res.run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 2 and best["epoch"] == 0
+
+
+def test_embeddings_are_what_the_heads_read(fitted, colour_verdict, tmp_path, capsys):
+    from mmtune.cli import main as cli
+
+    res, _, pred = fitted
+    test = pd.read_csv(colour_verdict["test"]).head(12)
+    test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
+    test.index = range(100, 112)
+    fused = pred.embed(test)
+    assert list(fused.index) == list(test.index) and list(fused["id"]) == list(test["id"])
+    vectors = torch.tensor(fused.drop(columns="id").to_numpy(), dtype=torch.float32)
+    with torch.no_grad():
+        logits = pred.model.heads["label"](vectors)
+    raw = pred.predict_proba(test, calibrated=False).drop(columns="id").to_numpy()
+    assert np.abs(torch.softmax(logits, -1).numpy() - raw).max() <= 1e-5  # the heads on the embedding = the model
+    assert pred.embedding_kinds == ["fused", "image", "text"]
+    text = pred.embed(test, kind="text")
+    assert text.shape == (12, 1 + pred.model.encoders["text"].out_dim)
+    with pytest.raises(ValueError, match="unknown embedding kind 'audio'; valid: fused, image, text"):
+        pred.embed(test, kind="audio")
+    test.to_csv(tmp_path / "rows.csv", index=False)
+    assert cli(["embed", "--run", str(res.run_dir), "--data", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "e.parquet"),
+                "--kind", "image"]) == 0
+    written = pd.read_parquet(tmp_path / "e.parquet")
+    assert np.allclose(written.drop(columns="id").to_numpy(), pred.embed(test, kind="image").drop(columns="id").to_numpy(), atol=1e-6)
+    assert cli(["embed", "--run", str(res.run_dir), "--data", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "e.parquet"),
+                "--kind", "nope"]) == 2
+    assert "--kind 'nope'; valid: fused, image, text" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``mmtune fit | evaluate | predict | report | parts | align | demo``."""
+"""``mmtune fit | evaluate | predict | embed | report | parts | align | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet)")
     pr.add_argument("--batch-size", type=int, default=None)
 
+    em = sub.add_parser("embed", help="one vector per row: the fused representation or an encoder's pooled output")
+    em.add_argument("--run", required=True, help="run bundle folder")
+    em.add_argument("--data", required=True, help="manifest of rows to embed")
+    em.add_argument("--out", required=True, help="output file (.parquet, .csv or .jsonl): the id column, then e0 … e{d-1}")
+    em.add_argument("--kind", default="fused", help="fused (default) or an encoder's name (see the error for the list)")
+    em.add_argument("--batch-size", type=int, default=None)
+
     sub.add_parser("parts", help="list the parts a config can name (fusions, strategies, losses, …)")
 
     al = sub.add_parser("align", help="join tables recorded apart into one manifest (key, then nearest time)")
@@ -92,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo, "report": _report,
-                "parts": _parts, "align": _align}[args.command](args)
+                "parts": _parts, "align": _align, "embed": _embed}[args.command](args)
     except (ConfigError, BadRowsError, MissingExtraError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -171,6 +178,25 @@ def _report(args) -> int:
 
     check_bundle(args.run)
     print(f"report written to {build_report(args.run)}")
+    return 0
+
+
+def _embed(args) -> int:
+    from .io import atomic_write_with
+    from .serving.predictor import Predictor
+
+    path = Path(args.out)
+    write = _WRITERS.get(path.suffix.lower())
+    if write is None:  # checked before any work is done
+        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
+    if path.is_dir() or (path.exists() and Path(args.data).exists() and path.resolve() == Path(args.data).resolve()):
+        raise ValueError(f"--out {str(path)!r} is a folder or the --data file; give another file name")
+    pred = Predictor.load(args.run)
+    if args.kind not in pred.embedding_kinds:
+        raise ValueError(f"--kind {args.kind!r}; valid: {', '.join(pred.embedding_kinds)}")
+    out = pred.embed(args.data, kind=args.kind, batch_size=args.batch_size)
+    atomic_write_with(path, lambda tmp: write(out, tmp))
+    print(f"{len(out)} embeddings ({args.kind}, {out.shape[1] - (1 if pred.spec.id_column else 0)} values each) written to {path}")
     return 0
 
 

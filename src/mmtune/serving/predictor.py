@@ -136,6 +136,40 @@ class Predictor:
                 out[f"{prefix}prob_{c}"] = proba[t.name][:, j]
         return out
 
+    @property
+    def embedding_kinds(self) -> List[str]:
+        """What :meth:`embed` can return: ``fused`` and each encoder output (encoder name, or ``name.field``)."""
+        return ["fused", *sorted(self.model.output_modality)]
+
+    def embed(self, data: TableSource, kind: str = "fused", batch_size: Optional[int] = None) -> pd.DataFrame:
+        """One vector per row: ``fused`` — the representation the heads read — or an encoder's pooled output
+        (``kind`` = its name; ``name.field`` for a joint or shared encoder). Columns ``e0 … e{d-1}`` after the
+        id column (when configured), rows in input order; an encoder's vector of a row that lacks its modality
+        is NaN (the blank input's output means nothing)."""
+        from ..inference import move
+
+        if kind not in self.embedding_kinds:
+            raise ValueError(f"unknown embedding kind {kind!r}; valid: {', '.join(self.embedding_kinds)}")
+        ds = self._dataset(data, with_labels=False)
+        chunks = []
+        with torch.inference_mode():
+            for batch in self._batches(ds, batch_size):
+                batch = move(batch, self.device)
+                outputs = self.model.encode(batch["inputs"])
+                if kind == "fused":
+                    feats = self.model.fuse(outputs, batch["present"]).float()
+                else:
+                    feats = outputs[kind].pooled.float().clone()
+                    present = batch["present"].get(self.model.output_modality[kind])
+                    if present is not None:
+                        feats[~present] = float("nan")
+                chunks.append(feats.cpu().numpy())
+        arr = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+        out = pd.DataFrame(arr, columns=[f"e{i}" for i in range(arr.shape[1])], index=self._index(data, len(ds)))
+        if self.spec.id_column:
+            out.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
+        return out
+
     def evaluate(self, data: TableSource, batch_size: Optional[int] = None,
                  contribution: bool = False) -> Dict[str, Dict[str, Any]]:
         """``{task: metrics}`` on labelled rows (calibrated, with the tuned thresholds); labels unseen in
