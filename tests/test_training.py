@@ -1,6 +1,7 @@
 """Strategies, optimizer groups and schedules on the one model class."""
 
 
+import pandas as pd
 import pytest
 import torch
 
@@ -147,3 +148,34 @@ def test_every_optimizer_and_schedule_runs_as_configured(tmp_path, tiny_bert, co
         assert all(len(set(e)) == 1 for e in per_epoch)
         firsts = [e[0] for e in per_epoch]
         assert firsts[0] == pytest.approx(lr) and firsts == sorted(firsts, reverse=True)
+
+
+def test_step_and_time_budgets_reach_the_trainer(tmp_path, tiny_bert, colour_verdict):
+    import mmtune
+    from conftest import base_config
+
+    cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}},
+                      trainer={"max_epochs": 5, "max_steps": 3, "max_time": "00:01:00:00", "val_check_interval": 2},
+                      evaluation={"report": False, "linear_probe": False})
+    seen = {}
+
+    import lightning as L
+
+    class Probe(L.Callback):
+        def on_fit_end(self, trainer, module):
+            seen.update(step=trainer.global_step, vals=trainer.val_check_interval)
+
+    res = mmtune.fit(cfg, train=str(colour_verdict["train"]), callbacks=[Probe()])
+    assert seen["step"] == 3 and seen["vals"] == 2
+    logs = pd.read_csv(res.run_dir / "logs" / "metrics.csv")
+    assert logs["val_loss"].notna().sum() >= 1  # validated within the first epoch, after 2 batches
+    with pytest.raises(mmtune.ConfigError, match="trainer.max_steps"):
+        load_config({"trainer": {"max_steps": -5}})
+
+
+def test_cli_device_names_are_checked(capsys):
+    from mmtune.cli import main as cli
+
+    assert cli(["predict", "--run", "nowhere", "--data", "x.csv", "--out", "p.csv", "--device", "cuda:7"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err or "CUDA device(s)" in err

@@ -268,6 +268,7 @@ class RunClaim:
 # Keys a resumed run may change: they do not change the model, the data or how it is optimised.
 RESUMABLE_KEYS = ("name", "output_dir", "evaluation", "trainer.max_epochs", "trainer.early_stopping_patience",
                   "trainer.progress_bar", "trainer.tensorboard", "trainer.eval_batch_size", "data.num_workers",
+                  "trainer.max_time", "trainer.max_steps",
                   "finetune.cache_dir", "trainer.accelerator", "trainer.devices")
 
 

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="labelled manifest (CSV, JSONL, Parquet)")
     e.add_argument("--out", help="where to write the metrics JSON (default: RUN/evaluations/<data name>.json)")
     e.add_argument("--contribution", action="store_true", help="also the metrics with each modality hidden")
+    e.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
 
     r = sub.add_parser("report", help="(re)build RUN/report.html and RUN/plots/*.png")
     r.add_argument("--run", required=True, help="run bundle folder")
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, help="manifest of rows to predict")
     pr.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet)")
     pr.add_argument("--batch-size", type=int, default=None)
+    pr.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
 
     em = sub.add_parser("embed", help="one vector per row: the fused representation or an encoder's pooled output")
     em.add_argument("--run", required=True, help="run bundle folder")
@@ -68,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--out", required=True, help="output file (.parquet, .csv or .jsonl): the id column, then e0 … e{d-1}")
     em.add_argument("--kind", default="fused", help="fused (default) or an encoder's name (see the error for the list)")
     em.add_argument("--batch-size", type=int, default=None)
+    em.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
 
     sub.add_parser("parts", help="list the parts a config can name (fusions, strategies, losses, …)")
 
@@ -127,7 +130,7 @@ def _evaluate(args) -> int:
     from .io import atomic_write_json
     from .serving.predictor import Predictor
 
-    pred = Predictor.load(args.run)
+    pred = Predictor.load(args.run, device=_device(args.device))
     metrics = pred.evaluate(args.data, contribution=args.contribution)
     out = Path(args.out) if args.out else Path(args.run) / "evaluations" / f"{Path(args.data).stem}.json"
     if out.is_dir():  # checked before any work is done
@@ -154,10 +157,25 @@ def _predict(args) -> int:
                          "write them to another file")
     if not path.parent.is_dir():
         raise ValueError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist")
-    out = Predictor.load(args.run).predict_table(args.data, batch_size=args.batch_size)
+    out = Predictor.load(args.run, device=_device(args.device)).predict_table(args.data, batch_size=args.batch_size)
     atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} predictions written to {path}")
     return 0
+
+
+def _device(name: str):
+    """A torch device the machine has (ValueError naming what it has otherwise)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name!r}: MPS is not available here")
+    return device
 
 
 def _brief(metrics):
@@ -191,7 +209,7 @@ def _embed(args) -> int:
         raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
     if path.is_dir() or (path.exists() and Path(args.data).exists() and path.resolve() == Path(args.data).resolve()):
         raise ValueError(f"--out {str(path)!r} is a folder or the --data file; give another file name")
-    pred = Predictor.load(args.run)
+    pred = Predictor.load(args.run, device=_device(args.device))
     if args.kind not in pred.embedding_kinds:
         raise ValueError(f"--kind {args.kind!r}; valid: {', '.join(pred.embedding_kinds)}")
     out = pred.embed(args.data, kind=args.kind, batch_size=args.batch_size)

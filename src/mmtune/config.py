@@ -301,6 +301,14 @@ class TrainerConfig(_Strict):
     progress_bar: bool = True
     tensorboard: bool = False
     """Also log to TensorBoard (runs/<name>/tensorboard; needs the tensorboard package)."""
+    max_steps: int = Field(-1, ge=-1)
+    """Stop after this many optimizer steps (-1: no limit; ``max_epochs`` still applies)."""
+    max_time: Optional[Union[str, Dict[str, int]]] = None
+    """A wall-clock budget for training: ``DD:HH:MM:SS`` (``00:01:30:00``) or ``{hours: 1, minutes: 30}``;
+    training stops at the end of the step that passes it, and the best checkpoint so far is kept."""
+    val_check_interval: Optional[Union[int, float]] = None
+    """Validate (and checkpoint) every this many training batches (int) or this share of an epoch (float);
+    default: once per epoch."""
     limit_train_batches: Optional[Union[int, float]] = None
     """Debugging aid: train on only this many batches (int) or this share (float) per epoch."""
 

@@ -102,10 +102,11 @@ def build_trainer(cfg, run_dir: Path, n_train_batches: int, extra_callbacks: Seq
         except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
             raise ValueError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
     kwargs: Dict[str, Any] = {}
-    if t.limit_train_batches is not None:
-        kwargs["limit_train_batches"] = t.limit_train_batches
+    for key in ("limit_train_batches", "max_time", "val_check_interval"):
+        if getattr(t, key) is not None:
+            kwargs[key] = getattr(t, key)
     return L.Trainer(
-        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val, callbacks=callbacks, logger=loggers,
         enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
