@@ -1,6 +1,7 @@
 """The linear probe beside every run: scikit-learn's logistic regression on the frozen encoders' features,
 its C chosen on validation, its metrics and the model's difference in metrics.json, the console and the report."""
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -66,3 +67,15 @@ def test_no_probe_without_a_pretrained_encoder(tmp_path):
     cfg = base_config(tmp_path, {"t": {"modality": "tabular", "checkpoint": "tabular"}}, data={"columns": {"tabular": ["x"]}},
                       trainer={"max_epochs": 1}, evaluation={"report": False})
     assert "linear_probe" not in mmtune.fit(cfg, train=df).metrics
+
+
+def test_the_probe_does_not_change_the_run(tmp_path, tiny_bert, colour_verdict):
+    """Training draws the same random numbers with the probe on or off: the same trained model."""
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    runs = []
+    for on in (True, False):
+        cfg = base_config(tmp_path / str(on), enc, trainer={"max_epochs": 2}, evaluation={"report": False, "linear_probe": on})
+        runs.append(mmtune.fit(cfg, train=str(colour_verdict["train"])))
+    assert "linear_probe" in runs[0].metrics and "linear_probe" not in runs[1].metrics
+    a, b = (dict(r.model.named_parameters()) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -50,8 +50,11 @@ def linear_probe(model, data, cache_dir: Path, batch_size: int, ece_bins: int = 
 
     from .metrics import classification_metrics
 
+    import torch
+
     tasks = [t for t in data.tasks if not t.multilabel and not getattr(t, "regression", False)]
-    feats = probe_features(model, data, cache_dir, batch_size) if tasks else None
+    with torch.random.fork_rng(devices=[]):  # reading the rows draws from torch's generator: the run must not notice
+        feats = probe_features(model, data, cache_dir, batch_size) if tasks else None
     if feats is None:
         return {}
     scaler = StandardScaler().fit(feats["train"])
