@@ -146,21 +146,28 @@ def _predict(args) -> int:
     from .serving.predictor import Predictor
 
     path = Path(args.out)
-    write = _WRITERS.get(path.suffix.lower())
-    # checked before any work is done
-    if write is None:
-        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
-    if path.is_dir():
-        raise ValueError(f"--out {str(path)!r} is a folder; give a file name such as {str(path / 'predictions.csv')!r}")
-    if path.exists() and Path(args.data).exists() and path.resolve() == Path(args.data).resolve():
-        raise ValueError(f"--out {str(path)!r} is the --data file: predictions would replace the input; "
-                         "write them to another file")
-    if not path.parent.is_dir():
-        raise ValueError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    write = _table_writer(path, {"--data file": [args.data]}, "predictions.csv")
     out = Predictor.load(args.run, device=_device(args.device)).predict_table(args.data, batch_size=args.batch_size)
     atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} predictions written to {path}")
     return 0
+
+
+def _table_writer(path: Path, inputs, example: str):
+    """The writer for ``--out`` (by its suffix), after the checks made before any work: a known format, not a
+    folder, not one of the ``inputs`` (``{what they are: [paths]}``), a folder that exists."""
+    write = _WRITERS.get(path.suffix.lower())
+    if write is None:
+        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
+    if path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder; give a file name such as {str(path / example)!r}")
+    for what, paths in inputs.items():
+        if path.exists() and any(Path(p).exists() and path.resolve() == Path(p).resolve() for p in paths):
+            raise ValueError(f"--out {str(path)!r} is the {what}: the output would replace the input; "
+                             "write it to another file")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    return write
 
 
 def _device(name: str):
@@ -204,11 +211,7 @@ def _embed(args) -> int:
     from .serving.predictor import Predictor
 
     path = Path(args.out)
-    write = _WRITERS.get(path.suffix.lower())
-    if write is None:  # checked before any work is done
-        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
-    if path.is_dir() or (path.exists() and Path(args.data).exists() and path.resolve() == Path(args.data).resolve()):
-        raise ValueError(f"--out {str(path)!r} is a folder or the --data file; give another file name")
+    write = _table_writer(path, {"--data file": [args.data]}, "embeddings.parquet")
     pred = Predictor.load(args.run, device=_device(args.device))
     if args.kind not in pred.embedding_kinds:
         raise ValueError(f"--kind {args.kind!r}; valid: {', '.join(pred.embedding_kinds)}")
@@ -223,11 +226,7 @@ def _align(args) -> int:
     from .io import atomic_write_json, atomic_write_with
 
     path = Path(args.out)
-    write = _WRITERS.get(path.suffix.lower())
-    if write is None:  # checked before any work is done
-        raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
-    if any(Path(t).exists() and path.exists() and path.resolve() == Path(t).resolve() for t in args.tables):
-        raise ValueError(f"--out {str(path)!r} is one of the input tables; write the joined table to another file")
+    write = _table_writer(path, {"one of the input tables": args.tables}, "joined.csv")
     joined, report = align_tables(args.tables, args.on, args.time, args.tolerance, args.direction, args.paths)
     atomic_write_with(path, lambda tmp: write(joined, tmp))
     atomic_write_json(path.with_name(path.name + ".alignment.json"), report.to_json())

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
-from pydantic import (BaseModel, Field, SerializeAsAny, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, Field, SerializeAsAny, ValidationError, ValidationInfo, create_model,
+                      field_validator, model_validator)
 
 from .modalities import MODALITIES, encoder_modality_names, encoder_reads, is_field
 from .schema import PartConfig, Section
@@ -415,15 +415,10 @@ class Config(_Strict):
     imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
 
-    @field_validator("finetune", mode="before")
+    @field_validator("finetune", "loss", mode="before")
     @classmethod
-    def _finetune(cls, v: Any) -> PartConfig:
-        return _part("finetune", v)
-
-    @field_validator("loss", mode="before")
-    @classmethod
-    def _loss(cls, v: Any) -> PartConfig:
-        return _part("loss", v)
+    def _parts(cls, v: Any, info: ValidationInfo) -> PartConfig:
+        return _part(info.field_name, v)
 
     @field_validator("name")
     @classmethod

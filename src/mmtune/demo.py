@@ -79,12 +79,21 @@ def make_dataset(out_dir: str | Path, n: int = 600, image_size: int = 96, seed: 
         im = _draw(rng, colour, image_size)
         name = f"images/{i:05d}.png"
         im.save(out / name)
-        note = rng.choice(KEEP if verdict == "keep" else RETURN)
-        opener = rng.choice(OPENERS)
-        text = f"{opener} this {rng.choice(ITEMS)}: {note}".strip()
-        rows.append({"id": f"ex{i:05d}", "image": name, "text": text, "label": f"{family}-{verdict}"})
+        rows.append({"id": f"ex{i:05d}", "image": name, "text": _note(rng, verdict), "label": f"{family}-{verdict}"})
+    return _write_splits(out, rows, rng, test_fraction)
+
+
+def _note(rng: random.Random, verdict: str) -> str:
+    """A customer's note whose verdict is ``keep`` or ``return``."""
+    note = rng.choice(KEEP if verdict == "keep" else RETURN)
+    opener = rng.choice(OPENERS)
+    return f"{opener} this {rng.choice(ITEMS)}: {note}".strip()
+
+
+def _write_splits(out: Path, rows: List[Dict[str, Any]], rng: random.Random, test_fraction: float) -> Dict[str, Path]:
+    """Shuffle the rows and write ``train.csv`` and ``test.csv`` under ``out``; returns their paths."""
     rng.shuffle(rows)
-    n_test = int(round(n * test_fraction))
+    n_test = int(round(len(rows) * test_fraction))
     paths = {"train": out / "train.csv", "test": out / "test.csv"}
     pd.DataFrame(rows[n_test:]).to_csv(paths["train"], index=False)
     pd.DataFrame(rows[:n_test]).to_csv(paths["test"], index=False)
@@ -121,15 +130,8 @@ def make_audio_dataset(out_dir: str | Path, n: int = 400, seed: int = 0, rate: i
         verdict = "keep" if (i // 2) % 2 == 0 else "return"
         name = f"audio/{i:05d}.wav"
         sf.write(str(out / name), tone(rng, pitch, rate, rng.uniform(0.6, 2.0)), rate)
-        note = rng.choice(KEEP if verdict == "keep" else RETURN)
-        rows.append({"id": f"au{i:05d}", "audio": name, "text": f"{rng.choice(OPENERS)} this {rng.choice(ITEMS)}: {note}".strip(),
-                     "label": f"{pitch}-{verdict}"})
-    rng.shuffle(rows)
-    n_test = int(round(n * test_fraction))
-    paths = {"train": out / "train.csv", "test": out / "test.csv"}
-    pd.DataFrame(rows[n_test:]).to_csv(paths["train"], index=False)
-    pd.DataFrame(rows[:n_test]).to_csv(paths["test"], index=False)
-    return paths
+        rows.append({"id": f"au{i:05d}", "audio": name, "text": _note(rng, verdict), "label": f"{pitch}-{verdict}"})
+    return _write_splits(out, rows, rng, test_fraction)
 
 
 def demo_config_path(audio: bool = False) -> Path:

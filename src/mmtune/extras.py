@@ -8,11 +8,6 @@ import importlib
 import importlib.util
 from typing import List, Tuple
 
-EXTRAS = {"peft": "lora", "kornia": "augment", "imblearn": "imbalance", "matplotlib": "report", "soundfile": "audio",
-          "soxr": "audio"}
-"""Importable module -> the extra that installs it (``pip install 'mmtune[<extra>]'``; ``all``: every one)."""
-
-
 class MissingExtraError(ImportError):
     """An optional dependency a chosen feature needs is not installed."""
 

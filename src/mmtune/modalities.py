@@ -105,13 +105,27 @@ class ImageAugmentConfig(Section):
         return self.enabled
 
 
-class Image(Modality):
+class FileModality(Modality):
+    """A modality whose cells are file paths: the cache digests the file's bytes, predictions show the
+    absolute path."""
+
+    files = True
+
+    def digest(self, value, base_dir):
+        from .finetune.feature_cache import file_digest
+
+        return file_digest(resolve_path(value, base_dir))
+
+    def display(self, value, base_dir):
+        return None if is_blank(value) else str(resolve_path(value, base_dir).resolve())
+
+
+class Image(FileModality):
     """A path to an image file (relative to the manifest's folder), decoded in full to RGB."""
 
     name = "image"
     Augment = ImageAugmentConfig
     blank_reason = "missing image path"
-    files = True
 
     def check(self, value, base_dir):
         from .data.images import load_image
@@ -129,14 +143,6 @@ class Image(Modality):
         from .data.images import load_image
 
         return load_image(resolve_path(value, base_dir))
-
-    def digest(self, value, base_dir):
-        from .finetune.feature_cache import file_digest
-
-        return file_digest(resolve_path(value, base_dir))
-
-    def display(self, value, base_dir):
-        return None if is_blank(value) else str(resolve_path(value, base_dir).resolve())
 
     def render_html(self, shown):
         from .evaluation.report import thumbnail
@@ -289,14 +295,13 @@ class AudioAugmentConfig(Section):
         return self.enabled
 
 
-class Audio(Modality):
+class Audio(FileModality):
     """A path to a recording (wav, flac, ogg; mp3 where libsndfile reads it), decoded to mono. Each encoder's
     processor resamples it to the encoder's rate and takes ``max_seconds`` of it."""
 
     name = "audio"
     Augment = AudioAugmentConfig
     blank_reason = "missing audio path"
-    files = True
     needs = (("soundfile", "audio", "audio columns"), ("soxr", "audio", "audio columns"))
 
     def check(self, value, base_dir):
@@ -308,14 +313,6 @@ class Audio(Modality):
         from .data.audio import load_audio
 
         return load_audio(resolve_path(value, base_dir))
-
-    def digest(self, value, base_dir):
-        from .finetune.feature_cache import file_digest
-
-        return file_digest(resolve_path(value, base_dir))
-
-    def display(self, value, base_dir):
-        return None if is_blank(value) else str(resolve_path(value, base_dir).resolve())
 
     def value_augment(self, cfg, model, seed):
         """A random window of each long recording (as long as the longest any audio encoder takes)."""
