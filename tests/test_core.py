@@ -59,7 +59,7 @@ def test_a_bundle_of_an_unknown_format_names_its_version(tmp_path):
 
 
 def test_importing_the_predictor_imports_no_training_and_no_extras():
-    code = ("import sys, mmtune, mmtune.serving.predictor, mmtune.bundle\n"
+    code = ("import sys, mmtune, mmtune.serving.predictor, mmtune.serving.server, mmtune.bundle\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'peft', 'kornia',"
             " 'imblearn', 'matplotlib') or m.startswith('mmtune.training')]\n"
             "print(bad)\n")

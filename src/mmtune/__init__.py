@@ -22,11 +22,12 @@ def align(tables, on=None, time=None, tolerance=None, direction="nearest", paths
     return align_tables(tables, on, time, tolerance, direction, paths)
 
 
-def load(run_dir, device: str = "cpu"):
-    """Load a run bundle as a :class:`~mmtune.serving.Predictor`."""
+def load(run_dir, device: str = "cpu", backend=None):
+    """Load a run bundle (or an ONNX export bundle) as a :class:`~mmtune.serving.Predictor`; ``backend``:
+    ``torch``, ``onnx`` or ``onnx-int8`` (see :meth:`~mmtune.serving.predictor.Predictor.load`)."""
     from .serving.predictor import Predictor
 
-    return Predictor.load(run_dir, device)
+    return Predictor.load(run_dir, device, backend)
 
 
 __all__ = ["BadRowsError", "Config", "ConfigError", "align", "fit", "load", "load_config", "__version__"]

@@ -1,4 +1,4 @@
-"""``mmtune fit | evaluate | predict | embed | report | parts | align | demo``."""
+"""``mmtune fit | evaluate | predict | embed | export | serve | report | parts | align | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="labelled manifest (CSV, JSONL, Parquet)")
     e.add_argument("--out", help="where to write the metrics JSON (default: RUN/evaluations/<data name>.json)")
     e.add_argument("--contribution", action="store_true", help="also the metrics with each modality hidden")
-    e.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
+    _model_args(e)
 
     r = sub.add_parser("report", help="(re)build RUN/report.html and RUN/plots/*.png")
     r.add_argument("--run", required=True, help="run bundle folder")
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, help="manifest of rows to predict")
     pr.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet)")
     pr.add_argument("--batch-size", type=int, default=None)
-    pr.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
+    _model_args(pr)
 
     em = sub.add_parser("embed", help="one vector per row: the fused representation or an encoder's pooled output")
     em.add_argument("--run", required=True, help="run bundle folder")
@@ -70,7 +70,27 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--out", required=True, help="output file (.parquet, .csv or .jsonl): the id column, then e0 … e{d-1}")
     em.add_argument("--kind", default="fused", help="fused (default) or an encoder's name (see the error for the list)")
     em.add_argument("--batch-size", type=int, default=None)
-    em.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
+    _model_args(em)
+
+    ex = sub.add_parser("export", help="export a run bundle as ONNX (optionally int8), checked against the model")
+    ex.add_argument("--run", required=True, help="run bundle folder")
+    ex.add_argument("--format", default="onnx", choices=["onnx"])
+    ex.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantized int8 model")
+    ex.add_argument("--data", help="rows to check parity (and int8 accuracy) on (default: the run's validation split)")
+    ex.add_argument("--out", help="export bundle folder (default: RUN/export)")
+
+    sv = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); docs at /docs")
+    sv.add_argument("--run", required=True, help="run bundle or export bundle folder")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the model")
+    sv.add_argument("--allow-paths", action="store_true", help='accept {"path": ...} for file columns (files on this machine)')
+    sv.add_argument("--no-batching", action="store_true", help="run each request alone (no micro-batching)")
+    sv.add_argument("--batch-window-ms", type=float, default=4.0, help="how long a request waits for others to batch with")
+    sv.add_argument("--max-batch-rows", type=int, default=64, help="rows per model call when batching")
+    sv.add_argument("--max-request-rows", type=int, default=256, help="rows one request may hold")
+    sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
+    _model_args(sv)
 
     sub.add_parser("parts", help="list the parts a config can name (fusions, strategies, losses, …)")
 
@@ -94,6 +114,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_args(p) -> None:
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
+    p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
+                   help="torch (a run bundle's default), onnx or onnx-int8 (an export bundle's default is onnx)")
+
+
+def _load(args):
+    from .serving.predictor import Predictor
+
+    return Predictor.load(args.run, device=_device(args.device), backend=args.backend)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError
@@ -102,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo, "report": _report,
-                "parts": _parts, "align": _align, "embed": _embed}[args.command](args)
+                "parts": _parts, "align": _align, "embed": _embed, "export": _export, "serve": _serve}[args.command](args)
     except (ConfigError, BadRowsError, MissingExtraError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -128,9 +160,8 @@ def _fit(args) -> int:
 
 def _evaluate(args) -> int:
     from .io import atomic_write_json
-    from .serving.predictor import Predictor
 
-    pred = Predictor.load(args.run, device=_device(args.device))
+    pred = _load(args)
     metrics = pred.evaluate(args.data, contribution=args.contribution)
     out = Path(args.out) if args.out else Path(args.run) / "evaluations" / f"{Path(args.data).stem}.json"
     if out.is_dir():  # checked before any work is done
@@ -143,11 +174,10 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from .io import atomic_write_with
-    from .serving.predictor import Predictor
 
     path = Path(args.out)
     write = _table_writer(path, {"--data file": [args.data]}, "predictions.csv")
-    out = Predictor.load(args.run, device=_device(args.device)).predict_table(args.data, batch_size=args.batch_size)
+    out = _load(args).predict_table(args.data, batch_size=args.batch_size)
     atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} predictions written to {path}")
     return 0
@@ -208,16 +238,33 @@ def _report(args) -> int:
 
 def _embed(args) -> int:
     from .io import atomic_write_with
-    from .serving.predictor import Predictor
 
     path = Path(args.out)
     write = _table_writer(path, {"--data file": [args.data]}, "embeddings.parquet")
-    pred = Predictor.load(args.run, device=_device(args.device))
+    pred = _load(args)
     if args.kind not in pred.embedding_kinds:
         raise ValueError(f"--kind {args.kind!r}; valid: {', '.join(pred.embedding_kinds)}")
     out = pred.embed(args.data, kind=args.kind, batch_size=args.batch_size)
     atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} embeddings ({args.kind}, {out.shape[1] - (1 if pred.spec.id_column else 0)} values each) written to {path}")
+    return 0
+
+
+def _export(args) -> int:
+    from .serving.export import export_onnx
+
+    export_onnx(args.run, args.out, args.data, args.quantize)
+    return 0
+
+
+def _serve(args) -> int:
+    from .serving.server import ServeSettings, serve
+
+    settings = ServeSettings(max_request_rows=args.max_request_rows, max_body_bytes=int(args.max_body_mb * 2 ** 20),
+                             allow_paths=args.allow_paths, batching=not args.no_batching,
+                             batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows)
+    print(f"serving {args.run} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
+    serve(args.run, args.host, args.port, args.workers, args.backend, str(_device(args.device)), settings)
     return 0
 
 

@@ -6,6 +6,8 @@ A joint encoder reads several modalities at once (CLIP: image and text); :data:`
 encoder's ``modality`` name to the modalities it reads."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import html
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -105,18 +107,63 @@ class ImageAugmentConfig(Section):
         return self.enabled
 
 
+@dataclass(frozen=True, eq=False)
+class Decoded:
+    """A file modality's value decoded already (an image sent to the server): used as it is, never read
+    from disk. ``name`` is what predictions show for it."""
+
+    value: Any
+    name: str = "<request>"
+
+
 class FileModality(Modality):
-    """A modality whose cells are file paths: the cache digests the file's bytes, predictions show the
-    absolute path."""
+    """A modality whose cells are file paths (or :class:`Decoded` values): the cache digests the file's
+    bytes, predictions show the absolute path. Subclasses implement ``check_file`` (the problem with a
+    file, or None), ``read_file`` (a path or a binary file object -> the decoded value) and
+    ``decoded_problem`` (the problem with a decoded value, or None)."""
 
     files = True
+
+    def check(self, value, base_dir):
+        return None if isinstance(value, Decoded) else self.check_file(resolve_path(value, base_dir))
+
+    def read(self, value, base_dir):
+        return value.value if isinstance(value, Decoded) else self.read_file(resolve_path(value, base_dir))
+
+    def decode(self, data: bytes, name: str = "<request>") -> Decoded:
+        """Bytes of a file (an upload) decoded as this modality; ValueError saying why they cannot be."""
+        import io
+
+        try:
+            value = self.read_file(io.BytesIO(data))
+        except Exception as exc:  # the decoders raise many types for bad bytes; each becomes the reason
+            if type(exc).__name__ == "MissingExtraError":
+                raise
+            raise ValueError(f"not a readable {self.name} file ({type(exc).__name__}: {exc})") from None
+        problem = self.decoded_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return Decoded(value, name)
+
+    def check_file(self, path: Path) -> Optional[str]:
+        raise NotImplementedError
+
+    def read_file(self, source) -> Any:
+        raise NotImplementedError
+
+    def decoded_problem(self, value: Any) -> Optional[str]:
+        return None
 
     def digest(self, value, base_dir):
         from .finetune.feature_cache import file_digest
 
+        if isinstance(value, Decoded):
+            return f"decoded:{id(value)}".encode()
         return file_digest(resolve_path(value, base_dir))
 
     def display(self, value, base_dir):
+        if isinstance(value, Decoded):
+            return value.name
         return None if is_blank(value) else str(resolve_path(value, base_dir).resolve())
 
 
@@ -127,10 +174,9 @@ class Image(FileModality):
     Augment = ImageAugmentConfig
     blank_reason = "missing image path"
 
-    def check(self, value, base_dir):
+    def check_file(self, path):
         from .data.images import load_image
 
-        path = resolve_path(value, base_dir)
         if not path.is_file():
             return f"image file {str(path)!r} does not exist"
         try:
@@ -139,10 +185,10 @@ class Image(FileModality):
             return f"image file {str(path)!r} is not a readable image ({type(exc).__name__}: {exc})"
         return None
 
-    def read(self, value, base_dir):
+    def read_file(self, source):
         from .data.images import load_image
 
-        return load_image(resolve_path(value, base_dir))
+        return load_image(source)
 
     def render_html(self, shown):
         from .evaluation.report import thumbnail
@@ -304,15 +350,20 @@ class Audio(FileModality):
     blank_reason = "missing audio path"
     needs = (("soundfile", "audio", "audio columns"), ("soxr", "audio", "audio columns"))
 
-    def check(self, value, base_dir):
+    def check_file(self, path):
         from .data.audio import audio_problem
 
-        return audio_problem(resolve_path(value, base_dir))
+        return audio_problem(path)
 
-    def read(self, value, base_dir):
+    def read_file(self, source):
         from .data.audio import load_audio
 
-        return load_audio(resolve_path(value, base_dir))
+        return load_audio(source)
+
+    def decoded_problem(self, value):
+        from .data.audio import clip_problem
+
+        return clip_problem(*value, "the recording")
 
     def value_augment(self, cfg, model, seed):
         """A random window of each long recording (as long as the longest any audio encoder takes)."""

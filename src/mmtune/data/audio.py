@@ -18,10 +18,10 @@ def _require(module: str):
     return require(module, "audio", "audio columns")
 
 
-def load_audio(path: Path) -> Tuple[np.ndarray, int]:
-    """The recording as float32 mono in [-1, 1] and its sample rate."""
+def load_audio(path) -> Tuple[np.ndarray, int]:
+    """The recording (a path, or a binary file object) as float32 mono in [-1, 1] and its sample rate."""
     sf = _require("soundfile")
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    data, sr = sf.read(str(path) if isinstance(path, (str, Path)) else path, dtype="float32", always_2d=True)
     return data.mean(axis=1).astype(np.float32), int(sr)
 
 
@@ -35,14 +35,19 @@ def audio_problem(path: Path) -> str | None:
         if type(exc).__name__ == "MissingExtraError":
             raise
         return f"audio file {str(path)!r} is not a readable recording ({type(exc).__name__}: {exc})"
+    return clip_problem(x, sr, f"audio file {str(path)!r}")
+
+
+def clip_problem(x: np.ndarray, sr: int, what: str) -> str | None:
+    """Why a decoded recording cannot be used (None when it can): empty, too long, not finite, silent."""
     if len(x) == 0:
-        return f"audio file {str(path)!r} is empty (0 samples)"
+        return f"{what} is empty (0 samples)"
     if len(x) / sr > MAX_FILE_SECONDS:
-        return f"audio file {str(path)!r} lasts {len(x) / sr:.0f} s, more than {MAX_FILE_SECONDS:.0f} s"
+        return f"{what} lasts {len(x) / sr:.0f} s, more than {MAX_FILE_SECONDS:.0f} s"
     if not np.isfinite(x).all():
-        return f"audio file {str(path)!r} holds samples that are not finite numbers"
+        return f"{what} holds samples that are not finite numbers"
     if float(np.abs(x).max()) == 0.0:
-        return f"audio file {str(path)!r} is silent (every sample is 0)"
+        return f"{what} is silent (every sample is 0)"
     return None
 
 

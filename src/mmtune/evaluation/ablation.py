@@ -4,9 +4,6 @@ from __future__ import annotations
 from typing import Any, Dict, Iterable, List, Mapping
 
 
-from ..inference import predict_proba_batches
-
-
 def masking_settings(modalities: List[str]) -> Dict[str, List[str]]:
     """Setting name -> modalities hidden. "without m" for each modality; "only m" too when there are
     more than two modalities (with two, "only image" is "without text")."""
@@ -25,15 +22,17 @@ def _masked(batches: Iterable[Dict[str, Any]], hidden: List[str]):
         yield {**b, "present": present}
 
 
-def modality_contribution(model, tasks, calibration: Mapping[str, Any], loader, labels: Mapping[str, Any],
+def modality_contribution(proba_of, tasks, calibration: Mapping[str, Any], loader, labels: Mapping[str, Any],
                           modalities: List[str]) -> Dict[str, Any]:
     """For each masking setting, per task: accuracy and macro F1 (single-label) or micro / macro F1
-    (multi-label), with the tasks' calibration (``{task: Calibration}``) applied. Also the drop from "all"."""
+    (multi-label), with the tasks' calibration (``{task: Calibration}``) applied. Also the drop from "all".
+    ``proba_of(batches) -> {task: probabilities}`` runs the model (a Predictor's runner, or the trained model
+    on its training device)."""
     from .metrics import task_metrics
 
     out: Dict[str, Any] = {}
     for name, hidden in masking_settings(modalities).items():
-        proba = predict_proba_batches(model, tasks, _masked(loader, hidden))
+        proba = proba_of(_masked(loader, hidden))
         row = {}
         for t in tasks:
             cal = calibration[t.name]

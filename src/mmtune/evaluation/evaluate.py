@@ -37,15 +37,19 @@ def fit_calibration(task, y_val, p_val, eval_cfg) -> Tuple[Calibration, Dict[str
 
 
 def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFrame], eval_cfg, modalities,
-             id_column: Optional[str] = None, shown: Optional[Dict[str, Dict[str, list]]] = None):
+             id_column: Optional[str] = None, shown: Optional[Dict[str, Dict[str, list]]] = None, device="cpu"):
     """Fit each task's calibration on validation and compute metrics; nothing is changed in place.
 
     Returns ``(calibration, metrics, predictions)``: ``calibration[task]`` (a :class:`Calibration`),
     ``metrics["val"|"test"][task]`` (on calibrated probabilities, with the tuned thresholds),
     ``metrics["calibration"][task]`` (temperature, ECE before and after), ``metrics["modality_contribution"]``;
     ``predictions[split]`` is a table of each row's true labels and raw (uncalibrated) probabilities, plus
-    the id and each modality's value as ``shown[split][modality]`` gives it, for the report."""
-    raw = {s: predict_proba_batches(model, tasks, loaders[s]) for s in ("val", "test") if s in loaders}
+    the id and each modality's value as ``shown[split][modality]`` gives it, for the report. Everything runs
+    on ``device`` (the model's)."""
+    def proba_of(batches):
+        return predict_proba_batches(model, tasks, batches, device)
+
+    raw = {s: proba_of(loaders[s]) for s in ("val", "test") if s in loaders}
     labels = {s: {t.name: _labels(loaders[s].dataset, t.name) for t in tasks} for s in raw}
     calibration: Dict[str, Calibration] = {}
     report: Dict[str, Any] = {}
@@ -68,7 +72,7 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
     target = "test" if "test" in raw else "val"
     if eval_cfg.modality_contribution and len(modalities) > 1:
         metrics["modality_contribution"] = {"split": target, **modality_contribution(
-            model, tasks, calibration, loaders[target], labels[target], list(modalities))}
+            proba_of, tasks, calibration, loaders[target], labels[target], list(modalities))}
     predictions = {s: prediction_table(tasks, labels[s], raw[s], frames[s], id_column, (shown or {}).get(s))
                    for s in raw}
     return calibration, metrics, predictions

@@ -1,6 +1,8 @@
 """Load a run bundle and predict, with no network and without the original checkpoints."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -15,8 +17,8 @@ from ..data.dataset import MultimodalDataset
 from ..data.manifest import BadRowsError, TableSource, read_table, spec_from_config, validate_rows
 from ..evaluation.calibration import Calibration
 from ..evaluation.metrics import task_metrics
-from ..inference import predict_proba_batches
 from ..tasks import Task
+from .runners import BACKENDS, ONNX_FILES, OnnxRunner, TorchRunner
 
 
 PREDICT_ADVICE = ("Prediction never skips rows: fix these rows (or remove them from the input) and run it "
@@ -33,17 +35,26 @@ class Predictor:
     """
 
     def __init__(self, model, config: Config, tasks: List[Task], calibration: Optional[Dict[str, Calibration]] = None,
-                 run_dir: Optional[Path] = None, device: Union[str, torch.device] = "cpu"):
-        self.model = model.eval()
+                 run_dir: Optional[Path] = None, device: Union[str, torch.device] = "cpu", runner=None,
+                 workers: Optional[int] = None):
         self.config = config
         self.tasks = list(tasks)
         self.calibration = {t.name: (calibration or {}).get(t.name) or Calibration() for t in self.tasks}
         self.run_dir = run_dir
         self.device = torch.device(device)
-        self.model.to(self.device)
+        self.runner = runner or TorchRunner(model, self.device)
+        self.model = model if isinstance(self.runner, TorchRunner) else None
+        """The PyTorch model (None on an ONNX backend)."""
         self.modalities = config.modalities
         self.spec = spec_from_config(config.data, self.modalities, self.tasks)
         self.collator = Collator({n: e.processor for n, e in model.encoders.items()}, self.modalities)
+        self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+        self._pool = None
+
+    @property
+    def backend(self) -> str:
+        """``torch``, ``onnx`` or ``onnx-int8``."""
+        return self.runner.name
 
     @property
     def class_names(self) -> List[Any]:
@@ -51,14 +62,42 @@ class Predictor:
         return self.tasks[0].classes
 
     @classmethod
-    def load(cls, run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "Predictor":
+    def load(cls, run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu", backend: Optional[str] = None,
+             workers: Optional[int] = None) -> "Predictor":
         """Rebuild the model from ``run_dir`` (:func:`~mmtune.bundle.read_bundle`: architecture configs,
-        processors, safetensors weights). Raises FileNotFoundError when the folder is not a complete bundle."""
+        processors, safetensors weights). ``backend``: ``torch`` (default for a run bundle), ``onnx`` or
+        ``onnx-int8`` (an export bundle written by :func:`~mmtune.serving.export.export_onnx`, or a run bundle
+        holding one in ``export/``; the default for an export bundle). Raises FileNotFoundError when the
+        folder is not a complete bundle (or has no export of that kind)."""
         from ..logs import quiet_libraries
+        from .export import EXPORT_MARKER
 
         quiet_libraries()
-        b = read_bundle(run_dir)
-        return cls(b.model, b.config, b.tasks, b.calibration, b.run_dir, device)
+        run_dir = Path(run_dir)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        exported = (run_dir / EXPORT_MARKER).is_file()
+        if backend is None:
+            backend = "onnx" if exported else "torch"
+        if backend == "torch":
+            if exported:
+                raise ValueError(f"{str(run_dir)!r} is an ONNX export bundle (it has no PyTorch weights): load it with "
+                                 "backend 'onnx' or 'onnx-int8'")
+            b = read_bundle(run_dir)
+            return cls(b.model, b.config, b.tasks, b.calibration, b.run_dir, device, workers=workers)
+        folder = run_dir if exported else run_dir / "export"
+        if not (folder / EXPORT_MARKER).is_file():
+            raise FileNotFoundError(f"{str(run_dir)!r} has no ONNX export ({EXPORT_MARKER} missing): run "
+                                    f"`mmtune export --run {run_dir}` first")
+        meta = json.loads((folder / EXPORT_MARKER).read_text())
+        if backend not in meta.get("onnx_files", {}):
+            raise FileNotFoundError(f"the export in {str(folder)!r} has no {backend} model (it has "
+                                    f"{', '.join(meta.get('onnx_files', {})) or 'none'}); export again with --quantize int8")
+        b = read_bundle(folder, model=False, complete=False)
+        skeleton = _skeleton(b.config, b.tasks, folder)
+        runner = OnnxRunner(folder / ONNX_FILES[backend], meta["output_modality"], torch.device(device))
+        runner.name = backend
+        return cls(skeleton, b.config, b.tasks, b.calibration, folder, device, runner=runner, workers=workers)
 
     # ---- inputs ---------------------------------------------------------------------------
     def _dataset(self, data: TableSource, with_labels: bool) -> MultimodalDataset:
@@ -68,12 +107,51 @@ class Predictor:
             raise BadRowsError(bad, advice=PREDICT_ADVICE)
         return MultimodalDataset(df, self.spec, base_dir, with_labels, self.modalities)
 
-    def _batches(self, ds: MultimodalDataset, batch_size: Optional[int]):
-        bs = batch_size or self.config.trainer.eval_batch_size or 2 * self.config.trainer.batch_size
-        return (self.collator([ds[i] for i in range(s, min(s + bs, len(ds)))]) for s in range(0, len(ds), bs))
+    def _order(self, ds: MultimodalDataset) -> np.ndarray:
+        """Rows sorted by the length of their texts (longest first), so that a batch pads to similar lengths."""
+        from ..modalities import kind
 
-    def _proba(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True) -> Dict[str, np.ndarray]:
-        proba = predict_proba_batches(self.model, self.tasks, self._batches(ds, batch_size), self.device)
+        text = [c for m, c in ds.columns if kind(m) == "text" and isinstance(c, str)]
+        if not text or len(ds) < 2:
+            return np.arange(len(ds))
+        lengths = sum(ds.df[c].fillna("").astype(str).str.len().to_numpy() for c in text)
+        return np.argsort(-lengths, kind="stable")
+
+    def _batches(self, ds: MultimodalDataset, batch_size: Optional[int], order: Optional[np.ndarray] = None):
+        """Collated batches over ``order`` (default: input order). Rows are decoded (images read and
+        resized, audio resampled) and each batch is processed on worker threads, one batch ahead."""
+        bs = batch_size or self.config.trainer.eval_batch_size or 2 * self.config.trainer.batch_size
+        idx = np.arange(len(ds)) if order is None else order
+        chunks = [idx[s:s + bs] for s in range(0, len(ds), bs)]
+        if self.workers <= 1 or len(ds) <= 1:
+            return (self.collator([ds[int(i)] for i in c]) for c in chunks)
+        return self._threaded(ds, chunks)
+
+    def _threaded(self, ds, chunks):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:  # row decoding, and one batch collated ahead of the one being run
+            self._pool = (ThreadPoolExecutor(self.workers, thread_name_prefix="mmtune-decode"),
+                          ThreadPoolExecutor(1, thread_name_prefix="mmtune-collate"))
+        rows, ahead = self._pool
+
+        def collate(c):
+            return self.collator(list(rows.map(ds.__getitem__, [int(i) for i in c])))
+
+        pending = ahead.submit(collate, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            batch = pending.result()
+            if k + 1 < len(chunks):
+                pending = ahead.submit(collate, chunks[k + 1])
+            yield batch
+
+    def _proba(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True,
+               runner=None) -> Dict[str, np.ndarray]:
+        order = self._order(ds)
+        proba = (runner or self.runner).proba(self.tasks, self._batches(ds, batch_size, order))
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        proba = {k: v[inverse] for k, v in proba.items()}
         if calibrated:
             proba = {t.name: self.calibration[t.name].probabilities(t, proba[t.name]) for t in self.tasks}
         return proba
@@ -139,31 +217,23 @@ class Predictor:
     @property
     def embedding_kinds(self) -> List[str]:
         """What :meth:`embed` can return: ``fused`` and each encoder output (encoder name, or ``name.field``)."""
-        return ["fused", *sorted(self.model.output_modality)]
+        return ["fused", *sorted(self.runner.output_modality)]
 
     def embed(self, data: TableSource, kind: str = "fused", batch_size: Optional[int] = None) -> pd.DataFrame:
         """One vector per row: ``fused`` — the representation the heads read — or an encoder's pooled output
         (``kind`` = its name; ``name.field`` for a joint or shared encoder). Columns ``e0 … e{d-1}`` after the
         id column (when configured), rows in input order; an encoder's vector of a row that lacks its modality
         is NaN (the blank input's output means nothing)."""
-        from ..inference import move
-
         if kind not in self.embedding_kinds:
             raise ValueError(f"unknown embedding kind {kind!r}; valid: {', '.join(self.embedding_kinds)}")
         ds = self._dataset(data, with_labels=False)
         chunks = []
-        with torch.inference_mode():
-            for batch in self._batches(ds, batch_size):
-                batch = move(batch, self.device)
-                outputs = self.model.encode(batch["inputs"])
-                if kind == "fused":
-                    feats = self.model.fuse(outputs, batch["present"]).float()
-                else:
-                    feats = outputs[kind].pooled.float().clone()
-                    present = batch["present"].get(self.model.output_modality[kind])
-                    if present is not None:
-                        feats[~present] = float("nan")
-                chunks.append(feats.cpu().numpy())
+        for batch in self._batches(ds, batch_size):
+            feats = np.array(self.runner.vectors(batch, kind), dtype=np.float32)
+            present = batch["present"].get(self.runner.output_modality.get(kind, ""))
+            if kind != "fused" and present is not None:
+                feats[~present.numpy()] = np.nan
+            chunks.append(feats)
         arr = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
         out = pd.DataFrame(arr, columns=[f"e{i}" for i in range(arr.shape[1])], index=self._index(data, len(ds)))
         if self.spec.id_column:
@@ -183,9 +253,19 @@ class Predictor:
             from ..evaluation.ablation import modality_contribution
 
             out["modality_contribution"] = modality_contribution(
-                self.model, self.tasks, self.calibration, list(self._batches(ds, batch_size)), ds.labels,
+                lambda batches: self.runner.proba(self.tasks, batches), self.tasks, self.calibration, list(self._batches(ds, batch_size)), ds.labels,
                 list(self.modalities))
         return out
+
+
+def _skeleton(config, tasks, folder: Path):
+    """The model's architecture from an export bundle's encoder folders, with no weights loaded: what an ONNX
+    backend needs of it is the processors and the names of the encoder outputs."""
+    from ..models import build_model
+
+    allow_missing = bool(config.data.allow_missing) or config.model.modality_dropout > 0
+    with torch.device("meta"):
+        return build_model(config.model, {t.name: t.outputs for t in tasks}, bundle_dir=folder, allow_missing=allow_missing)
 
 
 def calibrate(task: Task, proba: np.ndarray, calibration: Optional[Calibration] = None) -> np.ndarray:

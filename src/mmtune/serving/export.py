@@ -1,0 +1,281 @@
+"""Export a run bundle as ONNX (the whole model: encoders, fusion, heads) and, optionally, int8.
+
+The export bundle is a folder the Predictor loads with ``backend="onnx"``: ``model.onnx`` (and
+``model.int8.onnx``), the run's config, labels, calibration and encoder folders (processors and
+architecture configs, no weights), and ``export.json`` — written last — with the graph's inputs and
+outputs, the parity measured at export time on real rows and, for int8, the change in the main metric.
+Adapters were merged into the weights when the run finished, so a LoRA run exports like any other."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..inference import probabilities
+from .runners import ONNX_FILES, OnnxRunner, input_layout
+
+EXPORT_MARKER = "export.json"
+EXPORT_FORMAT = 1
+COPIED = ("config.yaml", "labels.json", "calibration.json", "metrics.json", "encoders")
+"""Files of the run bundle an export bundle carries (everything but the weights and the training logs)."""
+SEQUENCE_TENSORS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "input_values"}
+"""Input tensors whose second axis is a length that varies from batch to batch."""
+PARITY_TOLERANCE = 1e-4
+QUANTIZED_OPS = ["MatMul", "Attention"]
+"""What int8 dynamic quantization rewrites: the transformer encoders' (and heads') matrix products. Convolutions
+stay float: onnxruntime's dynamic ConvInteger is slower than its float convolution on CPU."""
+
+
+class ExportError(ValueError):
+    """The model could not be exported, or its export does not compute what the model computes."""
+
+
+class ExportGraph(nn.Module):
+    """The model as a function of flat tensors: ``(<encoder>/<tensor> ..., present/<field> ...) ->
+    (proba/<task> ..., fused, pooled/<key> ...)``."""
+
+    def __init__(self, model, tasks, layout: List[Tuple[str, str]], fields: List[str]):
+        super().__init__()
+        self.model, self.tasks, self.layout, self.fields = model, list(tasks), list(layout), list(fields)
+        self.keys = sorted(model.output_modality)
+
+    def input_names(self) -> List[str]:
+        return [f"{e}/{k}" for e, k in self.layout] + [f"present/{m}" for m in self.fields]
+
+    def output_names(self) -> List[str]:
+        return [f"proba/{t.name}" for t in self.tasks] + ["fused"] + [f"pooled/{k}" for k in self.keys]
+
+    def forward(self, *tensors):
+        n = len(self.layout)
+        inputs: Dict[str, Dict[str, torch.Tensor]] = {}
+        for (enc, key), t in zip(self.layout, tensors[:n]):
+            inputs.setdefault(enc, {})[key] = t
+        outputs = self.model.encode(inputs)
+        fused = self.model.fuse(outputs, dict(zip(self.fields, tensors[n:])))
+        probs = [probabilities(t, self.model.heads[t.name](fused)) for t in self.tasks]
+        return (*probs, fused, *[outputs[k].pooled for k in self.keys])
+
+
+@dataclass
+class ExportReport:
+    folder: Path
+    exporter: str
+    rows_checked: int
+    max_abs_prob_diff: float
+    seconds: float
+    int8: Optional[Dict[str, Any]] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"exporter": self.exporter, "rows_checked": self.rows_checked,
+                "max_abs_prob_diff": self.max_abs_prob_diff, "seconds": round(self.seconds, 2),
+                "int8": self.int8, "metrics": self.metrics}
+
+
+def _sample_batch(predictor, ds):
+    """A collated batch whose size differs from every other axis of its tensors (so that the exporter cannot
+    mistake the batch axis for another one of the same length)."""
+    for size in (7, 11, 13, 17, 19, 23):
+        rows = [ds[i % len(ds)] for i in range(size)]
+        batch = predictor.collator(rows)
+        others = {d for e, k in input_layout(batch) for d in batch["inputs"][e][k].shape[1:]}
+        if size not in others:
+            return batch
+    raise ExportError("could not build a sample batch whose size differs from the model's input lengths")
+
+
+def _export_graph(graph: ExportGraph, batch, path: Path) -> str:
+    """Write ``graph`` to ``path`` with a dynamic batch axis and dynamic sequence axes; returns the exporter used
+    (torch.export, or the TorchScript-based exporter when torch.export cannot trace the model)."""
+    import warnings
+
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notes about optional torchvision ops
+    args = tuple(batch["inputs"][e][k] for e, k in graph.layout) + tuple(batch["present"][m] for m in graph.fields)
+    names = graph.input_names()
+    seq = [k.split("::")[-1] in SEQUENCE_TENSORS and t.dim() > 1 for (e, k), t in zip(graph.layout, args)]
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from ..extras import require
+
+            require("onnxscript", "onnx", "ONNX export")
+            b = torch.export.Dim("batch", min=1, max=65536)
+            shapes = tuple({0: b, 1: torch.export.Dim.AUTO} if s else {0: b} for s in seq) + tuple({0: b} for _ in graph.fields)
+            torch.onnx.export(graph, args, str(path), input_names=names, output_names=graph.output_names(),
+                              dynamic_shapes=(shapes,), dynamo=True, optimize=True, verbose=False)
+            return "torch.export"
+        except Exception as exc:  # any tracing failure: try the other exporter before giving up
+            errors.append(f"torch.export: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        try:
+            axes = {n: ({0: "batch", 1: f"length_{i}"} if i < len(seq) and seq[i] else {0: "batch"})
+                    for i, n in enumerate(names)}
+            torch.onnx.export(graph, args, str(path), input_names=names, output_names=graph.output_names(),
+                              dynamic_axes=axes, dynamo=False, opset_version=17)
+            return "torchscript"
+        except Exception as exc:
+            errors.append(f"torchscript: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+    raise ExportError("the model could not be exported to ONNX (" + "; ".join(errors) + ")")
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from ..extras import require
+
+    require("onnxruntime", "onnx", "int8 quantization")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import logging
+
+    class _NoAdvice(logging.Filter):  # the quantizer's advice to pre-process, logged on the root logger
+        def filter(self, record):
+            return "pre-processing before quantization" not in record.getMessage()
+
+    root = logging.getLogger()
+    quiet = _NoAdvice()
+    root.addFilter(quiet)
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS)
+    finally:
+        root.removeFilter(quiet)
+
+
+def main_metric(task) -> str:
+    return "r2" if task.regression else "f1_micro" if task.multilabel else "accuracy"
+
+
+def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None, log=print) -> ExportReport:
+    """Export the bundle in ``run_dir`` to ``out_dir`` (default ``<run_dir>/export``), replacing it only once the
+    new export is complete and checked. ``data`` (a manifest or DataFrame; default: the run's validation split,
+    rebuilt from its config) are the real rows parity is measured on: the ONNX probabilities must match the
+    PyTorch model's within 1e-4, or ExportError is raised and nothing is written. ``quantize="int8"`` also
+    writes ``model.int8.onnx`` and measures its change in each task's main metric (labelled rows)."""
+    from ..extras import require
+    from ..io import atomic_write_dir
+    from .predictor import Predictor
+
+    require("onnxruntime", "onnx", "ONNX export")
+    require("onnx", "onnx", "ONNX export")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; valid: int8")
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    started = time.perf_counter()
+    pred = Predictor.load(run_dir)
+    rows, labelled = _rows(pred, data)
+    ds = pred._dataset(rows, with_labels=labelled)
+    batch = _sample_batch(pred, ds)
+    graph = ExportGraph(pred.model, pred.tasks, input_layout(batch), sorted(batch["present"])).eval()
+    report: Dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        for name in COPIED:
+            src = run_dir / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name)
+            elif src.is_file():
+                shutil.copy2(src, tmp / name)
+        with torch.no_grad():
+            report["exporter"] = _export_graph(graph, batch, tmp / ONNX_FILES["onnx"])
+        fp32 = OnnxRunner(tmp / ONNX_FILES["onnx"], pred.model.output_modality, torch.device("cpu"))
+        ref = pred._proba(ds, None, calibrated=False)
+        got = pred._proba(ds, None, calibrated=False, runner=fp32)
+        diff = max(float(np.abs(ref[t] - got[t]).max()) if len(ref[t]) else 0.0 for t in ref)
+        report["diff"] = diff
+        if not diff <= PARITY_TOLERANCE:
+            raise ExportError(f"the ONNX model's probabilities differ from the PyTorch model's by up to {diff:.2e} on "
+                              f"{len(ds)} rows (tolerance {PARITY_TOLERANCE:g}); not written")
+        if labelled:
+            report["metrics"] = {"torch": _main_metrics(pred, ds, ref)}
+        if quantize == "int8":
+            _quantize(tmp / ONNX_FILES["onnx"], tmp / ONNX_FILES["onnx-int8"])
+            int8 = OnnxRunner(tmp / ONNX_FILES["onnx-int8"], pred.model.output_modality, torch.device("cpu"))
+            q = pred._proba(ds, None, calibrated=False, runner=int8)
+            entry: Dict[str, Any] = {"max_abs_prob_diff": max(float(np.abs(ref[t] - q[t]).max()) if len(ref[t]) else 0.0 for t in ref),
+                                     "size_bytes": (tmp / ONNX_FILES["onnx-int8"]).stat().st_size}
+            if labelled:
+                m8 = _main_metrics(pred, ds, q)
+                report["metrics"]["int8"] = m8
+                entry["metric_change"] = {t: {k: m8[t][k] - report["metrics"]["torch"][t][k] for k in m8[t]} for t in m8}
+            report["int8"] = entry
+        rep = ExportReport(out_dir, report["exporter"], len(ds), diff, time.perf_counter() - started,
+                           report.get("int8"), report.get("metrics", {}))
+        meta = {
+            "format": EXPORT_FORMAT,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source_run": str(run_dir.resolve()),
+            "inputs": graph.input_names(),
+            "outputs": graph.output_names(),
+            "output_modality": dict(pred.model.output_modality),
+            "onnx_files": {k: v for k, v in ONNX_FILES.items() if (tmp / v).is_file()},
+            "check": rep.to_json(),
+        }
+        (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
+        report["rep"] = rep
+
+    atomic_write_dir(out_dir, write)
+    rep = report["rep"]
+    log(f"exported {run_dir} -> {out_dir} ({rep.exporter}); parity on {rep.rows_checked} rows: "
+        f"max |Δ prob| {rep.max_abs_prob_diff:.1e}")
+    if rep.int8 is not None:
+        change = rep.int8.get("metric_change")
+        said = "; ".join(f"{t} {k} {v:+.4f}" for t, m in change.items() for k, v in m.items()) if change else "no labels"
+        log(f"int8: max |Δ prob| {rep.int8['max_abs_prob_diff']:.3f}; change in the main metric: {said}")
+    return rep
+
+
+def _main_metrics(pred, ds, proba) -> Dict[str, Dict[str, float]]:
+    from ..evaluation.metrics import task_metrics
+
+    out = {}
+    for t in pred.tasks:
+        m = task_metrics(t, ds.labels[t.name], pred.calibration[t.name].probabilities(t, proba[t.name]),
+                         calibration=pred.calibration[t.name])
+        out[t.name] = {main_metric(t): float(m[main_metric(t)])}
+    return out
+
+
+def _rows(pred, data):
+    """The rows to check the export on, and whether they carry labels."""
+    from ..data.manifest import read_table
+
+    if data is None:
+        from ..data.datamodule import prepare_data
+
+        cfg = pred.config
+        try:
+            prepared = prepare_data(cfg.data, cfg.modalities)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ValueError(f"no rows to check the export on: pass --data (the run's own data cannot be read: {exc})") from None
+        df, base = prepared.frames["val"], prepared.base_dirs["val"]
+        df = df.copy()
+        _absolute_paths(df, cfg, base)
+        return df, True
+    df, base = read_table(data)
+    df = df.copy()
+    _absolute_paths(df, pred.config, base)
+    labelled = all(t.column in df.columns for t in pred.tasks)
+    return df, labelled
+
+
+def _absolute_paths(df, cfg, base) -> None:
+    """File columns made absolute, so that the rows read the same from anywhere."""
+    from ..modalities import modality_of, resolve_path
+
+    if base is None:
+        return
+    for m in cfg.modalities:
+        if modality_of(m).files:
+            col = cfg.data.column(m)
+            if col in df.columns:
+                df[col] = [v if v is None or (isinstance(v, float) and np.isnan(v)) else str(resolve_path(v, base))
+                           for v in df[col]]

@@ -1,0 +1,253 @@
+"""Shipping a bundle: ONNX export (fp32 parity, int8), the ONNX backend behind the same Predictor API, and
+the HTTP server with every bad request it must turn away."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mmtune
+from mmtune.cli import main as cli
+from conftest import base_config
+
+pytest.importorskip("onnxruntime")
+
+
+def _rows(colour_verdict, split="test", n=None):
+    df = pd.read_csv(colour_verdict[split])
+    df["image"] = [str(Path(colour_verdict[split]).parent / p) for p in df["image"]]
+    return df if n is None else df.head(n)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
+    """A tiny image+text run with cross-attention fusion trained with LoRA (adapters merged into the bundle),
+    and its ONNX export (fp32 and int8), checked on the test rows."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp, enc, model={"fusion": {"type": "cross_attention", "width": 32, "heads": 2, "hidden_dims": [32]}},
+                      finetune={"type": "lora", "r": 4}, trainer={"max_epochs": 3})
+    cfg["data"].update(train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
+    res = mmtune.fit(cfg)
+    from mmtune.serving.export import export_onnx
+
+    report = export_onnx(res.run_dir, data=str(colour_verdict["test"]), quantize="int8",
+                                               log=lambda *_: None)
+    return res, report
+
+
+def test_onnx_export_computes_what_the_model_computes(exported, colour_verdict):
+    res, report = exported
+    rows = _rows(colour_verdict)
+    torch_pred = mmtune.load(res.run_dir)
+    onnx_pred = mmtune.load(res.run_dir, backend="onnx")
+    assert onnx_pred.backend == "onnx" and onnx_pred.model is None
+    assert report.max_abs_prob_diff <= 1e-4 and report.rows_checked == len(rows)
+    ref = torch_pred.predict_proba(rows).drop(columns="id").to_numpy()
+    for bs in (1, 5, None):  # dynamic batch axis; texts of different lengths: dynamic sequence axis
+        got = onnx_pred.predict_proba(rows, batch_size=bs).drop(columns="id").to_numpy()
+        assert np.abs(got - ref).max() <= 1e-4
+    assert list(onnx_pred.predict(rows)) == list(torch_pred.predict(rows))
+    for kind in torch_pred.embedding_kinds:
+        a = torch_pred.embed(rows.head(9), kind).drop(columns="id").to_numpy()
+        b = onnx_pred.embed(rows.head(9), kind).drop(columns="id").to_numpy()
+        assert np.abs(a - b).max() <= 1e-4, kind
+    m_t, m_o = torch_pred.evaluate(rows, contribution=True), onnx_pred.evaluate(rows, contribution=True)
+    assert m_o["label"]["accuracy"] == m_t["label"]["accuracy"]
+    assert m_o["modality_contribution"]["without image"]["metrics"] == m_t["modality_contribution"]["without image"]["metrics"]
+    meta = json.loads((res.run_dir / "export" / "export.json").read_text())
+    assert meta["inputs"] == ["image/pixel_values", "text/attention_mask", "text/input_ids", "text/token_type_ids",
+                              "present/image", "present/text"]
+    assert meta["outputs"] == ["proba/label", "fused", "pooled/image", "pooled/text"]
+    assert not (res.run_dir / "export" / "model.safetensors").exists()  # the weights live in the graph only
+
+
+def test_int8_export_reports_its_accuracy_change(exported, colour_verdict):
+    res, report = exported
+    rows = _rows(colour_verdict)
+    int8 = mmtune.load(res.run_dir / "export", backend="onnx-int8")
+    fp32 = mmtune.load(res.run_dir / "export")
+    acc = {name: p.evaluate(rows)["label"]["accuracy"] for name, p in (("int8", int8), ("fp32", fp32))}
+    assert report.int8["metric_change"]["label"]["accuracy"] == pytest.approx(acc["int8"] - acc["fp32"], abs=1e-12)
+    raw = {n: p.predict_proba(rows, calibrated=False).drop(columns="id").to_numpy() for n, p in (("int8", int8), ("fp32", fp32))}
+    diff = np.abs(raw["int8"] - raw["fp32"]).max()
+    assert 0 < diff == pytest.approx(report.int8["max_abs_prob_diff"], abs=1e-4)  # quantized: close, not equal
+    assert diff < 0.1
+    export = res.run_dir / "export"
+    assert (export / "model.int8.onnx").stat().st_size < sum(f.stat().st_size for f in export.glob("model.onnx*"))
+
+
+def test_export_cli_backends_and_refusals(exported, colour_verdict, tmp_path, capsys, monkeypatch):
+    res, _ = exported
+    rows = _rows(colour_verdict, n=10)
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    out = tmp_path / "exp"
+    # the default rows: the run's own validation split, rebuilt from its config
+    assert cli(["export", "--run", str(res.run_dir), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"parity on {res.metrics['val']['label']['n']} rows" in said and "int8" not in said
+    assert cli(["predict", "--run", str(out), "--data", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    ref = mmtune.load(res.run_dir).predict_table(rows)
+    got = pd.read_csv(tmp_path / "p.csv")
+    assert list(got["prediction"]) == list(ref["prediction"])
+    assert cli(["predict", "--run", str(out), "--backend", "torch", "--data", str(tmp_path / "rows.csv"),
+                "--out", str(tmp_path / "p.csv")]) == 2
+    assert "is an ONNX export bundle (it has no PyTorch weights)" in capsys.readouterr().err
+    assert cli(["predict", "--run", str(out), "--backend", "onnx-int8", "--data", str(tmp_path / "rows.csv"),
+                "--out", str(tmp_path / "p.csv")]) == 2
+    assert "has no onnx-int8 model" in capsys.readouterr().err
+    before = (out / "export.json").read_text()
+    from mmtune.serving import export as ex
+
+    monkeypatch.setattr(ex, "PARITY_TOLERANCE", -1.0)  # any difference at all is now too much
+    assert cli(["export", "--run", str(res.run_dir), "--out", str(out), "--data", str(tmp_path / "rows.csv")]) == 2
+    assert "differ from the PyTorch model's" in capsys.readouterr().err
+    assert (out / "export.json").read_text() == before  # the previous export is untouched
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".exp")]  # no half-written folder left
+    other = tmp_path / "copy"
+    shutil.copytree(res.run_dir, other, ignore=shutil.ignore_patterns("export"))
+    with pytest.raises(FileNotFoundError, match="has no ONNX export"):
+        mmtune.load(other, backend="onnx")
+
+
+# ---- the server ------------------------------------------------------------------------------------
+
+
+def _b64(path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _png(size, mode="RGB") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(exported):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mmtune.serving.server import ServeSettings, create_app
+
+    res, _ = exported
+    settings = ServeSettings(max_request_rows=8, max_body_bytes=200_000, max_text_chars=200, max_pixels=100_000,
+                             batch_window_ms=50.0)
+    pred = mmtune.load(res.run_dir, backend="onnx")
+    calls = []
+    real = pred._proba
+    pred._proba = lambda ds, *a, **k: (calls.append(len(ds)), real(ds, *a, **k))[1]
+    with TestClient(create_app(pred, settings)) as c:
+        c.calls = calls
+        yield c
+
+
+def test_server_predicts_what_the_predictor_predicts(client, exported, colour_verdict):
+    res, _ = exported
+    rows = _rows(colour_verdict, n=6)
+    ref = mmtune.load(res.run_dir).predict_proba(rows)
+    assert client.get("/health").json() == {"status": "ok"}
+    meta = client.get("/metadata").json()
+    assert meta["tasks"][0]["classes"] == [str(c) for c in mmtune.load(res.run_dir).class_names]
+    assert meta["columns"]["files"] == ["image"] and meta["columns"]["text"] == ["text"]
+    assert "/predict/batch" in client.get("/openapi.json").json()["paths"]
+    body = {"id": rows["id"][0], "image": _b64(rows["image"][0]), "text": rows["text"][0]}
+    one = client.post("/predict", json=body).json()
+    assert one["id"] == rows["id"][0]
+    probs = np.array([one["probabilities"][c] for c in ref.columns[1:]])
+    assert np.abs(probs - ref.iloc[0, 1:].to_numpy(dtype=float)).max() <= 1e-4
+    up = client.post("/predict", data={"text": rows["text"][0]},
+                     files={"image": ("a.png", Path(rows["image"][0]).read_bytes(), "image/png")}).json()
+    assert up["prediction"] == one["prediction"] and up["probabilities"] == pytest.approx(one["probabilities"], abs=1e-6)
+    batch = client.post("/predict/batch", json={"rows": [{"image": _b64(p), "text": t} for p, t in zip(rows["image"], rows["text"])]})
+    got = np.array([[r["probabilities"][c] for c in ref.columns[1:]] for r in batch.json()["predictions"]])
+    assert np.abs(got - ref.iloc[:, 1:].to_numpy(dtype=float)).max() <= 1e-4
+    emb = client.post("/embed", json={"rows": [{"image": _b64(rows["image"][0]), "text": rows["text"][0]}], "kind": "text"}).json()
+    want = mmtune.load(res.run_dir).embed(rows.head(1), kind="text").drop(columns="id").to_numpy()[0]
+    assert np.abs(np.array(emb["embeddings"][0]) - want).max() <= 1e-4
+
+
+def test_concurrent_requests_are_micro_batched(client, colour_verdict):
+    rows = _rows(colour_verdict, n=12)
+    bodies = [{"image": _b64(p), "text": t} for p, t in zip(rows["image"], rows["text"])]
+    alone = [client.post("/predict", json=b).json() for b in bodies]
+    client.calls.clear()
+    results = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def go(i):
+        start.wait()
+        results[i] = client.post("/predict", json=bodies[i]).json()
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(client.calls) == len(bodies) and len(client.calls) < len(bodies)  # fewer model calls than requests
+    for a, b in zip(alone, results):  # each request gets its own row's answer back
+        assert a["prediction"] == b["prediction"] and a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+
+
+@pytest.mark.parametrize("body, status, said", [
+    ({"image": "not base64!!", "text": "fine"}, 422, "row.image: not valid base64"),
+    ({"image": base64.b64encode(b"GIF89a-broken").decode(), "text": "fine"}, 422, "row.image: not a readable image"),
+    ({"image": base64.b64encode(_png((400, 400))).decode(), "text": "fine"}, 413, "row.image: image of 400×400 = 160000 pixels"),
+    ({"image": "IMAGE", "text": "x" * 201}, 413, "row.text: 201 characters, more than the limit of 200"),
+    ({"text": "no picture"}, 422, "missing image"),
+    ({"image": "IMAGE", "text": 5}, 422, "row.text: expected a string, got int"),
+    ({"image": "IMAGE", "text": "fine", "colour": "red"}, 422, "row: unknown column(s) 'colour'; this model reads image, text"),
+    ({"image": {"path": "/etc/passwd"}, "text": "fine"}, 422, "row.image: file paths are not accepted by this server"),
+    ([1, 2], 422, "row: expected a JSON object"),
+])
+def test_bad_requests_get_a_4xx_naming_the_field(client, colour_verdict, body, status, said):
+    image = _b64(_rows(colour_verdict, n=1)["image"][0])
+    if isinstance(body, dict):
+        body = {k: (image if v == "IMAGE" else v) for k, v in body.items()}
+    r = client.post("/predict", json=body)
+    assert r.status_code == status and said in r.json()["detail"], r.text
+
+
+def test_bad_bodies_and_batches(client, colour_verdict):
+    row = {"image": _b64(_rows(colour_verdict, n=1)["image"][0]), "text": "fine"}
+    r = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+    r = client.post("/predict/batch", json={"rows": [row] * 9})
+    assert r.status_code == 413 and "9 rows, more than the limit of 8" in r.json()["detail"]
+    r = client.post("/predict/batch", json={"rows": [row, {"image": "@@", "text": "x"}]})
+    assert r.status_code == 422 and "rows[1].image: not valid base64" in r.json()["detail"]
+    r = client.post("/predict", content=b"{" + b" " * 300_000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "more than the limit of 200000" in r.json()["detail"]
+    r = client.post("/predict", data={"text": "fine"}, files={"image": ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")})
+    assert r.status_code == 422 and "row.image: not a readable image" in r.json()["detail"]
+    r = client.post("/predict", data={"text": "fine"}, files={"image": ("a.png", b"", "image/png")})
+    assert r.status_code == 422 and "row.image: empty file" in r.json()["detail"]
+    r = client.post("/embed", json={"rows": [row], "kind": "audio"})
+    assert r.status_code == 422 and "'audio' is not an embedding of this model; valid: fused, image, text" in r.json()["detail"]
+    r = client.post("/predict/batch", json={"rows": []})
+    assert r.status_code == 422 and "no rows" in r.json()["detail"]
+
+
+def test_paths_only_when_allowed(exported, colour_verdict):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mmtune.serving.server import ServeSettings, create_app
+
+    res, _ = exported
+    rows = _rows(colour_verdict, n=1)
+    with TestClient(create_app(mmtune.load(res.run_dir), ServeSettings(allow_paths=True, batching=False))) as c:
+        r = c.post("/predict", json={"image": {"path": rows["image"][0]}, "text": rows["text"][0]})
+        ref = mmtune.load(res.run_dir).predict(rows)
+        assert r.status_code == 200 and r.json()["prediction"] == ref[0]
+        r = c.post("/predict", json={"image": {"path": "/no/such.png"}, "text": "x"})
+        assert r.status_code == 422 and "image file '/no/such.png' does not exist" in r.json()["detail"]
