@@ -69,6 +69,9 @@ class OnnxRunner:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = int(threads or torch.get_num_threads() or os.cpu_count() or 1)
+        # Idle compute threads sleep instead of spinning: the input path (decoding, tokenising) runs on the same
+        # cores between and beside model calls.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -1,0 +1,135 @@
+"""Prediction speed and accuracy of the demo bundle: eager PyTorch, ONNX fp32 and ONNX int8, same rows, one run.
+
+    .venv/bin/python bench/predict.py [--run runs/demo-fused] [--repeat 3] [--single 200]
+
+With no bundle at --run, the demo's fused model is trained first (--rows, --epochs; `mmtune demo` makes the
+same one). The bundle is exported (with int8) into a temporary folder, checked against the model on the test
+rows. Batch throughput: predict_proba over the test rows repeated --repeat times (median of 3 timings, input
+decoding included). Single row: --single calls of predict_proba on one row (p50 / p99). The input path alone
+(validation, decoding, tokenising, resizing: the same for every backend) is timed too. The last line printed
+is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def demo_bundle(folder: Path, rows: int, epochs: int) -> Path:
+    from mmtune.config import load_config
+    from mmtune.demo import demo_config_path, make_dataset
+    from mmtune.training.fit import fit
+
+    data = make_dataset(folder / "data", n=rows, seed=0)
+    cfg = load_config(demo_config_path(), [f"output_dir={folder}", f"data.train={data['train']}", f"data.test={data['test']}",
+                                           f"trainer.max_epochs={epochs}", "trainer.progress_bar=false",
+                                           "evaluation.linear_probe=false"])
+    return fit(cfg).run_dir
+
+
+def test_rows(run: Path) -> pd.DataFrame:
+    from mmtune.bundle import read_bundle
+    from mmtune.data.manifest import read_table
+    from mmtune.serving.export import _absolute_paths
+
+    cfg = read_bundle(run, model=False).config
+    source = cfg.data.test or cfg.data.val
+    if source is None:
+        sys.exit(f"{run}: its config names no test manifest; pass a bundle trained with data.test")
+    df, base = read_table(source)
+    _absolute_paths(df, cfg, base)
+    return df
+
+
+def timed(fn, times: int = 3) -> float:
+    out = []
+    for _ in range(times):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/demo-fused")
+    ap.add_argument("--rows", type=int, default=800, help="demo rows, when the bundle has to be trained first")
+    ap.add_argument("--epochs", type=int, default=15, help="demo epochs, when the bundle has to be trained first")
+    ap.add_argument("--repeat", type=int, default=3, help="the test rows repeated this many times for throughput")
+    ap.add_argument("--single", type=int, default=200, help="single-row calls")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+
+    import torch
+
+    import mmtune
+    from mmtune.logs import quiet_libraries
+    from mmtune.serving.export import export_onnx
+
+    quiet_libraries()
+    tmp = Path(tempfile.mkdtemp(prefix="mmtune-bench-predict-"))
+    run = Path(args.run)
+    if not (run / "bundle.json").is_file():
+        print(f"no bundle at {run}: training the demo model ({args.rows} rows, {args.epochs} epochs)", flush=True)
+        run = demo_bundle(tmp, args.rows, args.epochs)
+    rows = test_rows(run)
+    many = pd.concat([rows] * args.repeat, ignore_index=True)
+    export = tmp / "export"
+    report = export_onnx(run, export, data=rows, quantize="int8")
+    print(f"cpu threads: {torch.get_num_threads()}; rows: {len(rows)} test rows x {args.repeat}", flush=True)
+
+    results, proba = {}, {}
+    for name, path, backend in (("torch", run, "torch"), ("onnx", export, "onnx"), ("int8", export, "onnx-int8")):
+        pred = mmtune.load(path, backend=backend)
+        pred.predict_proba(rows.head(args.batch_size), batch_size=args.batch_size)  # warm-up
+        seconds = timed(lambda: pred.predict_proba(many, batch_size=args.batch_size))
+        proba[name] = pred.predict_proba(rows, calibrated=False).drop(columns=[pred.spec.id_column] if pred.spec.id_column else []).to_numpy()
+        single = []
+        for i in range(args.single):
+            one = rows.iloc[[i % len(rows)]]
+            t = time.perf_counter()
+            pred.predict_proba(one)
+            single.append(1000 * (time.perf_counter() - t))
+        ds = pred._dataset(many, with_labels=False)
+        input_s = timed(lambda: (pred._dataset(many, with_labels=False),
+                                 list(pred._batches(ds, args.batch_size, pred._order(ds)))))
+        task = pred.tasks[0]
+        metric = pred.evaluate(rows)[task.name]
+        results[name] = {"rows_per_s": len(many) / seconds, "p50_ms": float(np.percentile(single, 50)),
+                         "p99_ms": float(np.percentile(single, 99)), "accuracy": metric.get("accuracy", metric.get("r2")),
+                         "input_s": input_s, "model_s": max(seconds - input_s, 0.0), "seconds": seconds}
+    base = results["torch"]
+    print(f"\n{'backend':8} {'rows/s':>8} {'speedup':>8} {'p50 ms':>7} {'p99 ms':>7} {'accuracy':>9} "
+          f"{'input s':>8} {'rest s':>7}")
+    for name, r in results.items():
+        print(f"{name:8} {r['rows_per_s']:8.1f} {r['rows_per_s'] / base['rows_per_s']:8.2f} {r['p50_ms']:7.1f} "
+              f"{r['p99_ms']:7.1f} {r['accuracy']:9.4f} {r['input_s']:8.2f} {r['seconds'] - r['input_s']:7.2f}")
+    print(f"(input s: validating, decoding and collating the {len(many)} rows alone, on the same threads; "
+          "rest: the model, and what the input path does not overlap with it)")
+    print(f"export parity on {report.rows_checked} rows: max |Δ prob| {report.max_abs_prob_diff:.2e}; "
+          f"int8 vs fp32 max |Δ prob| {float(np.abs(proba['int8'] - proba['onnx']).max()):.3f}")
+    best = max(("onnx", "int8"), key=lambda k: results[k]["rows_per_s"])
+    print(json.dumps({
+        "torch_rows_per_s": round(results["torch"]["rows_per_s"], 1),
+        "onnx_rows_per_s": round(results["onnx"]["rows_per_s"], 1),
+        "int8_rows_per_s": round(results["int8"]["rows_per_s"], 1),
+        "onnx_speedup": round(results["onnx"]["rows_per_s"] / base["rows_per_s"], 2),
+        "int8_speedup": round(results["int8"]["rows_per_s"] / base["rows_per_s"], 2),
+        "int8_accuracy_delta": round(results["int8"]["accuracy"] - results["torch"]["accuracy"], 4),
+        "p50_ms_best": round(min(r["p50_ms"] for r in results.values()), 2),
+        "max_abs_prob_diff": float(f"{float(np.abs(proba['onnx'] - proba['torch']).max()):.3g}"),
+        "torch_p50_ms": round(results["torch"]["p50_ms"], 2),
+        "input_share_best": round(results[best]["input_s"] / results[best]["seconds"], 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
