@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="the test rows repeated this many times for throughput")
     ap.add_argument("--single", type=int, default=200, help="single-row calls")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--work", help="folder for the trained demo bundle and the export (default: a temporary one)")
     args = ap.parse_args()
 
     import torch
@@ -75,7 +76,7 @@ def main() -> None:
     from mmtune.serving.export import export_onnx
 
     quiet_libraries()
-    tmp = Path(tempfile.mkdtemp(prefix="mmtune-bench-predict-"))
+    tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mmtune-bench-predict-"))
     run = Path(args.run)
     if not (run / "bundle.json").is_file():
         print(f"no bundle at {run}: training the demo model ({args.rows} rows, {args.epochs} epochs)", flush=True)

@@ -24,3 +24,20 @@ def test_modalities_bench_runs_and_prints_its_json():
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"audio_text_acc", "audio_only_acc", "tabular_text_acc", "regression_r2", "two_text_columns_acc"} <= set(last)
     assert all(0.0 <= last[k] <= 1.0 for k in ("audio_text_acc", "audio_only_acc", "tabular_text_acc", "two_text_columns_acc"))
+
+
+def test_predict_and_serve_benches_run_and_print_their_json(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "predict.py"), "--run", str(tmp_path / "none"), "--work", str(tmp_path),
+                          "--rows", "48", "--epochs", "1", "--repeat", "1", "--single", "3"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s", "onnx_speedup", "int8_speedup", "int8_accuracy_delta",
+            "p50_ms_best", "max_abs_prob_diff"} <= set(last)
+    assert last["max_abs_prob_diff"] <= 1e-4 and all(last[k] > 0 for k in ("torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s"))
+    out = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--run", str(tmp_path / "demo-fused"), "--clients", "4",
+                          "--seconds", "2"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"clients", "requests_per_s", "p50_ms", "p99_ms", "errors", "batched_speedup"} <= set(last)
+    assert last["errors"] == 0 and last["requests_per_s"] > 0 and last["clients"] == 4

@@ -369,7 +369,7 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             frame = pd.DataFrame([await form_row(request)], columns=[*([reader.id_column] if reader.id_column else []), *reader.columns])
         else:
-            frame = reader.frame([await json_body(request)], "row")
+            frame = await asyncio.to_thread(reader.frame, [await json_body(request)], "row")
         return (await run(frame))[0]
 
     @app.post("/predict/batch")
@@ -378,7 +378,7 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
         body = await json_body(request)
         if not isinstance(body, dict) or "rows" not in body:
             raise RequestProblem(422, 'expected {"rows": [row, ...]}')
-        return {"predictions": await run(reader.frame(body["rows"]))}
+        return {"predictions": await run(await asyncio.to_thread(reader.frame, body["rows"]))}
 
     @app.post("/embed")
     async def embed(request: Request):
@@ -391,7 +391,7 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
         if kind not in predictor.embedding_kinds:
             raise RequestProblem(422, f"kind: {kind!r} is not an embedding of this model; valid: "
                                       f"{', '.join(predictor.embedding_kinds)}")
-        frame = reader.frame(body["rows"])
+        frame = await asyncio.to_thread(reader.frame, body["rows"])
         try:
             async with lock:
                 table = await asyncio.to_thread(predictor.embed, frame, kind)
