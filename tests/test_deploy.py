@@ -251,3 +251,29 @@ def test_paths_only_when_allowed(exported, colour_verdict):
         assert r.status_code == 200 and r.json()["prediction"] == ref[0]
         r = c.post("/predict", json={"image": {"path": "/no/such.png"}, "text": "x"})
         assert r.status_code == 422 and "image file '/no/such.png' does not exist" in r.json()["detail"]
+
+
+def test_file_modalities_decode_uploaded_bytes_like_files(tmp_path, colour_verdict):
+    """What the server does with an upload: the same decoded value as reading the file, and a reason for bad bytes."""
+    from mmtune.modalities import Decoded, modality_of
+
+    image = modality_of("image")
+    path = _rows(colour_verdict, n=1)["image"][0]
+    got = image.decode(Path(path).read_bytes(), name="row.image")
+    assert isinstance(got, Decoded) and got.name == "row.image"
+    assert np.array_equal(np.asarray(got.value), np.asarray(image.read(path, None)))
+    assert image.check(got, None) is None and image.read(got, None) is got.value
+    with pytest.raises(ValueError, match="not a readable image file"):
+        image.decode(b"not an image")
+    sf = pytest.importorskip("soundfile")
+    audio = modality_of("audio")
+    wave = (0.3 * np.sin(np.linspace(0, 200, 8000))).astype(np.float32)
+    sf.write(tmp_path / "a.wav", wave, 8000)
+    x, sr = audio.decode((tmp_path / "a.wav").read_bytes()).value
+    ref, ref_sr = audio.read(str(tmp_path / "a.wav"), None)
+    assert sr == ref_sr == 8000 and np.array_equal(x, ref)
+    sf.write(tmp_path / "silent.wav", np.zeros(800, np.float32), 8000)
+    with pytest.raises(ValueError, match="the recording is silent"):
+        audio.decode((tmp_path / "silent.wav").read_bytes())
+    with pytest.raises(ValueError, match="not a readable audio file"):
+        audio.decode(b"RIFF....WAVEnope")
