@@ -184,14 +184,20 @@ class RunClaim:
     killed overwrite leaves the old run as it was.
     """
 
-    def __init__(self, run_dir: Path, resume: bool = False, overwrite: bool = False):
+    def __init__(self, run_dir: Path, resume: bool = False, overwrite: bool = False, follower: bool = False):
         self.run_dir = Path(run_dir)
         self.resume, self.overwrite = resume, overwrite
         self.work_dir = self.run_dir
+        self.follower = follower
+        """Another process of a distributed run: it writes nothing and holds no lock; the main process claims."""
         self._fd: Optional[int] = None
         self._staging: Optional[Path] = None
 
     def __enter__(self) -> "RunClaim":
+        if self.follower:
+            staging = self.run_dir.parent / f".{self.run_dir.name}.overwrite"
+            self.work_dir = staging if self.overwrite and staging.is_dir() else self.run_dir
+            return self
         parent = self.run_dir.parent
         parent.mkdir(parents=True, exist_ok=True)
         self._lock(parent / f".{self.run_dir.name}.lock")
@@ -247,6 +253,8 @@ class RunClaim:
     def commit(self) -> Path:
         """With ``overwrite``: swap the complete new run in place of the old one (then delete the old).
         Returns the run folder."""
+        if self.follower:
+            return self.run_dir
         if self._staging is not None:
             old = self.run_dir.parent / f".{self.run_dir.name}.replaced"
             shutil.rmtree(old, ignore_errors=True)
@@ -258,6 +266,8 @@ class RunClaim:
         return self.run_dir
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.follower:
+            return
         try:
             if self._staging is not None:  # an overwrite that did not finish: the old run stays
                 shutil.rmtree(self._staging, ignore_errors=True)

@@ -145,6 +145,8 @@ def _fit(args) -> int:
 
     overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else [])
     res = fit(args.config, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
+    if not res.main:  # another process of a distributed run: the main one reports
+        return 0
     print(json.dumps(_brief(res.metrics), indent=2))
     for task, diff in (res.metrics.get("model_minus_probe") or {}).items():
         probe = res.metrics["linear_probe"][task][diff["split"]]

@@ -227,7 +227,9 @@ class TableDataModule(L.LightningDataModule):
         from .samplers import balanced_sampler
 
         cfg, ds, seed = self.cfg, self.datasets["train"], self.cfg.trainer.seed
-        sampler = None
+        from ..distributed import train_sampler
+
+        sampler = train_sampler(ds, seed)
         if cfg.imbalance.sampler:
             task = next((x for x in self.tasks if not x.multilabel and not x.regression), None)
             if task is None:
@@ -241,14 +243,20 @@ class TableDataModule(L.LightningDataModule):
             collate = Collator(collate.processors, self.modalities, {m: f for m, f in augments.items() if f is not None})
         return make_loader(ds, collate, cfg.trainer.batch_size, True, self.workers, seed, sampler)
 
-    def eval_loader(self, split: str) -> DataLoader:
-        return make_loader(self.datasets[split], self.collate, self.eval_batch_size, False, self.workers)
+    def eval_loader(self, split: str, shard: bool = False) -> DataLoader:
+        """Every row of ``split`` in order; ``shard``: this process's share of them (Lightning's validation in a
+        distributed run: each row scored once, the metrics gathered over all processes)."""
+        from ..distributed import EvalShard
+
+        ds = self.datasets[split]
+        return make_loader(ds, self.collate, self.eval_batch_size, False, self.workers,
+                           sampler=EvalShard(ds) if shard else None)
 
     def val_dataloader(self) -> DataLoader:
-        return self.eval_loader("val")
+        return self.eval_loader("val", shard=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self.eval_loader("test")
+        return self.eval_loader("test", shard=True)
 
     def eval_loaders(self) -> Dict[str, DataLoader]:
         return {s: self.eval_loader(s) for s in self.splits if s != "train"}

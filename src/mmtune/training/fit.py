@@ -12,6 +12,7 @@ import lightning as L
 
 from ..bundle import RunClaim, read_resume_state, write_bundle
 from ..config import Config, load_config
+from ..distributed import is_main_process
 from ..data.datamodule import TableDataModule
 from ..data.manifest import TableSource
 from ..evaluation.evaluate import finalize
@@ -46,7 +47,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     quiet_libraries()
     cfg = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
     check_extras(cfg)
-    with RunClaim(cfg.run_dir, resume, overwrite) as claim:
+    main = is_main_process()  # in a distributed run only the main process writes
+    with RunClaim(cfg.run_dir, resume, overwrite, follower=not main) as claim:
         run_dir = claim.work_dir
         previous = read_resume_state(run_dir, cfg) if claim.resume else None
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -56,19 +58,23 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
                             allow_missing=bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0)
         data.fit_encoders(model)
         probe = linear_probe(model, data, cache_folder(cfg), data.eval_batch_size, cfg.evaluation.calibration_bins,
-                             cfg.trainer.seed) if cfg.evaluation.linear_probe else {}
+                             cfg.trainer.seed) if cfg.evaluation.linear_probe and main else {}
         strategy = build_strategy(cfg.finetune)
         strategy.prepare(model)
         strategy.apply(model)
         log.info("trainable parameters: %d", trainable_parameter_count(model))
         data.attach(model, strategy)
         info = train_model(cfg, model, strategy, data, run_dir, previous, callbacks)
+        device = info.pop("device")
+        if info.pop("global_rank") != 0:  # the other processes of a distributed run stop here
+            return FitResult(cfg.run_dir, {}, cfg, model.cpu(), data.tasks, {}, main=False)
         info["trainable_parameters"] = trainable_parameter_count(model)
-        model.cpu()
         strategy.finish(model)  # LoRA / IA3 folded into plain weights: what the bundle ships
+        model.to(device)  # evaluation, calibration and contribution on the training device
         calibration, metrics, predictions = finalize(
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
-            cfg.data.id_column, {s: data.shown(s) for s in data.splits})
+            cfg.data.id_column, {s: data.shown(s) for s in data.splits}, device=device)
+        model.cpu()
         metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}),
                        **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}),
                        **({"linear_probe": probe, "model_minus_probe": compare_probe(metrics, probe)} if probe else {}))
@@ -118,6 +124,8 @@ class FitResult:
     """The tasks with their classes."""
     calibration: Dict[str, Any] = field(default_factory=dict)
     """Task name -> the fitted :class:`~mmtune.evaluation.calibration.Calibration`."""
+    main: bool = True
+    """False in the other processes of a distributed run: they wrote nothing, and ``metrics`` is empty."""
 
     def in_memory(self):
         """A :class:`~mmtune.Predictor` over the in-memory model (no reloading from the bundle)."""

@@ -2,6 +2,7 @@
 transforms) and only runs the steps; checkpoints hold trainable weights only and load strictly."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import lightning as L
@@ -26,6 +27,11 @@ class ClassifierModule(L.LightningModule):
         self.make_optimizer, self.make_schedule = make_optimizer, make_schedule
         self.transforms, self.mixup, self.keep_frozen = list(transforms), mixup, keep_frozen
         self.strict_loading = False  # frozen weights are not in checkpoints; on_load_checkpoint checks the keys
+        import torchmetrics
+
+        # the validation loss as a sum and a count, gathered over the processes of a distributed run: the mean
+        # over every row, not a mean of per-process means
+        self.val_loss = torchmetrics.MeanMetric()
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         encoded = batch.get("encoded")
@@ -52,10 +58,11 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         logits = self(batch)
         self.val_metrics.update(logits, batch["labels"])
-        self.log("val_loss", self.objective(logits, batch["labels"]), on_epoch=True, prog_bar=True,
-                 batch_size=batch["index"].shape[0], sync_dist=True)
+        self.val_loss.update(self.objective(logits, batch["labels"]).detach(), weight=batch["index"].shape[0])
 
     def on_validation_epoch_end(self):
+        self.log("val_loss", self.val_loss.compute(), prog_bar=True)
+        self.val_loss.reset()
         for key, value in self.val_metrics.compute().items():
             self.log(key, value, prog_bar=key == "val_acc")
 
@@ -82,10 +89,24 @@ class ClassifierModule(L.LightningModule):
 
     def load_checkpoint_weights(self, path) -> None:
         """Load a checkpoint's weights (``weights_only``: nothing in it is executed), refusing one whose keys
-        are not exactly this module's."""
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        are not exactly this module's. A folder (DeepSpeed ZeRO's sharded checkpoint) is consolidated first with
+        DeepSpeed's own converter; any other folder is refused with its name."""
+        state = _read_state(Path(path))
         check_checkpoint_keys(self.checkpoint_keys(), state, f"checkpoint {str(path)!r}")
         self.load_state_dict(state, strict=False)
+
+
+def _read_state(path: Path) -> Dict[str, Any]:
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    if path.is_dir() and (path / "latest").is_file():  # DeepSpeed: <ckpt>/latest names the tag folder
+        # the shards this run has just written, consolidated by DeepSpeed's own converter
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return {k[len("_forward_module."):] if k.startswith("_forward_module.") else k: v
+                for k, v in get_fp32_state_dict_from_zero_checkpoint(str(path)).items()}
+    raise ValueError(f"best checkpoint {str(path)!r} is neither a file nor a DeepSpeed checkpoint folder; with FSDP "
+                     "set the strategy's state_dict_type to 'full' so that the best epoch can be restored")
 
 
 def check_checkpoint_keys(expected: set, state: Dict[str, Any], what: str) -> None:

@@ -38,9 +38,11 @@ def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str
           callbacks: Sequence[L.Callback] = ()) -> Dict[str, Any]:
     """Fit ``model`` on ``data`` (a TableDataModule) and restore the best epoch's weights; a fusion fitted
     without gradients (stacking) is fitted directly instead. Returns ``best_checkpoint`` and ``epochs_trained``."""
+    import torch
+
     direct = model.fusion.fit_directly(model, data.datasets["train"], data.tasks, cfg.trainer.seed)
     if direct is not None:
-        return {"best_checkpoint": None, "epochs_trained": 0, **direct}
+        return {"best_checkpoint": None, "epochs_trained": 0, "global_rank": 0, "device": torch.device("cpu"), **direct}
     module = build_module(cfg, model, data.tasks, strategy, data.class_weights())
     extra = ([StrategyEpochs(strategy)] if strategy.varies_by_epoch else []) + [ConfigInCheckpoint(cfg), *callbacks]
     trainer = build_trainer(cfg, run_dir, math.ceil(len(data.datasets["train"]) / cfg.trainer.batch_size), extra)
@@ -52,9 +54,10 @@ def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str
     module.train()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if previous is not None else None, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.trainer.restore_best and best:
+    if cfg.trainer.restore_best and best and trainer.global_rank == 0:
         module.load_checkpoint_weights(best)
-    return {"best_checkpoint": Path(best).name if best else None, "epochs_trained": int(trainer.current_epoch)}
+    return {"best_checkpoint": Path(best).name if best else None, "epochs_trained": int(trainer.current_epoch),
+            "global_rank": int(trainer.global_rank), "device": trainer.strategy.root_device}
 
 
 def _previous_logs(run_dir: Path, done_epoch: int) -> Optional[pd.DataFrame]:

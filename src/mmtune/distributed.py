@@ -1,0 +1,54 @@
+"""Where this process stands in a distributed run (Lightning's launcher, torchrun, SLURM), and the samplers
+that make every process see its own share of the rows.
+
+mmtune never launches processes or reduces tensors itself: Lightning's strategies (DDP, FSDP, DeepSpeed) do.
+What is here decides which process writes (only the main one) and how rows are dealt out."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator, Tuple
+
+import torch
+from torch.utils.data import DistributedSampler
+
+
+def is_main_process() -> bool:
+    """True unless the environment says this is a non-zero rank: ``RANK`` (torchrun), ``SLURM_PROCID`` (srun
+    with several tasks), or ``LOCAL_RANK`` / ``NODE_RANK`` (the processes Lightning's launcher starts)."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]) == 0
+    return int(env.get("LOCAL_RANK", "0")) == 0 and int(env.get("NODE_RANK", "0")) == 0
+
+
+def world() -> Tuple[int, int]:
+    """(number of processes, this one's rank) of the initialised process group; (1, 0) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def train_sampler(dataset, seed: int) -> DistributedSampler:
+    """The epoch's shuffled order — a permutation seeded by ``seed + epoch`` — dealt out to the processes.
+    One process gets the whole permutation, so that a run on N processes with batch B steps through the same
+    rows as one process with batch N×B (the same sets of rows per step)."""
+    n, rank = world()
+    return DistributedSampler(dataset, num_replicas=n, rank=rank, shuffle=True, seed=seed, drop_last=False)
+
+
+class EvalShard(DistributedSampler):
+    """Evaluation rows dealt out to the processes without padding: every row is scored exactly once (a
+    DistributedSampler would repeat rows to even out the shares, and count them twice in the metrics)."""
+
+    def __init__(self, dataset):
+        n, rank = world()
+        super().__init__(dataset, num_replicas=n, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return max(0, math.ceil((len(self.dataset) - self.rank) / self.num_replicas))
