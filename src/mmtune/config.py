@@ -298,6 +298,8 @@ class TrainerConfig(_Strict):
     devices: Union[int, str, List[int]] = "auto"
     strategy: str = "auto"
     """Lightning strategy: ``auto``, ``ddp``, ``fsdp``, ``deepspeed``…"""
+    num_nodes: int = Field(1, ge=1)
+    """Machines of a multi-node run (each with ``devices`` processes)."""
     progress_bar: bool = True
     tensorboard: bool = False
     """Also log to TensorBoard (runs/<name>/tensorboard; needs the tensorboard package)."""

@@ -110,6 +110,7 @@ def build_trainer(cfg, run_dir: Path, n_train_batches: int, extra_callbacks: Seq
             kwargs[key] = getattr(t, key)
     return L.Trainer(
         max_epochs=t.max_epochs, max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        num_nodes=t.num_nodes,
         precision=t.precision, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val, callbacks=callbacks, logger=loggers,
         enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
