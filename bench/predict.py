@@ -38,14 +38,14 @@ def demo_bundle(folder: Path, rows: int, epochs: int) -> Path:
 def test_rows(run: Path) -> pd.DataFrame:
     from mmtune.bundle import read_bundle
     from mmtune.data.manifest import read_table
-    from mmtune.serving.export import _absolute_paths
+    from mmtune.data.manifest import absolute_paths
 
     cfg = read_bundle(run, model=False).config
     source = cfg.data.test or cfg.data.val
     if source is None:
         sys.exit(f"{run}: its config names no test manifest; pass a bundle trained with data.test")
     df, base = read_table(source)
-    _absolute_paths(df, cfg, base)
+    absolute_paths(df, cfg, base)
     return df
 
 

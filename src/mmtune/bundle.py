@@ -32,7 +32,7 @@ READABLE_FORMATS = (1, 2)
 
 def write_bundle(run_dir: Path, config, model, tasks, calibration: Dict[str, Any], metrics: Dict[str, Any],
                  rejected: Optional[pd.DataFrame] = None, predictions: Optional[Dict[str, pd.DataFrame]] = None,
-                 before_marker=None) -> Path:
+                 before_marker=None, reference: Optional[Dict[str, Any]] = None) -> Path:
     """Write every bundle file atomically, then run ``before_marker`` (the report), then bundle.json
     last. ``calibration`` maps a task name to its :class:`~mmtune.evaluation.calibration.Calibration`.
     Returns ``run_dir``."""
@@ -48,6 +48,12 @@ def write_bundle(run_dir: Path, config, model, tasks, calibration: Dict[str, Any
     atomic_write_json(run_dir / "calibration.json", {t.name: calibration[t.name].to_json() for t in tasks})
     atomic_write_json(run_dir / "metrics.json", metrics)
     files = ["config.yaml", "model.safetensors", "labels.json", "calibration.json", "metrics.json", "encoders"]
+    if reference:  # the training rows' average encoder outputs: the explanations' baseline
+        from safetensors.torch import save_file
+
+        atomic_write_with(run_dir / "reference.safetensors",
+                          lambda tmp: save_file({k: v.contiguous() for k, v in reference.items()}, str(tmp)))
+        files.append("reference.safetensors")
     for split, table in (predictions or {}).items():
         atomic_write_with(run_dir / "predictions" / f"{split}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
         files.append(f"predictions/{split}.csv")
@@ -112,6 +118,8 @@ class Bundle:
     meta: Dict[str, Any] = field(default_factory=dict)
     model: Any = None
     """The MultimodalClassifier with the bundle's weights (when read with ``model=True``)."""
+    reference: Dict[str, Any] = field(default_factory=dict)
+    """The training rows' average encoder outputs (``reference.safetensors``; empty in bundles without one)."""
 
 
 def read_bundle(run_dir, *, model: bool = True, complete: bool = True) -> Bundle:
@@ -143,6 +151,13 @@ def read_bundle(run_dir, *, model: bool = True, complete: bool = True) -> Bundle
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     out = Bundle(run_dir, cfg, tasks, calibration, metrics, meta)
+    if (run_dir / "reference.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        try:
+            out.reference = load_file(str(run_dir / "reference.safetensors"))
+        except Exception:  # a damaged optional file: explanations fall back to zeros
+            out.reference = {}
     if model:
         out.model = _load_model(run_dir, cfg, tasks)
     return out

@@ -1,4 +1,4 @@
-"""``mmtune fit | evaluate | predict | embed | export | serve | report | parts | align | demo``."""
+"""``mmtune fit | evaluate | predict | embed | explain | export | serve | report | parts | align | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--batch-size", type=int, default=None)
     _model_args(em)
 
+    xp = sub.add_parser("explain", help="why each row got its prediction: explanations.html, attributions.jsonl, PNGs")
+    xp.add_argument("--run", required=True, help="run bundle folder")
+    xp.add_argument("--data", required=True, help="manifest of rows to explain")
+    xp.add_argument("--out", required=True, help="folder for explanations.html, attributions.jsonl, summary.json, plots/")
+    xp.add_argument("--rows", type=int, default=None, help="explain only the first N rows")
+    xp.add_argument("--steps", type=int, default=32, help="Integrated Gradients steps")
+    xp.add_argument("--task", default=None, help="the task to explain (default: the first)")
+    xp.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
+
     ex = sub.add_parser("export", help="export a run bundle as ONNX (optionally int8), checked against the model")
     ex.add_argument("--run", required=True, help="run bundle folder")
     ex.add_argument("--format", default="onnx", choices=["onnx"])
@@ -134,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo, "report": _report,
-                "parts": _parts, "align": _align, "embed": _embed, "export": _export, "serve": _serve}[args.command](args)
+                "parts": _parts, "align": _align, "embed": _embed, "export": _export, "serve": _serve, "explain": _explain}[args.command](args)
     except (ConfigError, BadRowsError, MissingExtraError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -249,6 +258,23 @@ def _embed(args) -> int:
     out = pred.embed(args.data, kind=args.kind, batch_size=args.batch_size)
     atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} embeddings ({args.kind}, {out.shape[1] - (1 if pred.spec.id_column else 0)} values each) written to {path}")
+    return 0
+
+
+def _explain(args) -> int:
+    from .data.manifest import absolute_paths, read_table
+    from .serving.predictor import Predictor
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a folder")
+    pred = Predictor.load(args.run, device=_device(args.device))
+    df, base = read_table(args.data)
+    if args.rows is not None:
+        df = df.head(args.rows)
+    absolute_paths(df, pred.config, base)
+    written = pred.explain(df, steps=args.steps, task=args.task).write(out, f"Explanations: {args.run}")
+    print(f"{len(df)} rows explained: {written['html']} ({written['jsonl'].name}, plots/)")
     return 0
 
 

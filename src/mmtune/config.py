@@ -387,6 +387,9 @@ class EvaluationConfig(_Strict):
     """Write report.html and the plots at the end of fit."""
     worst_examples: int = Field(12, ge=0)
     """How many of the most confidently misclassified test rows the report shows."""
+    explain: int = Field(8, ge=0)
+    """Explain this many of the most confidently misclassified test rows into ``explanations/`` (linked from the
+    report; needs captum, ``mmtune[explain]``; skipped with a note without it). 0: off."""
     calibration_bins: int = Field(15, ge=2)
 
     @model_validator(mode="after")

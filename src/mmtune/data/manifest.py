@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import pandas as pd
 
 from ..modalities import modality_of, resolve_path
@@ -215,3 +216,15 @@ def rejected_rows_frame(df_by_split: dict, bad: Sequence[BadRow]) -> pd.DataFram
 def resolve_image_path(value: Any, base_dir: Optional[Path]) -> Path:
     """A file cell as a path (relative to the manifest's folder)."""
     return resolve_path(value, base_dir)
+
+
+def absolute_paths(df, cfg, base) -> None:
+    """File columns of ``df`` (in place) made absolute against ``base``, so that the rows read the same from anywhere."""
+    if base is None:
+        return
+    for m in cfg.modalities:
+        if modality_of(m).files:
+            col = cfg.data.column(m)
+            if col in df.columns:
+                df[col] = [v if v is None or (isinstance(v, float) and np.isnan(v)) else str(resolve_path(v, base))
+                           for v in df[col]]

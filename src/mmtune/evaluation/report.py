@@ -168,6 +168,11 @@ def build_report(run_dir: str | Path) -> Path:
                         + f"<td>{html.escape(str(r.get('id', r['row'])))}</td>"
                         + f"<td>{html.escape(str(t.classes[y[i]]))}</td><td>{html.escape(str(t.classes[pred[i]]))}</td>"
                         + f"<td>{cal[i, pred[i]]:.3f}</td></tr>")
+        explained = metrics.get("explanations") or {}
+        if explained.get("page") and (Path(run_dir) / explained["page"]).is_file():
+            parts["Worst misclassified test examples"].append(
+                f"<p><a href='{html.escape(explained['page'])}'>Why: explanations of the {explained['rows']} most "
+                f"confidently misclassified {explained['split']} rows</a> (attributions per modality, words, heatmaps).</p>")
         parts["Worst misclassified test examples"].append(
             f"<h3>{html.escape(t.name)}</h3>" + (
                 "<table><tr>" + "".join(f"<th>{html.escape(m)}</th>" for m in shown)

@@ -246,7 +246,7 @@ def _main_metrics(pred, ds, proba) -> Dict[str, Dict[str, float]]:
 
 def _rows(pred, data):
     """The rows to check the export on, and whether they carry labels."""
-    from ..data.manifest import read_table
+    from ..data.manifest import absolute_paths, read_table
 
     if data is None:
         from ..data.datamodule import prepare_data
@@ -258,24 +258,10 @@ def _rows(pred, data):
             raise ValueError(f"no rows to check the export on: pass --data (the run's own data cannot be read: {exc})") from None
         df, base = prepared.frames["val"], prepared.base_dirs["val"]
         df = df.copy()
-        _absolute_paths(df, cfg, base)
+        absolute_paths(df, cfg, base)
         return df, True
     df, base = read_table(data)
     df = df.copy()
-    _absolute_paths(df, pred.config, base)
+    absolute_paths(df, pred.config, base)
     labelled = all(t.column in df.columns for t in pred.tasks)
     return df, labelled
-
-
-def _absolute_paths(df, cfg, base) -> None:
-    """File columns made absolute, so that the rows read the same from anywhere."""
-    from ..modalities import modality_of, resolve_path
-
-    if base is None:
-        return
-    for m in cfg.modalities:
-        if modality_of(m).files:
-            col = cfg.data.column(m)
-            if col in df.columns:
-                df[col] = [v if v is None or (isinstance(v, float) and np.isnan(v)) else str(resolve_path(v, base))
-                           for v in df[col]]

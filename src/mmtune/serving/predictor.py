@@ -36,7 +36,7 @@ class Predictor:
 
     def __init__(self, model, config: Config, tasks: List[Task], calibration: Optional[Dict[str, Calibration]] = None,
                  run_dir: Optional[Path] = None, device: Union[str, torch.device] = "cpu", runner=None,
-                 workers: Optional[int] = None):
+                 workers: Optional[int] = None, reference: Optional[Dict[str, torch.Tensor]] = None):
         self.config = config
         self.tasks = list(tasks)
         self.calibration = {t.name: (calibration or {}).get(t.name) or Calibration() for t in self.tasks}
@@ -50,6 +50,8 @@ class Predictor:
         self.collator = Collator({n: e.processor for n, e in model.encoders.items()}, self.modalities)
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         self._pool = None
+        self.reference = dict(reference or {})
+        """The training rows' average encoder outputs (the explanations' baseline)."""
 
     @property
     def backend(self) -> str:
@@ -84,7 +86,7 @@ class Predictor:
                 raise ValueError(f"{str(run_dir)!r} is an ONNX export bundle (it has no PyTorch weights): load it with "
                                  "backend 'onnx' or 'onnx-int8'")
             b = read_bundle(run_dir)
-            return cls(b.model, b.config, b.tasks, b.calibration, b.run_dir, device, workers=workers)
+            return cls(b.model, b.config, b.tasks, b.calibration, b.run_dir, device, workers=workers, reference=b.reference)
         folder = run_dir if exported else run_dir / "export"
         if not (folder / EXPORT_MARKER).is_file():
             raise FileNotFoundError(f"{str(run_dir)!r} has no ONNX export ({EXPORT_MARKER} missing): run "
@@ -239,6 +241,15 @@ class Predictor:
         if self.spec.id_column:
             out.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
         return out
+
+    def explain(self, data: TableSource, steps: int = 32, task: Optional[str] = None, activation_rows: int = 8):
+        """Why each row got its prediction (an :class:`~mmtune.explain.Explanation`: per row the contribution of
+        each modality by masking and by attribution share, word attributions of texts, Grad-CAM maps of images
+        and recordings, per-column attributions of tables, attention maps and gates; a summary over the rows).
+        ``.write(folder)`` draws it. Needs the PyTorch backend and captum (``mmtune[explain]``)."""
+        from ..explain import Explainer
+
+        return Explainer(self, steps, task).explain(data, activation_rows=activation_rows)
 
     def evaluate(self, data: TableSource, batch_size: Optional[int] = None,
                  contribution: bool = False) -> Dict[str, Dict[str, Any]]:

@@ -18,6 +18,7 @@ from ..data.manifest import TableSource
 from ..evaluation.evaluate import finalize
 from ..evaluation.probe import compare as compare_probe
 from ..evaluation.probe import linear_probe
+from ..explain import reference_outputs
 from ..extras import MissingExtraError, missing_for
 from ..finetune import build_strategy, trainable_parameter_count
 from ..finetune.feature_cache import cache_folder
@@ -74,6 +75,9 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         calibration, metrics, predictions = finalize(
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
             cfg.data.id_column, {s: data.shown(s) for s in data.splits}, device=device)
+        reference = reference_outputs(model, data.eval_loader("train"))
+        if cfg.evaluation.explain:
+            metrics["explanations"] = _explain_worst(cfg, model, data, calibration, run_dir, device, reference)
         model.cpu()
         metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}),
                        **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}),
@@ -83,9 +87,9 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
 
             metrics["baselines"] = fit_baselines(cfg, metrics, train, val, test)
         report = _report(run_dir) if cfg.evaluation.report else None
-        write_bundle(run_dir, cfg, model, data.tasks, calibration, metrics, data.rejected, predictions, report)
+        write_bundle(run_dir, cfg, model, data.tasks, calibration, metrics, data.rejected, predictions, report, reference)
         claim.commit()
-    return FitResult(cfg.run_dir, metrics, cfg, model, data.tasks, calibration)
+    return FitResult(cfg.run_dir, metrics, cfg, model, data.tasks, calibration, reference=reference)
 
 
 def check_extras(cfg: Config) -> None:
@@ -105,6 +109,21 @@ def check_extras(cfg: Config) -> None:
     missing = missing_for(needs)
     if missing:
         raise MissingExtraError("; ".join(missing))
+
+
+def _explain_worst(cfg, model, data, calibration, run_dir: Path, device, reference) -> Dict[str, Any]:
+    """The most confidently misclassified rows of the test split (else validation), explained into
+    ``explanations/`` for the report to link."""
+    from ..explain import explain_worst
+    from ..serving.predictor import Predictor
+
+    split = "test" if "test" in data.prepared.frames else "val"
+    pred = Predictor(model, cfg, data.tasks, calibration, run_dir, device, workers=1, reference=reference)
+    out = explain_worst(pred, data.prepared.frames[split], data.prepared.base_dirs[split], cfg.evaluation.explain,
+                        run_dir / "explanations")
+    if "skipped" in out:
+        log.warning("explanations skipped: %s", out["skipped"])
+    return {"split": split, **out}
 
 
 def _report(run_dir: Path):
@@ -127,11 +146,14 @@ class FitResult:
     main: bool = True
     """False in the other processes of a distributed run: they wrote nothing, and ``metrics`` is empty."""
 
+    reference: Dict[str, Any] = field(default_factory=dict)
+    """The training rows' average encoder outputs (the explanations' baseline)."""
+
     def in_memory(self):
         """A :class:`~mmtune.Predictor` over the in-memory model (no reloading from the bundle)."""
         from ..serving.predictor import Predictor
 
-        return Predictor(self.model, self.config, self.tasks, self.calibration, self.run_dir)
+        return Predictor(self.model, self.config, self.tasks, self.calibration, self.run_dir, reference=self.reference)
 
     def load(self):
         """The bundle as a :class:`~mmtune.Predictor`."""
