@@ -171,6 +171,9 @@ def _load_model(run_dir: Path, cfg, tasks):
 
     allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
     model = build_model(cfg.model, {t.name: t.outputs for t in tasks}, bundle_dir=run_dir, allow_missing=allow_missing)
+    from .prune import apply_pruning
+
+    apply_pruning(model, run_dir)  # a pruned bundle: the attention heads its layers keep
     weights = run_dir / "model.safetensors"
     try:
         load_model(model, str(weights), strict=True, device="cpu")

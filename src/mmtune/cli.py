@@ -1,4 +1,4 @@
-"""``mmtune fit | evaluate | predict | embed | explain | export | serve | report | parts | align | demo``."""
+"""``mmtune fit | evaluate | predict | embed | explain | prune | export | serve | report | parts | align | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     xp.add_argument("--task", default=None, help="the task to explain (default: the first)")
     xp.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
 
+    pn = sub.add_parser("prune", help="smaller models: global magnitude pruning, or attention heads removed (--structured)")
+    pn.add_argument("--run", required=True, help="run bundle folder")
+    pn.add_argument("--sparsity", required=True, help="comma-separated shares, e.g. 0.3,0.5,0.7 (of the weights, or of the heads)")
+    pn.add_argument("--structured", action="store_true", help="remove whole attention heads of transformer encoders")
+    pn.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each pruned model this many epochs")
+    pn.add_argument("--data", required=True, help="labelled rows to measure each model on (e.g. the validation split)")
+    pn.add_argument("--out", help="folder for the pruned bundles (default: beside the run)")
+
     ex = sub.add_parser("export", help="export a run bundle as ONNX (optionally int8), checked against the model")
     ex.add_argument("--run", required=True, help="run bundle folder")
     ex.add_argument("--format", default="onnx", choices=["onnx"])
@@ -143,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo, "report": _report,
-                "parts": _parts, "align": _align, "embed": _embed, "export": _export, "serve": _serve, "explain": _explain}[args.command](args)
+                "parts": _parts, "align": _align, "embed": _embed, "export": _export, "serve": _serve, "explain": _explain, "prune": _prune}[args.command](args)
     except (ConfigError, BadRowsError, MissingExtraError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -275,6 +283,19 @@ def _explain(args) -> int:
     absolute_paths(df, pred.config, base)
     written = pred.explain(df, steps=args.steps, task=args.task).write(out, f"Explanations: {args.run}")
     print(f"{len(df)} rows explained: {written['html']} ({written['jsonl'].name}, plots/)")
+    return 0
+
+
+def _prune(args) -> int:
+    from .prune import prune_run
+
+    try:
+        sparsities = [float(x) for x in args.sparsity.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--sparsity {args.sparsity!r}: give numbers between 0 and 1, e.g. 0.3,0.5") from None
+    results = prune_run(args.run, sparsities, args.data, args.structured, args.finetune_epochs, args.out)
+    for r in results[1:]:
+        print(f"pruned bundle: {r['bundle']}")
     return 0
 
 

@@ -24,7 +24,7 @@ from .runners import ONNX_FILES, OnnxRunner, input_layout
 
 EXPORT_MARKER = "export.json"
 EXPORT_FORMAT = 1
-COPIED = ("config.yaml", "labels.json", "calibration.json", "metrics.json", "encoders")
+COPIED = ("config.yaml", "labels.json", "calibration.json", "metrics.json", "encoders", "pruned.json")
 """Files of the run bundle an export bundle carries (everything but the weights and the training logs)."""
 SEQUENCE_TENSORS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "input_values"}
 """Input tensors whose second axis is a length that varies from batch to batch."""

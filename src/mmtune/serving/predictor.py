@@ -275,8 +275,12 @@ def _skeleton(config, tasks, folder: Path):
     from ..models import build_model
 
     allow_missing = bool(config.data.allow_missing) or config.model.modality_dropout > 0
+    from ..prune import apply_pruning
+
     with torch.device("meta"):
-        return build_model(config.model, {t.name: t.outputs for t in tasks}, bundle_dir=folder, allow_missing=allow_missing)
+        model = build_model(config.model, {t.name: t.outputs for t in tasks}, bundle_dir=folder, allow_missing=allow_missing)
+        apply_pruning(model, folder)
+    return model
 
 
 def calibrate(task: Task, proba: np.ndarray, calibration: Optional[Calibration] = None) -> np.ndarray:
