@@ -96,3 +96,37 @@ def test_fine_tuning_keeps_the_pruned_weights_at_zero(run, colour_verdict, tmp_p
     assert all(changed)  # fine-tuned (not only masked)
     assert cli(["prune", "--run", str(run.run_dir), "--sparsity", "0.5,1.5", "--data", str(colour_verdict["test"])]) == 2
     assert "--sparsity 1.5: each value must lie strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_structured_pruning_removes_cnn_channels(tmp_path, tiny_bert, colour_verdict):
+    from mmtune.prune import channel_blocks
+
+    enc = {"image": {"modality": "image", "checkpoint": "efficientnet-lite0", "image_size": 32},
+           "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 2},
+                      evaluation={"explain": 0, "report": False, "linear_probe": False})
+    res = mmtune.fit(cfg, train=str(colour_verdict["train"]))
+    before = mmtune.load(res.run_dir).model
+    channels = sum(b._bn1.num_features for _, b in channel_blocks(before.encoders["image"]))
+    results = prune_run(res.run_dir, [0.3], str(colour_verdict["test"]), structured=True, out_dir=tmp_path, log=lambda *_: None)
+    after = mmtune.load(results[1]["bundle"])
+    blocks = channel_blocks(after.model.encoders["image"])
+    assert len(blocks) == 15  # every block but the first (which has no expansion)
+    assert sum(b._bn1.num_features for _, b in blocks) == channels - round(0.3 * channels)
+    assert all(b._depthwise_conv.groups == b._bn1.num_features == b._project_conv.in_channels for _, b in blocks)
+    assert results[1]["parameters"] < results[0]["parameters"] and results[1]["reload_max_abs_diff"] <= 1e-6
+    # the channels cut are the ones the block's output ignores: with their projection columns zeroed, the unpruned
+    # model computes what the pruned one does
+    import torch
+
+    x = torch.randn(2, 3, 32, 32)
+    full = before.encoders["image"].eval()
+    with torch.no_grad():
+        for (_, b), (_, small) in zip(channel_blocks(full), blocks):
+            kept = {round(v, 7) for v in small._bn1.weight.tolist()}
+            removed = [c for c, v in enumerate(b._bn1.weight.tolist()) if round(v, 7) not in kept]
+            assert len(removed) == b._bn1.num_features - small._bn1.num_features
+            b._project_conv.weight[:, removed] = 0
+        a = full(pixel_values=x).pooled
+        c = after.model.encoders["image"].eval()(pixel_values=x).pooled
+    assert torch.allclose(a, c, atol=1e-5)

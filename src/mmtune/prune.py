@@ -6,9 +6,11 @@ the bundle compresses better, but dense CPU kernels run no faster.
 
 Structured: whole attention heads of the transformer encoders — each head's query, key and value rows and its
 columns of the attention output projection are cut out, the lowest-norm heads first (at least one kept per
-layer). The matrices really shrink, so the model is smaller and faster. A pruned bundle records the heads each
-layer keeps (``pruned.json``); :func:`apply_pruning` reshapes a freshly built model the same way before its
-weights are loaded, so ``mmtune.load`` reads it like any other bundle.
+layer) — and the expanded channels of inverted-residual CNN blocks (EfficientNet-Lite: the expand convolution's
+filters, the depthwise filters, the projection's input columns and their batch norms), the lowest batch-norm
+scale first. The tensors really shrink, so the model is smaller and faster. A pruned bundle records the heads
+and channels each block keeps (``pruned.json``); :func:`apply_pruning` reshapes a freshly built model the same
+way before its weights are loaded, so ``mmtune.load`` reads it like any other bundle.
 
 An optional short fine-tuning (``finetune_epochs``) recovers accuracy; with unstructured pruning the masks stay
 in place while it trains, so pruned weights stay zero."""
@@ -125,6 +127,76 @@ def prune_heads(model: nn.Module, fraction: float) -> Dict[str, Dict[str, int]]:
     return kept
 
 
+# ---- channels of inverted-residual CNN blocks (EfficientNet-Lite: expand 1x1, depthwise, project 1x1) ----------
+
+_MBCONV = ("_expand_conv", "_bn0", "_depthwise_conv", "_bn1", "_project_conv")
+
+
+def channel_blocks(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(path, block) for every inverted-residual block whose expanded channels can be cut out: the channels exist
+    only inside the block, so its input and output widths stay as they are."""
+    return [(path, m) for path, m in module.named_modules()
+            if all(isinstance(getattr(m, n, None), (nn.Conv2d, nn.BatchNorm2d)) for n in _MBCONV)]
+
+
+def _param(old: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+
+
+def _keep_channels(block: nn.Module, idx: torch.Tensor) -> None:
+    """Keep only the expanded channels ``idx`` of one block, in place (the convolution and batch-norm modules keep
+    their classes, e.g. the package's same-padding convolution)."""
+    n = len(idx)
+    expand, depthwise, project = block._expand_conv, block._depthwise_conv, block._project_conv
+    with torch.no_grad():
+        expand.weight = _param(expand.weight, expand.weight[idx])
+        expand.out_channels = n
+        depthwise.weight = _param(depthwise.weight, depthwise.weight[idx])
+        depthwise.in_channels = depthwise.out_channels = depthwise.groups = n
+        project.weight = _param(project.weight, project.weight[:, idx])
+        project.in_channels = n
+        for conv in (expand, depthwise):
+            if conv.bias is not None:
+                conv.bias = _param(conv.bias, conv.bias[idx])
+        for bn in (block._bn0, block._bn1):
+            bn.weight = _param(bn.weight, bn.weight[idx])
+            bn.bias = _param(bn.bias, bn.bias[idx])
+            bn.running_mean = bn.running_mean[idx].clone()
+            bn.running_var = bn.running_var[idx].clone()
+            bn.num_features = n
+
+
+def prune_channels(model: nn.Module, fraction: float) -> Dict[str, Dict[str, int]]:
+    """Remove ``fraction`` of the expanded channels of every inverted-residual CNN block, ranked together by
+    |batch-norm scale after the depthwise convolution| × the norm of the channel's column of the projection (every
+    block keeps at least an eighth of its channels). Returns ``{encoder: {block: channels kept}}``."""
+    kept: Dict[str, Dict[str, int]] = {}
+    for name, enc in model.encoders.items():
+        blocks = channel_blocks(enc)
+        if not blocks:
+            continue
+        scores = []
+        with torch.no_grad():
+            for path, b in blocks:
+                s = b._bn1.weight.abs() * b._project_conv.weight.flatten(2).norm(dim=(0, 2))
+                scores += [(float(v), path, c) for c, v in enumerate(s)]
+        n_remove = int(round(fraction * len(scores)))
+        size = {path: b._bn1.num_features for path, b in blocks}
+        removed: Dict[str, set] = {path: set() for path in size}
+        for score, path, c in sorted(scores):
+            if n_remove == 0:
+                break
+            if size[path] - len(removed[path]) > max(1, size[path] // 8):
+                removed[path].add(c)
+                n_remove -= 1
+        kept[name] = {}
+        for path, b in blocks:
+            idx = torch.tensor([c for c in range(size[path]) if c not in removed[path]], dtype=torch.long)
+            _keep_channels(b, idx)
+            kept[name][path] = len(idx)
+    return kept
+
+
 def apply_pruning(model: nn.Module, bundle_dir: Path) -> None:
     """Reshape a model built from a bundle's configs to the heads its ``pruned.json`` records (before its weights
     load)."""
@@ -139,6 +211,12 @@ def apply_pruning(model: nn.Module, bundle_dir: Path) -> None:
             if block not in found:
                 raise ValueError(f"{str(path)!r} names attention block {block!r}, which encoder {name!r} does not have")
             _keep(found[block], list(range(int(n))))
+    for name, blocks in spec.get("channels", {}).items():
+        found = dict(channel_blocks(model.encoders[name]))
+        for block, n in blocks.items():
+            if block not in found:
+                raise ValueError(f"{str(path)!r} names CNN block {block!r}, which encoder {name!r} does not have")
+            _keep_channels(found[block], torch.arange(int(n)))
 
 
 def prunable_weights(model: nn.Module) -> List[Tuple[nn.Module, str]]:
@@ -248,7 +326,7 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
             raise ValueError(f"--sparsity {s}: each value must lie strictly between 0 and 1")
     df, base = read_table(data)
     absolute_paths(df, Predictor.load(run_dir).config, base)
-    kind = "heads" if structured else "weights"
+    kind = "structured" if structured else "weights"
 
     def measure(pred, name, folder: Path, sparsity) -> Dict[str, Any]:
         task = pred.tasks[0]
@@ -268,10 +346,10 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
         model = pred.model
         pruned: Dict[str, Any] = {"kind": kind, "sparsity": s}
         if structured:
-            heads = prune_heads(model, s)
-            if not heads:
-                raise ValueError("--structured: the model has no transformer encoder with attention heads to remove")
-            pruned["heads"] = heads
+            pruned["heads"], pruned["channels"] = prune_heads(model, s), prune_channels(model, s)
+            if not pruned["heads"] and not pruned["channels"]:
+                raise ValueError("--structured: the model has no transformer encoder with attention heads and no "
+                                 "inverted-residual CNN (EfficientNet-Lite) whose channels could be removed")
         else:
             prune_unstructured(model, s)
         if finetune_epochs:
