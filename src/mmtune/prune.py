@@ -169,7 +169,8 @@ def _keep_channels(block: nn.Module, idx: torch.Tensor) -> None:
 def prune_channels(model: nn.Module, fraction: float) -> Dict[str, Dict[str, int]]:
     """Remove ``fraction`` of the expanded channels of every inverted-residual CNN block, ranked together by
     |batch-norm scale after the depthwise convolution| × the norm of the channel's column of the projection (every
-    block keeps at least an eighth of its channels). Returns ``{encoder: {block: channels kept}}``."""
+    block keeps at least an eighth of its channels); each removed channel's constant part is folded into the next
+    batch norm (:func:`_fold_constant`). Returns ``{encoder: {block: channels kept}}``."""
     kept: Dict[str, Dict[str, int]] = {}
     for name, enc in model.encoders.items():
         blocks = channel_blocks(enc)
@@ -192,9 +193,23 @@ def prune_channels(model: nn.Module, fraction: float) -> Dict[str, Dict[str, int
         kept[name] = {}
         for path, b in blocks:
             idx = torch.tensor([c for c in range(size[path]) if c not in removed[path]], dtype=torch.long)
+            _fold_constant(b, sorted(removed[path]))
             _keep_channels(b, idx)
             kept[name][path] = len(idx)
     return kept
+
+
+def _fold_constant(block: nn.Module, removed: List[int]) -> None:
+    """A channel with a small batch-norm scale outputs about act(its batch-norm shift) whatever the input: fold that
+    constant, through the projection, into the following batch norm's running mean, so that cutting the channel
+    removes only its varying part."""
+    if not removed or not isinstance(getattr(block, "_bn2", None), nn.BatchNorm2d):
+        return
+    act = getattr(block, "_swish", None) or nn.ReLU6()
+    with torch.no_grad():
+        const = act(block._bn1.bias[removed].view(1, -1, 1, 1)).view(-1)
+        w = block._project_conv.weight[:, removed].flatten(1)  # (out, removed) for a 1x1 projection
+        block._bn2.running_mean -= w @ const
 
 
 def apply_pruning(model: nn.Module, bundle_dir: Path) -> None:
@@ -256,6 +271,7 @@ def finetune(model, config, tasks, epochs: int, log=print) -> None:
     if config.data.train is None and config.data.align is None:
         raise ValueError("--finetune-epochs needs the run's training data, and its config names none (data.train): "
                          "the run was fitted on tables passed in directly")
+    torch.manual_seed(config.trainer.seed)
     data = TableDataModule(config).read()
     strategy = build_strategy(STRATEGIES.get("full").Config())
     for p in model.parameters():
@@ -299,7 +315,7 @@ def write_pruned(run_dir: Path, out: Path, model, pruned: Dict[str, Any]) -> Pat
     return atomic_write_dir(out, write)
 
 
-def _latency_ms(pred, row, calls: int = 30) -> float:
+def _latency_ms(pred, row, calls: int = 50) -> float:
     pred.predict_proba(row)
     times = []
     for _ in range(calls):
@@ -335,9 +351,13 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
         raw = weights.read_bytes()
         params = sum(p.numel() for p in pred.model.parameters())
         nonzero = sum(int((p != 0).sum()) for p in pred.model.parameters())
+        pred.predict_proba(df.head(32))
+        t = time.perf_counter()
+        pred.predict_proba(df)
+        rows_per_s = len(df) / (time.perf_counter() - t)
         return {"model": name, "sparsity": sparsity, "metric": main_metric(task), "value": float(m[main_metric(task)]),
                 "parameters": params, "nonzero": nonzero, "bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6)),
-                "p50_ms": _latency_ms(pred, df.head(1)), "bundle": str(folder)}
+                "p50_ms": _latency_ms(pred, df.head(1)), "rows_per_s": rows_per_s, "bundle": str(folder)}
 
     base_pred = Predictor.load(run_dir)
     results = [measure(base_pred, "unpruned", run_dir, 0.0)]
@@ -371,8 +391,10 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
 
 def table(results: List[Dict[str, Any]]) -> str:
     base = results[0]
-    lines = [f"{'model':14} {base['metric']:>9} {'change':>8} {'params':>11} {'non-zero':>11} {'MB':>7} {'gzip MB':>8} {'p50 ms':>7}"]
+    lines = [f"{'model':16} {base['metric']:>9} {'change':>8} {'params':>11} {'non-zero':>11} {'MB':>7} {'gzip MB':>8} "
+             f"{'p50 ms':>7} {'rows/s':>7}"]
     for r in results:
-        lines.append(f"{r['model']:14} {r['value']:9.4f} {r['value'] - base['value']:+8.4f} {r['parameters']:11d} "
-                     f"{r['nonzero']:11d} {r['bytes'] / 2**20:7.1f} {r['gzip_bytes'] / 2**20:8.1f} {r['p50_ms']:7.1f}")
+        lines.append(f"{r['model']:16} {r['value']:9.4f} {r['value'] - base['value']:+8.4f} {r['parameters']:11d} "
+                     f"{r['nonzero']:11d} {r['bytes'] / 2**20:7.1f} {r['gzip_bytes'] / 2**20:8.1f} {r['p50_ms']:7.1f} "
+                     f"{r['rows_per_s']:7.1f}")
     return "\n".join(lines)
