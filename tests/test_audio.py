@@ -78,6 +78,12 @@ def test_a_hugging_face_audio_model_trains_and_reloads(tmp_path, tiny_wav2vec2, 
     assert np.abs(a - b).max() <= 1e-5
     enc_model = res.model.encoders["audio"]
     assert [len(g) for g in enc_model.layer_groups()] and len(enc_model.layer_groups()) >= 3
+    if pytest.importorskip("captum"):  # explanations over time: a strip of frames per recording, summing to 1
+        expl = res.in_memory().explain(test.head(3), activation_rows=2)
+        for cams in expl.cams:
+            assert cams["audio"].shape[0] == 1 and cams["audio"].shape[1] > 1 and abs(cams["audio"].sum() - 1) < 1e-5
+        assert {"audio", "text"} == set(expl.rows[0]["attribution_share"]) and expl.rows[0]["words"]["text"]
+        assert any(k.startswith("audio/") for k in expl.activations["layers"])
 
 
 def test_padding_frames_are_masked_out_of_the_pooled_vector(tiny_wav2vec2):

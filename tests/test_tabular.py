@@ -83,3 +83,19 @@ def test_tabular_columns_are_named_and_checked(tmp_path, tiny_bert):
     df["b"] = [[1, 2]] + ["k"] * 7
     with pytest.raises(mmtune.BadRowsError, match="column 'a,b': column 'b': a number or a category is expected, got list"):
         mmtune.fit(cfg, train=df)
+
+
+@pytest.mark.stochastic
+def test_the_deciding_column_gets_the_largest_attribution(tabular_run):
+    pytest.importorskip("captum")
+    res, _ = tabular_run
+    expl = res.load().explain(_table(60, 1), activation_rows=0)
+    assert set(expl.rows[0]["columns"]["tabular"]) == {"amount", "brand", "store"}
+    # The columns' attributions add up to how far the row's prediction is from the average row's (numbers at their
+    # mean, categories unknown). Where that is large, the amount made it; where the average row already predicts
+    # the row's class, there is nothing to attribute.
+    moved = [r for r in expl.rows if sum(r["columns"]["tabular"].values()) > 0.5]
+    assert len(moved) >= 10
+    top = [max(r["columns"]["tabular"].items(), key=lambda kv: abs(kv[1]))[0] for r in moved]
+    assert np.mean([t == "amount" for t in top]) >= 0.9
+    assert expl.table["mean_attribution_share"]["tabular"] > expl.table["mean_attribution_share"]["text"]

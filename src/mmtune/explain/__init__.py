@@ -254,6 +254,7 @@ class Explainer:
                 row["disagreement"] = _disagreement([alone[f][i] for f in fields if bool(present[f][i])])
         self._share(outputs, present, pred, rows)
         self._text(inputs, outputs, present, pred, rows, items)
+        self._tabular(inputs, outputs, present, pred, rows)
         cams = self._cams(inputs, present, pred, len(rows))
         attention = self._fusion_state(rows)
         return rows, cams, attention
@@ -272,7 +273,6 @@ class Explainer:
                 tensors.append(outputs[k].tokens.detach())
                 slots.append((k, "tokens"))
         masks = [outputs[k].mask for k in keys]
-        fields = sorted(present)
 
         def run(values):
             parts: Dict[str, Dict[str, torch.Tensor]] = defaultdict(dict)
@@ -315,11 +315,8 @@ class Explainer:
         it = iter(attrs_used)
         attrs = [next(it) if u else torch.zeros_like(t) for u, t in zip(used, tensors)]
         per_key = defaultdict(lambda: torch.zeros(len(rows), device=self.device))
-        tokens_attr = {}
         for (k, what), a in zip(slots, attrs):
             per_key[k] = per_key[k] + a.reshape(len(rows), -1).sum(1)
-            if what == "tokens":
-                tokens_attr[k] = a.sum(-1).detach().cpu().numpy()
         with torch.no_grad():
             full = self._target(self._logits(outputs, present))
             zero = run([b if u else t for u, t, b in zip(used, tensors, bases)])
@@ -333,15 +330,55 @@ class Explainer:
             diff = float(full[i] - zero[i])
             row["completeness"] = {"sum": float(sum(signed.values())), "logit_difference": diff,
                                    "delta": float(delta[i])}
-        for k, arr in tokens_attr.items():  # a token per column: tabular attributions per column
-            enc_name = k.split(".")[0]
-            enc = self.model.encoders[enc_name]
-            columns = getattr(getattr(enc, "processor", None), "columns", None)
-            if kind(self.model.output_modality[k]) == "tabular" and columns and arr.shape[1] >= len(columns):
-                off = arr.shape[1] - len(columns)
-                for i, row in enumerate(rows):
-                    row.setdefault("columns", {})[self.model.output_modality[k]] = {
-                        str(c): float(arr[i, off + j]) for j, c in enumerate(columns)}
+
+    def _replacing(self, name: str, enc, names: List[str], outputs, present):
+        """A forward function of encoder ``name``'s input tensors (``names``, in that order) to the explained
+        outputs, every other encoder's outputs held fixed, and the fixed tensors it takes after them."""
+        others = sorted(k for k in outputs if k != name and not k.startswith(name + "."))
+        fields = sorted(present)
+        n = len(names)
+
+        def forward(*args):
+            kw = dict(zip(names, args[:n]))
+            rest = args[n:]
+            k = len(others)
+            outs = {key: EncoderOutput(p, t, m) for key, p, t, m in zip(others, rest[:k], rest[k:2 * k], rest[2 * k:3 * k])}
+            own = enc(**kw)
+            if isinstance(own, EncoderOutput):
+                outs[name] = own
+            else:
+                from ..models.classifier import _key
+
+                outs.update({_key(name, sub): v for sub, v in own.items()})
+            return self._target(self._logits(outs, dict(zip(fields, rest[3 * k:]))))
+
+        fixed = (tuple(outputs[k].pooled.detach() for k in others)
+                 + tuple(outputs[k].tokens.detach() if outputs[k].tokens is not None else None for k in others)
+                 + tuple(outputs[k].mask for k in others) + tuple(present[f] for f in fields))
+        return forward, fixed
+
+    def _tabular(self, inputs, outputs, present, pred, rows) -> None:
+        """Per column: Integrated Gradients on the tabular encoder's column tokens (captum's
+        LayerIntegratedGradients), from the average row — numbers at their training mean, no number missing,
+        every category the unknown one."""
+        from captum.attr import LayerIntegratedGradients
+
+        for name, enc in self.model.encoders.items():
+            if enc.modality != "tabular" or not hasattr(enc, "norm"):
+                continue
+            field = getattr(enc, "field", None) or enc.modality
+            names = ["numbers", "missing", "categories"]
+            forward, fixed = self._replacing(name, enc, names, outputs, present)
+            x = tuple(inputs[name][k] for k in names)
+            baseline = tuple(torch.zeros_like(t) for t in x)
+            target = None if self.task.regression else torch.as_tensor(pred, device=self.device)
+            attrs = LayerIntegratedGradients(forward, enc.norm).attribute(
+                x, baselines=baseline, target=target, additional_forward_args=fixed, n_steps=self.steps,
+                method="gausslegendre")
+            per_column = attrs.sum(-1).detach().cpu().numpy()
+            order = list(enc.processor.numeric) + list(enc.processor.categorical)
+            for i, row in enumerate(rows):
+                row.setdefault("columns", {})[field] = {str(c): float(per_column[i, j]) for j, c in enumerate(order)}
 
     def _text(self, inputs, outputs, present, pred, rows, items) -> None:
         """Integrated Gradients on each text encoder's input embeddings (baseline: the padding token in place of
@@ -354,32 +391,15 @@ class Explainer:
             if kind(field) != "text" or enc.modality != "text" or not hasattr(model, "get_input_embeddings"):
                 continue
             tok = enc.processor.tokenizer
-            names = sorted(inputs[name])
-            fixed = {k: v.pooled.detach() for k, v in outputs.items() if k != name}
-            fixed_tokens = {k: (v.tokens.detach() if v.tokens is not None else None, v.mask) for k, v in outputs.items() if k != name}
-            others = sorted(fixed)
-            fields = sorted(present)
-
-            def forward(input_ids, *args):
-                kw = dict(zip([n for n in names if n != "input_ids"], args[:len(names) - 1]))
-                rest = args[len(names) - 1:]
-                pooled = rest[:len(others)]
-                toks = rest[len(others):2 * len(others)]
-                masks = rest[2 * len(others):3 * len(others)]
-                pres = dict(zip(fields, rest[3 * len(others):]))
-                outs = {k: EncoderOutput(p, t, m) for k, p, t, m in zip(others, pooled, toks, masks)}
-                outs[name] = enc(input_ids=input_ids, **kw)
-                return self._target(self._logits(outs, pres))
-
+            names = ["input_ids", *sorted(k for k in inputs[name] if k != "input_ids")]
+            forward, fixed = self._replacing(name, enc, names, outputs, present)
             ids = inputs[name]["input_ids"]
             special = torch.zeros_like(ids, dtype=torch.bool)
             for sid in tok.all_special_ids:
                 special |= ids == sid
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             baseline = torch.where(special, ids, torch.full_like(ids, pad))
-            extra = (tuple(inputs[name][n] for n in names if n != "input_ids") + tuple(fixed[k] for k in others)
-                     + tuple(fixed_tokens[k][0] for k in others) + tuple(fixed_tokens[k][1] for k in others)
-                     + tuple(present[f] for f in fields))
+            extra = tuple(inputs[name][n] for n in names[1:]) + fixed
             lig = LayerIntegratedGradients(forward, model.get_input_embeddings())
             target = None if self.task.regression else torch.as_tensor(pred, device=self.device)
             attrs, delta = lig.attribute(ids, baselines=baseline, target=target, additional_forward_args=extra,
