@@ -149,3 +149,22 @@ def test_explain_page_cli_and_the_fit_report_link(planted, tmp_path):
     export_onnx(res.run_dir, tmp_path / "export", data=str(onnx), log=lambda *_: None)
     with pytest.raises(ValueError, match="explanations need the PyTorch model"):
         mmtune.load(tmp_path / "export").explain(_test_rows(test).head(2))
+
+
+def test_cross_attention_maps_are_drawn_on_the_picture(tmp_path, tiny_vit, tiny_bert, colour_verdict):
+    from mmtune.explain.page import attention_on
+
+    enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, model={"fusion": {"type": "cross_attention", "width": 32, "heads": 2, "hidden_dims": [32]}},
+                      trainer={"max_epochs": 1}, evaluation={"explain": 0, "report": False})
+    res = mmtune.fit(cfg, train=str(colour_verdict["train"]))
+    df = _test_rows(colour_verdict["test"]).head(3)
+    expl = res.in_memory().explain(df, activation_rows=0)
+    entry = expl.attention[0]["text"]
+    w = np.asarray(entry["weights"])
+    assert w.shape[1] == 1 + 17 and np.allclose(w.sum(1), 1, atol=1e-5)  # the null key + the ViT's 1 + 4x4 tokens
+    amap = attention_on(entry, "image")
+    assert amap.shape == (4, 4) and abs(amap.sum() - 1) < 1e-5
+    written = expl.write(tmp_path / "page")
+    assert len(list((tmp_path / "page" / "plots").glob("row*-attention-text-on-image.png"))) == 3
+    assert "text attention on image" in Path(written["html"]).read_text()

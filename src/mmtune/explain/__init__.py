@@ -256,7 +256,7 @@ class Explainer:
         self._text(inputs, outputs, present, pred, rows, items)
         self._tabular(inputs, outputs, present, pred, rows)
         cams = self._cams(inputs, present, pred, len(rows))
-        attention = self._fusion_state(rows)
+        attention = self._fusion_state(outputs, present, rows)
         return rows, cams, attention
 
     def _share(self, outputs, present, pred, rows) -> None:
@@ -432,8 +432,12 @@ class Explainer:
                     cams[i][field] = _normalise(maps[i])
         return cams
 
-    def _fusion_state(self, rows) -> List[Dict[str, Any]]:
+    def _fusion_state(self, outputs, present, rows) -> List[Dict[str, Any]]:
+        """The gates (``gated``) and attention weights (``cross_attention``) of these rows: per query field, its
+        tokens' attention over the null key and the other fields' tokens, and which tokens are real."""
         fusion = self.model.fusion
+        with torch.no_grad():
+            self._logits(outputs, present)  # the fusion keeps what its last call computed: these rows'
         out: List[Dict[str, Any]] = [dict() for _ in rows]
         gates = getattr(fusion, "last_gates", None)
         if gates is not None and gates.shape[0] == len(rows):
@@ -444,9 +448,12 @@ class Explainer:
         for k, w in attn.items():
             if w.shape[0] != len(rows):
                 continue
+            mask = outputs[k].mask
             for i in range(len(rows)):
-                out[i][self.model.output_modality[k]] = {"weights": w[i].cpu().numpy(),
-                                                         "keys": [self.model.output_modality.get(x, x) for x in fusion.last_attention_keys[k]]}
+                out[i][self.model.output_modality[k]] = {
+                    "weights": w[i].cpu().numpy(),
+                    "keys": [self.model.output_modality.get(x, x) for x in fusion.last_attention_keys[k]],
+                    "query_mask": None if mask is None else mask[i].cpu().numpy()}
         return out
 
     def _activations(self, ds, n: int) -> Dict[str, Any]:

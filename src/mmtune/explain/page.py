@@ -61,6 +61,28 @@ def _attention(entry: Dict[str, Any], title: str) -> bytes:
     return data
 
 
+def attention_on(entry: Dict[str, Any], field: str):
+    """The query field's attention over ``field``'s tokens, averaged over its real tokens, as a map: a grid for a
+    picture's tokens (a leading CLS token dropped), else a strip. None when it does not attend to ``field``."""
+    keys = entry["keys"]
+    cols = [j for j, k in enumerate(keys) if k == field]
+    if not cols:
+        return None
+    w = np.asarray(entry["weights"])[:, cols]
+    mask = entry.get("query_mask")
+    w = w[np.asarray(mask, dtype=bool)] if mask is not None and np.asarray(mask).any() else w
+    m = w.mean(0)
+    side = int(round((len(m) - 1) ** 0.5))
+    if side > 1 and side * side == len(m) - 1:
+        m = m[1:].reshape(side, side)
+    elif int(round(len(m) ** 0.5)) ** 2 == len(m) and len(m) > 1:
+        m = m.reshape(int(round(len(m) ** 0.5)), -1)
+    else:
+        m = m.reshape(1, -1)
+    total = m.sum()
+    return m / total if total > 0 else m
+
+
 def _histograms(acts: Dict[str, Any]) -> bytes:
     import matplotlib
 
@@ -157,6 +179,13 @@ def write_explanations(expl, out_dir, title: str = "Explanations") -> Dict[str, 
             name = f"row{row['row']}-attention-{f.replace('.', '_')}.png"
             (out / "plots" / name).write_bytes(data)
             parts.append(_img(data, f"{f} attention"))
+            for g, value in expl.shown[i].items():  # where this field looked in each picture
+                amap = attention_on(entry, g) if hasattr(value, "convert") else None
+                if amap is not None and amap.shape[0] > 1:
+                    data = _overlay(value, amap, f"{f} → {g}: attention")
+                    name = f"row{row['row']}-attention-{f.replace('.', '_')}-on-{g.replace('.', '_')}.png"
+                    (out / "plots" / name).write_bytes(data)
+                    parts.append(_img(data, f"{f} attention on {g}"))
         parts.append("</div>")
         lines.append(json.dumps({**row, "cam": {f: c.tolist() for f, c in (expl.cams[i] if i < len(expl.cams) else {}).items()}}))
     atomic_write_text(out / "explanations.html", "\n".join(parts))
