@@ -96,12 +96,9 @@ class _Site:
 
 
 def _cam_from(value: torch.Tensor, grad: torch.Tensor) -> np.ndarray:
-    """Grad-CAM: channel weights = mean gradient over positions; map = ReLU(Σ_c w_c A_c). A feature map gives
-    (B, H, W); tokens give (B, g, g) when the tokens (without a leading CLS) form a square grid, else (B, 1, T)."""
-    if value.dim() == 4:
-        w = grad.mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((w * value).sum(1))
-        return cam.detach().cpu().numpy()
+    """Grad-CAM over tokens (B, T, D) — LayerGradCam's formula with the tokens as positions: channel weights = mean
+    gradient over tokens; map = ReLU(Σ_c w_c A_c). A square grid (without a leading CLS token) gives (B, g, g),
+    else a strip (B, 1, T)."""
     b, t, _ = value.shape
     w = grad.mean(dim=1, keepdim=True)
     cam = torch.relu((w * value).sum(-1)).detach()
@@ -255,7 +252,7 @@ class Explainer:
         self._share(outputs, present, pred, rows)
         self._text(inputs, outputs, present, pred, rows, items)
         self._tabular(inputs, outputs, present, pred, rows)
-        cams = self._cams(inputs, present, pred, len(rows))
+        cams = self._cams(inputs, outputs, present, pred, len(rows))
         attention = self._fusion_state(outputs, present, rows)
         return rows, cams, attention
 
@@ -413,20 +410,36 @@ class Explainer:
                 row.setdefault("words", {})[field] = words
                 row.setdefault("text_completeness", {})[field] = {"sum": float(per_token[i].sum()), "delta": float(delta[i])}
 
-    def _cams(self, inputs, present, pred, n) -> List[Dict[str, np.ndarray]]:
+    def _cams(self, inputs, outputs, present, pred, n) -> List[Dict[str, np.ndarray]]:
+        """Grad-CAM per file field: captum's LayerGradCam on the last block's feature map (CNNs); for a
+        transformer's tokens, the same formula over the tokens entering its last block (:func:`_cam_from`)."""
+        from captum.attr import LayerGradCam
+
         cams: List[Dict[str, np.ndarray]] = [dict() for _ in range(n)]
+        target = None if self.task.regression else torch.as_tensor(pred, device=self.device)
         for name, enc in self.model.encoders.items():
             field = getattr(enc, "field", None) or enc.modality
             if not modality_of(kind(field)).files:  # images, audio: a map over the picture or the recording
                 continue
             with _Site(enc) as site, torch.enable_grad():
-                outputs = self._encode(inputs)
+                encoded = self._encode(inputs)
                 if site.value is None:
                     continue
-                logits = self._target(self._logits(outputs, present))
-                score = logits.sum() if self.task.regression else logits.gather(1, torch.as_tensor(pred, device=self.device)[:, None]).sum()
-                grad, = torch.autograd.grad(score, site.value)
-            maps = _cam_from(site.value, grad)
+                if site.value.dim() == 4:
+                    maps = None
+                else:
+                    logits = self._target(self._logits(encoded, present))
+                    score = logits.sum() if target is None else logits.gather(1, target[:, None]).sum()
+                    grad, = torch.autograd.grad(score, site.value)
+                    maps = _cam_from(site.value, grad)
+            if maps is None:
+                names = sorted(inputs[name])
+                forward, fixed = self._replacing(name, enc, names, outputs, present)
+                with torch.enable_grad():
+                    attr = LayerGradCam(forward, site.block).attribute(
+                        tuple(inputs[name][k] for k in names), target=target, additional_forward_args=fixed,
+                        relu_attributions=True)
+                maps = attr[:, 0].detach().cpu().numpy()
             for i in range(n):
                 if bool(present[field][i]):
                     cams[i][field] = _normalise(maps[i])
