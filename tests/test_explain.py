@@ -168,3 +168,31 @@ def test_cross_attention_maps_are_drawn_on_the_picture(tmp_path, tiny_vit, tiny_
     written = expl.write(tmp_path / "page")
     assert len(list((tmp_path / "page" / "plots").glob("row*-attention-text-on-image.png"))) == 3
     assert "text attention on image" in Path(written["html"]).read_text()
+
+
+def test_activation_statistics_count_dead_constant_and_saturated_units(planted):
+    import torch
+
+    runs, test = planted
+    pred = runs["word_label"].load()
+    blocks = [b for b in pred.model.encoders["text"].modules() if isinstance(b, torch.nn.ModuleList)]
+    stack = max(blocks, key=lambda m: sum(p.numel() for p in m.parameters()))
+    last = stack[-1]
+    # plant: the last text block's output forced to 0 on its first 8 units and to 6 on the next 4
+    def hook(module, args, out):
+        t = out[0] if isinstance(out, tuple) else out
+        t = t.clone()
+        t[..., :8] = 0.0
+        t[..., 8:12] = 6.0
+        return (t, *out[1:]) if isinstance(out, tuple) else t
+    handle = last.register_forward_hook(hook)
+    try:
+        acts = pred.explain(_test_rows(test).head(6), activation_rows=6).activations
+    finally:
+        handle.remove()
+    s = acts["layers"][f"text/{len(stack) - 1}"]
+    assert s["units"] == 32 and acts["rows"] == 6
+    assert s["constant_fraction"] == 12 / 32          # 8 at zero, 4 at six
+    assert s["dead_fraction"] >= 8 / 32               # the zeros never turn positive
+    assert s["saturated_fraction"] == 4 / 32          # the sixes sit at the block's largest value
+    assert sum(s["histogram"]) > 0 and sum(s["histogram"]) % (6 * 32) == 0  # every value of 6 rows x tokens x 32 units

@@ -471,7 +471,8 @@ class Explainer:
 
     def _activations(self, ds, n: int) -> Dict[str, Any]:
         """Per encoder block (its main stack): mean, standard deviation, a histogram, and the share of units that
-        never turn positive (dead) or never change (constant) over ``n`` rows."""
+        never turn positive (dead), never change (constant) or sit at the block's extreme (saturated) over ``n``
+        rows."""
         from ..inference import move
 
         batch = move(self.p.collator([ds[i] for i in range(n)]), self.device)
@@ -489,9 +490,12 @@ class Explainer:
                     x = t.detach().float()
                     units = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() == 4 else x.reshape(-1, x.shape[-1]).T
                     hist, edges = np.histogram(x.cpu().numpy().ravel(), bins=30)
+                    top = float(units.abs().max()) or 1.0
                     stats[key] = {"mean": float(x.mean()), "std": float(x.std()),
                                   "dead_fraction": float((units.max(1).values <= 0).float().mean()),
                                   "constant_fraction": float((units.std(1) < 1e-6).float().mean()),
+                                  # at the block's own extreme (|x| >= 95 % of its largest) for 90 % of rows and positions
+                                  "saturated_fraction": float(((units.abs() >= 0.95 * top).float().mean(1) >= 0.9).float().mean()),
                                   "units": int(units.shape[0]), "histogram": hist.tolist(),
                                   "edges": [float(e) for e in edges]}
                 handles.append(block.register_forward_hook(hook))

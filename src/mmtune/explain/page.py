@@ -149,10 +149,12 @@ def write_explanations(expl, out_dir, title: str = "Explanations") -> Dict[str, 
         hist = _histograms(expl.activations)
         (out / "plots" / "activations.png").write_bytes(hist)
         parts.append(_img(hist, "activation histograms"))
-        parts.append("<table><tr><th>block</th><th>mean</th><th>std</th><th>dead units</th><th>constant units</th></tr>")
+        parts.append("<table><tr><th>block</th><th>mean</th><th>std</th><th>dead units</th><th>constant units</th>"
+                     "<th>saturated units</th></tr>")
         for name, s in expl.activations["layers"].items():
             parts.append(f"<tr><td>{html.escape(name)}</td><td>{s['mean']:+.3f}</td><td>{s['std']:.3f}</td>"
-                         f"<td>{s['dead_fraction']:.1%} of {s['units']}</td><td>{s['constant_fraction']:.1%}</td></tr>")
+                         f"<td>{s['dead_fraction']:.1%} of {s['units']}</td><td>{s['constant_fraction']:.1%}</td>"
+                         f"<td>{s['saturated_fraction']:.1%}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Rows</h2>")
     lines = []
