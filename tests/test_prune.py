@@ -115,8 +115,8 @@ def test_structured_pruning_removes_cnn_channels(tmp_path, tiny_bert, colour_ver
     assert sum(b._bn1.num_features for _, b in blocks) == channels - round(0.3 * channels)
     assert all(b._depthwise_conv.groups == b._bn1.num_features == b._project_conv.in_channels for _, b in blocks)
     assert results[1]["parameters"] < results[0]["parameters"] and results[1]["reload_max_abs_diff"] <= 1e-6
-    # the channels cut are the ones the block's output ignores: with their projection columns zeroed, the unpruned
-    # model computes what the pruned one does
+    # a channel cut keeps its constant part (folded into the next batch norm): the unpruned model whose cut channels
+    # have a zero batch-norm scale — so that each outputs exactly act(its shift) — computes what the pruned one does
     import torch
 
     x = torch.randn(2, 3, 32, 32)
@@ -126,7 +126,7 @@ def test_structured_pruning_removes_cnn_channels(tmp_path, tiny_bert, colour_ver
             kept = {round(v, 7) for v in small._bn1.weight.tolist()}
             removed = [c for c, v in enumerate(b._bn1.weight.tolist()) if round(v, 7) not in kept]
             assert len(removed) == b._bn1.num_features - small._bn1.num_features
-            b._project_conv.weight[:, removed] = 0
+            b._bn1.weight[removed] = 0
         a = full(pixel_values=x).pooled
         c = after.model.encoders["image"].eval()(pixel_values=x).pooled
     assert torch.allclose(a, c, atol=1e-5)
