@@ -226,3 +226,18 @@ def test_embeddings_are_what_the_heads_read(fitted, colour_verdict, tmp_path, ca
     assert cli(["embed", "--run", str(res.run_dir), "--data", str(tmp_path / "rows.csv"), "--out", str(tmp_path / "e.parquet"),
                 "--kind", "nope"]) == 2
     assert "--kind 'nope'; valid: fused, image, text" in capsys.readouterr().err
+
+
+def test_the_bundle_predicts_what_fit_reported(tmp_path, tiny_resnet, tiny_bert, colour_verdict):
+    """Nothing after the evaluation changes the model (a forward pass in training mode would move the batch-norm
+    statistics of the ResNet): the reloaded bundle reproduces the saved test predictions and the reported accuracy."""
+    enc = {"image": {"modality": "image", "checkpoint": tiny_resnet}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    res = mmtune.fit(base_config(tmp_path, enc, trainer={"max_epochs": 2}, evaluation={"report": False}),
+                     train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
+    saved = pd.read_csv(res.run_dir / "predictions" / "test.csv")
+    test = pd.read_csv(colour_verdict["test"])
+    test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
+    raw = mmtune.load(res.run_dir).predict_proba(test, calibrated=False)
+    cols = [c for c in saved.columns if c.startswith("label:p:")]
+    assert np.abs(saved[cols].to_numpy() - raw[[c.split(":p:")[1] for c in cols]].to_numpy()).max() <= 1e-5
+    assert mmtune.load(res.run_dir).evaluate(test)["label"]["accuracy"] == res.metrics["test"]["label"]["accuracy"]

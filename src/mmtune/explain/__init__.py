@@ -121,10 +121,19 @@ def reference_outputs(model, batches, rows: int = 256) -> Dict[str, torch.Tensor
     """The average encoder outputs over (up to ``rows`` of) the training rows — Integrated Gradients' baseline:
     ``<key>::pooled`` (D,) and ``<key>::tokens`` (D,), the mean over rows and real tokens. A modality whose
     variation carries nothing then gets no attribution, however far its typical vector is from zero."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # in training mode, batch-norm layers would update their statistics: the model must not change
+    try:
+        return _reference(model, batches, rows, device)
+    finally:
+        model.train(was_training)
+
+
+def _reference(model, batches, rows: int, device) -> Dict[str, torch.Tensor]:
     from ..finetune.feature_cache import as_encoder_outputs
     from ..inference import move
 
-    device = next(model.parameters()).device
     sums: Dict[str, torch.Tensor] = {}
     counts: Dict[str, float] = defaultdict(float)
     seen = 0
