@@ -93,6 +93,20 @@ def _keep(block: Block, heads: List[int]) -> None:
         att.all_head_size = len(rows)
 
 
+def _weakest(scores: List[Tuple[float, str, int]], sizes: Dict[str, int], fraction: float, floor) -> Dict[str, set]:
+    """Ranked together, the lowest-scoring ``fraction`` of the units (``(score, block, index)``), never leaving a
+    block fewer than ``floor(its size)``: ``{block: indices removed}``."""
+    n_remove = int(round(fraction * len(scores)))
+    removed: Dict[str, set] = {path: set() for path in sizes}
+    for _, path, i in sorted(scores):
+        if n_remove == 0:
+            break
+        if sizes[path] - len(removed[path]) > floor(sizes[path]):
+            removed[path].add(i)
+            n_remove -= 1
+    return removed
+
+
 def prune_heads(model: nn.Module, fraction: float) -> Dict[str, Dict[str, int]]:
     """Remove ``fraction`` of the attention heads of every transformer encoder, lowest norm first (the norm of a
     head's columns of the output projection times that of its value rows). Returns ``{encoder: {block: heads
@@ -110,15 +124,7 @@ def prune_heads(model: nn.Module, fraction: float) -> Dict[str, Dict[str, int]]:
                 with torch.no_grad():
                     score = float(blk.output.weight[:, cols].norm() * getattr(blk.att, blk.qkv[2]).weight[cols].norm())
                 scores.append((score, blk.path, h))
-        n_remove = int(round(fraction * len(scores)))
-        per_block = {blk.path: blk.heads for blk in blocks}
-        removed: Dict[str, set] = {path: set() for path in per_block}
-        for score, path, h in sorted(scores):
-            if n_remove == 0:
-                break
-            if per_block[path] - len(removed[path]) > 1:  # every layer keeps a head
-                removed[path].add(h)
-                n_remove -= 1
+        removed = _weakest(scores, {blk.path: blk.heads for blk in blocks}, fraction, lambda n: 1)  # a head per layer
         kept[name] = {}
         for blk in blocks:
             heads = [h for h in range(blk.heads) if h not in removed[blk.path]]
@@ -181,15 +187,8 @@ def prune_channels(model: nn.Module, fraction: float) -> Dict[str, Dict[str, int
             for path, b in blocks:
                 s = b._bn1.weight.abs() * b._project_conv.weight.flatten(2).norm(dim=(0, 2))
                 scores += [(float(v), path, c) for c, v in enumerate(s)]
-        n_remove = int(round(fraction * len(scores)))
         size = {path: b._bn1.num_features for path, b in blocks}
-        removed: Dict[str, set] = {path: set() for path in size}
-        for score, path, c in sorted(scores):
-            if n_remove == 0:
-                break
-            if size[path] - len(removed[path]) > max(1, size[path] // 8):
-                removed[path].add(c)
-                n_remove -= 1
+        removed = _weakest(scores, size, fraction, lambda n: max(1, n // 8))
         kept[name] = {}
         for path, b in blocks:
             idx = torch.tensor([c for c in range(size[path]) if c not in removed[path]], dtype=torch.long)
@@ -308,7 +307,7 @@ def write_pruned(run_dir: Path, out: Path, model, pruned: Dict[str, Any]) -> Pat
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / PRUNED).write_text(json.dumps(pruned, indent=2))
         meta = json.loads((run_dir / MARKER).read_text())
-        meta["files"] = sorted(set(meta.get("files", [])) | {PRUNED}) if isinstance(meta.get("files"), list) else meta.get("files")
+        meta["files"] = sorted(set(meta.get("files", [])) | {PRUNED})
         meta["pruned_from"] = str(run_dir.resolve())
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
 

@@ -280,12 +280,19 @@ class Explainer:
                 slots.append((k, "tokens"))
         masks = [outputs[k].mask for k in keys]
 
+        n = len(rows)
+
         def run(values):
+            """The explained outputs from the encoder outputs ``values`` (one per slot) of ``k × n`` rows — Integrated
+            Gradients passes its steps stacked — the fixed ones (masks, present-masks, unused slots) repeated to match."""
+            size = max(t.shape[0] for t in values)
+            reps = size // n
             parts: Dict[str, Dict[str, torch.Tensor]] = defaultdict(dict)
             for (k, what), t in zip(slots, values):
-                parts[k][what] = t
-            outs = {k: EncoderOutput(parts[k]["pooled"], parts[k].get("tokens"), m) for k, m in zip(keys, masks)}
-            return self._target(self._logits(outs, present))
+                parts[k][what] = t if t.shape[0] == size else t.repeat(reps, *([1] * (t.dim() - 1)))
+            outs = {k: EncoderOutput(parts[k]["pooled"], parts[k].get("tokens"),
+                                     None if m is None else m.repeat(reps, *([1] * (m.dim() - 1)))) for k, m in zip(keys, masks)}
+            return self._target(self._logits(outs, {f: v.repeat(reps) for f, v in present.items()}))
 
         # only what the fusion reads is attributed (a concat fusion reads no tokens; attention fusions may ignore
         # the pooled vectors): the rest stays fixed
@@ -293,22 +300,10 @@ class Explainer:
             leaves = [t.clone().requires_grad_(True) for t in tensors]
             grads = torch.autograd.grad(run(leaves).sum(), leaves, allow_unused=True)
         used = [g is not None for g in grads]
-        n = len(rows)
 
         def forward(*args):
             it = iter(args)
-            values = [next(it) if u else t for u, t in zip(used, tensors)]
-            return run_expanded(values, args[0].shape[0])
-
-        def run_expanded(values, size):
-            reps = size // n
-            parts: Dict[str, Dict[str, torch.Tensor]] = defaultdict(dict)
-            for (k, what), t in zip(slots, values):
-                parts[k][what] = t if t.shape[0] == size else t.repeat(reps, *([1] * (t.dim() - 1)))
-            outs = {k: EncoderOutput(parts[k]["pooled"], parts[k].get("tokens"),
-                                     None if m is None else m.repeat(reps, *([1] * (m.dim() - 1)))) for k, m in zip(keys, masks)}
-            pres = {f: v.repeat(reps) for f, v in present.items()}
-            return self._target(self._logits(outs, pres))
+            return run([next(it) if u else t for u, t in zip(used, tensors)])
 
         target = None if self.task.regression else torch.as_tensor(pred, device=self.device)
         ig = IntegratedGradients(forward)
