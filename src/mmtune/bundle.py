@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 
@@ -202,8 +202,11 @@ class RunClaim:
     killed overwrite leaves the old run as it was.
     """
 
-    def __init__(self, run_dir: Path, resume: bool = False, overwrite: bool = False, follower: bool = False):
+    def __init__(self, run_dir: Path, resume: bool = False, overwrite: bool = False, follower: bool = False,
+                 keep: Sequence[str] = ()):
         self.run_dir = Path(run_dir)
+        self.keep = tuple(keep)
+        """Sub-folders of the old run that an overwrite carries into the new one (a search's study)."""
         self.resume, self.overwrite = resume, overwrite
         self.work_dir = self.run_dir
         self.follower = follower
@@ -278,6 +281,9 @@ class RunClaim:
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.run_dir, old)
             os.replace(self._staging, self.run_dir)
+            for name in self.keep:
+                if (old / name).exists() and not (self.run_dir / name).exists():
+                    os.replace(old / name, self.run_dir / name)
             fsync_dir(self.run_dir.parent)
             shutil.rmtree(old, ignore_errors=True)
             self._staging = None

@@ -1,4 +1,4 @@
-"""``mmtune fit | evaluate | predict | embed | explain | prune | export | serve | report | parts | align | demo``."""
+"""``mmtune fit | tune | distill | evaluate | predict | embed | explain | prune | export | serve | report | parts | align | demo``."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,28 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     f.add_argument("--baselines", action="store_true",
                    help="also train each modality alone with the same settings and report the fusion gain")
+    _preset_args(f)
+
+    tu = sub.add_parser("tune", help="hyper-parameter search (optuna), then the best trial refitted into the run bundle")
+    tu.add_argument("config", help="YAML config file (the first trial, and the settings the search does not change)")
+    tu.add_argument("--trials", type=int, default=None, help="trials the study should hold (default 10); a study "
+                    "already in RUN/tune continues up to this count")
+    tu.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                    help="budget for search and refit (default trainer.max_time)")
+    tu.add_argument("--space", help="YAML search space narrowing or extending the default (see the README)")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable)")
+    tu.add_argument("--overwrite", action="store_true", help="let the refit replace a run of the same name")
+
+    di = sub.add_parser("distill", help="train a smaller student on a teacher bundle's soft targets and the labels")
+    di.add_argument("--teacher", required=True, help="the teacher's run bundle")
+    di.add_argument("--student", required=True, help="the student's YAML config (its data, encoders, training)")
+    di.add_argument("--unlabelled", help="more rows without labels (CSV, JSONL, Parquet): taught by the teacher alone")
+    di.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the soft targets (default 2)")
+    di.add_argument("--alpha", type=float, default=0.5, help="weight of the soft-target loss, 0-1 (default 0.5)")
+    di.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of the student config (repeatable)")
+    di.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
 
     e = sub.add_parser("evaluate", help="metrics of a run bundle on a labelled manifest")
     e.add_argument("--run", required=True, help="run bundle folder")
@@ -131,6 +153,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _preset_args(p) -> None:
+    from .presets import PRESETS
+
+    p.add_argument("--preset", choices=PRESETS.names(),
+                   help="a named recipe for the settings the config leaves open (see the README's presets table)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock budget of the training (trainer.max_time); preset best: of search and refit")
+
+
+def _preset_overrides(args) -> List[str]:
+    out = [f"preset={args.preset}"] if args.preset else []
+    if args.time_limit is not None:
+        if args.time_limit <= 0:
+            raise ValueError(f"--time-limit must be a positive number of seconds (got {args.time_limit})")
+        out.append("trainer.max_time={seconds: %d}" % max(1, round(args.time_limit)))
+    return out
+
+
 def _model_args(p) -> None:
     p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
@@ -151,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo, "report": _report,
-                "parts": _parts, "align": _align, "embed": _embed, "export": _export, "serve": _serve, "explain": _explain, "prune": _prune}[args.command](args)
+                "parts": _parts, "align": _align, "embed": _embed, "export": _export, "serve": _serve, "explain": _explain, "prune": _prune,
+                "tune": _tune, "distill": _distill}[args.command](args)
     except (ConfigError, BadRowsError, MissingExtraError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -160,8 +201,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _fit(args) -> int:
     from .training.fit import fit
 
-    overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else [])
-    res = fit(args.config, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
+    overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else []) + _preset_overrides(args)
+    return _fit_summary(fit(args.config, overrides=overrides, resume=args.resume, overwrite=args.overwrite))
+
+
+def _fit_summary(res) -> int:
     if not res.main:  # another process of a distributed run: the main one reports
         return 0
     print(json.dumps(_brief(res.metrics), indent=2))
@@ -173,6 +217,41 @@ def _fit(args) -> int:
               f"macro F1 {probe['f1_macro']:.3f} vs {model['f1_macro']:.3f} ({diff['f1_macro']:+.3f})")
     if "baselines" in res.metrics:
         print(json.dumps(res.metrics["baselines"], indent=2))
+    search = res.metrics.get("search")
+    if search:
+        print(f"search: {len(search['trials'])} trials, best trial {search['best_trial']} "
+              f"({search['monitor']} {search['best_value']:.4f}; refit {search.get('refit_value')}); "
+              f"study and trials.csv in {res.run_dir / 'tune'}")
+    print(f"run bundle: {res.run_dir}")
+    return 0
+
+
+def _tune(args) -> int:
+    from .search import tune
+
+    overrides = list(args.overrides)
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise ValueError(f"--time-limit must be a positive number of seconds (got {args.time_limit})")
+    out = tune(args.config, trials=args.trials, time_limit=args.time_limit, space=args.space, overrides=overrides,
+               overwrite=args.overwrite)
+    for t in out.trials:
+        value = "" if t["value"] is None else f"{t['value']:.4f}"
+        print(f"  trial {t['trial']:>3}  {t['state']:<9} {value:>8}  {t['seconds'] or 0:>7.1f}s  {t['params']}")
+    return _fit_summary(out.refit) if out.refit is not None else 0
+
+
+def _distill(args) -> int:
+    from .distill import distill
+
+    res = distill(args.teacher, args.student, unlabelled=args.unlabelled, temperature=args.temperature,
+                  alpha=args.alpha, overrides=args.overrides, overwrite=args.overwrite)
+    if not res.main:
+        return 0
+    rows = res.metrics["distillation"]["comparison"]
+    print(f"{'':8} {'accuracy':>9} {'parameters':>12} {'model MB':>9} {'p50 ms (1 row)':>15}   ({rows[0]['split']} split)")
+    for r in rows:
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        print(f"{r['model']:8} {acc:>9} {r['parameters']:>12,} {r['model_mb'] or 0:>9.2f} {r['p50_ms_one_row']:>15.2f}")
     print(f"run bundle: {res.run_dir}")
     return 0
 

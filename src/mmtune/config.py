@@ -54,7 +54,7 @@ def _part(section: str, value: Any) -> PartConfig:
         raise SectionError([f"config key '{section}.type': unknown {table.kind} {name!r}; valid: {', '.join(table.names())}"])
     cls = table.get(name).Config
     try:
-        return cls.model_validate({**value, "type": name})
+        return cls.model_validate(dict(value))  # ``type`` stays unset when not given (a preset may choose it)
     except ValidationError as exc:
         raise SectionError(_error_lines(exc, [section], cls)) from None
 
@@ -404,6 +404,9 @@ class Config(_Strict):
     """The run's name: its bundle is ``output_dir/name`` (a plain folder name: no path separators, not empty,
     not ``.`` / ``..``, not starting with ``.``)."""
     output_dir: str = "runs"
+    preset: Optional[str] = None
+    """A named recipe (``mmtune.presets.PRESETS``: fast, balanced, best) that fills in the training settings
+    this config does not set itself; see the README's table."""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     finetune: SerializeAsAny[PartConfig] = Field(default_factory=_default("finetune"))
@@ -424,6 +427,15 @@ class Config(_Strict):
     @classmethod
     def _parts(cls, v: Any, info: ValidationInfo) -> PartConfig:
         return _part(info.field_name, v)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: Optional[str]) -> Optional[str]:
+        from .presets import PRESETS
+
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; valid: {', '.join(PRESETS.names())}")
+        return v
 
     @field_validator("name")
     @classmethod

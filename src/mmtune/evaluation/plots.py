@@ -147,3 +147,37 @@ def contribution(entries: Dict[str, Any], task: str, metric: str) -> bytes:
     ax.set_ylim(0, 1.05)
     ax.set_title(f"modality contribution ({task})")
     return _png(fig)
+
+
+def search_trials(trials: Sequence[Dict[str, Any]], monitor: str, direction: str) -> bytes:
+    """A search's trials: each trial's monitored metric per epoch (pruned trials dashed), and each trial's best
+    value in trial order with the best so far."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for t in trials:
+        v = t.get("epoch_values") or []
+        if v:
+            axes[0].plot(range(1, len(v) + 1), v, marker=".", linestyle="--" if t["state"] == "pruned" else "-",
+                         alpha=0.8, label=f"trial {t['trial']} ({t['state']})")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_title(f"{monitor} per epoch")
+    axes[0].grid(alpha=0.3)
+    if len(trials) <= 12:
+        axes[0].legend(fontsize=7)
+    done = [(t["trial"], t["value"]) for t in trials if t["state"] == "complete" and t.get("value") is not None]
+    pruned = [(t["trial"], t["value"]) for t in trials if t["state"] == "pruned" and t.get("value") is not None]
+    if done:
+        axes[1].scatter(*zip(*done), label="complete")
+        pick = min if direction == "min" else max
+        best, run = [], None
+        for n, v in sorted(done):
+            run = v if run is None else pick(run, v)
+            best.append((n, run))
+        axes[1].step(*zip(*best), where="post", color="k", label="best so far")
+    if pruned:
+        axes[1].scatter(*zip(*pruned), marker="x", color="grey", label="pruned (last value)")
+    axes[1].set_xlabel("trial")
+    axes[1].set_title(f"{monitor} by trial ({direction}imise)")
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    return _png(fig)

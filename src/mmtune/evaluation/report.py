@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..io import atomic_write_bytes, atomic_write_text
 
-SECTIONS = ["Summary", "Linear probe", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
+SECTIONS = ["Summary", "Linear probe", "Search", "Distillation", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
             "Per-class metrics", "Modality contribution", "Worst misclassified test examples", "Configuration"]
 
 
@@ -103,6 +103,23 @@ def build_report(run_dir: str | Path) -> Path:
                                                                                           "accuracy", "f1_macro", "log_loss"]))
     else:
         parts["Linear probe"].append("<p>Off (evaluation.linear_probe), or no single-label task or pretrained encoder.</p>")
+
+    search = metrics.get("search")
+    if search:
+        pngs["search.png"] = plots.search_trials(search["trials"], search["monitor"], search["direction"])
+        refit = search.get("refit_value")
+        parts["Search"].append(
+            f"<p>{len(search['trials'])} trials (optuna; study in <code>tune/study.db</code>), best trial "
+            f"{search['best_trial']}: {html.escape(search['monitor'])} {search['best_value']:.4f}"
+            + (f"; this bundle, refitted from its config: {refit:.4f}" if refit is not None else "") + ".</p>"
+            + _img(pngs["search.png"], "search trials")
+            + _table(search["trials"], ["trial", "state", "value", "epochs", "seconds", "params"]))
+    distill = metrics.get("distillation")
+    if distill:
+        parts["Distillation"].append(
+            f"<p>Trained on the soft targets of <code>{html.escape(str(distill['teacher']))}</code> (temperature "
+            f"{distill['temperature']}, weight {distill['alpha']}) and the labels; {distill['unlabelled_rows']} "
+            "unlabelled rows.</p>" + _table(distill["comparison"], list(distill["comparison"][0])))
 
     if logs is not None and len(logs):
         pngs["training_curves.png"] = plots.training_curves(logs)
@@ -214,7 +231,7 @@ def build_report(run_dir: str | Path) -> Path:
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "plots" / name, png)
     body = "".join(f'<section id="{html.escape(s.lower().replace(" ", "-"))}"><h2>{html.escape(s)}</h2>{"".join(parts[s])}</section>'
-                   for s in SECTIONS)
+                   for s in SECTIONS if parts[s] or s not in ("Search", "Distillation"))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmtune report: {html.escape(config.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}img{{max-width:100%;margin:4px}}

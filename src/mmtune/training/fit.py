@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import lightning as L
 
@@ -33,13 +33,18 @@ log = logging.getLogger("mmtune")
 def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[TableSource] = None,
         val: Optional[TableSource] = None, test: Optional[TableSource] = None, *,
         overrides: Sequence[str] = (), resume: bool = False, overwrite: bool = False,
-        callbacks: Sequence[L.Callback] = ()) -> "FitResult":
+        callbacks: Sequence[L.Callback] = (), extra: Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None] = None,
+        keep: Sequence[str] = ()) -> "FitResult":
     """Fine-tune the configured model and write its run bundle.
 
     ``train`` / ``val`` / ``test`` (DataFrames or manifest paths) take precedence over the config's
     ``data.*`` paths. ``resume`` continues from ``checkpoints/last.ckpt`` (refused when the config changed
     in a way that changes the model or its training); ``overwrite`` builds the new run beside an existing
     one of the same name and replaces it only once complete. Returns the bundle folder and its metrics.
+    A ``preset`` in the config fills in the settings the config does not set (:mod:`mmtune.presets`); the
+    ``best`` preset runs a short search (:func:`mmtune.search.tune`) and refits its best trial. ``extra``
+    entries (or what ``extra()`` returns after training) go into ``metrics.json`` as they are; ``keep`` names sub-folders of the old run an overwrite carries
+    into the new one.
 
     Raises ConfigError (bad config), BadRowsError (bad rows with ``on_bad_rows: error``), MissingExtraError
     (an optional package the config needs), FileExistsError (the run folder is taken and neither ``resume``
@@ -47,9 +52,18 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     """
     quiet_libraries()
     cfg = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
+    if cfg.preset:
+        from ..presets import PRESETS, apply_preset, table_stats
+
+        check_extras(cfg)
+        cfg = apply_preset(cfg, table_stats(cfg, train))
+        if PRESETS.get(cfg.preset).search:
+            from ..search import tune
+
+            return tune(cfg, train=train, val=val, test=test, overwrite=overwrite).refit
     check_extras(cfg)
     main = is_main_process()  # in a distributed run only the main process writes
-    with RunClaim(cfg.run_dir, resume, overwrite, follower=not main) as claim:
+    with RunClaim(cfg.run_dir, resume, overwrite, follower=not main, keep=keep) as claim:
         run_dir = claim.work_dir
         previous = read_resume_state(run_dir, cfg) if claim.resume else None
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -81,7 +95,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         model.cpu()
         metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}),
                        **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}),
-                       **({"linear_probe": probe, "model_minus_probe": compare_probe(metrics, probe)} if probe else {}))
+                       **({"linear_probe": probe, "model_minus_probe": compare_probe(metrics, probe)} if probe else {}),
+                       **dict((extra() if callable(extra) else extra) or {}))
         if cfg.evaluation.baselines and len(cfg.modalities) > 1:
             from ..evaluation.baselines import fit_baselines
 
@@ -106,6 +121,11 @@ def check_extras(cfg: Config) -> None:
         needs.append(("imblearn", "imbalance", f"synthesis.method={cfg.synthesis.method}"))
     if cfg.evaluation.report:
         needs.append(("matplotlib", "report", "the report (evaluation.report=true)"))
+    if cfg.preset:
+        from ..presets import PRESETS
+
+        if PRESETS.get(cfg.preset).search:
+            needs.append(("optuna", "tune", f"preset={cfg.preset} (a hyper-parameter search)"))
     missing = missing_for(needs)
     if missing:
         raise MissingExtraError("; ".join(missing))

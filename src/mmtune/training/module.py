@@ -45,7 +45,7 @@ class ClassifierModule(L.LightningModule):
             logits, loss = self.mixup(self.model, batch, self.objective)
         else:
             logits = self(batch)
-            loss = self.objective(logits, batch["labels"], batch.get("weights"), penalty=True)
+            loss = self.objective(logits, batch["labels"], batch.get("weights"), penalty=True, rows=batch["index"])
         self.train_metrics.update(logits, batch["labels"])
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["index"].shape[0])
         return loss

@@ -42,8 +42,10 @@ class Objective(nn.Module):
         return self.loss.single_label(logits, target, weight)
 
     def forward(self, logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],
-                weights: Optional[torch.Tensor] = None, mix: Optional[tuple] = None, penalty: bool = False) -> torch.Tensor:
-        """With ``mix`` = (lam, perm) the targets are mixed as the features were; ``penalty`` adds L1."""
+                weights: Optional[torch.Tensor] = None, mix: Optional[tuple] = None, penalty: bool = False,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """With ``mix`` = (lam, perm) the targets are mixed as the features were; ``penalty`` adds L1. ``rows``
+        (the training rows' positions in the split) is for objectives with per-row targets (distillation)."""
         total = 0.0
         for name, t in self.tasks.items():
             rows = self.row_losses(name, logits[name], labels[name])

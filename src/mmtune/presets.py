@@ -1,0 +1,182 @@
+"""Named recipes: ``preset: fast | balanced | best`` (or ``mmtune fit --preset``) fills in the training settings
+from the size of the table and the columns it has; every key the config sets itself wins over the preset.
+
+``fast``      frozen encoders over the embedding cache and a small head: one pass through the encoders, then
+              seconds per epoch.
+``balanced``  the deepest two layer groups of each encoder train with layer-wise learning-rate decay, with
+              augmentation of the image and text columns and label smoothing; from 20,000 rows, images at
+              160 px (each epoch runs the image encoders) and fewer epochs.
+``best``      ``balanced`` as the first trial of a short hyper-parameter search (:mod:`mmtune.search`) inside
+              the time budget, then the best trial refitted into the run bundle.
+
+The settings a preset applies are dotted config keys (:func:`preset_settings`); the README's table of them is
+produced from :data:`PRESETS`, and the tests check the two agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """What a preset looks at."""
+
+    rows: int
+    """Rows of the training table (before the validation split)."""
+    modalities: Sequence[str] = ()
+    """The modalities of the columns (``data.columns`` keys)."""
+    image_encoders: Sequence[str] = ()
+    """Names of the encoders that read images and leave ``image_size`` to the preset."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    summary: str
+    settings: Callable[[TableStats], Dict[str, Any]]
+    """Dotted config key -> value."""
+    search: bool = False
+    """Run :func:`mmtune.search.tune` over the default space from these settings, then refit the best."""
+    search_trials: int = 0
+    search_seconds: int = 0
+    """The default budget of the search when neither ``trainer.max_time`` nor ``--time-limit`` gives one."""
+
+
+PRESETS: Registry = Registry("preset")
+"""Preset name (``preset``) -> :class:`Preset`."""
+
+
+def _epochs(rows: int, small: int, medium: int, large: int) -> int:
+    return small if rows < 2_000 else medium if rows < 20_000 else large
+
+
+def _fast(s: TableStats) -> Dict[str, Any]:
+    return {
+        "finetune": {"type": "frozen", "cache": True},
+        "model.fusion": {"type": "concat", "hidden_dims": [256], "dropout": 0.2},
+        "optim.lr": 1e-3, "optim.weight_decay": 0.01,
+        "schedule.name": "cosine", "schedule.warmup_fraction": 0.05,
+        "trainer.max_epochs": _epochs(s.rows, 30, 15, 8), "trainer.batch_size": 64,
+        "trainer.early_stopping_patience": 5,
+    }
+
+
+def _balanced(s: TableStats) -> Dict[str, Any]:
+    out: Dict[str, Any] = {
+        "finetune": {"type": "partial", "unfreeze_last": 2, "layer_decay": 0.8,
+                     "encoder_lr": 1e-4 if s.rows < 20_000 else 2e-4},
+        "model.fusion": {"type": "concat", "hidden_dims": [256], "dropout": 0.1},
+        "loss": {"type": "cross_entropy", "label_smoothing": 0.1},
+        "optim.lr": 1e-3, "optim.weight_decay": 0.01,
+        "schedule.name": "cosine", "schedule.warmup_fraction": 0.1,
+        "trainer.max_epochs": _epochs(s.rows, 12, 8, 4), "trainer.batch_size": 32,
+        "trainer.early_stopping_patience": 3,
+    }
+    if "image" in s.modalities:
+        out["augment.image"] = {"enabled": True, "crop_scale": [0.8, 1.0], "rotation": 10.0, "flip": True,
+                                "color_jitter": 0.2}
+    if s.rows >= 20_000:  # a large table: every epoch runs the image encoders, so a smaller input halves the time
+        out.update({f"model.encoders.{name}.image_size": 160 for name in s.image_encoders})
+    if "text" in s.modalities:
+        out["augment.text"] = {"word_dropout": 0.1}
+    return out
+
+
+PRESETS.register("fast", Preset("frozen encoders + embedding cache + a small head", _fast))
+PRESETS.register("balanced", Preset("partial unfreezing with layer-wise decay, augmentation, label smoothing",
+                                    _balanced))
+PRESETS.register("best", Preset("a short search (balanced first) inside the time budget, best trial refitted",
+                                _balanced, search=True, search_trials=8, search_seconds=1800))
+
+_PARTS = ("finetune", "model.fusion", "loss")
+
+
+def preset_settings(name: str, stats: TableStats) -> Dict[str, Any]:
+    """The dotted keys preset ``name`` sets for a table like ``stats`` (ValueError naming the valid presets)."""
+    return PRESETS.get(name).settings(stats)
+
+
+def explicit_keys(cfg) -> List[str]:
+    """Dotted keys the config sets itself (in its file, dict or overrides), down to the leaves."""
+    out: List[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for key in getattr(node, "model_fields_set", ()):
+            value = getattr(node, key)
+            dotted = f"{prefix}{key}"
+            if hasattr(value, "model_fields_set"):
+                out.append(dotted) if not value.model_fields_set else walk(value, dotted + ".")
+            elif isinstance(value, dict) and value and all(hasattr(v, "model_fields_set") for v in value.values()):
+                for name, v in value.items():  # model.encoders.<name>
+                    walk(v, f"{dotted}.{name}.")
+            else:
+                out.append(dotted)
+
+    walk(cfg, "")
+    return out
+
+
+def apply_preset(cfg, stats: TableStats):
+    """``cfg`` with its preset's settings filled in where the config does not set the key itself. A part
+    section (``finetune``, ``model.fusion``, ``loss``) whose ``type`` the config names keeps the config's type,
+    and takes the preset's other settings for it only when the types agree."""
+    from .config import load_config
+
+    if not cfg.preset:
+        return cfg
+    given = set(explicit_keys(cfg))
+    raw = cfg.model_dump(mode="json", exclude_unset=True)
+    for key, value in preset_settings(cfg.preset, stats).items():
+        if isinstance(value, dict):
+            if key in _PARTS and f"{key}.type" in given and _get(cfg, key).type != value.get("type"):
+                continue  # the config chose another type: the preset's settings for its own type do not apply
+            for sub, v in value.items():
+                if f"{key}.{sub}" not in given:
+                    _put(raw, f"{key}.{sub}", v)
+        elif key not in given:
+            _put(raw, key, value)
+    return load_config(raw)
+
+
+def table_stats(cfg, train=None) -> TableStats:
+    """Rows of the training table (``train`` or ``data.train``) and the modalities of the columns."""
+    from .data.manifest import read_table
+
+    source = train if train is not None else cfg.data.train
+    rows = 0
+    if source is not None:
+        rows = len(read_table(source)[0])
+    elif cfg.data.align is not None:
+        rows = max(len(read_table(t)[0]) for t in cfg.data.align.tables)
+    images = [n for n, e in cfg.model.encoders.items() if e.modality == "image"]
+    return TableStats(rows=rows, modalities=tuple(cfg.modalities), image_encoders=tuple(images))
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _put(raw: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def preset_table(stats: Optional[TableStats] = None) -> str:
+    """Markdown: each preset's settings for a table like ``stats`` (default: 1,000 rows of image + text)."""
+    stats = stats or TableStats(rows=1000, modalities=("image", "text"))
+    lines = ["| preset | what it does | settings (1,000 image + text rows) |", "|---|---|---|"]
+    for name, p in PRESETS.items():
+        flat = []
+        for k, v in p.settings(stats).items():
+            flat += [f"`{k}.{s}={w}`" for s, w in v.items()] if isinstance(v, dict) else [f"`{k}={v}`"]
+        extra = f" Search: {p.search_trials} trials or {p.search_seconds} s." if p.search else ""
+        lines.append(f"| `{name}` | {p.summary}.{extra} | {' '.join(flat)} |")
+    return "\n".join(lines)

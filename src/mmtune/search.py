@@ -1,0 +1,505 @@
+"""``mmtune tune``: a hyper-parameter search with optuna, its best trial refitted into a normal run bundle.
+
+The study lives in the run folder (``RUN/tune/study.db``, SQLite), so a killed search continues where it
+stopped when run again: trials it left running are marked failed, finished and pruned trials count towards
+``--trials``. The first trial of a new study is the config as written (a search never ends below it).
+Each trial is a :func:`~mmtune.fit` of its own config in ``RUN/tune/trials`` (without report, probe or
+explanations), pruned by optuna's median rule from its per-epoch validation metric; frozen-encoder trials
+share the embedding cache, so after the first such trial each costs seconds. The best trial's config is
+written to ``RUN/tune/best.yaml`` and refitted into ``RUN`` (replacing a previous bundle only once complete);
+the trials table and plot are in its report.
+
+Search space: :data:`DEFAULT_SPACE`, narrowed or extended by a YAML mapping of dotted config keys::
+
+    optim.lr: {low: 1.0e-4, high: 3.0e-3, log: true}   # a float range (int: true for integers)
+    finetune.type: {choices: [frozen, lora]}           # a choice
+    trainer.max_epochs: 5                              # fixed: not searched
+    model.fusion.type: null                            # not searched: the config's own value stays
+    only: true                                         # optional: the YAML's keys alone, no defaults
+
+Two keys stand for several settings: ``model.fusion.width`` (``hidden_dims: [w]`` or ``width: w``,
+whichever the fusion has) and ``augment.strength`` (0-1: image crop, rotation and colour jitter, and text word
+dropout, scaled together; only for strategies that run the encoders live). A key of a part section
+(``finetune.*``, ``model.fusion.*``, ``loss.*``) is only searched when the trial's type has that setting.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import lightning as L
+
+log = logging.getLogger("mmtune")
+
+DEFAULT_SPACE: Dict[str, Any] = {
+    "finetune.type": {"choices": ["frozen", "partial", "lora"]},
+    "model.fusion.type": {"choices": ["concat", "gated", "late"]},
+    "model.fusion.width": {"choices": [128, 256, 512]},
+    "model.fusion.dropout": {"low": 0.0, "high": 0.4},
+    "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    "finetune.encoder_lr": {"low": 1e-5, "high": 1e-3, "log": True},
+    "optim.weight_decay": {"low": 1e-4, "high": 0.1, "log": True},
+    "augment.strength": {"low": 0.0, "high": 1.0},
+    "loss.label_smoothing": {"low": 0.0, "high": 0.2},
+    "trainer.max_epochs": {"low": 3, "high": 15, "int": True},
+}
+"""What ``mmtune tune`` searches by default."""
+
+_PARTS = {"finetune": "finetune", "model.fusion": "model.fusion", "loss": "loss"}
+_VIRTUAL = ("model.fusion.width", "augment.strength")
+_TRIAL_SETTINGS = {"evaluation.report": False, "evaluation.explain": 0, "evaluation.linear_probe": False,
+                   "evaluation.baselines": False, "evaluation.modality_contribution": False,
+                   "evaluation.worst_examples": 0, "trainer.progress_bar": False}
+
+
+class SearchError(ValueError):
+    """A bad search space or search setting (the message names the key)."""
+
+
+# ---- the space --------------------------------------------------------------------------------------
+@dataclass
+class Param:
+    key: str
+    choices: Optional[List[Any]] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    integer: bool = False
+
+    def suggest(self, trial):
+        if self.choices is not None:
+            return trial.suggest_categorical(self.key, self.choices)
+        if self.integer:
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.key, float(self.low), float(self.high), log=self.log)
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"one of {self.choices}"
+        return f"{'integer ' if self.integer else ''}{self.low} to {self.high}{' (log)' if self.log else ''}"
+
+
+def parse_space(entries: Mapping[str, Any], where: str = "the search space") -> Dict[str, Any]:
+    """``{key: Param or fixed value}`` from a space mapping (SearchError naming the key otherwise)."""
+    out: Dict[str, Any] = {}
+    for key, spec in entries.items():
+        if not isinstance(key, str) or not key:
+            raise SearchError(f"{where}: key {key!r} must be a dotted config key such as optim.lr")
+        if spec is None:
+            continue
+        if not isinstance(spec, Mapping):
+            out[key] = _Fixed(spec)
+            continue
+        unknown = set(spec) - {"choices", "low", "high", "log", "int"}
+        if unknown:
+            raise SearchError(f"{where}: key {key!r} has unknown setting(s) {sorted(unknown)}; valid: choices, or "
+                              "low, high, log, int")
+        if "choices" in spec:
+            choices = spec["choices"]
+            if not isinstance(choices, list) or not choices or not all(
+                    c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+                raise SearchError(f"{where}: key {key!r}: choices must be a non-empty list of numbers, strings or "
+                                  f"booleans (got {choices!r})")
+            out[key] = Param(key, choices=list(choices))
+            continue
+        try:
+            low, high = float(spec["low"]), float(spec["high"])
+        except (KeyError, TypeError, ValueError):
+            raise SearchError(f"{where}: key {key!r} needs choices, or numbers low and high (got {dict(spec)!r})") from None
+        if not low < high or (spec.get("log") and low <= 0):
+            raise SearchError(f"{where}: key {key!r}: need low < high (and low > 0 with log: true); got {low}, {high}")
+        out[key] = Param(key, low=low, high=high, log=bool(spec.get("log", False)), integer=bool(spec.get("int", False)))
+    return out
+
+
+@dataclass
+class _Fixed:
+    value: Any
+
+
+def load_space(path: Optional[Union[str, Path, Mapping[str, Any]]], cfg) -> Dict[str, Any]:
+    """The default space for ``cfg``, with a YAML file (or mapping) narrowing or extending it."""
+    import yaml
+
+    user: Dict[str, Any] = {}
+    if isinstance(path, Mapping):
+        user = dict(path)
+    elif path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"search space {str(p)!r} does not exist")
+        try:
+            user = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SearchError(f"search space {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(user, dict):
+            raise SearchError(f"search space {str(p)!r} must hold a mapping of config keys")
+    only = bool(user.pop("only", False))
+    space = {} if only else dict(_default_space(cfg))
+    space.update(user)
+    parsed = parse_space({k: v for k, v in space.items() if v is not None},
+                         str(path) if isinstance(path, (str, Path)) else "the search space")
+    for key in parsed:
+        _check_key(key)
+    return parsed
+
+
+def _default_space(cfg) -> Dict[str, Any]:
+    """The default space, less what cannot apply here: adapters without peft, frozen encoders when one
+    trains from scratch (it cannot be cached), fusions for several modalities with one encoder."""
+    from .encoders.offline import PRESETS, preset_name
+    from .extras import missing_for
+
+    space = copy.deepcopy(DEFAULT_SPACE)
+    strategies = space["finetune.type"]["choices"]
+    if missing_for([("peft", "lora", "")]):
+        strategies.remove("lora")
+    scratch = any(preset_name(e.checkpoint) and PRESETS.get(preset_name(e.checkpoint)).from_scratch
+                  for e in cfg.model.encoders.values())
+    if scratch:
+        strategies.remove("frozen")
+    if len(cfg.model.encoders) < 2:
+        space.pop("model.fusion.type")
+    if not any(m in cfg.modalities for m in ("image", "text")):
+        space.pop("augment.strength")
+    return space
+
+
+def _check_key(key: str) -> None:
+    from .config import Config, _valid_keys
+
+    if key in _VIRTUAL:
+        return
+    parts = key.split(".")
+    if parts[0] in ("finetune", "loss") or parts[:2] == ["model", "fusion"]:
+        return  # a part's settings depend on its type: checked when a trial's config is validated
+    if parts[0] == "model" and len(parts) > 2 and parts[1] == "encoders":
+        return
+    node: Any = Config
+    for i, part in enumerate(parts):
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            valid = _valid_keys(parts[:i])
+            raise SearchError(f"search space: unknown config key {key!r}" + (f"; valid keys at "
+                              f"{'.'.join(parts[:i]) or 'the top'}: {', '.join(valid)}" if valid else ""))
+        from .config import _model_in
+
+        node = _model_in(fields[part].annotation) if i < len(parts) - 1 else None
+
+
+# ---- one trial's config ---------------------------------------------------------------------------------
+def trial_config(base: Dict[str, Any], values: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` (a config dict) with ``values`` (dotted key -> value) applied: a changed part ``type`` keeps
+    only the base settings the new type has; the two combined keys are expanded."""
+    from .config import _tables
+
+    raw = copy.deepcopy(base)
+    tables = _tables()
+    for section in ("finetune", "model.fusion", "loss"):
+        key = f"{section}.type"
+        if key in values:
+            node = _section(raw, section)
+            if node.get("type") != values[key]:
+                fields = tables[section][0].get(values[key]).Config.model_fields
+                kept = {k: v for k, v in node.items() if k in fields and k != "type"}
+                node.clear()
+                node.update({"type": values[key], **kept})
+    for key, value in values.items():
+        if key.endswith(".type") and key.rsplit(".", 1)[0] in _PARTS:
+            continue
+        if key == "model.fusion.width":
+            node = _section(raw, "model.fusion")
+            fields = tables["model.fusion"][0].get(node.get("type", "concat")).Config.model_fields
+            if "width" in fields:
+                node["width"] = int(value)
+            elif "hidden_dims" in fields:
+                node["hidden_dims"] = [int(value)]
+        elif key == "augment.strength":
+            _set_augment(raw, float(value))
+        else:
+            section = next((s for s in _PARTS if key.startswith(s + ".")), None)
+            if section is not None:
+                node = _section(raw, section)
+                name = node.get("type") or {"finetune": "full", "model.fusion": "concat", "loss": "cross_entropy"}[section]
+                if key[len(section) + 1:] not in tables[section][0].get(name).Config.model_fields:
+                    continue  # this trial's type has no such setting
+            _put(raw, key, value)
+    return raw
+
+
+def _set_augment(raw: Dict[str, Any], s: float) -> None:
+    ft = raw.get("finetune") or {}
+    if ft.get("type", "full") == "frozen" and ft.get("cache", True):
+        return  # cached encoder outputs: inputs cannot be augmented
+    mods = set((raw.get("data") or {}).get("columns") or {})
+    if "image" in mods:
+        _put(raw, "augment.image", {**((raw.get("augment") or {}).get("image") or {}), "enabled": s > 0.05,
+                                    "crop_scale": [round(1 - 0.4 * s, 3), 1.0], "rotation": round(20 * s, 2),
+                                    "color_jitter": round(0.4 * s, 3)})
+    if "text" in mods:
+        _put(raw, "augment.text.word_dropout", round(0.2 * s, 3))
+
+
+def _section(raw: Dict[str, Any], dotted: str) -> Dict[str, Any]:
+    node = raw
+    for p in dotted.split("."):
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    return node
+
+
+def _put(raw: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = _section(raw, ".".join(parts[:-1])) if len(parts) > 1 else raw
+    node[parts[-1]] = value
+
+
+# ---- watching a fit -----------------------------------------------------------------------------------
+class Watch(L.Callback):
+    """The best value of the monitored metric over a fit's validations; with an optuna ``trial``, each epoch's
+    value is reported and a trial the pruner stops raises ``optuna.TrialPruned``."""
+
+    def __init__(self, monitor: str, mode: str, trial=None):
+        self.monitor, self.mode, self.trial = monitor, mode, trial
+        self.best: Optional[float] = None
+        self.values: List[float] = []
+
+    def on_validation_end(self, trainer, module):
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        self.values.append(value)
+        if math.isfinite(value) and (self.best is None or (value < self.best if self.mode == "min" else value > self.best)):
+            self.best = value
+        if self.trial is not None:
+            import optuna
+
+            self.trial.report(value, trainer.current_epoch)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {trainer.current_epoch}: {self.monitor}={value:.4f}")
+
+
+# ---- the search ---------------------------------------------------------------------------------------
+@dataclass
+class TuneResult:
+    study_dir: Path
+    best_params: Dict[str, Any]
+    best_value: Optional[float]
+    trials: List[Dict[str, Any]]
+    refit: Any = None
+    """The :class:`~mmtune.training.fit.FitResult` of the best trial's config (None with ``refit=False``)."""
+    summary: Dict[str, Any] = field(default_factory=dict)
+
+
+def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = None,
+         time_limit: Optional[float] = None, space=None, overrides: Sequence[str] = (), overwrite: bool = False,
+         refit: bool = True) -> TuneResult:
+    """Search, then refit the best trial into the run bundle ``output_dir/name``.
+
+    ``trials``: finished (complete or pruned) trials the study should hold (default: the preset's, else 10);
+    ``time_limit`` seconds for the whole search and refit (default ``trainer.max_time``; a ``best`` preset
+    without one gets its own budget): the search stops taking new trials at 70 % of it, each trial and the refit
+    stop at the budget. A run folder that holds a bundle but no study is refused unless ``overwrite``.
+    """
+    from .config import ConfigError, load_config
+    from .extras import require
+    from .presets import PRESETS
+
+    optuna = require("optuna", "tune", "the hyper-parameter search (mmtune tune, preset best)")
+    cfg = config if not overrides and not isinstance(config, (str, Path, Mapping)) else load_config(config, overrides)
+    preset = PRESETS.get(cfg.preset) if cfg.preset else None
+    if trials is None:
+        trials = preset.search_trials if preset is not None and preset.search else 10
+    if trials < 1:
+        raise SearchError(f"--trials must be at least 1 (got {trials})")
+    budget = time_limit if time_limit is not None else seconds_of(cfg.trainer.max_time)
+    if budget is None and preset is not None and preset.search:
+        budget = float(preset.search_seconds)
+    base = cfg.to_dict()
+    base["preset"] = None
+    parsed = load_space(space, cfg)
+    run_dir = cfg.run_dir
+    study_dir = run_dir / "tune"
+    if run_dir.is_dir() and any(p.name != "tune" for p in run_dir.iterdir()) and not study_dir.is_dir() and not overwrite:
+        raise FileExistsError(f"{str(run_dir)!r} already holds a run: the search's refit would replace it; pass "
+                              "--overwrite, or choose another name (--set name=...)")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(run_dir.parent / f".{run_dir.name}.tune.lock", run_dir)
+    try:
+        started = time.monotonic()
+        mode = "min" if cfg.trainer.monitor.endswith(("loss", "rmse")) else "max"
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(study_dir / 'study.db').resolve()}")
+        study = optuna.create_study(
+            storage=storage, study_name="mmtune", load_if_exists=True,
+            direction="minimize" if mode == "min" else "maximize",
+            sampler=optuna.samplers.TPESampler(seed=cfg.trainer.seed, n_startup_trials=4),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1))
+        _fail_leftovers(study, storage)
+        if not study.trials:
+            study.enqueue_trial({}, user_attrs={"baseline": True})
+        done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        remaining = trials - len(done)
+        cache_dir = str(Path(cfg.finetune.cache_dir or Path(cfg.output_dir) / ".cache").resolve())
+
+        def objective(trial):
+            values = {} if trial.user_attrs.get("baseline") else _suggest(trial, parsed, base)
+            raw = trial_config(base, values)
+            for key, value in _TRIAL_SETTINGS.items():
+                _put(raw, key, value)
+            raw.update(name=f"trial-{trial.number}", output_dir=str(study_dir / "trials"))
+            if (raw.get("finetune") or {}).get("type") == "frozen":
+                _put(raw, "finetune.cache_dir", cache_dir)
+            left = _left(budget, started, 1.0)
+            if left is not None:
+                _put(raw, "trainer.max_time", {"seconds": max(1, int(left))})
+            trial.set_user_attr("values", values)
+            tcfg = load_config(raw)
+            from .training.fit import fit
+
+            watch = Watch(tcfg.trainer.monitor, mode, trial)
+            t0 = time.monotonic()
+            try:
+                fit(tcfg, train, val, test, overwrite=True, callbacks=[watch])
+            finally:
+                trial.set_user_attr("seconds", round(time.monotonic() - t0, 2))
+                trial.set_user_attr("epoch_values", watch.values)
+                shutil.rmtree(study_dir / "trials" / tcfg.name, ignore_errors=True)
+            if watch.best is None:
+                raise SearchError("the trial logged no validation metric")
+            return watch.best
+
+        if remaining > 0:
+            timeout = _left(budget, started, 0.7)
+            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(ConfigError, SearchError),
+                           gc_after_trial=True)
+        table = trials_table(study)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            raise SearchError(f"no trial of the search in {str(study_dir)!r} finished; see its trials.csv")
+        best = study.best_trial
+        best_values = best.user_attrs.get("values", {})
+        best_raw = trial_config(base, best_values)
+        from .io import atomic_write_text
+        import yaml
+
+        atomic_write_text(study_dir / "best.yaml", yaml.safe_dump(best_raw, sort_keys=False))
+        _write_trials_csv(study_dir / "trials.csv", table)
+        summary = {"trials": table, "best_trial": best.number, "best_value": best.value, "monitor": cfg.trainer.monitor,
+                   "direction": mode, "best_params": best_values, "study": str(study_dir / "study.db")}
+        out = TuneResult(study_dir, best_values, best.value, table, summary=summary)
+        if refit:
+            left = _left(budget, started, 1.0)
+            if left is not None:
+                _put(best_raw, "trainer.max_time", {"seconds": max(1, int(left))})
+            from .training.fit import fit
+
+            watch = Watch(cfg.trainer.monitor, mode)
+            rcfg = load_config(best_raw)
+            out.refit = fit(rcfg, train, val, test, overwrite=True, keep=("tune",), callbacks=[watch],
+                            extra=lambda: {"search": {**summary, "refit_value": watch.best}})
+            summary["refit_value"] = watch.best
+        log.info("search: best trial %d, %s=%.4f; refit %s", best.number, cfg.trainer.monitor, best.value,
+                 summary.get("refit_value"))
+        return out
+    finally:
+        os.close(lock)
+
+
+def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str, Any]:
+    """Values for this trial: the part types first, then the keys their types have."""
+    from .config import _tables
+
+    values: Dict[str, Any] = {}
+    tables = _tables()
+    order = sorted(space, key=lambda k: (not k.endswith(".type"), k))
+    for key in order:
+        p = space[key]
+        section = next((s for s in _PARTS if key.startswith(s + ".")), None)
+        if section is not None and not key.endswith(".type") and key != "model.fusion.width":
+            node = _section(copy.deepcopy(base), section)
+            name = values.get(f"{section}.type", node.get("type"))
+            if key[len(section) + 1:] not in tables[section][0].get(name).Config.model_fields:
+                continue
+        if key == "augment.strength":
+            ft = values.get("finetune.type", (base.get("finetune") or {}).get("type"))
+            if ft == "frozen":
+                continue
+        values[key] = p.value if isinstance(p, _Fixed) else p.suggest(trial)
+    return values
+
+
+def _fail_leftovers(study, storage) -> None:
+    """Trials a killed search left running (this process holds the search's lock, so nothing else runs them)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "note", "left running by a stopped search")
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+
+
+def trials_table(study) -> List[Dict[str, Any]]:
+    out = []
+    for t in study.trials:
+        out.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value,
+                    "epochs": len(t.user_attrs.get("epoch_values", [])), "seconds": t.user_attrs.get("seconds"),
+                    "params": "the config as written" if t.user_attrs.get("baseline") else
+                    ", ".join(f"{k}={_short(v)}" for k, v in (t.user_attrs.get("values") or {}).items()),
+                    "epoch_values": t.user_attrs.get("epoch_values", [])})
+    return out
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _write_trials_csv(path: Path, table: List[Dict[str, Any]]) -> None:
+    import pandas as pd
+
+    from .io import atomic_write_with
+
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "epoch_values"} for r in table])
+    atomic_write_with(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def seconds_of(max_time) -> Optional[float]:
+    """``trainer.max_time`` ("DD:HH:MM:SS" or {"days", "hours", "minutes", "seconds"}) in seconds."""
+    if max_time is None:
+        return None
+    if isinstance(max_time, Mapping):
+        from datetime import timedelta
+
+        return timedelta(**max_time).total_seconds()
+    parts = [float(x) for x in str(max_time).split(":")]
+    scale = [86400, 3600, 60, 1][-len(parts):]
+    return sum(a * b for a, b in zip(parts, scale))
+
+
+def _left(budget: Optional[float], started: float, share: float) -> Optional[float]:
+    if budget is None:
+        return None
+    return max(0.0, budget * share - (time.monotonic() - started))
+
+
+def _lock(path: Path, run_dir: Path) -> int:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        from .bundle import RunInUseError
+
+        raise RunInUseError(f"the search of {str(run_dir)!r} is running in another process; wait for it, or "
+                            "choose another name (--set name=...)") from None
+    return fd

@@ -1,0 +1,293 @@
+"""Good results without hand-tuning: presets fill in what a config leaves open (and the README says what),
+the optuna search prunes, resumes after a kill and refits its best trial to the same validation score, and a
+distilled student beats the same student trained on labels alone."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import mmtune
+from conftest import base_config
+from mmtune.cli import main as cli
+from mmtune.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- presets ---------------------------------------------------------------------------------------------
+def test_the_readme_shows_each_presets_settings_as_the_code_applies_them():
+    from mmtune.presets import preset_table
+
+    assert preset_table() in (ROOT / "README.md").read_text()
+
+
+def test_a_preset_fills_what_the_config_leaves_open_and_explicit_keys_win(tmp_path):
+    from mmtune.presets import TableStats, apply_preset, preset_settings
+
+    enc = {"image": {"modality": "image", "checkpoint": "x"}, "text": {"modality": "text", "checkpoint": "y"}}
+    raw = {"name": "p", "data": {"columns": {"image": "image", "text": "text"}}, "model": {"encoders": enc},
+           "preset": "balanced", "trainer": {"max_epochs": 3}, "finetune": {"type": "lora", "r": 4}}
+    stats = TableStats(rows=1000, modalities=("image", "text"), image_encoders=("image",))
+    cfg = apply_preset(load_config(raw), stats)
+    want = preset_settings("balanced", stats)
+    assert cfg.trainer.max_epochs == 3  # the config's own value
+    assert cfg.finetune.type == "lora" and cfg.finetune.r == 4 and cfg.finetune.layer_decay is None  # its own type
+    assert cfg.loss.label_smoothing == want["loss"]["label_smoothing"] == 0.1
+    assert cfg.augment.image.enabled and cfg.augment.text.word_dropout == want["augment.text"]["word_dropout"]
+    assert cfg.trainer.batch_size == want["trainer.batch_size"] and cfg.optim.lr == want["optim.lr"]
+    assert cfg.model.encoders["image"].image_size is None  # 160 px only from 20,000 rows
+    big = apply_preset(load_config({**raw, "finetune": {}}), TableStats(50_000, ("image", "text"), ("image",)))
+    assert big.model.encoders["image"].image_size == 160 and big.trainer.max_epochs == 3
+    assert big.finetune.type == "partial" and big.finetune.layer_decay == 0.8 and big.finetune.encoder_lr == 2e-4
+    fast = apply_preset(load_config({**raw, "preset": "fast", "finetune": {}, "trainer": {}}), stats)
+    assert fast.finetune.type == "frozen" and fast.finetune.cache and fast.trainer.max_epochs == 30
+    assert not fast.augment.image.enabled  # cached features cannot be augmented
+
+
+def test_fit_with_a_preset_and_a_time_limit(tmp_path, tiny_bert, colour_verdict, capsys):
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, data={"columns": {"text": "text"}}, evaluation={"report": False, "explain": 0})
+    del cfg["trainer"]["max_epochs"], cfg["trainer"]["batch_size"], cfg["optim"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["fit", str(path), "--preset", "fast", "--set", f"data.train={colour_verdict['train']}"]) == 0
+    bundle = load_config(tmp_path / "runs" / "t" / "config.yaml")
+    assert bundle.preset == "fast" and bundle.finetune.type == "frozen" and bundle.trainer.max_epochs == 30
+    assert bundle.trainer.batch_size == 64 and bundle.optim.lr == 1e-3
+    # a budget of one second stops a 30-epoch run early (the cache is built before the clock starts)
+    assert cli(["fit", str(path), "--preset", "fast", "--time-limit", "1", "--set", "name=short",
+                "--set", f"data.train={colour_verdict['train']}", "--set", "trainer.batch_size=4"]) == 0
+    short = json.loads((tmp_path / "runs" / "short" / "metrics.json").read_text())
+    assert load_config(tmp_path / "runs" / "short" / "config.yaml").trainer.max_time == {"seconds": 1}
+    assert short["epochs_trained"] < 30
+    assert cli(["fit", str(path), "--time-limit", "-3"]) == 2
+    assert "--time-limit must be a positive number" in capsys.readouterr().err
+
+
+# ---- search ----------------------------------------------------------------------------------------------
+def _frozen_text(tmp_path, tiny_bert, **extra):
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, data={"columns": {"text": "text"}}, finetune={"type": "frozen"},
+                      trainer={"max_epochs": 3, "monitor": "val_loss"})
+    for k, v in extra.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+def test_a_three_trial_search_prunes_and_refits_its_best_trial(tmp_path, tiny_bert, colour_verdict):
+    from mmtune.search import tune
+
+    cfg = _frozen_text(tmp_path, tiny_bert)
+    # the config as written (lr 3e-3) is the first trial; the two drawn ones barely move: pruned after epoch 2
+    out = tune(cfg, train=str(colour_verdict["train"]), trials=3,
+               space={"only": True, "optim.lr": {"low": 1e-7, "high": 1e-6, "log": True}})
+    states = [t["state"] for t in out.trials]
+    assert states[0] == "complete" and out.trials[0]["params"] == "the config as written"
+    assert states.count("pruned") >= 1 and len(states) == 3
+    pruned = [t for t in out.trials if t["state"] == "pruned"]
+    assert all(t["epochs"] < 3 for t in pruned)
+    run = tmp_path / "runs" / "t"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["search"]["best_trial"] == 0
+    assert metrics["search"]["refit_value"] == pytest.approx(out.best_value, abs=1e-5)
+    assert (run / "tune" / "study.db").is_file() and (run / "tune" / "trials.csv").is_file()
+    assert load_config(run / "config.yaml").optim.lr == 3e-3
+    assert not any((run / "tune" / "trials").glob("trial-*"))  # trial folders are removed as they end
+    html = (run / "report.html").read_text()
+    assert "<h2>Search</h2>" in html and "the config as written" in html
+
+
+SEARCH_SCRIPT = """
+import sys
+from mmtune.search import tune
+tune(sys.argv[1], trials=3, space=sys.argv[2])
+"""
+
+
+def test_a_killed_search_resumes_and_its_best_drawn_trial_refits_to_the_same_score(tmp_path, tiny_bert, colour_verdict):
+    from mmtune.search import tune
+
+    # the config as written learns nothing (lr 1e-7); the drawn trials do, so the best trial is a drawn one.
+    # full fine-tuning (no cache) makes each trial last long enough to be killed in the middle of one.
+    cfg = _frozen_text(tmp_path, tiny_bert, optim={"lr": 1e-7}, finetune={"type": "full"},
+                       data={"train": str(colour_verdict["train"])})
+    cfg["trainer"]["max_epochs"] = 4
+    path, space = tmp_path / "c.yaml", tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    space.write_text(yaml.safe_dump({"only": True, "optim.lr": {"low": 3e-3, "high": 1e-2, "log": True}}))
+    db = tmp_path / "runs" / "t" / "tune" / "study.db"
+    proc = subprocess.Popen([sys.executable, "-c", SEARCH_SCRIPT, str(path), str(space)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:  # sqlite3 reads while the search writes
+            states = _states(db) if db.is_file() else []
+            if states[:1] == ["COMPLETE"] and "RUNNING" in states[1:]:  # inside the second trial
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the search ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = _states(db)
+    first = _values(db)[0]
+    out = tune(path, trials=3, space=space)
+    after = [t["state"] for t in out.trials]
+    assert after.count("complete") + after.count("pruned") == 3
+    assert out.trials[0]["value"] == pytest.approx(first)  # the finished trial was kept, not redone
+    assert before[1] == "RUNNING"  # killed inside a trial: it is marked failed, and another takes its place
+    assert after[1] == "fail" and len(after) == 4
+    best = min((t for t in out.trials if t["state"] == "complete"), key=lambda t: t["value"])
+    assert best["trial"] != 0 and out.best_value == best["value"]
+    run = tmp_path / "runs" / "t"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["search"]["refit_value"] == pytest.approx(best["value"], abs=1e-4)
+    assert load_config(run / "config.yaml").optim.lr == pytest.approx(out.best_params["optim.lr"])
+
+
+def _states(db):
+    with sqlite3.connect(db) as con:
+        return [r[0] for r in con.execute("select state from trials order by number")]
+
+
+def _values(db):
+    with sqlite3.connect(db) as con:
+        return [r[0] for r in con.execute(
+            "select v.value from trials t left join trial_values v on v.trial_id = t.trial_id order by t.number")]
+
+
+def test_search_spaces_and_conditional_keys():
+    from mmtune.search import DEFAULT_SPACE, SearchError, load_space, trial_config
+
+    cfg = load_config({"model": {"encoders": {"a": {"modality": "text", "checkpoint": "x"},
+                                              "b": {"modality": "image", "checkpoint": "y"}}},
+                       "data": {"columns": {"text": "t", "image": "i"}}})
+    space = load_space({"optim.lr": {"low": 1e-4, "high": 1e-3, "log": True}, "loss.label_smoothing": None,
+                        "trainer.batch_size": 8}, cfg)
+    assert set(space) == set(DEFAULT_SPACE) - {"loss.label_smoothing"} | {"trainer.batch_size"}
+    assert space["optim.lr"].high == 1e-3 and space["trainer.batch_size"].value == 8
+    with pytest.raises(SearchError, match="unknown config key 'optim.lrr'.*valid keys at optim: .*lr"):
+        load_space({"optim.lrr": {"low": 1, "high": 2}}, cfg)
+    with pytest.raises(SearchError, match="key 'optim.lr': need low < high"):
+        load_space({"optim.lr": {"low": 1e-2, "high": 1e-3}}, cfg)
+    with pytest.raises(SearchError, match="'trainer.max_epochs' needs choices, or numbers low and high"):
+        load_space({"trainer.max_epochs": {"low": 3}}, cfg)
+    base = cfg.to_dict()
+    raw = trial_config(base, {"finetune.type": "frozen", "model.fusion.type": "gated", "model.fusion.width": 64,
+                              "augment.strength": 1.0, "finetune.encoder_lr": 1e-4})
+    c = load_config(raw)
+    assert c.finetune.type == "frozen" and c.model.fusion.width == 64 and not c.augment.image.enabled
+    raw = trial_config(base, {"finetune.type": "partial", "model.fusion.width": 64, "augment.strength": 0.5})
+    c = load_config(raw)
+    assert c.model.fusion.hidden_dims == [64] and c.augment.image.enabled and c.augment.image.rotation == 10.0
+    assert c.augment.text.word_dropout == 0.1
+
+
+def test_cli_tune_refuses_to_replace_a_run_without_overwrite(tmp_path, tiny_bert, colour_verdict, capsys):
+    cfg = _frozen_text(tmp_path, tiny_bert, data={"train": str(colour_verdict["train"])})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "model.safetensors").write_text("an earlier run")
+    assert cli(["tune", str(path), "--trials", "1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "t" / "model.safetensors").read_text() == "an earlier run"
+    (tmp_path / "bad.yaml").write_text("optim.lr: {low: 0.1}\n")
+    assert cli(["tune", str(path), "--space", str(tmp_path / "bad.yaml"), "--overwrite"]) == 2
+    assert "needs choices, or numbers low and high" in capsys.readouterr().err
+
+
+# ---- distillation ----------------------------------------------------------------------------------------
+_W = np.random.default_rng(123).normal(size=(3, 6))
+_COLS = [f"f{i}" for i in range(6)]
+
+
+def _planted(n, seed):
+    """The class is the arg-max of a fixed linear map of six numbers."""
+    x = np.random.default_rng(seed).normal(size=(n, 6))
+    df = pd.DataFrame(np.round(x, 4), columns=_COLS)
+    df["label"] = np.array(["a", "b", "c"])[(x @ _W.T).argmax(1)]
+    df["id"] = [f"{seed}-{i}" for i in range(n)]
+    return df
+
+
+def _tab(tmp_path, name, seed=0):
+    enc = {"table": {"modality": "tabular", "checkpoint": "tabular"}}
+    cfg = base_config(tmp_path, enc, data={"columns": {"tabular": _COLS}}, optim={"lr": 3e-3},
+                      trainer={"max_epochs": 30, "monitor": "val_loss", "seed": seed},
+                      evaluation={"report": False, "explain": 0})
+    cfg["name"] = name
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    return mmtune.fit(_tab(tmp, "teacher"), train=_planted(800, 1), test=_planted(600, 9)), tmp
+
+
+@pytest.mark.stochastic
+def test_a_distilled_student_beats_the_same_student_on_labels_alone(teacher, tmp_path):
+    from mmtune.distill import distill
+
+    res, _ = teacher
+    test, small, unlabelled = _planted(600, 9), _planted(40, 2), _planted(600, 3).drop(columns=["label"])
+    alone = mmtune.fit(_tab(tmp_path, "alone"), train=small, test=test)
+    student = distill(str(res.run_dir), _tab(tmp_path, "student"), train=small, test=test, unlabelled=unlabelled)
+    a, s = alone.metrics["test"]["label"]["accuracy"], student.metrics["test"]["label"]["accuracy"]
+    # seeds 0-2: labels alone 0.62-0.67, distilled 0.92-0.93 (teacher 0.96), alike with ATEN_CPU_CAPABILITY=default
+    assert s > a + 0.15 and s > 0.85
+    d = json.loads((student.run_dir / "metrics.json").read_text())["distillation"]
+    assert d["unlabelled_rows"] == 600 and [r["model"] for r in d["comparison"]] == ["teacher", "student"]
+    assert d["comparison"][1]["accuracy"] == pytest.approx(s)
+
+
+def test_distillation_with_no_soft_weight_is_the_plain_fit_and_soft_targets_are_tempered(teacher, tmp_path):
+    from mmtune.data.datamodule import prepare_data
+    from mmtune.distill import distill, soft_targets
+    from mmtune.serving.predictor import Predictor
+
+    res, _ = teacher
+    small = _planted(60, 4)
+    plain = mmtune.fit(_tab(tmp_path, "plain"), train=small)
+    same = distill(str(res.run_dir), _tab(tmp_path, "same"), train=small, alpha=0.0)
+    for a, b in zip(plain.model.state_dict().values(), same.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    mixed = distill(str(res.run_dir), _tab(tmp_path, "mixed"), train=small, alpha=0.7)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                     mixed.model.state_dict().values()))  # the soft loss acts
+    t = Predictor.load(res.run_dir)
+    frame = prepare_data(load_config(_tab(tmp_path, "x")).data, ["tabular"], small).frames["train"]
+    p = t.predict_proba(frame, calibrated=False)[["a", "b", "c"]].to_numpy()
+    want = p ** 0.5 / (p ** 0.5).sum(1, keepdims=True)
+    got = soft_targets(t, frame, t.tasks, 2.0)["label"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_cli_distill_prints_teacher_and_student_side_by_side(teacher, tmp_path, capsys):
+    res, _ = teacher
+    train = tmp_path / "train.csv"
+    _planted(60, 5).to_csv(train, index=False)
+    cfg = _tab(tmp_path, "cli-student")
+    cfg["data"]["train"] = str(train)
+    cfg["trainer"]["max_epochs"] = 3
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["distill", "--teacher", str(res.run_dir), "--student", str(path), "--temperature", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher" in out and "student" in out and "p50 ms (1 row)" in out
+    assert cli(["distill", "--teacher", str(res.run_dir), "--student", str(path), "--alpha", "2"]) == 2
+    assert "--alpha must be between 0 and 1" in capsys.readouterr().err
+    assert cli(["distill", "--teacher", str(tmp_path / "nowhere"), "--student", str(path), "--overwrite"]) == 2
