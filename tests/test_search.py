@@ -107,6 +107,23 @@ def test_a_three_trial_search_prunes_and_refits_its_best_trial(tmp_path, tiny_be
     assert "<h2>Search</h2>" in html and "the config as written" in html
 
 
+def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path, tiny_bert, colour_verdict):
+    cfg = _frozen_text(tmp_path, tiny_bert, data={"train": str(colour_verdict["train"])},
+                       evaluation={"report": False, "explain": 0})
+    del cfg["finetune"], cfg["trainer"]["max_epochs"], cfg["optim"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli(["fit", str(path), "--preset", "best", "--time-limit", "30"]) == 0
+    run = tmp_path / "runs" / "t"
+    search = json.loads((run / "metrics.json").read_text())["search"]
+    assert search["trials"][0]["params"] == "the config as written" and len(search["trials"]) <= 8
+    first = load_config(run / "tune" / "best.yaml") if search["best_trial"] else None
+    bundle = load_config(run / "config.yaml")
+    assert bundle.trainer.max_time is not None  # the refit got what was left of the budget
+    if first is None:  # the balanced settings won: they are what the bundle holds
+        assert bundle.finetune.type == "partial" and bundle.loss.label_smoothing == 0.1
+
+
 SEARCH_SCRIPT = """
 import sys
 from mmtune.search import tune

@@ -138,7 +138,10 @@ class DataConfig(_Strict):
     on_bad_rows: Literal["error", "skip"] = "error"
     """``error``: stop with the report of every bad row; ``skip``: go on without them and keep them in the bundle."""
     num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes."""
+    """DataLoader worker processes (persistent across epochs; pinned memory when training on a GPU)."""
+    bucket_by_length: bool = False
+    """Training batches of texts of similar length (less padding computed); each epoch still sees every row
+    once, in a seeded order. No effect on cached (frozen) runs."""
 
     @field_validator("columns", "allow_missing")
     @classmethod
@@ -313,6 +316,12 @@ class TrainerConfig(_Strict):
     default: once per epoch."""
     limit_train_batches: Optional[Union[int, float]] = None
     """Debugging aid: train on only this many batches (int) or this share (float) per epoch."""
+    gradient_checkpointing: bool = False
+    """Recompute the encoders' activations in the backward pass instead of keeping them (Hugging Face encoders
+    that support it): less memory for large encoders, about a third more compute. Same gradients."""
+    compile: Union[bool, str] = False
+    """``torch.compile`` the model's forward for training (true: the default inductor backend, or a backend
+    name such as ``aot_eager``); the bundle holds the same plain weights."""
 
 
 AugmentConfig = create_model(

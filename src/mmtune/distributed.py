@@ -39,6 +39,44 @@ def train_sampler(dataset, seed: int) -> DistributedSampler:
     return DistributedSampler(dataset, num_replicas=n, rank=rank, shuffle=True, seed=seed, drop_last=False)
 
 
+class LengthBuckets(DistributedSampler):
+    """The training order of :func:`train_sampler`, arranged so that each batch holds texts of similar length
+    (``data.bucket_by_length``): the epoch's seeded permutation is cut into pools of 50 global batches
+    (``batch_size`` × processes), each pool sorted by length and cut into global batches, and the batches are
+    shuffled; each process takes its interleaved share, so its batch comes from one global batch. Every row is
+    still seen once per epoch; batches pad to their own longest text, so less padding is computed."""
+
+    def __init__(self, dataset, lengths, batch_size: int, seed: int, pool: int = 50, replicas: Tuple[int, int] = None):
+        n, rank = replicas or world()
+        super().__init__(dataset, num_replicas=n, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.lengths = list(lengths)
+        self.batch_size, self.pool = batch_size, pool
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        order += order[: self.total_size - len(order)]  # even shares, as DistributedSampler pads
+        width = self.batch_size * self.num_replicas
+        batches = []
+        for start in range(0, len(order), width * self.pool):
+            chunk = sorted(order[start:start + width * self.pool], key=lambda i: self.lengths[i])
+            batches += [chunk[i:i + width] for i in range(0, len(chunk), width)]
+        # only the very last batch may be short; shuffled into the middle it would shift every later batch's rows
+        full, short = [b for b in batches if len(b) == width], [b for b in batches if len(b) < width]
+        flat = [i for b in [full[j] for j in torch.randperm(len(full), generator=g).tolist()] + short for i in b]
+        return iter(flat[self.rank:self.total_size:self.num_replicas])
+
+
+def text_lengths(dataset) -> list:
+    """Per row, the words in its text columns (a cheap stand-in for the token count)."""
+    from .modalities import kind
+
+    text = [m for m, _ in getattr(dataset, "columns", []) if kind(m) == "text"]
+    values = [dataset._values[m] for m in text]
+    return [sum(len(str(v[i]).split()) for v in values if v[i] is not None) for i in range(len(dataset))]
+
+
 class EvalShard(DistributedSampler):
     """Evaluation rows dealt out to the processes without padding: every row is scored exactly once (a
     DistributedSampler would repeat rows to even out the shares, and count them twice in the metrics)."""

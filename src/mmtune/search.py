@@ -83,7 +83,9 @@ class Param:
     def describe(self) -> str:
         if self.choices is not None:
             return f"one of {self.choices}"
-        return f"{'integer ' if self.integer else ''}{self.low} to {self.high}{' (log)' if self.log else ''}"
+        if self.integer:
+            return f"integer {int(self.low)} to {int(self.high)}{' (log)' if self.log else ''}"
+        return f"{self.low:g} to {self.high:g}{' (log)' if self.log else ''}"
 
 
 def parse_space(entries: Mapping[str, Any], where: str = "the search space") -> Dict[str, Any]:
@@ -316,6 +318,10 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     optuna = require("optuna", "tune", "the hyper-parameter search (mmtune tune, preset best)")
     cfg = config if not overrides and not isinstance(config, (str, Path, Mapping)) else load_config(config, overrides)
     preset = PRESETS.get(cfg.preset) if cfg.preset else None
+    if preset is not None:  # the preset's settings are the first trial and what the search does not change
+        from .presets import apply_preset, table_stats
+
+        cfg = apply_preset(cfg, table_stats(cfg, train))
     if trials is None:
         trials = preset.search_trials if preset is not None and preset.search else 10
     if trials < 1:

@@ -121,11 +121,11 @@ def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: in
 
 
 def make_loader(dataset, collator, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
-                sampler=None) -> DataLoader:
+                sampler=None, pin_memory: bool = False) -> DataLoader:
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      collate_fn=collator, num_workers=num_workers,
+                      collate_fn=collator, num_workers=num_workers, pin_memory=pin_memory,
                       generator=gen if shuffle and sampler is None else None, persistent_workers=num_workers > 0)
 
 
@@ -230,6 +230,10 @@ class TableDataModule(L.LightningDataModule):
         from ..distributed import train_sampler
 
         sampler = train_sampler(ds, seed)
+        if cfg.data.bucket_by_length and not self.cached and not cfg.imbalance.sampler:
+            from ..distributed import LengthBuckets, text_lengths
+
+            sampler = LengthBuckets(ds, text_lengths(ds), cfg.trainer.batch_size, seed)
         if cfg.imbalance.sampler:
             task = next((x for x in self.tasks if not x.multilabel and not x.regression), None)
             if task is None:
@@ -241,7 +245,13 @@ class TableDataModule(L.LightningDataModule):
             augments = {m: modality_of(m).value_augment(getattr(cfg.augment, kind(m), None), self.model, seed)
                         for m in self.modalities}
             collate = Collator(collate.processors, self.modalities, {m: f for m, f in augments.items() if f is not None})
-        return make_loader(ds, collate, cfg.trainer.batch_size, True, self.workers, seed, sampler)
+        return make_loader(ds, collate, cfg.trainer.batch_size, True, self.workers, seed, sampler, self._pin)
+
+    @property
+    def _pin(self) -> bool:
+        """Pinned host memory when Lightning trains on a GPU (faster, asynchronous copies)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def eval_loader(self, split: str, shard: bool = False) -> DataLoader:
         """Every row of ``split`` in order; ``shard``: this process's share of them (Lightning's validation in a

@@ -57,6 +57,15 @@ class Encoder(nn.Module):
         them untouched, so they are not trained then."""
         return []
 
+    def enable_gradient_checkpointing(self) -> bool:
+        """Recompute activations in the backward pass (``trainer.gradient_checkpointing``); False when this
+        encoder cannot. Hugging Face models that support it use their own switch (non-reentrant)."""
+        host = getattr(self, "model", None)
+        if host is not None and getattr(host, "supports_gradient_checkpointing", False):
+            host.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return True
+        return False
+
     def save_parts(self, folder: Path) -> None:
         """Write what is needed to rebuild this encoder (architecture config, processor) without
         its original checkpoint; the weights travel in the bundle's safetensors file."""

@@ -16,6 +16,8 @@ from ..io import atomic_write_bytes, atomic_write_text
 
 SECTIONS = ["Summary", "Linear probe", "Search", "Distillation", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
             "Per-class metrics", "Modality contribution", "Worst misclassified test examples", "Configuration"]
+OPTIONAL_SECTIONS = ("Search", "Distillation")
+"""Shown only for a bundle made by a search (mmtune tune, preset best) or by mmtune distill."""
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -231,7 +233,7 @@ def build_report(run_dir: str | Path) -> Path:
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "plots" / name, png)
     body = "".join(f'<section id="{html.escape(s.lower().replace(" ", "-"))}"><h2>{html.escape(s)}</h2>{"".join(parts[s])}</section>'
-                   for s in SECTIONS if parts[s] or s not in ("Search", "Distillation"))
+                   for s in SECTIONS if parts[s] or s not in OPTIONAL_SECTIONS)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmtune report: {html.escape(config.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}img{{max-width:100%;margin:4px}}

@@ -4,6 +4,7 @@ claim the run folder → data → model → strategy → train (Lightning) → e
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
@@ -72,11 +73,18 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         model = build_model(cfg.model, {t.name: t.outputs for t in data.tasks},
                             allow_missing=bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0)
         data.fit_encoders(model)
+        started = time.perf_counter()
         probe = linear_probe(model, data, cache_folder(cfg), data.eval_batch_size, cfg.evaluation.calibration_bins,
                              cfg.trainer.seed) if cfg.evaluation.linear_probe and main else {}
+        probe_seconds = time.perf_counter() - started
         strategy = build_strategy(cfg.finetune)
         strategy.prepare(model)
         strategy.apply(model)
+        if cfg.trainer.gradient_checkpointing:
+            done = [n for n, e in model.encoders.items() if e.enable_gradient_checkpointing()]
+            log.info("gradient checkpointing in encoder(s) %s%s", ", ".join(done) or "(none)",
+                     "" if len(done) == len(model.encoders) else
+                     f"; not supported by {', '.join(n for n in model.encoders if n not in done)}")
         log.info("trainable parameters: %d", trainable_parameter_count(model))
         data.attach(model, strategy)
         info = train_model(cfg, model, strategy, data, run_dir, previous, callbacks)
@@ -95,7 +103,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         model.cpu()
         metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}),
                        **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}),
-                       **({"linear_probe": probe, "model_minus_probe": compare_probe(metrics, probe)} if probe else {}),
+                       **({"linear_probe": probe, "model_minus_probe": compare_probe(metrics, probe),
+                           "linear_probe_seconds": round(probe_seconds, 2)} if probe else {}),
                        **dict((extra() if callable(extra) else extra) or {}))
         if cfg.evaluation.baselines and len(cfg.modalities) > 1:
             from ..evaluation.baselines import fit_baselines

@@ -32,11 +32,18 @@ class ClassifierModule(L.LightningModule):
         # the validation loss as a sum and a count, gathered over the processes of a distributed run: the mean
         # over every row, not a mean of per-process means
         self.val_loss = torchmetrics.MeanMetric()
+        self._compiled = None
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         encoded = batch.get("encoded")
-        return self.model(batch.get("inputs"), batch["present"],
-                          encoded=as_encoder_outputs(encoded) if encoded is not None else None)
+        run = self._compiled if self._compiled is not None and self.training else self.model
+        return run(batch.get("inputs"), batch["present"], encoded=as_encoder_outputs(encoded) if encoded is not None else None)
+
+    def compile_model(self, backend) -> None:
+        """Training steps run the model through ``torch.compile`` (``backend``: True for the default); the
+        module keeps the plain model, so checkpoints and the bundle hold the same keys."""
+        kwargs = {} if backend is True else {"backend": backend}
+        object.__setattr__(self, "_compiled", torch.compile(self.model, **kwargs))
 
     def training_step(self, batch, batch_idx):
         for transform in self.transforms:
@@ -130,8 +137,11 @@ def build_module(cfg, model, tasks, strategy, class_weights: Optional[Dict[str, 
     from .transforms import Mixup, batch_transforms
 
     objective = Objective(build_loss(cfg.loss), tasks, class_weights, cfg.regularization.l1, model)
-    return ClassifierModule(
+    module = ClassifierModule(
         model, objective, EpochMetrics(tasks, ["accuracy"], "train"), EpochMetrics(tasks, cfg.trainer.epoch_metrics, "val"),
         optimizer_factory(cfg.optim, cfg.finetune, include_frozen_encoders=strategy.keeps_frozen_weights),
         schedule_factory(cfg.schedule, cfg.optim, cfg.trainer.monitor), batch_transforms(cfg, model),
         Mixup(cfg.augment.mixup_alpha) if cfg.augment.mixup_alpha > 0 else None, keep_frozen=strategy.keeps_frozen_weights)
+    if cfg.trainer.compile:
+        module.compile_model(cfg.trainer.compile)
+    return module
