@@ -80,7 +80,6 @@ def _sync(device):
 
 
 def flops_per_sample(module, batch, device) -> float:
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)

@@ -44,7 +44,7 @@ def test_the_probe_is_sklearn_on_the_frozen_features_with_c_from_validation(prob
     assert diff["split"] == "test"
     assert diff["accuracy"] == pytest.approx(probed.metrics["test"]["label"]["accuracy"] - probe["test"]["accuracy"])
     # a frozen run reads the probe's cache entries: one file per encoder and split, nothing computed twice
-    assert len(list(cache_folder(cfg).glob("*.safetensors"))) == 2 * 3
+    assert len(list(cache_folder(cfg).glob("*.cache"))) == 2 * 3
 
 
 def test_the_probe_is_in_the_report_and_the_console(probed, capsys, tmp_path, tiny_bert, colour_verdict):

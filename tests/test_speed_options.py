@@ -1,7 +1,6 @@
 """Options for long runs and large encoders: gradient checkpointing and torch.compile leave the trained weights
 as they are without them; length buckets keep every row once per epoch and cut the padding."""
 import numpy as np
-import pytest
 import torch
 
 import mmtune

@@ -31,6 +31,14 @@ def world() -> Tuple[int, int]:
     return 1, 0
 
 
+def training_device(accelerator: str) -> torch.device:
+    """Where this process will train, known before Lightning starts (for the embedding cache): its own GPU
+    (``LOCAL_RANK``) when ``trainer.accelerator`` allows one and the machine has it, else the CPU."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def train_sampler(dataset, seed: int) -> DistributedSampler:
     """The epoch's shuffled order — a permutation seeded by ``seed + epoch`` — dealt out to the processes.
     One process gets the whole permutation, so that a run on N processes with batch B steps through the same

@@ -197,8 +197,13 @@ class TableDataModule(L.LightningDataModule):
             cache_dir = cache_folder(cfg)
             specs = {n: e.model_dump(mode="json") for n, e in cfg.model.encoders.items()}
             prints = {n: encoder_fingerprint(enc, specs[n]) for n, enc in model.encoders.items()}
+            from ..distributed import training_device
+
+            device = training_device(cfg.trainer.accelerator)
             self.datasets = {s: build_cached_dataset(model, specs, p.dataset(s, self.modalities), self.modalities,
-                                                     cache_dir, self.eval_batch_size, prints) for s in self.splits}
+                                                     cache_dir, self.eval_batch_size, prints, device,
+                                                     getattr(cfg.finetune, "cache_dtype", "float16"))
+                             for s in self.splits}
             self.collate = first
         else:
             self.datasets = {s: p.dataset(s, self.modalities) for s in self.splits}

@@ -19,7 +19,7 @@ C_GRID = (0.01, 0.1, 1.0, 10.0)
 def probe_features(model, data, cache_dir: Path, batch_size: int) -> Optional[Dict[str, np.ndarray]]:
     """Per split, (N, D) features of the pretrained encoders (those trained from scratch are left out) and the
     present-masks; None when no encoder is pretrained."""
-    from ..finetune.feature_cache import cached_outputs, encoder_fingerprint, present_masks
+    from ..finetune.feature_cache import as_tensor, cached_outputs, encoder_fingerprint, present_masks
 
     cfg = data.cfg
     names = [n for n, e in model.encoders.items() if not getattr(e, "from_scratch", False)]
@@ -34,7 +34,7 @@ def probe_features(model, data, cache_dir: Path, batch_size: int) -> Optional[Di
         for n in names:
             for sub, d in sorted(cached_outputs(n, model.encoders[n], specs[n], ds, cache_dir, batch_size, False,
                                                 prints[n]).items()):
-                parts.append(d["pooled"].numpy().astype(np.float64))
+                parts.append(as_tensor(d["pooled"]).numpy().astype(np.float64))
         present = present_masks(ds, data.modalities)
         parts += [present[m].numpy()[:, None].astype(np.float64) for m in sorted(present)]
         out[split] = np.concatenate(parts, axis=1)

@@ -1,12 +1,16 @@
 """The embedding cache: frozen encoders' outputs computed once per dataset and checkpoint.
 
 With ``finetune.type: frozen`` nothing in an encoder changes during training, so its outputs
-for a given row never change either. They are computed once, stored under ``cache_dir`` in a
-safetensors file whose name is a hash of everything they depend on — the encoder's config entry,
+for a given row never change either. They are computed once (on the training device), stored under
+``cache_dir`` in a folder whose name is a hash of everything they depend on — the encoder's config entry,
 its weights, its architecture config and processor files, every file of a local checkpoint folder,
 and every row's values (for images: the bytes of the file) — and every training epoch reads them
 instead of decoding and encoding again. A changed image, checkpoint file or processor changes the
 hash: the stale entry is simply never read again.
+
+An entry is written in shards of :data:`SHARD_ROWS` rows (``.npy`` files; token sequences in float16 unless
+``finetune.cache_dtype: float32``) while the encoder runs, and read memory-mapped: a batch reads only its
+rows, so neither computing nor training holds the whole table's outputs in memory.
 """
 from __future__ import annotations
 
@@ -23,7 +27,6 @@ from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
 from ..modalities import modality_of
 from ..encoders.base import EncoderOutput
-from ..io import atomic_write_with
 
 
 def cache_folder(cfg) -> Path:
@@ -79,59 +82,157 @@ def rows_fingerprint(ds: MultimodalDataset, modalities=None) -> str:
     return h.hexdigest()
 
 
+SHARD_ROWS = 8192
+"""Rows per shard file of a cache entry."""
+
+
+class Stored:
+    """One cached field (``pooled``, ``tokens`` or ``mask``) of every row: ``.npy`` shard files read
+    memory-mapped, so only the rows a batch asks for are read (memory stays flat as rows grow). Token shards
+    are padded to their own longest sequence; :meth:`take` pads a batch to its longest."""
+
+    def __init__(self, paths: List[Path]):
+        import numpy as np
+
+        self.arrays = [np.load(p, mmap_mode="r") for p in paths]
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+        widths = {a.shape[1:] for a in self.arrays}
+        self.padded = len(widths) > 1  # token shards of different lengths
+        first = self.arrays[0]
+        rest = ((max(a.shape[1] for a in self.arrays),) + tuple(first.shape[2:])) if first.ndim > 1 else ()
+        self.shape = (int(self.offsets[-1]),) + rest
+        self.stored_dtype = first.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` as a tensor (float32, or bool for masks), in the order asked."""
+        import numpy as np
+
+        idx = np.asarray(idx, dtype=np.int64)
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        parts, order = [], []
+        for s in np.unique(which):
+            sel = np.nonzero(which == s)[0]
+            parts.append(np.asarray(self.arrays[s][np.sort(idx[sel] - self.offsets[s])]))
+            order.append(sel[np.argsort(idx[sel], kind="stable")])
+        if len(parts) > 1 and self.padded:
+            longest = max(p.shape[1] for p in parts)
+            parts = [np.pad(p, [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts]
+        out = np.empty((len(idx),) + parts[0].shape[1:], dtype=parts[0].dtype)
+        out[np.concatenate(order)] = np.concatenate(parts)
+        t = torch.from_numpy(out)
+        return t if t.dtype == torch.bool else t.float()
+
+    def full(self) -> torch.Tensor:
+        return self.take(torch.arange(len(self)))
+
+
+def as_tensor(x) -> torch.Tensor:
+    """A cached field as one in-memory tensor (what the probe, stacking and synthesis read)."""
+    return x.full() if isinstance(x, Stored) else x
+
+
+def take(x, idx: torch.Tensor) -> torch.Tensor:
+    return x.take(idx) if isinstance(x, Stored) else x.index_select(0, idx)
+
+
 @torch.inference_mode()
-def compute_outputs(enc, ds: MultimodalDataset, batch_size: int, with_tokens: bool, device="cpu") -> Dict[str, Dict[str, torch.Tensor]]:
-    """Run ``enc`` (eval mode) over every row of ``ds``. Returns ``{sub-key: {"pooled", "tokens", "mask"}}``;
-    tokens are padded to the longest sequence with ``mask`` False (only when ``with_tokens``)."""
+def compute_outputs(enc, ds: MultimodalDataset, batch_size: int, with_tokens: bool, folder: Path,
+                    device="cpu", token_dtype: str = "float16", shard_rows: int = SHARD_ROWS) -> Dict[str, Any]:
+    """Run ``enc`` (eval mode, on ``device``) over every row of ``ds``, writing the outputs into ``folder`` as
+    shards of ``shard_rows`` rows: ``{sub-key}__{pooled|tokens|mask}.{k}.npy``. Tokens (only when
+    ``with_tokens``) are stored as ``token_dtype`` — float16 unless a value would not fit, then float32 — and
+    ``mask`` marks the real ones. Returns the entry's index (also written as ``index.json``)."""
+    import numpy as np
+
     collate = Collator({"e": enc.processor}, list(enc.processor.modalities))
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
     was_training = enc.training
     enc.eval()
-    parts: Dict[str, Dict[str, List[torch.Tensor]]] = {}
+    pending: Dict[str, Dict[str, List[torch.Tensor]]] = {}
+    files: Dict[str, List[str]] = {}
+    rows = 0
+
+    def flush(final: bool) -> None:
+        for sub, d in pending.items():
+            n = sum(len(t) for t in d["pooled"])
+            if not n or (n < shard_rows and not final):
+                continue
+            fields = {"pooled": torch.cat(d["pooled"])}
+            if d["tokens"]:
+                longest = max(t.shape[1] for t in d["tokens"])
+                tokens = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[1])) for t in d["tokens"]])
+                small = token_dtype == "float16" and bool(tokens.abs().max() < 6.0e4)
+                fields["tokens"] = tokens.half() if small else tokens
+                fields["mask"] = torch.cat([torch.nn.functional.pad(m, (0, longest - m.shape[1]), value=False)
+                                            for m in d["mask"]])
+            for field, t in fields.items():
+                key = f"{sub}__{field}"
+                name = f"{key}.{len(files.get(key, []))}.npy"
+                np.save(folder / name, t.numpy())
+                files.setdefault(key, []).append(name)
+            pending[sub] = {"pooled": [], "tokens": [], "mask": []}
+
     try:
         for batch in loader:
             out = enc(**{k: v.to(device) for k, v in batch["inputs"]["e"].items()})
             outs = {"": out} if isinstance(out, EncoderOutput) else out
             for sub, o in outs.items():
-                d = parts.setdefault(sub, {"pooled": [], "tokens": [], "mask": []})
+                d = pending.setdefault(sub, {"pooled": [], "tokens": [], "mask": []})
                 d["pooled"].append(o.pooled.float().cpu())
                 if with_tokens and o.tokens is not None:
                     d["tokens"].append(o.tokens.float().cpu())
                     m = o.mask if o.mask is not None else torch.ones(o.tokens.shape[:2], dtype=torch.bool)
                     d["mask"].append(m.bool().cpu())
+            rows += len(next(iter(outs.values())).pooled)
+            flush(False)
+        flush(True)
     finally:
         enc.train(was_training)
-    result = {}
-    for sub, d in parts.items():
-        entry = {"pooled": torch.cat(d["pooled"])}
-        if d["tokens"]:
-            t_max = max(t.shape[1] for t in d["tokens"])
-            entry["tokens"] = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, t_max - t.shape[1])) for t in d["tokens"]])
-            entry["mask"] = torch.cat([torch.nn.functional.pad(m, (0, t_max - m.shape[1]), value=False) for m in d["mask"]])
-        result[sub] = entry
-    return result
+    index = {"rows": rows, "files": files}
+    (folder / "index.json").write_text(json.dumps(index))
+    return index
 
 
 def cached_outputs(name: str, enc, spec_json: Dict[str, Any], ds: MultimodalDataset, cache_dir: Path,
-                   batch_size: int, with_tokens: bool, fingerprint: Optional[str] = None) -> Dict[str, Dict[str, torch.Tensor]]:
-    """The encoder's outputs for ``ds``, from ``cache_dir`` when an entry with the same hash exists,
-    else computed and stored (atomically) first."""
-    from safetensors.torch import load_file, save_file
+                   batch_size: int, with_tokens: bool, fingerprint: Optional[str] = None, device="cpu",
+                   token_dtype: str = "float16") -> Dict[str, Dict[str, Stored]]:
+    """The encoder's outputs for ``ds`` (``{sub-key: {field: Stored}}``), from ``cache_dir`` when an entry with
+    the same hash exists, else computed on ``device`` and stored first (into a temporary folder renamed into
+    place once complete, so a killed run never leaves a partial entry)."""
+    import os
+    import shutil
 
     fp = fingerprint or encoder_fingerprint(enc, spec_json)
     rows = rows_fingerprint(ds, enc.processor.modalities)
-    key = hashlib.sha256(f"{fp}|{rows}|tokens={with_tokens}".encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"{name}-{key}.safetensors"
-    if path.is_file():
-        flat = load_file(str(path))
-    else:
-        outs = compute_outputs(enc, ds, batch_size, with_tokens)
-        flat = {f"{sub}::{k}": v.contiguous() for sub, d in outs.items() for k, v in d.items()}
-        atomic_write_with(path, lambda tmp: save_file(flat, str(tmp)))
-    result: Dict[str, Dict[str, torch.Tensor]] = {}
-    for k, v in flat.items():
-        sub, field = k.split("::")
-        result.setdefault(sub, {})[field] = v
+    kind = f"tokens={token_dtype}" if with_tokens else "pooled"
+    key = hashlib.sha256(f"{fp}|{rows}|{kind}".encode()).hexdigest()[:24]
+    folder = Path(cache_dir) / f"{name}-{key}.cache"
+    if not (folder / "index.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            moved = device != "cpu" and next(enc.parameters(), torch.empty(0)).device.type == "cpu"
+            if moved:
+                enc.to(device)
+            try:
+                compute_outputs(enc, ds, batch_size, with_tokens, tmp, device, token_dtype)
+            finally:
+                if moved:
+                    enc.to("cpu")
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process finished the same entry first: theirs is as good
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    index = json.loads((folder / "index.json").read_text())
+    result: Dict[str, Dict[str, Stored]] = {}
+    for k, names in index["files"].items():
+        sub, field = k.split("__")
+        result.setdefault(sub, {})[field] = Stored([folder / n for n in names])
     return result
 
 
@@ -158,7 +259,7 @@ class CachedDataset(Dataset):
     def __getitems__(self, indices: List[int]):
         idx = torch.as_tensor(indices, dtype=torch.long)
         batch = {
-            "encoded": {k: {f: v.index_select(0, idx) for f, v in d.items()} for k, d in self.outputs.items()},
+            "encoded": {k: {f: take(v, idx) for f, v in d.items()} for k, d in self.outputs.items()},
             "present": {m: v.index_select(0, idx) for m, v in self.present.items()},
             "labels": {t: v.index_select(0, idx) for t, v in self.labels.items()},
             "index": idx,
@@ -182,13 +283,15 @@ def present_masks(ds: MultimodalDataset, modalities) -> Dict[str, torch.Tensor]:
 
 
 def build_cached_dataset(model, encoder_specs: Dict[str, Dict[str, Any]], ds: MultimodalDataset, modalities,
-                         cache_dir: Path, batch_size: int, fingerprints: Optional[Dict[str, str]] = None) -> CachedDataset:
-    """A :class:`CachedDataset` for ``ds`` with every encoder of ``model`` (keys as the model names its outputs)."""
+                         cache_dir: Path, batch_size: int, fingerprints: Optional[Dict[str, str]] = None,
+                         device="cpu", token_dtype: str = "float16") -> CachedDataset:
+    """A :class:`CachedDataset` for ``ds`` with every encoder of ``model`` (keys as the model names its outputs),
+    the encoders run on ``device`` when an entry is computed."""
     with_tokens = bool(getattr(model.fusion, "reads_tokens", False))
     outputs: Dict[str, Dict[str, torch.Tensor]] = {}
     for name, enc in model.encoders.items():
         per_sub = cached_outputs(name, enc, encoder_specs[name], ds, cache_dir, batch_size, with_tokens,
-                                 (fingerprints or {}).get(name))
+                                 (fingerprints or {}).get(name), device, token_dtype)
         for sub, d in per_sub.items():
             outputs[f"{name}.{sub}" if sub else name] = d
     return CachedDataset(outputs, present_masks(ds, modalities), ds.labels, ds.weights)

@@ -100,6 +100,9 @@ class Frozen(Strategy):
         type: Literal["frozen"] = "frozen"
         cache: bool = True
         """Compute encoder outputs once per dataset and train the epochs over that cache."""
+        cache_dtype: Literal["float16", "float32"] = "float16"
+        """How token sequences are stored in the cache (pooled outputs are always float32): float16 halves the
+        disk and page-cache footprint; a shard with a value beyond float16's range is kept in float32."""
 
     @property
     def uses_cache(self) -> bool:

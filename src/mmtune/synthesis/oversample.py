@@ -63,17 +63,18 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
 def synthesize_cached(train, keys: List[str], cfg, task: str, seed: int = 0, class_names=None):
     """A new CachedDataset: ``train`` plus synthetic rows (pooled features only, every modality present,
     ``synthetic`` flag set). Returns it and the report."""
-    from ..finetune.feature_cache import CachedDataset
+    from ..finetune.feature_cache import CachedDataset, as_tensor
 
-    dims = [train.outputs[k]["pooled"].shape[1] for k in keys]
-    X = torch.cat([train.outputs[k]["pooled"] for k in keys], dim=1).numpy().astype(np.float64)
+    pooled = {k: as_tensor(train.outputs[k]["pooled"]) for k in keys}
+    dims = [pooled[k].shape[1] for k in keys]
+    X = torch.cat([pooled[k] for k in keys], dim=1).numpy().astype(np.float64)
     y = train.labels[task].numpy()
     Xn, yn, report = synthesize_rows(X, y, cfg, seed, class_names)
     n_new = len(yn)
     outputs, start = {}, 0
     for k, d in zip(keys, dims):
-        new = torch.as_tensor(Xn[:, start:start + d], dtype=train.outputs[k]["pooled"].dtype)
-        outputs[k] = {"pooled": torch.cat([train.outputs[k]["pooled"], new])}
+        new = torch.as_tensor(Xn[:, start:start + d], dtype=pooled[k].dtype)
+        outputs[k] = {"pooled": torch.cat([pooled[k], new])}
         start += d
     present = {m: torch.cat([v, torch.ones(n_new, dtype=torch.bool)]) for m, v in train.present.items()}
     labels = {task: torch.cat([train.labels[task], torch.as_tensor(yn, dtype=torch.long)]).tolist()}

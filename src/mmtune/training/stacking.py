@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..finetune.feature_cache import as_tensor
 from ..fusion.common import safe
 
 
@@ -55,7 +56,7 @@ def fit_stacking(model, train, task, folds: int, seed: int) -> None:
     y = train.labels[task.name].numpy()
     oof_parts = []
     for key in fusion.keys:
-        X = train.outputs[key]["pooled"].numpy().astype(np.float64)
+        X = as_tensor(train.outputs[key]["pooled"]).numpy().astype(np.float64)
         present = train.present[model.output_modality[key]].numpy()
         oof = np.full((len(y), n_classes), 1.0 / n_classes)
         Xp, yp = X[present], y[present]
