@@ -23,12 +23,13 @@ def parts_table() -> str:
     from .losses import LOSSES
     from .modalities import JOINT, MODALITIES
     from .optim import OPTIMIZERS, SCHEDULES
+    from .presets import PRESETS
 
     rows = [("modalities (data.columns, encoder modality)", MODALITIES.names() + JOINT.names()),
             ("encoder presets (encoder checkpoint)", offline.PRESETS.names()),
             ("fusions (model.fusion.type)", FUSIONS.names()), ("strategies (finetune.type)", STRATEGIES.names()),
             ("losses (loss.type)", LOSSES.names()), ("optimizers (optim.name)", OPTIMIZERS.names()),
-            ("schedules (schedule.name)", SCHEDULES.names())]
+            ("schedules (schedule.name)", SCHEDULES.names()), ("presets (preset, --preset)", PRESETS.names())]
     return "\n".join(f"  {kind}: {', '.join(names)}" for kind, names in rows)
 
 

@@ -2,7 +2,7 @@
 from the size of the table and the columns it has; every key the config sets itself wins over the preset.
 
 ``fast``      frozen encoders over the embedding cache and a small head: one pass through the encoders, then
-              seconds per epoch.
+              seconds per epoch (no cache when an encoder trains from scratch: tabular columns).
 ``balanced``  the deepest two layer groups of each encoder train with layer-wise learning-rate decay, with
               augmentation of the image and text columns and label smoothing; from 20,000 rows, images at
               160 px (each epoch runs the image encoders) and fewer epochs.
@@ -30,6 +30,8 @@ class TableStats:
     """The modalities of the columns (``data.columns`` keys)."""
     image_encoders: Sequence[str] = ()
     """Names of the encoders that read images and leave ``image_size`` to the preset."""
+    from_scratch: bool = False
+    """Some encoder is trained from scratch (tabular): its outputs change while training, so nothing is cached."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ def _epochs(rows: int, small: int, medium: int, large: int) -> int:
 
 def _fast(s: TableStats) -> Dict[str, Any]:
     return {
-        "finetune": {"type": "frozen", "cache": True},
+        # an encoder trained from scratch trains under frozen too, but then nothing can be cached
+        "finetune": {"type": "frozen", "cache": not s.from_scratch},
         "model.fusion": {"type": "concat", "hidden_dims": [256], "dropout": 0.2},
         "optim.lr": 1e-3, "optim.weight_decay": 0.01,
         "schedule.name": "cosine", "schedule.warmup_fraction": 0.05,
@@ -150,8 +153,12 @@ def table_stats(cfg, train=None) -> TableStats:
         rows = len(read_table(source)[0])
     elif cfg.data.align is not None:
         rows = max(len(read_table(t)[0]) for t in cfg.data.align.tables)
+    from .encoders.offline import PRESETS as ENCODER_PRESETS, preset_name
+
     images = [n for n, e in cfg.model.encoders.items() if e.modality == "image"]
-    return TableStats(rows=rows, modalities=tuple(cfg.modalities), image_encoders=tuple(images))
+    scratch = any(preset_name(e.checkpoint) and ENCODER_PRESETS.get(preset_name(e.checkpoint)).from_scratch
+                  for e in cfg.model.encoders.values())
+    return TableStats(rows=rows, modalities=tuple(cfg.modalities), image_encoders=tuple(images), from_scratch=scratch)
 
 
 def _get(cfg, dotted: str):

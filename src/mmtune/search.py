@@ -311,7 +311,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     without one gets its own budget): the search stops taking new trials at 70 % of it, each trial and the refit
     stop at the budget. A run folder that holds a bundle but no study is refused unless ``overwrite``.
     """
-    from .config import ConfigError, load_config
+    from .config import load_config
     from .extras import require
     from .presets import PRESETS
 
@@ -384,8 +384,8 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
 
         if remaining > 0:
             timeout = _left(budget, started, 0.7)
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(ConfigError, SearchError),
-                           gc_after_trial=True)
+            # a trial whose settings do not fit together (a ValueError naming why) fails alone; the search goes on
+            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(ValueError,), gc_after_trial=True)
         table = trials_table(study)
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:

@@ -50,6 +50,8 @@ def add_adapters(model: nn.Module, ft) -> Dict[str, int]:
 
     counts = {}
     for name, enc in model.encoders.items():
+        if getattr(enc, "from_scratch", False):  # trained whole (tabular): nothing pretrained to adapt
+            continue
         attr = _host_attr(enc)
         host = getattr(enc, attr)
         chosen = default_targets(host, ft.type)
@@ -82,6 +84,8 @@ def merge_adapters(model: nn.Module) -> bool:
         return False
     merged = False
     for enc in model.encoders.values():
+        if getattr(enc, "from_scratch", False):
+            continue
         attr = _host_attr(enc)
         host = getattr(enc, attr)
         if isinstance(host, peft.PeftModel):

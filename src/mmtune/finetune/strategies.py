@@ -64,10 +64,9 @@ class Strategy:
         for p in model.parameters():
             p.requires_grad_(True)
         for enc in model.encoders.values():
-            self.encoder_trainable(enc, epoch)
             if getattr(enc, "from_scratch", False):  # nothing pretrained to keep: it always trains
-                for p in enc.parameters():
-                    p.requires_grad_(True)
+                continue
+            self.encoder_trainable(enc, epoch)
             for p in never_trained(enc):
                 p.requires_grad_(False)
             if getattr(model.fusion, "reads_tokens", False):
