@@ -41,3 +41,21 @@ def test_predict_and_serve_benches_run_and_print_their_json(tmp_path):
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"clients", "requests_per_s", "p50_ms", "p99_ms", "errors", "batched_speedup"} <= set(last)
     assert last["errors"] == 0 and last["requests_per_s"] > 0 and last["clients"] == 4
+
+
+def test_presets_and_throughput_benches_run_and_print_their_json(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "presets.py"), "--rows", "40", "--tasks", "orders",
+                          "--presets", "fast,best", "--best-seconds", "15", "--work", str(tmp_path / "p")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(last) == {"fast", "best", "linear_probe"}
+    assert all(0.0 <= v["orders"]["accuracy"] <= 1.0 and v["orders"]["seconds"] >= 0 for v in last.values())
+    assert last["best"]["orders"]["trials"] >= 1
+    out = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--batch", "4", "--steps", "2", "--warmup", "1",
+                          "--peak-n", "256"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"samples_per_s", "mfu", "plain_loop_ratio", "data_wait_fraction", "flops_per_sample"} <= set(last)
+    assert last["samples_per_s"] > 0 and last["mfu"] > 0 and 0 <= last["data_wait_fraction"] < 1
+    assert last["flops_per_sample"] > 0.1  # GFLOP: EfficientNet-Lite0 at 96 px and MiniLM, forward + backward

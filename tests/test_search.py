@@ -206,6 +206,9 @@ def test_search_spaces_and_conditional_keys():
                               "augment.strength": 1.0, "finetune.encoder_lr": 1e-4})
     c = load_config(raw)
     assert c.finetune.type == "frozen" and c.model.fusion.width == 64 and not c.augment.image.enabled
+    augmented = {**base, "augment": {"image": {"enabled": True}, "text": {"word_dropout": 0.1}}}
+    c = load_config(trial_config(augmented, {"finetune.type": "frozen"}))  # a balanced base, a frozen trial
+    assert not c.augment.image.enabled and c.augment.text.word_dropout == 0.0
     raw = trial_config(base, {"finetune.type": "partial", "model.fusion.width": 64, "augment.strength": 0.5})
     c = load_config(raw)
     assert c.model.fusion.hidden_dims == [64] and c.augment.image.enabled and c.augment.image.rotation == 10.0

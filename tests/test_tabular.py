@@ -99,3 +99,26 @@ def test_the_deciding_column_gets_the_largest_attribution(tabular_run):
     top = [max(r["columns"]["tabular"].items(), key=lambda kv: abs(kv[1]))[0] for r in moved]
     assert np.mean([t == "amount" for t in top]) >= 0.9
     assert expl.table["mean_attribution_share"]["tabular"] > expl.table["mean_attribution_share"]["text"]
+
+
+def test_adapters_leave_an_encoder_trained_from_scratch_whole(tmp_path, tiny_bert):
+    """LoRA beside a tabular column: the text encoder trains only its adapters, the tabular encoder (nothing
+    pretrained to keep) trains every weight, and the adapters merge back into plain weights."""
+    import torch
+
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert},
+           "table": {"modality": "tabular", "checkpoint": "tabular"}}
+    cfg = base_config(tmp_path, enc, data={"columns": {"tabular": ["amount", "brand", "store"]}},
+                      finetune={"type": "lora", "r": 4}, trainer={"max_epochs": 2})
+    res = mmtune.fit(cfg, train=_table(120, 3))
+    assert res.metrics["epochs_trained"] == 2
+    model = res.model
+    assert not any("lora" in n for n, _ in model.named_parameters())  # merged
+    from mmtune.finetune import build_strategy
+    from mmtune.finetune.lora import add_adapters
+
+    add_adapters(model, res.config.finetune)
+    build_strategy(res.config.finetune).apply(model)
+    text = {n for n, p in model.encoders["text"].named_parameters() if p.requires_grad}
+    assert text and all("lora_" in n for n in text)
+    assert all(p.requires_grad for p in model.encoders["table"].parameters())

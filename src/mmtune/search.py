@@ -233,12 +233,21 @@ def trial_config(base: Dict[str, Any], values: Mapping[str, Any]) -> Dict[str, A
                 if key[len(section) + 1:] not in tables[section][0].get(name).Config.model_fields:
                     continue  # this trial's type has no such setting
             _put(raw, key, value)
+    if _cached(raw):  # cached encoder outputs cannot be augmented: the base config's augmentation is off here
+        for node in ((raw.get("augment") or {}).get(m) for m in ("image", "text")):
+            if isinstance(node, dict):
+                node.update({k: (False if k == "enabled" else 0.0) for k in node
+                             if k == "enabled" or k.startswith(("word_", "token_"))})
     return raw
 
 
-def _set_augment(raw: Dict[str, Any], s: float) -> None:
+def _cached(raw: Dict[str, Any]) -> bool:
     ft = raw.get("finetune") or {}
-    if ft.get("type", "full") == "frozen" and ft.get("cache", True):
+    return ft.get("type", "full") == "frozen" and ft.get("cache", True)
+
+
+def _set_augment(raw: Dict[str, Any], s: float) -> None:
+    if _cached(raw):
         return  # cached encoder outputs: inputs cannot be augmented
     mods = set((raw.get("data") or {}).get("columns") or {})
     if "image" in mods:
