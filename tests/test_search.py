@@ -175,8 +175,11 @@ def test_a_killed_search_resumes_and_its_best_drawn_trial_refits_to_the_same_sco
 
 
 def _states(db):
-    with sqlite3.connect(db) as con:
-        return [r[0] for r in con.execute("select state from trials order by number")]
+    try:
+        with sqlite3.connect(db) as con:
+            return [r[0] for r in con.execute("select state from trials order by number")]
+    except sqlite3.OperationalError:  # the file exists, its tables not yet
+        return []
 
 
 def _values(db):
