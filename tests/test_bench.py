@@ -60,3 +60,12 @@ def test_presets_and_throughput_benches_run_and_print_their_json(tmp_path):
     assert last["samples_per_s"] > 0 and last["mfu"] > 0 and 0 <= last["data_wait_fraction"] < 1
     # GFLOP: 3 x the forward of EfficientNet-Lite0 at 96 px (0.14) and MiniLM over the batch's tokens (0.32 at 15)
     assert 0.5 < last["flops_per_sample"] < 5
+
+
+def test_scale_bench_runs_and_prints_its_json(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--rows", "200,2000", "--work", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(last["rss_mb_by_rows"]) == {"200", "2000"} and all(v > 0 for v in last["rss_mb_by_rows"].values())
+    assert last["rss_growth_per_10x"] > 0

@@ -671,14 +671,7 @@ def load_config(
         raw = copy.deepcopy(dict(source))
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raw = read_yaml_mapping(path, "config file")
         base_dir = path.resolve().parent
     from_file = set(raw["data"]) if base_dir is not None and isinstance(raw.get("data"), dict) else set()
     overridden = {_apply_override(raw, item) for item in overrides}
@@ -696,6 +689,20 @@ def load_config(
         cfg.data.align.tables = [t if Path(t).is_absolute() else str(base_dir / t) if written_in_file
                                  else str(Path(t).resolve()) for t in cfg.data.align.tables]
     return cfg
+
+
+def read_yaml_mapping(path: Path, what: str, error: type = ConfigError) -> Dict[str, Any]:
+    """The mapping a YAML file holds (empty file: {}); ``error`` naming the file when it is missing, is not YAML,
+    or holds something else (FileNotFoundError for a missing file when ``error`` is not ConfigError)."""
+    if not path.is_file():
+        raise (error if error is ConfigError else FileNotFoundError)(f"{what} {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what} {str(path)!r} must hold a mapping at the top level")
+    return raw
 
 
 def _keep_settings_of_new_type(raw: Dict[str, Any], overridden: set) -> None:

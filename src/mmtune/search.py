@@ -128,21 +128,13 @@ class _Fixed:
 
 def load_space(path: Optional[Union[str, Path, Mapping[str, Any]]], cfg) -> Dict[str, Any]:
     """The default space for ``cfg``, with a YAML file (or mapping) narrowing or extending it."""
-    import yaml
+    from .config import read_yaml_mapping
 
     user: Dict[str, Any] = {}
     if isinstance(path, Mapping):
         user = dict(path)
     elif path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"search space {str(p)!r} does not exist")
-        try:
-            user = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise SearchError(f"search space {str(p)!r} is not valid YAML: {exc}") from None
-        if not isinstance(user, dict):
-            raise SearchError(f"search space {str(p)!r} must hold a mapping of config keys")
+        user = read_yaml_mapping(Path(path), "search space", SearchError)
     only = bool(user.pop("only", False))
     space = {} if only else dict(_default_space(cfg))
     space.update(user)
