@@ -14,6 +14,13 @@ def fit(*args, **kwargs):
     return _fit(*args, **kwargs)
 
 
+def tune(*args, **kwargs):
+    """Hyper-parameter search, best trial refitted into the run bundle. See :func:`mmtune.search.tune`."""
+    from .search import tune as _tune
+
+    return _tune(*args, **kwargs)
+
+
 def align(tables, on=None, time=None, tolerance=None, direction="nearest", paths=()):
     """Join tables recorded apart onto the first; returns ``(joined DataFrame, report)``. See
     :func:`mmtune.data.align.align_tables`."""
@@ -30,4 +37,4 @@ def load(run_dir, device: str = "cpu", backend=None):
     return Predictor.load(run_dir, device, backend)
 
 
-__all__ = ["BadRowsError", "Config", "ConfigError", "align", "fit", "load", "load_config", "__version__"]
+__all__ = ["BadRowsError", "Config", "ConfigError", "align", "fit", "load", "load_config", "tune", "__version__"]
