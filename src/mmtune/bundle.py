@@ -192,6 +192,24 @@ class RunInUseError(FileExistsError):
     """Another process holds the run folder (a FileExistsError: the name is taken, for now)."""
 
 
+def hold_lock(path: Path, busy: str) -> int:
+    """An exclusive ``flock`` on ``path`` (created; it holds the holder's pid), released when the returned file
+    descriptor is closed or the process dies. RunInUseError with ``busy`` (``{pid}``: the holder's) when taken."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunInUseError(busy.replace("{pid}", holder)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
 class RunClaim:
     """Exclusive use of ``output_dir/name`` for one fit, from before any work until the bundle is written.
 
@@ -230,19 +248,8 @@ class RunClaim:
         return self
 
     def _lock(self, path: Path) -> None:
-        import fcntl
-
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunInUseError(f"run folder {str(self.run_dir)!r} is in use by another mmtune process (pid {holder}); "
-                                "wait for it to finish, or choose another name (--set name=...)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
+        self._fd = hold_lock(path, f"run folder {str(self.run_dir)!r} is in use by another mmtune process (pid {{pid}}); "
+                                   "wait for it to finish, or choose another name (--set name=...)")
 
     def _unlock(self) -> None:
         if self._fd is not None:

@@ -705,6 +705,22 @@ def read_yaml_mapping(path: Path, what: str, error: type = ConfigError) -> Dict[
     return raw
 
 
+def raw_section(raw: Dict[str, Any], dotted: str) -> Dict[str, Any]:
+    """The mapping at ``dotted`` in a raw config dict, created (or replacing a non-mapping) on the way."""
+    node = raw
+    for part in (p for p in dotted.split(".") if p):
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    return node
+
+
+def set_raw_key(raw: Dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a raw config dict."""
+    head, _, leaf = dotted.rpartition(".")
+    raw_section(raw, head)[leaf] = value
+
+
 def _keep_settings_of_new_type(raw: Dict[str, Any], overridden: set) -> None:
     """A part whose ``type`` an override changes keeps only the settings the new type has (the old type's
     own settings from the file are dropped; settings given as overrides are kept and checked)."""

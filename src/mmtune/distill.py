@@ -57,9 +57,7 @@ class DistillObjective(nn.Module):
                 sw = torch.ones_like(kl) if weights is None else weights
                 part = (1 - a) * part + a * T * T * (kl * sw).sum() / sw.sum().clamp_min(1e-12)
             total = total + t.weight * part
-        if penalty and self.base.l1 > 0:
-            total = total + self.base.l1 * sum(p.abs().sum() for p in self.base._l1_params if p.requires_grad)
-        return total
+        return total + self.base.l1_penalty() if penalty else total
 
 
 class Distillation(L.Callback):

@@ -125,7 +125,7 @@ def apply_preset(cfg, stats: TableStats):
     """``cfg`` with its preset's settings filled in where the config does not set the key itself. A part
     section (``finetune``, ``model.fusion``, ``loss``) whose ``type`` the config names keeps the config's type,
     and takes the preset's other settings for it only when the types agree."""
-    from .config import load_config
+    from .config import load_config, set_raw_key
 
     if not cfg.preset:
         return cfg
@@ -137,9 +137,9 @@ def apply_preset(cfg, stats: TableStats):
                 continue  # the config chose another type: the preset's settings for its own type do not apply
             for sub, v in value.items():
                 if f"{key}.{sub}" not in given:
-                    _put(raw, f"{key}.{sub}", v)
+                    set_raw_key(raw, f"{key}.{sub}", v)
         elif key not in given:
-            _put(raw, key, value)
+            set_raw_key(raw, key, value)
     return load_config(raw)
 
 
@@ -166,14 +166,6 @@ def _get(cfg, dotted: str):
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
-
-
-def _put(raw: Dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = raw
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
 
 
 def preset_table(stats: Optional[TableStats] = None) -> str:

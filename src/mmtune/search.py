@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import lightning as L
 
+from .config import raw_section, set_raw_key
+
 log = logging.getLogger("mmtune")
 
 DEFAULT_SPACE: Dict[str, Any] = {
@@ -167,7 +169,7 @@ def _default_space(cfg) -> Dict[str, Any]:
 
 
 def _check_key(key: str) -> None:
-    from .config import Config, _valid_keys
+    from .config import Config, _model_in, _valid_keys
 
     if key in _VIRTUAL:
         return
@@ -183,8 +185,6 @@ def _check_key(key: str) -> None:
             valid = _valid_keys(parts[:i])
             raise SearchError(f"search space: unknown config key {key!r}" + (f"; valid keys at "
                               f"{'.'.join(parts[:i]) or 'the top'}: {', '.join(valid)}" if valid else ""))
-        from .config import _model_in
-
         node = _model_in(fields[part].annotation) if i < len(parts) - 1 else None
 
 
@@ -192,24 +192,19 @@ def _check_key(key: str) -> None:
 def trial_config(base: Dict[str, Any], values: Mapping[str, Any]) -> Dict[str, Any]:
     """``base`` (a config dict) with ``values`` (dotted key -> value) applied: a changed part ``type`` keeps
     only the base settings the new type has; the two combined keys are expanded."""
-    from .config import _tables
+    from .config import _keep_settings_of_new_type, _tables
 
     raw = copy.deepcopy(base)
     tables = _tables()
-    for section in ("finetune", "model.fusion", "loss"):
-        key = f"{section}.type"
-        if key in values:
-            node = _section(raw, section)
-            if node.get("type") != values[key]:
-                fields = tables[section][0].get(values[key]).Config.model_fields
-                kept = {k: v for k, v in node.items() if k in fields and k != "type"}
-                node.clear()
-                node.update({"type": values[key], **kept})
+    types = {f"{section}.type" for section in _PARTS if f"{section}.type" in values}
+    for key in types:
+        set_raw_key(raw, key, values[key])
+    _keep_settings_of_new_type(raw, types)  # as an override of a part's type does
     for key, value in values.items():
         if key.endswith(".type") and key.rsplit(".", 1)[0] in _PARTS:
             continue
         if key == "model.fusion.width":
-            node = _section(raw, "model.fusion")
+            node = raw_section(raw, "model.fusion")
             fields = tables["model.fusion"][0].get(node.get("type", "concat")).Config.model_fields
             if "width" in fields:
                 node["width"] = int(value)
@@ -220,11 +215,11 @@ def trial_config(base: Dict[str, Any], values: Mapping[str, Any]) -> Dict[str, A
         else:
             section = next((s for s in _PARTS if key.startswith(s + ".")), None)
             if section is not None:
-                node = _section(raw, section)
+                node = raw_section(raw, section)
                 name = node.get("type") or {"finetune": "full", "model.fusion": "concat", "loss": "cross_entropy"}[section]
                 if key[len(section) + 1:] not in tables[section][0].get(name).Config.model_fields:
                     continue  # this trial's type has no such setting
-            _put(raw, key, value)
+            set_raw_key(raw, key, value)
     if _cached(raw):  # cached encoder outputs cannot be augmented: the base config's augmentation is off here
         for node in ((raw.get("augment") or {}).get(m) for m in ("image", "text")):
             if isinstance(node, dict):
@@ -243,26 +238,11 @@ def _set_augment(raw: Dict[str, Any], s: float) -> None:
         return  # cached encoder outputs: inputs cannot be augmented
     mods = set((raw.get("data") or {}).get("columns") or {})
     if "image" in mods:
-        _put(raw, "augment.image", {**((raw.get("augment") or {}).get("image") or {}), "enabled": s > 0.05,
+        set_raw_key(raw, "augment.image", {**((raw.get("augment") or {}).get("image") or {}), "enabled": s > 0.05,
                                     "crop_scale": [round(1 - 0.4 * s, 3), 1.0], "rotation": round(20 * s, 2),
                                     "color_jitter": round(0.4 * s, 3)})
     if "text" in mods:
-        _put(raw, "augment.text.word_dropout", round(0.2 * s, 3))
-
-
-def _section(raw: Dict[str, Any], dotted: str) -> Dict[str, Any]:
-    node = raw
-    for p in dotted.split("."):
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    return node
-
-
-def _put(raw: Dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = _section(raw, ".".join(parts[:-1])) if len(parts) > 1 else raw
-    node[parts[-1]] = value
+        set_raw_key(raw, "augment.text.word_dropout", round(0.2 * s, 3))
 
 
 # ---- watching a fit -----------------------------------------------------------------------------------
@@ -314,6 +294,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     """
     from .config import load_config
     from .extras import require
+    from .finetune.feature_cache import cache_folder
     from .presets import PRESETS
 
     optuna = require("optuna", "tune", "the hyper-parameter search (mmtune tune, preset best)")
@@ -339,7 +320,10 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
         raise FileExistsError(f"{str(run_dir)!r} already holds a run: the search's refit would replace it; pass "
                               "--overwrite, or choose another name (--set name=...)")
     study_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(run_dir.parent / f".{run_dir.name}.tune.lock", run_dir)
+    from .bundle import hold_lock
+
+    lock = hold_lock(run_dir.parent / f".{run_dir.name}.tune.lock", f"the search of {str(run_dir)!r} is running in "
+                     "another process (pid {pid}); wait for it, or choose another name (--set name=...)")
     try:
         started = time.monotonic()
         mode = "min" if cfg.trainer.monitor.endswith(("loss", "rmse")) else "max"
@@ -354,19 +338,19 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             study.enqueue_trial({}, user_attrs={"baseline": True})
         done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         remaining = trials - len(done)
-        cache_dir = str(Path(cfg.finetune.cache_dir or Path(cfg.output_dir) / ".cache").resolve())
+        cache_dir = str(cache_folder(cfg).resolve())
 
         def objective(trial):
             values = {} if trial.user_attrs.get("baseline") else _suggest(trial, parsed, base)
             raw = trial_config(base, values)
             for key, value in _TRIAL_SETTINGS.items():
-                _put(raw, key, value)
+                set_raw_key(raw, key, value)
             raw.update(name=f"trial-{trial.number}", output_dir=str(study_dir / "trials"))
             if (raw.get("finetune") or {}).get("type") == "frozen":
-                _put(raw, "finetune.cache_dir", cache_dir)
+                set_raw_key(raw, "finetune.cache_dir", cache_dir)
             left = _left(budget, started, 1.0)
             if left is not None:
-                _put(raw, "trainer.max_time", {"seconds": max(1, int(left))})
+                set_raw_key(raw, "trainer.max_time", {"seconds": max(1, int(left))})
             trial.set_user_attr("values", values)
             tcfg = load_config(raw)
             from .training.fit import fit
@@ -405,7 +389,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
         if refit:
             left = _left(budget, started, 1.0)
             if left is not None:
-                _put(best_raw, "trainer.max_time", {"seconds": max(1, int(left))})
+                set_raw_key(best_raw, "trainer.max_time", {"seconds": max(1, int(left))})
             from .training.fit import fit
 
             watch = Watch(cfg.trainer.monitor, mode)
@@ -431,8 +415,7 @@ def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str,
         p = space[key]
         section = next((s for s in _PARTS if key.startswith(s + ".")), None)
         if section is not None and not key.endswith(".type") and key != "model.fusion.width":
-            node = _section(copy.deepcopy(base), section)
-            name = values.get(f"{section}.type", node.get("type"))
+            name = values.get(f"{section}.type", _get(base, f"{section}.type"))
             if key[len(section) + 1:] not in tables[section][0].get(name).Config.model_fields:
                 continue
         if key == "augment.strength":
@@ -441,6 +424,13 @@ def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str,
                 continue
         values[key] = p.value if isinstance(p, _Fixed) else p.suggest(trial)
     return values
+
+
+def _get(raw: Dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _fail_leftovers(study, storage) -> None:
@@ -494,19 +484,3 @@ def _left(budget: Optional[float], started: float, share: float) -> Optional[flo
     if budget is None:
         return None
     return max(0.0, budget * share - (time.monotonic() - started))
-
-
-def _lock(path: Path, run_dir: Path) -> int:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        from .bundle import RunInUseError
-
-        raise RunInUseError(f"the search of {str(run_dir)!r} is running in another process; wait for it, or "
-                            "choose another name (--set name=...)") from None
-    return fd

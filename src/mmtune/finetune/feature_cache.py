@@ -214,7 +214,7 @@ def cached_outputs(name: str, enc, spec_json: Dict[str, Any], ds: MultimodalData
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            moved = device != "cpu" and next(enc.parameters(), torch.empty(0)).device.type == "cpu"
+            moved = torch.device(device).type != "cpu" and next(enc.parameters(), torch.empty(0)).device.type == "cpu"
             if moved:
                 enc.to(device)
             try:

@@ -24,6 +24,7 @@ from ..extras import MissingExtraError, missing_for
 from ..finetune import build_strategy, trainable_parameter_count
 from ..finetune.feature_cache import cache_folder
 from ..logs import quiet_libraries
+from ..presets import PRESETS
 from ..losses import build_loss
 from ..models import build_model
 from .trainer import train as train_model
@@ -44,8 +45,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     one of the same name and replaces it only once complete. Returns the bundle folder and its metrics.
     A ``preset`` in the config fills in the settings the config does not set (:mod:`mmtune.presets`); the
     ``best`` preset runs a short search (:func:`mmtune.search.tune`) and refits its best trial. ``extra``
-    entries (or what ``extra()`` returns after training) go into ``metrics.json`` as they are; ``keep`` names sub-folders of the old run an overwrite carries
-    into the new one.
+    entries (or what ``extra()`` returns after training) go into ``metrics.json`` as they are; ``keep`` names
+    sub-folders of the old run an overwrite carries into the new one.
 
     Raises ConfigError (bad config), BadRowsError (bad rows with ``on_bad_rows: error``), MissingExtraError
     (an optional package the config needs), FileExistsError (the run folder is taken and neither ``resume``
@@ -54,15 +55,14 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     quiet_libraries()
     cfg = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
     if cfg.preset:
-        from ..presets import PRESETS, apply_preset, table_stats
+        from ..presets import apply_preset, table_stats
 
-        check_extras(cfg)
         cfg = apply_preset(cfg, table_stats(cfg, train))
-        if PRESETS.get(cfg.preset).search:
-            from ..search import tune
-
-            return tune(cfg, train=train, val=val, test=test, overwrite=overwrite).refit
     check_extras(cfg)
+    if cfg.preset and PRESETS.get(cfg.preset).search:
+        from ..search import tune
+
+        return tune(cfg, train=train, val=val, test=test, overwrite=overwrite).refit
     main = is_main_process()  # in a distributed run only the main process writes
     with RunClaim(cfg.run_dir, resume, overwrite, follower=not main, keep=keep) as claim:
         run_dir = claim.work_dir
@@ -130,11 +130,8 @@ def check_extras(cfg: Config) -> None:
         needs.append(("imblearn", "imbalance", f"synthesis.method={cfg.synthesis.method}"))
     if cfg.evaluation.report:
         needs.append(("matplotlib", "report", "the report (evaluation.report=true)"))
-    if cfg.preset:
-        from ..presets import PRESETS
-
-        if PRESETS.get(cfg.preset).search:
-            needs.append(("optuna", "tune", f"preset={cfg.preset} (a hyper-parameter search)"))
+    if cfg.preset and PRESETS.get(cfg.preset).search:
+        needs.append(("optuna", "tune", f"preset={cfg.preset} (a hyper-parameter search)"))
     missing = missing_for(needs)
     if missing:
         raise MissingExtraError("; ".join(missing))

@@ -54,9 +54,13 @@ class Objective(nn.Module):
                 rows = lam * rows + (1 - lam) * self.row_losses(name, logits[name], labels[name][perm])
             part = rows.mean() if weights is None else (rows * weights).sum() / weights.sum().clamp_min(1e-12)
             total = total + t.weight * part
-        if penalty and self.l1 > 0:
-            total = total + self.l1 * sum(p.abs().sum() for p in self._l1_params if p.requires_grad)
-        return total
+        return total + self.l1_penalty() if penalty else total
+
+    def l1_penalty(self):
+        """``regularization.l1`` times the L1 norm of the trainable weight matrices (0 when off)."""
+        if self.l1 <= 0:
+            return 0.0
+        return self.l1 * sum(p.abs().sum() for p in self._l1_params if p.requires_grad)
 
 
 class EpochMetrics(nn.Module):
