@@ -80,9 +80,13 @@ def text_lengths(dataset) -> list:
     """Per row, the words in its text columns (a cheap stand-in for the token count)."""
     from .modalities import kind
 
-    text = [m for m, _ in getattr(dataset, "columns", []) if kind(m) == "text"]
-    values = [dataset._values[m] for m in text]
-    return [sum(len(str(v[i]).split()) for v in values if v[i] is not None) for i in range(len(dataset))]
+    import numpy as np
+
+    lengths = np.zeros(len(dataset), dtype=np.int64)
+    for m in [m for m, _ in getattr(dataset, "columns", []) if kind(m) == "text"]:
+        lengths += np.fromiter((len(str(v).split()) if isinstance(v, str) else 0 for v in dataset.cells(m)),
+                               dtype=np.int64, count=len(dataset))
+    return lengths.tolist()
 
 
 class EvalShard(DistributedSampler):

@@ -16,8 +16,7 @@ from ..modalities import kind, modality_of
 from ..tasks import Task, label_key
 from .collate import Collator
 from .dataset import MultimodalDataset
-from .manifest import (BadRow, BadRowsError, ManifestSpec, TableSource, column_values, read_table,
-                       rejected_rows_frame, spec_from_config, validate_rows)
+from .manifest import BadRowsError, ManifestSpec, TableSource, column_values, read_valid_rows, spec_from_config
 
 
 @dataclass
@@ -61,31 +60,24 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
         alignment = report.to_json()
     if sources["train"] is None:
         raise ValueError("no training data: set data.train to a manifest file (or data.align) or pass a DataFrame")
-    frames, base_dirs = {}, {}
-    for split, src in sources.items():
-        if src is None:
-            continue
-        frames[split], base_dirs[split] = read_table(src)
     names = {s: (str(src) if not isinstance(src, pd.DataFrame) else f"{s} DataFrame") for s, src in sources.items() if src is not None}
-
-    train_df = frames["train"]
-    bad: List[BadRow] = validate_rows(train_df, spec, base_dirs["train"], "train", source_name=names["train"])
-    bad_train_rows = {b.row - 1 for b in bad}
-    good_train = train_df.drop(index=sorted(bad_train_rows))
-    for task in spec.tasks:
-        task.fit_classes(good_train[task.column].tolist())
-    for split in ("val", "test"):
-        if split in frames:
-            bad += validate_rows(frames[split], spec, base_dirs[split], split, check_known=True,
-                                 source_name=names[split])
-    rejected = rejected_rows_frame(frames, bad)
+    frames, base_dirs, bad, rejected = {}, {}, [], []
+    for split in ("train", "val", "test"):  # the training rows first: their labels are the classes the others may use
+        if sources[split] is None:
+            continue
+        frames[split], base_dirs[split], problems, dropped = read_valid_rows(
+            sources[split], spec, split, check_known=split != "train", source_name=names[split])
+        bad += problems
+        rejected.append(dropped)
+        if split == "train":
+            for task in spec.tasks:
+                task.fit_classes(_label_cells(frames["train"][task.column], task))
+    rejected = pd.concat([r for r in rejected if len(r)], ignore_index=True) if any(len(r) for r in rejected) \
+        else pd.DataFrame()
     if bad:
         if data_cfg.on_bad_rows == "error":
             raise BadRowsError(bad)
         warnings.warn(f"skipping {len({(b.split, b.row) for b in bad})} bad row(s); see rejected_rows.csv in the run bundle")
-        for split in list(frames):
-            drop = {b.row - 1 for b in bad if b.split == split}
-            frames[split] = frames[split].drop(index=sorted(drop)).reset_index(drop=True)
 
     for task in spec.tasks:
         if not task.regression and len(task.classes) < 2:
@@ -104,20 +96,44 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
     return PreparedData(frames, base_dirs, spec, rejected, alignment)
 
 
+def _label_cells(column: pd.Series, task: Task):
+    """The cells a task's classes come from: a single-label column's distinct values (in order of first
+    appearance, which :meth:`Task.fit_classes` keeps), else every cell."""
+    if task.multilabel or task.regression:
+        return column
+    try:
+        return column.drop_duplicates()
+    except TypeError:  # unhashable cells (lists): every cell
+        return column
+
+
+def label_codes(column: pd.Series) -> np.ndarray:
+    """Per row, the rank of its label's text (:func:`label_key`) among the sorted distinct texts: equal codes for
+    equal labels, ordered as a stratified split orders the texts themselves."""
+    try:
+        codes, uniques = pd.factorize(column)
+    except TypeError:  # unhashable cells
+        codes, uniques = pd.factorize(column.map(label_key))
+    ranks = np.unique(np.asarray([label_key(u) for u in uniques], dtype=object), return_inverse=True)[1]
+    return np.asarray(ranks).reshape(-1)[codes]
+
+
 def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: int):
     """Seeded split, stratified on ``label_col`` (the first single-label task) when every class can be."""
     from sklearn.model_selection import train_test_split
 
-    if label_col is None:
-        a, b = train_test_split(df, test_size=fraction, random_state=seed)
-        return a.reset_index(drop=True), b.reset_index(drop=True)
-    keys = df[label_col].map(label_key)
-    counts = keys.value_counts()
-    stratify = keys if counts.min() >= 2 and int(round(len(df) * fraction)) >= len(counts) else None
-    if stratify is None:
-        warnings.warn("some class has fewer than 2 rows (or the held-out share is too small): the split is not stratified")
-    a, b = train_test_split(df, test_size=fraction, random_state=seed, stratify=stratify)
-    return a.reset_index(drop=True), b.reset_index(drop=True)
+    rows = np.arange(len(df))
+    stratify = None
+    if label_col is not None:
+        codes = label_codes(df[label_col])
+        counts = np.bincount(codes)
+        counts = counts[counts > 0]
+        ok = counts.min() >= 2 and int(round(len(df) * fraction)) >= len(counts)
+        stratify = codes if ok else None
+        if stratify is None:
+            warnings.warn("some class has fewer than 2 rows (or the held-out share is too small): the split is not stratified")
+    a, b = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
+    return df.take(a).reset_index(drop=True), df.take(b).reset_index(drop=True)
 
 
 def make_loader(dataset, collator, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
@@ -177,8 +193,8 @@ class TableDataModule(L.LightningDataModule):
             if hasattr(enc, "fit_inputs"):
                 ds = self.prepared.dataset("train", self.modalities)
                 mods = list(enc.processor.modalities)
-                out[name] = enc.fit_inputs(ds._values[mods[0]] if len(mods) == 1 else
-                                           [{m: ds._values[m][i] for m in mods} for i in range(len(ds))])
+                out[name] = enc.fit_inputs(list(ds.cells(mods[0])) if len(mods) == 1 else
+                                           [dict(zip(mods, row)) for row in zip(*(ds.cells(m) for m in mods))])
                 print(f"encoder {name!r} columns: {out[name]} (force a type with model.encoders.{name}.types)")
         return out
 

@@ -2,13 +2,32 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
 from ..modalities import modality_of
-from .manifest import ManifestSpec, column_values
+from .manifest import CHUNK_ROWS, ManifestSpec, column_values
+
+
+def encode_labels(task, column: pd.Series) -> np.ndarray:
+    """A task's column as numbers: class indices (int64, single-label), multi-hot rows (float32, (N, C)) or the
+    targets (float64, regression). Each distinct cell of a single-label column is encoded once."""
+    n = len(column)
+    if task.regression:
+        return np.fromiter((float(v) for v in column), dtype=np.float64, count=n)
+    if task.multilabel:
+        out = np.zeros((n, len(task.classes)), dtype=np.float32)
+        for i, v in enumerate(column):
+            out[i] = task.encode(v)
+        return out
+    try:
+        codes, uniques = pd.factorize(column)
+    except TypeError:  # unhashable cells
+        return np.fromiter((task.encode(v) for v in column), dtype=np.int64, count=n)
+    return np.asarray([task.encode(u) for u in uniques], dtype=np.int64)[codes] if n else np.zeros(0, np.int64)
 
 
 class MultimodalDataset(Dataset):
@@ -16,6 +35,10 @@ class MultimodalDataset(Dataset):
 
     Each item is ``{"values": {modality: raw or None}, "labels": {task: class index or multi-hot list},
     "index": i}``; ``labels`` is empty when ``with_labels`` is False.
+
+    The cells stay in the table (pandas' compact Arrow strings): a batch takes its rows' cells when it is
+    asked for (:meth:`__getitems__`), and whole-column passes go :data:`CHUNK_ROWS` rows at a time
+    (:meth:`cells`), so no column is ever held as a list of Python objects. Labels and weights are arrays.
     """
 
     def __init__(
@@ -31,30 +54,49 @@ class MultimodalDataset(Dataset):
         self.base_dir = base_dir
         wanted = set(modalities) if modalities is not None else None
         self.columns = [(m, c) for m, c in spec.modality_columns if wanted is None or m in wanted]
-        # Plain Python lists: cheap to index, cheap to pickle into workers.
-        self._values = {m: column_values(self.df, c) for m, c in self.columns}
-        self._labels: Dict[str, List[Any]] = {}
-        self.weights: Optional[List[float]] = None
+        self._column = dict(self.columns)
+        self._labels: Dict[str, np.ndarray] = {}
+        self.weights: Optional[np.ndarray] = None
         if with_labels:
             for task in spec.tasks:
-                self._labels[task.name] = [task.encode(v) for v in self.df[task.column].tolist()]
+                self._labels[task.name] = encode_labels(task, self.df[task.column])
             if spec.weight_column:
-                self.weights = [float(v) for v in self.df[spec.weight_column].tolist()]
+                self.weights = np.asarray(self.df[spec.weight_column], dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.df)
 
     @property
-    def labels(self) -> Dict[str, List[Any]]:
-        """Per task: class indices (single-label) or multi-hot lists (multi-label), in row order."""
+    def labels(self) -> Dict[str, np.ndarray]:
+        """Per task: class indices (single-label), multi-hot rows (multi-label) or targets, in row order."""
         return self._labels
 
+    def take(self, modality: str, rows) -> List[Any]:
+        """The raw cells of ``modality`` at positions ``rows`` (a tabular modality: one dict per row)."""
+        return column_values(self.df.iloc[np.asarray(rows, dtype=np.int64)], self._column[modality])
+
+    def cells(self, modality: str) -> Iterator[Any]:
+        """Every raw cell of ``modality`` in row order, read :data:`CHUNK_ROWS` rows at a time."""
+        for start in range(0, len(self.df), CHUNK_ROWS):
+            yield from column_values(self.df.iloc[start:start + CHUNK_ROWS], self._column[modality])
+
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        values: Dict[str, Any] = {}
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, rows: Sequence[int]) -> List[Dict[str, Any]]:
+        """The items of ``rows`` (what a DataLoader asks for a batch): each column's cells taken at once."""
+        rows = [int(i) for i in rows]
+        values = {}
         for modality, _ in self.columns:
-            v, entry = self._values[modality][i], modality_of(modality)
-            values[modality] = None if entry.is_blank(v) else entry.read(v, self.base_dir)
-        item = {"values": values, "labels": {t: v[i] for t, v in self._labels.items()}, "index": i}
-        if self.weights is not None:
-            item["weight"] = self.weights[i]
-        return item
+            entry = modality_of(modality)
+            values[modality] = [None if entry.is_blank(v) else entry.read(v, self.base_dir)
+                                for v in self.take(modality, rows)]
+        labels = {t: v[rows].tolist() for t, v in self._labels.items()}
+        items = []
+        for k, i in enumerate(rows):
+            item = {"values": {m: vs[k] for m, vs in values.items()}, "labels": {t: v[k] for t, v in labels.items()},
+                    "index": i}
+            if self.weights is not None:
+                item["weight"] = float(self.weights[i])
+            items.append(item)
+        return items

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -24,22 +24,61 @@ from ..values import is_missing
 
 TableSource = Union[str, os.PathLike, pd.DataFrame]
 
-_READERS = {
-    ".csv": lambda p: pd.read_csv(p, keep_default_na=True),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t", keep_default_na=True),
-    ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
-    ".json": lambda p: pd.read_json(p, dtype=False),
-    ".parquet": lambda p: pd.read_parquet(p),
-    ".pq": lambda p: pd.read_parquet(p),
+CHUNK_ROWS = 65536
+"""Rows per chunk when a manifest is read and validated: only one chunk's cells are ever Python objects."""
+
+
+def _parquet_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as f:
+        if f.metadata.num_rows == 0:  # no batches, but the columns
+            yield f.schema_arrow.empty_table().to_pandas()
+        for batch in f.iter_batches(batch_size=rows):
+            yield batch.to_pandas()
+
+
+def _arrow_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    """An Arrow IPC (Feather v2) file, memory-mapped: its record batches are read in place, not copied."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path), "r") as source:
+        try:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:  # the streaming format has no footer
+            source.seek(0)
+            batches = iter(pa.ipc.open_stream(source))
+        empty = True
+        for batch in batches:
+            for start in range(0, batch.num_rows, rows):
+                yield batch.slice(start, rows).to_pandas()
+                empty = False
+        if empty:  # no rows, but the columns
+            yield reader.schema.empty_table().to_pandas()
+
+
+_READERS: Dict[str, Callable[[Path, int], Iterator[pd.DataFrame]]] = {
+    ".csv": lambda p, n: iter(pd.read_csv(p, keep_default_na=True, chunksize=n)),
+    ".tsv": lambda p, n: iter(pd.read_csv(p, sep="\t", keep_default_na=True, chunksize=n)),
+    ".jsonl": lambda p, n: iter(pd.read_json(p, lines=True, dtype=False, chunksize=n)),
+    ".json": lambda p, n: iter([pd.read_json(p, dtype=False)]),
+    ".parquet": _parquet_chunks,
+    ".pq": _parquet_chunks,
+    ".arrow": _arrow_chunks,
+    ".feather": _arrow_chunks,
+    ".ipc": _arrow_chunks,
 }
 
 
-def read_table(source: TableSource) -> Tuple[pd.DataFrame, Optional[Path]]:
-    """Read a manifest. Returns the table (index reset to 0..n-1) and the folder image paths are
-    relative to (the file's folder; None for a DataFrame, whose paths resolve against the
-    current directory). Raises FileNotFoundError or ValueError naming the file."""
+def table_chunks(source: TableSource, rows: int = CHUNK_ROWS) -> Tuple[Iterator[pd.DataFrame], Optional[Path]]:
+    """A manifest as an iterator of DataFrames of up to ``rows`` rows each (CSV / TSV / JSONL read in chunks,
+    Parquet by record batches, Arrow IPC memory-mapped; a JSON array whole), and the folder image paths are
+    relative to (None for a DataFrame). Raises FileNotFoundError or ValueError naming the file, also when
+    a later chunk cannot be read."""
     if isinstance(source, pd.DataFrame):
-        return source.reset_index(drop=True).copy(), None
+        df = source.reset_index(drop=True)
+        return (df.iloc[i:i + rows] for i in range(0, max(len(df), 1), rows)), None
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {str(path)!r} does not exist")
@@ -48,11 +87,30 @@ def read_table(source: TableSource) -> Tuple[pd.DataFrame, Optional[Path]]:
         raise ValueError(
             f"manifest {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(sorted(_READERS))}"
         )
-    try:
-        df = reader(path)
-    except Exception as exc:  # pandas raises many types; name the file in one message
-        raise ValueError(f"manifest {str(path)!r} could not be read: {exc}") from exc
-    return df.reset_index(drop=True), path.resolve().parent
+
+    def chunks() -> Iterator[pd.DataFrame]:
+        try:
+            yield from reader(path, rows)
+        except Exception as exc:  # pandas and pyarrow raise many types; name the file in one message
+            raise ValueError(f"manifest {str(path)!r} could not be read: {exc}") from exc
+
+    return chunks(), path.resolve().parent
+
+
+def join_chunks(chunks: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The chunks as one table, index 0..n-1."""
+    chunks = [c for c in chunks if len(c.columns)] or [pd.DataFrame()]
+    return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0].reset_index(drop=True)
+
+
+def read_table(source: TableSource) -> Tuple[pd.DataFrame, Optional[Path]]:
+    """Read a manifest whole (see :func:`table_chunks`). Returns the table (index reset to 0..n-1) and the
+    folder image paths are relative to (the file's folder; None for a DataFrame, whose paths resolve against
+    the current directory). Raises FileNotFoundError or ValueError naming the file."""
+    if isinstance(source, pd.DataFrame):
+        return source.reset_index(drop=True).copy(), None
+    chunks, base = table_chunks(source)
+    return join_chunks(list(chunks)), base
 
 
 @dataclass(frozen=True)
@@ -139,6 +197,8 @@ def validate_rows(
     check_known: bool = False,
     require_label: bool = True,
     source_name: Optional[str] = None,
+    first_row: int = 1,
+    checked: Optional[Dict[Any, Optional[str]]] = None,
 ) -> List[BadRow]:
     """Check every row; return every problem found (an empty list when all rows are good).
 
@@ -146,7 +206,11 @@ def validate_rows(
     manifest and its columns); each modality's cell blank (unless the modality is in
     ``spec.allow_missing``) or not usable (its table entry's ``check``: an image file absent or
     unreadable, a text that is not a string); label missing or NaN; with
-    ``check_known``, a label outside its task's ``classes`` (the training labels)."""
+    ``check_known``, a label outside its task's ``classes`` (the training labels).
+
+    ``first_row`` is the row number of ``df``'s first row (a chunk of a longer manifest). The rows are
+    checked :data:`CHUNK_ROWS` at a time, so only one chunk's cells are Python objects at once; a file
+    named by several rows is checked once (``checked`` remembers files across calls)."""
     tasks = spec.tasks if require_label else ()
     needed = [c for _, col in spec.modality_columns for c in (col if isinstance(col, (list, tuple)) else [col])]
     needed += [t.column for t in tasks]
@@ -162,22 +226,41 @@ def validate_rows(
             f"its columns are: {', '.join(repr(str(c)) for c in df.columns)}. "
             "Set data.columns / data.label_column (or data.tasks) / data.id_column to match."
         )
+    checked = {} if checked is None else checked
+    bad: List[BadRow] = []
+    for start in range(0, len(df), CHUNK_ROWS):
+        bad += _validate_chunk(df.iloc[start:start + CHUNK_ROWS], spec, base_dir, split, check_known, tasks,
+                               require_label, first_row + start, checked)
+    return bad
+
+
+def _validate_chunk(df, spec, base_dir, split, check_known, tasks, require_label, first_row, checked) -> List[BadRow]:
     bad: List[BadRow] = []
     cells = {name: column_values(df, col) for name, col in spec.modality_columns}
-    for i, row in enumerate(df.itertuples(index=False, name=None)):
-        values = dict(zip(df.columns, row))
-        rownum = i + 1
+    others = {c: df[c].tolist() for c in {t.column for t in tasks}
+              | ({spec.weight_column} if require_label and spec.weight_column else set())
+              | ({spec.id_column} if spec.id_column else set())}
+    if len(checked) > 100_000:  # remembered file checks stay bounded
+        checked.clear()
+    for i in range(len(df)):
+        rownum = first_row + i
         for name, col in spec.modality_columns:
             v, modality = cells[name][i], modality_of(name)
             if modality.is_blank(v):
                 if name not in spec.allow_missing:
                     bad.append(BadRow(split, rownum, column_label(col), modality.blank_problem(v)))
                 continue
-            problem = modality.check(v, base_dir)
+            if modality.files and isinstance(v, str):
+                key = (name, v)
+                if key not in checked:
+                    checked[key] = modality.check(v, base_dir)
+                problem = checked[key]
+            else:
+                problem = modality.check(v, base_dir)
             if problem:
                 bad.append(BadRow(split, rownum, column_label(col), problem))
         for task in tasks:
-            lab = values[task.column]
+            lab = others[task.column][i]
             parsed = task.values(lab)
             if parsed is None or (not task.multilabel and not parsed):
                 bad.append(BadRow(split, rownum, task.column, "missing label (NaN, null or empty)"))
@@ -190,27 +273,52 @@ def validate_rows(
                     bad.append(BadRow(split, rownum, task.column,
                                       f"label {unknown[0]!r} never occurs in the training set (known: {shown})"))
         if require_label and spec.weight_column:
-            w = values[spec.weight_column]
+            w = others[spec.weight_column][i]
             try:
                 ok = not is_missing(w) and float(w) >= 0 and math.isfinite(float(w))
             except (TypeError, ValueError):
                 ok = False
             if not ok:
                 bad.append(BadRow(split, rownum, spec.weight_column, f"sample weight must be a number >= 0, got {w!r}"))
-        if spec.id_column and is_missing(values[spec.id_column]):
+        if spec.id_column and is_missing(others[spec.id_column][i]):
             bad.append(BadRow(split, rownum, spec.id_column, "missing id (NaN or null)"))
     return bad
 
 
-def rejected_rows_frame(df_by_split: dict, bad: Sequence[BadRow]) -> pd.DataFrame:
-    """One row per problem, with the split, row number, column, reason and the row's values."""
+def rejected_rows_frame(df: pd.DataFrame, bad: Sequence[BadRow], first_row: int = 1) -> pd.DataFrame:
+    """One row per problem of ``df`` (whose first row is row ``first_row``), with the split, row number,
+    column, reason and the row's values."""
     records = []
     for b in bad:
-        df = df_by_split.get(b.split)
-        original = df.iloc[b.row - 1].to_dict() if df is not None and 0 < b.row <= len(df) else {}
+        i = b.row - first_row
+        original = df.iloc[i].to_dict() if 0 <= i < len(df) else {}
         records.append({"split": b.split, "row": b.row, "column": b.column, "reason": b.reason,
                         **{f"value.{k}": v for k, v in original.items()}})
     return pd.DataFrame.from_records(records)
+
+
+def read_valid_rows(source: TableSource, spec: ManifestSpec, split: str, check_known: bool = False,
+                    require_label: bool = True, source_name: Optional[str] = None,
+                    rows: int = CHUNK_ROWS) -> Tuple[pd.DataFrame, Optional[Path], List[BadRow], pd.DataFrame]:
+    """Read a manifest chunk by chunk, validating each chunk as it arrives (:func:`validate_rows`) and keeping
+    its good rows: returns the good rows as one table, the folder paths resolve against, every problem found
+    and the rejected rows (:func:`rejected_rows_frame`). Only one chunk's cells are ever Python objects; the
+    table keeps pandas' compact (Arrow) string columns."""
+    chunks, base = table_chunks(source, rows)
+    if source_name is None and not isinstance(source, pd.DataFrame):
+        source_name = str(source)
+    kept, bad, rejected, start, checked = [], [], [], 1, {}
+    for chunk in chunks:
+        chunk, n = chunk.reset_index(drop=True), len(chunk)
+        problems = validate_rows(chunk, spec, base, split, check_known, require_label, source_name, start, checked)
+        if problems:
+            bad += problems
+            rejected.append(rejected_rows_frame(chunk, problems, start))
+            chunk = chunk.drop(index=sorted({b.row - start for b in problems})).reset_index(drop=True)
+        kept.append(chunk)
+        start += n
+    frame = pd.concat(rejected, ignore_index=True) if rejected else pd.DataFrame()
+    return join_chunks(kept), base, bad, frame
 
 
 def resolve_image_path(value: Any, base_dir: Optional[Path]) -> Path:

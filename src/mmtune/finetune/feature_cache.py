@@ -75,9 +75,18 @@ def rows_fingerprint(ds: MultimodalDataset, modalities=None) -> str:
         if modalities is not None and modality not in modalities:
             continue
         h.update(modality.encode())
-        for v in ds._values[modality]:
-            entry = modality_of(modality)
-            h.update(b"\x00missing" if entry.is_blank(v) else entry.digest(v, ds.base_dir))
+        entry, digests = modality_of(modality), {}
+        for v in ds.cells(modality):
+            if entry.is_blank(v):
+                h.update(b"\x00missing")
+            elif entry.files and isinstance(v, str):  # a file named by several rows is read once
+                if v not in digests:
+                    if len(digests) > 100_000:
+                        digests.clear()
+                    digests[v] = entry.digest(v, ds.base_dir)
+                h.update(digests[v])
+            else:
+                h.update(entry.digest(v, ds.base_dir))
             h.update(b"\x1f")
     return h.hexdigest()
 
@@ -86,15 +95,35 @@ SHARD_ROWS = 8192
 """Rows per shard file of a cache entry."""
 
 
+def _map_npy(path: Path):
+    """A ``.npy`` file memory-mapped read-only: ``(array, mmap)``."""
+    import mmap
+
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    count = int(np.prod(shape)) if shape else 1
+    array = np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+    return array, mm
+
+
 class Stored:
     """One cached field (``pooled``, ``tokens`` or ``mask``) of every row: ``.npy`` shard files read
-    memory-mapped, so only the rows a batch asks for are read (memory stays flat as rows grow). Token shards
-    are padded to their own longest sequence; :meth:`take` pads a batch to its longest."""
+    memory-mapped, so only the rows a batch asks for are read. The pages a batch touched are handed back after
+    it is copied out (``madvise(MADV_DONTNEED)``; the OS keeps them in its file cache for the next epoch), so
+    resident memory stays flat as rows grow. Token shards are padded to their own longest sequence;
+    :meth:`take` pads a batch to its longest."""
 
     def __init__(self, paths: List[Path]):
         import numpy as np
 
-        self.arrays = [np.load(p, mmap_mode="r") for p in paths]
+        self.paths = [Path(p) for p in paths]
+        self.arrays, self.maps = [list(x) for x in zip(*(_map_npy(p) for p in self.paths))]
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
         widths = {a.shape[1:] for a in self.arrays}
         self.padded = len(widths) > 1  # token shards of different lengths
@@ -102,6 +131,19 @@ class Stored:
         rest = ((max(a.shape[1] for a in self.arrays),) + tuple(first.shape[2:])) if first.ndim > 1 else ()
         self.shape = (int(self.offsets[-1]),) + rest
         self.stored_dtype = first.dtype
+
+    def __getstate__(self):  # a copy in another process maps the same files
+        return {"paths": self.paths}
+
+    def __setstate__(self, state):
+        self.__init__(state["paths"])
+
+    def _release(self, shards) -> None:
+        import mmap
+
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for s in shards:
+                self.maps[s].madvise(mmap.MADV_DONTNEED)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -122,6 +164,7 @@ class Stored:
             parts = [np.pad(p, [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts]
         out = np.empty((len(idx),) + parts[0].shape[1:], dtype=parts[0].dtype)
         out[np.concatenate(order)] = np.concatenate(parts)
+        self._release(np.unique(which))
         t = torch.from_numpy(out)
         return t if t.dtype == torch.bool else t.float()
 
@@ -246,8 +289,7 @@ class CachedDataset(Dataset):
         self.present = present
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         self.synthetic = None  # set when synthetic rows were appended
-        self.labels = {t: torch.tensor(v, dtype=torch.float32 if v and isinstance(v[0], (list, float)) else torch.long)
-                       for t, v in labels.items()}
+        self.labels = {t: _label_tensor(v) for t, v in labels.items()}
         self.n = len(next(iter(present.values()))) if present else len(next(iter(outputs.values()))["pooled"])
 
     def __len__(self) -> int:
@@ -269,16 +311,28 @@ class CachedDataset(Dataset):
         return batch
 
 
+def _label_tensor(v) -> torch.Tensor:
+    """Labels as a tensor: long class indices, or float32 multi-hot rows / regression targets."""
+    if isinstance(v, torch.Tensor):
+        return v
+    import numpy as np
+
+    a = np.asarray(v)
+    return torch.as_tensor(a, dtype=torch.float32 if a.dtype.kind == "f" else torch.long)
+
+
 def first(batch):
     """collate_fn for CachedDataset: the batch is already built."""
     return batch
 
 
 def present_masks(ds: MultimodalDataset, modalities) -> Dict[str, torch.Tensor]:
+    import numpy as np
+
     out = {}
     for m in sorted(modalities):
-        vals = ds._values.get(m)
-        out[m] = torch.tensor([not modality_of(m).is_blank(v) for v in vals], dtype=torch.bool)
+        entry = modality_of(m)
+        out[m] = torch.from_numpy(np.fromiter((not entry.is_blank(v) for v in ds.cells(m)), dtype=bool, count=len(ds)))
     return out
 
 

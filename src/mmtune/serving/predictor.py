@@ -14,7 +14,7 @@ from ..bundle import read_bundle
 from ..config import Config
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
-from ..data.manifest import BadRowsError, TableSource, read_table, spec_from_config, validate_rows
+from ..data.manifest import BadRowsError, TableSource, read_valid_rows, spec_from_config
 from ..evaluation.calibration import Calibration
 from ..evaluation.metrics import task_metrics
 from ..tasks import Task
@@ -103,8 +103,8 @@ class Predictor:
 
     # ---- inputs ---------------------------------------------------------------------------
     def _dataset(self, data: TableSource, with_labels: bool) -> MultimodalDataset:
-        df, base_dir = read_table(data)
-        bad = validate_rows(df, self.spec, base_dir, "input", check_known=with_labels, require_label=with_labels)
+        df, base_dir, bad, _ = read_valid_rows(data, self.spec, "input", check_known=with_labels,
+                                               require_label=with_labels)
         if bad:
             raise BadRowsError(bad, advice=PREDICT_ADVICE)
         return MultimodalDataset(df, self.spec, base_dir, with_labels, self.modalities)

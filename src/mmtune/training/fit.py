@@ -96,7 +96,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         model.to(device)  # evaluation, calibration and contribution on the training device
         calibration, metrics, predictions = finalize(
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
-            cfg.data.id_column, {s: data.shown(s) for s in data.splits}, device=device)
+            cfg.data.id_column, {s: data.shown(s) for s in data.splits if s != "train"}, device=device)
         reference = reference_outputs(model, data.eval_loader("train"))
         if cfg.evaluation.explain:
             metrics["explanations"] = _explain_worst(cfg, model, data, calibration, run_dir, device, reference)

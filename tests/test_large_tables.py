@@ -1,0 +1,165 @@
+"""Tables larger than memory: manifests read and validated in chunks, datasets that keep no per-row Python
+objects, and a memory-mapped embedding cache whose pages are handed back after each batch."""
+import os
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mmtune.data.dataset import MultimodalDataset
+from mmtune.data.datamodule import _split, label_codes
+from mmtune.data.manifest import ManifestSpec, join_chunks, read_valid_rows, table_chunks, validate_rows
+from mmtune.distributed import text_lengths
+from mmtune.finetune.feature_cache import Stored, present_masks, rows_fingerprint
+
+SPEC = ManifestSpec.simple({"image": "image", "text": "text"}, label_column="label", id_column="id")
+WRITERS = {
+    "csv": lambda df, p: df.to_csv(p, index=False),
+    "tsv": lambda df, p: df.to_csv(p, sep="\t", index=False),
+    "jsonl": lambda df, p: df.to_json(p, orient="records", lines=True),
+    "parquet": lambda df, p: df.to_parquet(p, index=False),
+    "arrow": lambda df, p: df.to_feather(p),
+}
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "ok.png")
+    return tmp_path
+
+
+def _rows(n, bad=()):
+    df = pd.DataFrame({"id": [f"r{i}" for i in range(n)], "image": ["ok.png"] * n,
+                       "text": [f"words {'x ' * (i % 7)}row {i}" for i in range(n)],
+                       "label": [["cat", "dog", "emu"][i % 3] for i in range(n)]})
+    for i in bad:
+        df.loc[i, "image"] = "gone.png"
+    return df
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_chunked_reading_and_validation_match_the_whole_table(folder, fmt):
+    """Every format read 4 rows at a time gives the table a whole read gives; the bad rows of later chunks keep
+    their row numbers in the file, and their values go into the rejected rows."""
+    df = _rows(23, bad=(5, 17, 22))
+    path = folder / f"m.{fmt}"
+    WRITERS[fmt](df, path)
+    chunks, base = table_chunks(path, rows=4)
+    sizes = [len(c) for c in chunks]
+    assert base == folder.resolve() and sizes == [4, 4, 4, 4, 4, 3]
+    whole = join_chunks(list(table_chunks(path, rows=4)[0]))
+    pd.testing.assert_frame_equal(whole.astype(str), df.astype(str))
+
+    good, _, bad, rejected = read_valid_rows(path, SPEC, "train", rows=4)
+    assert [(b.row, b.column) for b in bad] == [(6, "image"), (18, "image"), (23, "image")]
+    assert [b.row for b in bad] == [b.row for b in validate_rows(df, SPEC, folder, "train")]
+    assert rejected["value.id"].tolist() == ["r5", "r17", "r22"] and rejected["row"].tolist() == [6, 18, 23]
+    assert good["id"].tolist() == [f"r{i}" for i in range(23) if i not in (5, 17, 22)]
+
+
+def test_an_unreadable_chunk_names_the_file(folder):
+    path = folder / "m.jsonl"
+    path.write_text('{"id": "a", "image": "ok.png", "text": "t", "label": "x"}\n' * 5 + "{not json\n")
+    with pytest.raises(ValueError, match="m.jsonl.*could not be read"):
+        read_valid_rows(path, SPEC, "train", rows=2)
+
+
+def test_the_stratified_split_is_sklearns_split_of_the_label_texts():
+    """Splitting row numbers with integer label codes gives exactly the rows sklearn's split of the table
+    stratified on the label texts gives (1, 1.0 and '1' are one label)."""
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(np.array(["b", "a", 1, 1.0, "1", "c"], dtype=object), size=300)
+    df = pd.DataFrame({"id": np.arange(300), "label": labels})
+    keys = df["label"].map(lambda v: str(int(v)) if isinstance(v, float) else str(v))
+    assert len(set(label_codes(df["label"]))) == 4
+    train, val = _split(df, "label", 0.2, 7)
+    want_train, want_val = train_test_split(df, test_size=0.2, random_state=7, stratify=keys)
+    assert train["id"].tolist() == want_train["id"].tolist() and val["id"].tolist() == want_val["id"].tolist()
+
+
+def test_batches_taken_at_once_equal_rows_taken_one_by_one(folder):
+    df = _rows(50).assign(weight=np.linspace(0.5, 2, 50))
+    df.loc[3, "text"] = None
+    spec = ManifestSpec.simple({"image": "image", "text": "text"}, "label", "id", allow_missing=("text",))
+    spec.weight_column = "weight"
+    spec.tasks[0].fit_classes(df["label"])
+    ds = MultimodalDataset(df, spec, folder)
+    rows = [7, 3, 49, 0]
+    batch = ds.__getitems__(rows)
+    for item, i in zip(batch, rows):
+        one = ds[i]
+        assert item["index"] == one["index"] == i and item["labels"] == one["labels"]
+        assert item["values"]["text"] == one["values"]["text"] and item["weight"] == one["weight"]
+        assert item["labels"]["label"] == ["cat", "dog", "emu"].index(df["label"][i])
+    assert batch[1]["values"]["text"] is None and batch[0]["values"]["image"].size == (8, 8)
+    assert ds.labels["label"].dtype == np.int64 and pd.isna(list(ds.cells("text"))[3])
+    assert present_masks(ds, ["text"])["text"].tolist() == [i != 3 for i in range(50)]
+    assert text_lengths(ds)[:4] == [3, 4, 5, 0]
+
+
+def _passes_peak(df, folder, path) -> int:
+    """Peak Python-heap bytes (tracemalloc: Python objects and numpy arrays) of reading + validating the
+    manifest and of a dataset's whole-column passes."""
+    df.to_parquet(path, index=False)
+    spec = ManifestSpec.simple({"image": "image", "text": "text"}, "label", "id")
+    tracemalloc.start()
+    try:
+        good, base, bad, _ = read_valid_rows(path, spec, "train")
+        spec.tasks[0].fit_classes(good["label"].drop_duplicates())
+        ds = MultimodalDataset(good, spec, base)
+        present_masks(ds, ["image", "text"])
+        rows_fingerprint(ds)
+        text_lengths(ds)
+        assert not bad and len(ds) == len(df)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_of_reading_validating_and_dataset_passes_stays_flat_as_rows_grow(folder):
+    """Four times the rows cost at most 16 bytes more per added row (labels as int64, masks, lengths): no
+    per-row Python object survives a chunk. Holding a column as a list of strings costs > 60 bytes a row."""
+    small = _passes_peak(_rows(70_000), folder, folder / "small.parquet")
+    large = _passes_peak(_rows(280_000), folder, folder / "large.parquet")
+    assert (large - small) / 210_000 < 16, (small, large)
+
+
+def test_stored_cache_reads_rows_in_order_and_hands_pages_back(tmp_path):
+    """``take`` returns the asked rows in the asked order across shards of different token lengths, and
+    reading every row leaves resident memory about where it was (the pages are handed back)."""
+    a = np.random.default_rng(0).standard_normal((300, 5, 4)).astype(np.float16)
+    b = np.random.default_rng(1).standard_normal((200, 3, 4)).astype(np.float16)
+    np.save(tmp_path / "t.0.npy", a)
+    np.save(tmp_path / "t.1.npy", b)
+    st = Stored([tmp_path / "t.0.npy", tmp_path / "t.1.npy"])
+    idx = np.array([450, 2, 299, 300, 17])
+    got = st.take(idx).numpy()
+    assert got.shape == (5, 5, 4)
+    for k, i in enumerate(idx):
+        row = a[i] if i < 300 else np.pad(b[i - 300], [(0, 2), (0, 0)])
+        np.testing.assert_array_equal(got[k], row.astype(np.float32))
+    import pickle
+
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(st)).take(idx).numpy(), got)
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("resident memory is read from /proc")
+    big = np.ones((64 * 1024, 256), dtype=np.float32)  # 64 MiB
+    np.save(tmp_path / "big.0.npy", big)
+    del big
+    store = Stored([tmp_path / "big.0.npy"])
+    before = _rss_file_kib()
+    for start in range(0, 64 * 1024, 4096):
+        store.take(np.arange(start, start + 4096))
+    assert _rss_file_kib() - before < 16 * 1024  # under a quarter of what was read stays mapped
+
+
+def _rss_file_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
