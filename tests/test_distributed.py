@@ -68,3 +68,38 @@ def test_two_process_ddp_fit_equals_one_process(tmp_path, tiny_vit, tiny_bert, c
     assert m1["val"]["label"]["n"] == m2["val"]["label"]["n"] == 37
     assert m2["val"]["label"]["accuracy"] == pytest.approx(m1["val"]["label"]["accuracy"], abs=1e-9)
     assert len(pd.read_csv(runs / "two" / "predictions" / "val.csv")) == 37
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_after_a_sharding_strategy_the_bundle_holds_the_consolidated_weights(tmp_path, tiny_bert, colour_verdict,
+                                                                            monkeypatch, restore_best):
+    """With a strategy that shards the weights, the main process evaluates and bundles an unsharded copy loaded
+    from the consolidated checkpoint (the best epoch's, or the final state saved after training), never the
+    live module: the bundle equals a plain run's, though the live weights were wiped."""
+    import mmtune
+    import mmtune.distributed as d
+
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, finetune={"type": "full"},
+                      trainer={"max_epochs": 2, "early_stopping_patience": None, "restore_best": restore_best},
+                      evaluation={"report": False, "linear_probe": False, "explain": 0})
+    train = colour_verdict["train"]
+    plain = mmtune.fit({**cfg, "name": "plain"}, train=str(train))
+    import lightning as L
+    import torch
+
+    save = L.Trainer.save_checkpoint
+
+    def save_then_shard(trainer, *args, **kwargs):  # the final save gathers the whole weights; the live ones are not
+        save(trainer, *args, **kwargs)
+        if trainer.state.finished:
+            with torch.no_grad():
+                for p in trainer.lightning_module.model.parameters():
+                    p.fill_(float("nan"))
+
+    monkeypatch.setattr(d, "shards_weights", lambda strategy: True)
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", save_then_shard)
+    sharded = mmtune.fit({**cfg, "name": "sharded"}, train=str(train))
+    w1, w2 = (load_file(str(r.run_dir / "model.safetensors")) for r in (plain, sharded))
+    assert w1.keys() == w2.keys() and all(bool((w1[k] == w2[k]).all()) for k in w1)
+    assert sharded.metrics["val"]["label"]["accuracy"] == plain.metrics["val"]["label"]["accuracy"]

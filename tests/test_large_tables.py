@@ -152,6 +152,7 @@ def test_stored_cache_reads_rows_in_order_and_hands_pages_back(tmp_path):
     np.save(tmp_path / "big.0.npy", big)
     del big
     store = Stored([tmp_path / "big.0.npy"])
+    store.RELEASE_BYTES = 4 << 20
     before = _rss_file_kib()
     for start in range(0, 64 * 1024, 4096):
         store.take(np.arange(start, start + 4096))

@@ -31,6 +31,14 @@ def world() -> Tuple[int, int]:
     return 1, 0
 
 
+def shards_weights(strategy) -> bool:
+    """Whether a Lightning strategy leaves the module's live weights sharded across the processes after training
+    (FSDP, DeepSpeed, model-parallel), so that only a consolidated checkpoint holds them whole."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy))
+
+
 def training_device(accelerator: str) -> torch.device:
     """Where this process will train, known before Lightning starts (for the embedding cache): its own GPU
     (``LOCAL_RANK``) when ``trainer.accelerator`` allows one and the machine has it, else the CPU."""

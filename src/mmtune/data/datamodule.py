@@ -16,7 +16,8 @@ from ..modalities import kind, modality_of
 from ..tasks import Task, label_key
 from .collate import Collator
 from .dataset import MultimodalDataset
-from .manifest import BadRowsError, ManifestSpec, TableSource, column_values, read_valid_rows, spec_from_config
+from .manifest import (BadRowsError, ManifestSpec, TableSource, column_values, read_valid_rows, release_arrow_memory,
+                       spec_from_config)
 
 
 @dataclass
@@ -93,6 +94,7 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
     for split, df in frames.items():
         if len(df) == 0:
             raise ValueError(f"the {split} split is empty after validation")
+    release_arrow_memory()  # the table before the split
     return PreparedData(frames, base_dirs, spec, rejected, alignment)
 
 
@@ -260,7 +262,7 @@ class TableDataModule(L.LightningDataModule):
             if task is None:
                 raise ValueError("imbalance.sampler needs a single-label task to balance")
             # classes only: sample weights act in the loss, so a row counts w once (not w from the sampler and w again)
-            sampler = balanced_sampler(_as_list(ds.labels[task.name]), None, seed)
+            sampler = balanced_sampler(np.asarray(ds.labels[task.name]), None, seed)
         collate = self.collate
         if not self.cached:
             augments = {m: modality_of(m).value_augment(getattr(cfg.augment, kind(m), None), self.model, seed)
@@ -301,13 +303,9 @@ class TableDataModule(L.LightningDataModule):
         for task in self.tasks:
             if task.multilabel or task.regression or imb.class_weights == "none":
                 continue
-            labels = np.asarray(_as_list(self.datasets["train"].labels[task.name]), dtype=int)
+            labels = np.asarray(self.datasets["train"].labels[task.name], dtype=int)
             w = class_weights(np.bincount(labels, minlength=len(task.classes)), imb.class_weights, imb.effective_beta,
                               task.classes)
             if w is not None:
                 out[task.name] = w
         return out
-
-
-def _as_list(v) -> list:
-    return v.tolist() if hasattr(v, "tolist") else list(v)

@@ -318,7 +318,17 @@ def read_valid_rows(source: TableSource, spec: ManifestSpec, split: str, check_k
         kept.append(chunk)
         start += n
     frame = pd.concat(rejected, ignore_index=True) if rejected else pd.DataFrame()
-    return join_chunks(kept), base, bad, frame
+    table = join_chunks(kept)
+    del kept
+    release_arrow_memory()
+    return table, base, bad, frame
+
+
+def release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator keeps from freed buffers (read chunks, copies) back to the system."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def resolve_image_path(value: Any, base_dir: Optional[Path]) -> Path:

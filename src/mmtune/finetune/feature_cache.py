@@ -112,11 +112,17 @@ def _map_npy(path: Path):
     return array, mm
 
 
+def mmap_page() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
 class Stored:
     """One cached field (``pooled``, ``tokens`` or ``mask``) of every row: ``.npy`` shard files read
-    memory-mapped, so only the rows a batch asks for are read. The pages a batch touched are handed back after
-    it is copied out (``madvise(MADV_DONTNEED)``; the OS keeps them in its file cache for the next epoch), so
-    resident memory stays flat as rows grow. Token shards are padded to their own longest sequence;
+    memory-mapped, so only the rows a batch asks for are read. The mapped pages read are handed back every
+    :attr:`RELEASE_BYTES` read (``madvise(MADV_DONTNEED)``; the OS keeps them in its file cache for the next
+    epoch), so resident memory stays flat as rows grow. Token shards are padded to their own longest sequence;
     :meth:`take` pads a batch to its longest."""
 
     def __init__(self, paths: List[Path]):
@@ -131,6 +137,7 @@ class Stored:
         rest = ((max(a.shape[1] for a in self.arrays),) + tuple(first.shape[2:])) if first.ndim > 1 else ()
         self.shape = (int(self.offsets[-1]),) + rest
         self.stored_dtype = first.dtype
+        self._touched, self._read = set(), 0
 
     def __getstate__(self):  # a copy in another process maps the same files
         return {"paths": self.paths}
@@ -138,12 +145,19 @@ class Stored:
     def __setstate__(self, state):
         self.__init__(state["paths"])
 
-    def _release(self, shards) -> None:
+    RELEASE_BYTES = 32 << 20
+    """Mapped pages are handed back each time about this many bytes were mapped in (rows read, each at least a
+    page): less often costs less time."""
+
+    def _release(self, shards, nbytes: int) -> None:
         import mmap
 
-        if hasattr(mmap, "MADV_DONTNEED"):
-            for s in shards:
+        self._touched.update(int(s) for s in shards)
+        self._read += nbytes
+        if self._read >= self.RELEASE_BYTES and hasattr(mmap, "MADV_DONTNEED"):
+            for s in self._touched:
                 self.maps[s].madvise(mmap.MADV_DONTNEED)
+            self._touched, self._read = set(), 0
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -164,7 +178,8 @@ class Stored:
             parts = [np.pad(p, [(0, 0), (0, longest - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts]
         out = np.empty((len(idx),) + parts[0].shape[1:], dtype=parts[0].dtype)
         out[np.concatenate(order)] = np.concatenate(parts)
-        self._release(np.unique(which))
+        row_bytes = out.nbytes // max(1, len(idx))
+        self._release(np.unique(which), len(idx) * max(row_bytes, mmap_page()))
         t = torch.from_numpy(out)
         return t if t.dtype == torch.bool else t.float()
 

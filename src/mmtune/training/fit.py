@@ -88,7 +88,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         log.info("trainable parameters: %d", trainable_parameter_count(model))
         data.attach(model, strategy)
         info = train_model(cfg, model, strategy, data, run_dir, previous, callbacks)
-        device = info.pop("device")
+        device, model = info.pop("device"), info.pop("model")
         if info.pop("global_rank") != 0:  # the other processes of a distributed run stop here
             return FitResult(cfg.run_dir, {}, cfg, model.cpu(), data.tasks, {}, main=False)
         info["trainable_parameters"] = trainable_parameter_count(model)

@@ -2,6 +2,7 @@
 resume, and the callbacks the config and strategy need."""
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -37,15 +38,24 @@ class StrategyEpochs(L.Callback):
 def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str, Any]],
           callbacks: Sequence[L.Callback] = ()) -> Dict[str, Any]:
     """Fit ``model`` on ``data`` (a TableDataModule) and restore the best epoch's weights; a fusion fitted
-    without gradients (stacking) is fitted directly instead. Returns ``best_checkpoint`` and ``epochs_trained``."""
+    without gradients (stacking) is fitted directly instead. Returns ``best_checkpoint``, ``epochs_trained``,
+    this process's ``global_rank``, the training ``device`` and the trained ``model`` — after a strategy that
+    shards the weights (FSDP, DeepSpeed), an unsharded copy holding the consolidated checkpoint's weights."""
     import torch
 
     direct = model.fusion.fit_directly(model, data.datasets["train"], data.tasks, cfg.trainer.seed)
     if direct is not None:
-        return {"best_checkpoint": None, "epochs_trained": 0, "global_rank": 0, "device": torch.device("cpu"), **direct}
+        return {"best_checkpoint": None, "epochs_trained": 0, "global_rank": 0, "device": torch.device("cpu"),
+                "model": model, **direct}
+    from ..distributed import is_main_process, shards_weights
+
     module = build_module(cfg, model, data.tasks, strategy, data.class_weights())
     extra = ([StrategyEpochs(strategy)] if strategy.varies_by_epoch else []) + [ConfigInCheckpoint(cfg), *callbacks]
     trainer = build_trainer(cfg, run_dir, math.ceil(len(data.datasets["train"]) / cfg.trainer.batch_size), extra)
+    # FSDP / DeepSpeed leave the live weights sharded across the processes: the main process continues with an
+    # unsharded copy made now, into which the consolidated checkpoint is loaded after training
+    sharded = shards_weights(trainer.strategy)
+    twin = copy.deepcopy(model) if sharded and is_main_process() else None
     last = run_dir / "checkpoints" / "last.ckpt"
     if previous is not None:
         _continue_logs(trainer, _previous_logs(run_dir, previous["epoch"]))
@@ -54,10 +64,16 @@ def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str
     module.train()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if previous is not None else None, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.trainer.restore_best and best and trainer.global_rank == 0:
-        module.load_checkpoint_weights(best)
+    restore = best if cfg.trainer.restore_best and best else None
+    if sharded:
+        trainer.save_checkpoint(str(last))  # every process takes part; the file (or folder) holds whole weights
+        if twin is not None:
+            build_module(cfg, twin, data.tasks, strategy, data.class_weights()).load_checkpoint_weights(restore or last)
+            model = twin
+    elif restore and trainer.global_rank == 0:
+        module.load_checkpoint_weights(restore)
     return {"best_checkpoint": Path(best).name if best else None, "epochs_trained": int(trainer.current_epoch),
-            "global_rank": int(trainer.global_rank), "device": trainer.strategy.root_device}
+            "global_rank": int(trainer.global_rank), "device": trainer.strategy.root_device, "model": model}
 
 
 def _previous_logs(run_dir: Path, done_epoch: int) -> Optional[pd.DataFrame]:
