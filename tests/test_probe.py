@@ -79,3 +79,24 @@ def test_the_probe_does_not_change_the_run(tmp_path, tiny_bert, colour_verdict):
     assert "linear_probe" in runs[0].metrics and "linear_probe" not in runs[1].metrics
     a, b = (dict(r.model.named_parameters()) for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_long_training_split_is_probed_on_a_seeded_sample(probed, colour_verdict):
+    """Past ``evaluation.linear_probe_rows`` the probe fits on a seeded sample of the training rows (its
+    features stay small however long the table) and still scores every validation and test row."""
+    from mmtune.data.datamodule import TableDataModule
+    from mmtune.evaluation.probe import linear_probe, probe_frames
+    from mmtune.finetune.feature_cache import cache_folder
+    from mmtune.models import build_model
+
+    cfg = probed.config
+    data = TableDataModule(cfg, str(colour_verdict["train"]), None, str(colour_verdict["test"])).read()
+    model = build_model(cfg.model, {t.name: t.outputs for t in data.tasks})
+    a, b = probe_frames(data, 60, seed=3), probe_frames(data, 60, seed=3)
+    ids = a["train"]["id"].tolist()
+    assert ids == b["train"]["id"].tolist() and len(set(ids)) == 60
+    assert set(ids) <= set(data.prepared.frames["train"]["id"]) and ids != probe_frames(data, 60, seed=4)["train"]["id"].tolist()
+    assert a["val"] is data.prepared.frames["val"] and probe_frames(data, 10_000)["train"] is data.prepared.frames["train"]
+    probe = linear_probe(model, data, cache_folder(cfg), 32, seed=3, max_train_rows=60)["label"]
+    assert probe["train_rows"] == 60 and probe["test"]["n"] == len(data.prepared.frames["test"])
+    assert probed.metrics["linear_probe"]["label"]["train_rows"] == len(data.prepared.frames["train"])

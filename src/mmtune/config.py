@@ -390,6 +390,9 @@ class EvaluationConfig(_Strict):
     linear_probe: bool = True
     """Also fit a logistic regression on the frozen pretrained encoders' pooled features (from the embedding
     cache, before training) and report its metrics beside the model's: the yardstick fine-tuning must beat."""
+    linear_probe_rows: int = Field(50_000, ge=10)
+    """The probe fits on at most this many training rows (a seeded sample of a longer training split); it is
+    evaluated on every validation and test row."""
     baselines: bool = False
     """Also train each modality alone with the same settings and report the fusion gain."""
     report: bool = True

@@ -145,14 +145,14 @@ def apply_preset(cfg, stats: TableStats):
 
 def table_stats(cfg, train=None) -> TableStats:
     """Rows of the training table (``train`` or ``data.train``) and the modalities of the columns."""
-    from .data.manifest import read_table
+    from .data.manifest import count_rows
 
     source = train if train is not None else cfg.data.train
     rows = 0
     if source is not None:
-        rows = len(read_table(source)[0])
+        rows = count_rows(source)
     elif cfg.data.align is not None:
-        rows = max(len(read_table(t)[0]) for t in cfg.data.align.tables)
+        rows = max(count_rows(t) for t in cfg.data.align.tables)
     from .encoders.offline import PRESETS as ENCODER_PRESETS, preset_name
 
     images = [n for n, e in cfg.model.encoders.items() if e.modality == "image"]

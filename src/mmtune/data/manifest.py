@@ -97,6 +97,20 @@ def table_chunks(source: TableSource, rows: int = CHUNK_ROWS) -> Tuple[Iterator[
     return chunks(), path.resolve().parent
 
 
+def count_rows(source: TableSource) -> int:
+    """Rows of a manifest, read a chunk at a time (a Parquet file's from its footer)."""
+    if isinstance(source, pd.DataFrame):
+        return len(source)
+    if Path(source).suffix.lower() in (".parquet", ".pq") and Path(source).is_file():
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(source).metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for a bad file; name the file in one message
+            raise ValueError(f"manifest {str(source)!r} could not be read: {exc}") from exc
+    return sum(len(c) for c in table_chunks(source)[0])
+
+
 def join_chunks(chunks: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """The chunks as one table, index 0..n-1."""
     chunks = [c for c in chunks if len(c.columns)] or [pd.DataFrame()]

@@ -16,20 +16,35 @@ import numpy as np
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
-def probe_features(model, data, cache_dir: Path, batch_size: int) -> Optional[Dict[str, np.ndarray]]:
+def probe_frames(data, max_train_rows: Optional[int] = None, seed: int = 0):
+    """Per split, the rows the probe reads: every row, except that a training split longer than
+    ``max_train_rows`` is a seeded sample of that many rows (in table order)."""
+    frames = dict(data.prepared.frames)
+    n = len(frames["train"])
+    if max_train_rows is not None and n > max_train_rows:
+        keep = np.sort(np.random.default_rng(seed).choice(n, max_train_rows, replace=False))
+        frames["train"] = frames["train"].take(keep).reset_index(drop=True)
+    return frames
+
+
+def probe_features(model, data, cache_dir: Path, batch_size: int,
+                   frames: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, np.ndarray]]:
     """Per split, (N, D) features of the pretrained encoders (those trained from scratch are left out) and the
-    present-masks; None when no encoder is pretrained."""
+    present-masks, for the rows of ``frames`` (default: every row of every split); None when no encoder is
+    pretrained."""
+    from ..data.dataset import MultimodalDataset
     from ..finetune.feature_cache import as_tensor, cached_outputs, encoder_fingerprint, present_masks
 
     cfg = data.cfg
     names = [n for n, e in model.encoders.items() if not getattr(e, "from_scratch", False)]
     if not names:
         return None
+    frames = frames or data.prepared.frames
     specs = {n: cfg.model.encoders[n].model_dump(mode="json") for n in names}
     prints = {n: encoder_fingerprint(model.encoders[n], specs[n]) for n in names}
     out = {}
     for split in data.splits:
-        ds = data.prepared.dataset(split, data.modalities)
+        ds = MultimodalDataset(frames[split], data.prepared.spec, data.prepared.base_dirs[split], False, data.modalities)
         parts = []
         for n in names:
             for sub, d in sorted(cached_outputs(n, model.encoders[n], specs[n], ds, cache_dir, batch_size, False,
@@ -41,27 +56,32 @@ def probe_features(model, data, cache_dir: Path, batch_size: int) -> Optional[Di
     return out
 
 
-def linear_probe(model, data, cache_dir: Path, batch_size: int, ece_bins: int = 15, seed: int = 0) -> Dict[str, Any]:
+def linear_probe(model, data, cache_dir: Path, batch_size: int, ece_bins: int = 15, seed: int = 0,
+                 max_train_rows: Optional[int] = None) -> Dict[str, Any]:
     """``{task: {"C", "val", "test"}}`` for each single-label task (metrics as for the model, from
-    :func:`~mmtune.evaluation.metrics.classification_metrics`); ``{}`` when there is nothing to probe."""
+    :func:`~mmtune.evaluation.metrics.classification_metrics`); ``{}`` when there is nothing to probe. The
+    regression is fitted on at most ``max_train_rows`` training rows (a seeded sample), so that its features
+    stay small however long the table."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.preprocessing import StandardScaler
 
+    from ..data.dataset import encode_labels
     from .metrics import classification_metrics
 
     import torch
 
     tasks = [t for t in data.tasks if not t.multilabel and not getattr(t, "regression", False)]
+    frames = probe_frames(data, max_train_rows, seed)
     with torch.random.fork_rng(devices=[]):  # reading the rows draws from torch's generator: the run must not notice
-        feats = probe_features(model, data, cache_dir, batch_size) if tasks else None
+        feats = probe_features(model, data, cache_dir, batch_size, frames) if tasks else None
     if feats is None:
         return {}
     scaler = StandardScaler().fit(feats["train"])
     X = {s: scaler.transform(f) for s, f in feats.items()}
     out: Dict[str, Any] = {}
     for t in tasks:
-        y = {s: np.asarray([t.encode(v) for v in data.prepared.frames[s][t.column]], dtype=int) for s in feats}
+        y = {s: encode_labels(t, frames[s][t.column]) for s in feats}
         if len(np.unique(y["train"])) < 2:
             continue
         best = None
@@ -72,7 +92,7 @@ def linear_probe(model, data, cache_dir: Path, batch_size: int, ece_bins: int = 
             if best is None or loss < best[0]:
                 best = (loss, c, clf)
         _, c, clf = best
-        entry: Dict[str, Any] = {"C": c}
+        entry: Dict[str, Any] = {"C": c, "train_rows": int(len(y["train"]))}
         for s in ("val", "test"):
             if s in X:
                 entry[s] = classification_metrics(y[s].tolist(), _full(clf, X[s], len(t.classes)), t.classes,

@@ -75,7 +75,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
         data.fit_encoders(model)
         started = time.perf_counter()
         probe = linear_probe(model, data, cache_folder(cfg), data.eval_batch_size, cfg.evaluation.calibration_bins,
-                             cfg.trainer.seed) if cfg.evaluation.linear_probe and main else {}
+                             cfg.trainer.seed, cfg.evaluation.linear_probe_rows) if cfg.evaluation.linear_probe and main else {}
         probe_seconds = time.perf_counter() - started
         strategy = build_strategy(cfg.finetune)
         strategy.prepare(model)
