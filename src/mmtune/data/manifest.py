@@ -48,7 +48,8 @@ def _arrow_chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         except pa.ArrowInvalid:  # the streaming format has no footer
             source.seek(0)
-            batches = iter(pa.ipc.open_stream(source))
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
         empty = True
         for batch in batches:
             for start in range(0, batch.num_rows, rows):
