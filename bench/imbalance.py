@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from _scratch import scratch
 
 METHODS = {
     "none": [],
@@ -49,7 +49,7 @@ def main() -> None:
     from mmtune.logs import quiet_libraries
 
     quiet_libraries()
-    work = Path(tempfile.mkdtemp(prefix="mmtune-imbalance-"))
+    work = scratch("mmtune-imbalance-")
     n_min = max(2, args.majority // 20)
     paths = make_dataset(work / "data", n=4 * args.majority + 400, image_size=96, seed=0, test_fraction=0.0)
     full = pd.read_csv(paths["train"])

@@ -18,7 +18,6 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import mmtune
 from mmtune.config import load_config
 from mmtune.demo import ITEMS, KEEP, OPENERS, RETURN, make_audio_dataset
 from mmtune.logs import quiet_libraries
+
+from _scratch import scratch
 
 TEXT = {"modality": "text", "checkpoint": "minilm-l6", "max_length": 32}
 
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     quiet_libraries()
-    work = Path(tempfile.mkdtemp(prefix="mmtune-modalities-"))
+    work = scratch("mmtune-modalities-")
     results = {}
 
     print("audio + text", flush=True)

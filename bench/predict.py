@@ -15,12 +15,13 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from _scratch import scratch
 
 
 def demo_bundle(folder: Path, rows: int, epochs: int) -> Path:
@@ -76,7 +77,7 @@ def main() -> None:
     from mmtune.serving.export import export_onnx
 
     quiet_libraries()
-    tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mmtune-bench-predict-"))
+    tmp = Path(args.work) if args.work else scratch("mmtune-bench-predict-")
     run = Path(args.run)
     if not (run / "bundle.json").is_file():
         print(f"no bundle at {run}: training the demo model ({args.rows} rows, {args.epochs} epochs)", flush=True)

@@ -21,9 +21,10 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _scratch import scratch
 
 
 def make_orders(out: Path, n: int, seed: int = 0):
@@ -78,7 +79,7 @@ def main() -> int:
     from mmtune.logs import quiet_libraries
 
     quiet_libraries()
-    work = Path(args.work or tempfile.mkdtemp(prefix="mmtune-presets-"))
+    work = Path(args.work or scratch("mmtune-presets-"))
     tasks = {k: v for k, v in task_configs(work, args.rows).items() if k in args.tasks.split(",")}
     out = {}
     for task, (cfg, paths) in tasks.items():

@@ -19,9 +19,10 @@ import multiprocessing as mp
 import random
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _scratch import scratch
 
 WORDS = ("good bad fine broken lovely awful great poor solid cheap sturdy flimsy bright dull quick slow "
          "neat messy soft hard").split()
@@ -91,7 +92,7 @@ def main() -> int:
     p.add_argument("--rows", default="10000,100000,1000000")
     p.add_argument("--work", default=None)
     args = p.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="mmtune-scale-"))
+    work = Path(args.work or scratch("mmtune-scale-"))
     vit, bert = make_encoders(work / "encoders")
     sizes = [int(x) for x in args.rows.split(",")]
     ctx = mp.get_context("spawn")

@@ -16,12 +16,13 @@ import json
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _scratch import scratch
 
 
 def free_port() -> int:
@@ -148,7 +149,7 @@ def main() -> None:
 
         meta = run / "export" / "export.json"
         if not meta.is_file() or (args.backend == "onnx-int8" and "onnx-int8" not in json.loads(meta.read_text())["onnx_files"]):
-            target = Path(tempfile.mkdtemp(prefix="mmtune-bench-serve-")) / "export"
+            target = scratch("mmtune-bench-serve-") / "export"
             sys.path.insert(0, str(Path(__file__).parent))
             from predict import test_rows
 

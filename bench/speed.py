@@ -13,7 +13,6 @@ import json
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from mmtune.demo import demo_config_path, make_dataset
 from mmtune.finetune import apply_strategy, param_groups
 from mmtune.models import build_model
 from mmtune.logs import quiet_libraries
+
+from _scratch import scratch
 
 
 class TrainTimer(L.Callback):
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=100, help="single-row predictions to time")
     args = ap.parse_args()
     quiet_libraries()
-    work = Path(tempfile.mkdtemp(prefix="mmtune-bench-"))
+    work = scratch("mmtune-bench-")
     paths = make_dataset(work / "data", n=args.rows, image_size=96, seed=0)
     cfg = load_config(demo_config_path(), [
         f"output_dir={work / 'runs'}", f"data.train={paths['train']}", f"data.test={paths['test']}",

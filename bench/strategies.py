@@ -16,9 +16,9 @@ import json
 import multiprocessing as mp
 import resource
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from _scratch import scratch
 
 STRATEGIES = [
     ("full", {}),
@@ -87,7 +87,7 @@ def main() -> None:
     chosen = [s for s in STRATEGIES if args.only is None or s[0] in args.only.split(",")]
     from mmtune.demo import make_dataset
 
-    work = Path(tempfile.mkdtemp(prefix="mmtune-strategies-"))
+    work = scratch("mmtune-strategies-")
     paths = make_dataset(work / "data", n=args.rows, image_size=96, seed=0)
     ctx = mp.get_context("spawn")
     rows = []

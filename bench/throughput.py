@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _scratch import scratch
 
 
 def build(args, work: Path):
@@ -197,7 +198,7 @@ def main() -> int:
     from mmtune.logs import quiet_libraries
 
     quiet_libraries()
-    work = Path(tempfile.mkdtemp(prefix="mmtune-throughput-"))
+    work = scratch("mmtune-throughput-")
     cfg, data, model, strategy = build(args, work)
     dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
     peak = matmul_peak(device, dtype, args.peak_n or (8192 if gpu else 2048))

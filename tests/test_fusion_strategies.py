@@ -200,7 +200,7 @@ def test_cache_shards_read_back_any_rows_as_one_file_does(tmp_path, tiny_bert, c
         folder.mkdir()
         index = compute_outputs(enc, ds, 16, True, folder, token_dtype="float32", shard_rows=rows)
         read[rows] = {k: Stored([folder / n for n in names]) for k, names in index["files"].items()}
-    assert len(read[7]["__tokens"].arrays) > 1 and len(read[100000]["__tokens"].arrays) == 1  # whole batches per shard
+    assert len(read[7]["__tokens"].paths) > 1 and len(read[100000]["__tokens"].paths) == 1  # whole batches per shard
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:40]
     for field in ("__pooled", "__tokens", "__mask"):
         a, b = read[7][field].take(idx), read[100000][field].take(idx)

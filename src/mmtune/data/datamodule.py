@@ -84,12 +84,12 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
         if not task.regression and len(task.classes) < 2:
             raise ValueError(f"the training set has {len(task.classes)} class(es) in column {task.column!r}; need at least 2")
     strat = next((t.column for t in spec.tasks if not t.multilabel and not t.regression), None)
-    if "val" not in frames:
-        frames["train"], frames["val"] = _split(frames["train"], strat, data_cfg.val_fraction, data_cfg.split_seed)
+    if "val" not in frames:  # (each split uses up the table it splits)
+        frames["train"], frames["val"] = _split(frames.pop("train"), strat, data_cfg.val_fraction, data_cfg.split_seed)
         base_dirs["val"] = base_dirs["train"]
     if "test" not in frames and data_cfg.test_fraction > 0:
         frac = data_cfg.test_fraction / (1.0 - data_cfg.val_fraction) if sources["val"] is None else data_cfg.test_fraction
-        frames["train"], frames["test"] = _split(frames["train"], strat, min(frac, 0.9), data_cfg.split_seed + 1)
+        frames["train"], frames["test"] = _split(frames.pop("train"), strat, min(frac, 0.9), data_cfg.split_seed + 1)
         base_dirs["test"] = base_dirs["train"]
     for split, df in frames.items():
         if len(df) == 0:
@@ -135,7 +135,20 @@ def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: in
         if stratify is None:
             warnings.warn("some class has fewer than 2 rows (or the held-out share is too small): the split is not stratified")
     a, b = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
-    return df.take(a).reset_index(drop=True), df.take(b).reset_index(drop=True)
+    return _take_parts(df, a, b)
+
+
+def _take_parts(df: pd.DataFrame, *rows) -> tuple:
+    """``df``'s rows at each of ``rows`` as new tables, built a column at a time; each column of ``df`` is dropped
+    from it once copied (``df`` is used up), so the copies never need the whole table twice."""
+    columns: list = [{} for _ in rows]
+    for name in list(df.columns):
+        col = df.pop(name)
+        for part, r in zip(columns, rows):
+            part[name] = col.take(r).reset_index(drop=True)
+        del col
+        release_arrow_memory()
+    return tuple(pd.DataFrame(part) if part else pd.DataFrame(index=range(len(r))) for part, r in zip(columns, rows))
 
 
 def make_loader(dataset, collator, batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
