@@ -180,3 +180,45 @@ def _rss_file_kib() -> int:
         if line.startswith("RssFile:"):
             return int(line.split()[1])
     pytest.skip("no RssFile in /proc/self/status")
+
+
+def _tabular_rows(n):
+    rng = np.random.default_rng(n)
+    return pd.DataFrame({"id": np.arange(n), "price": rng.normal(10, 3, n), "colour": rng.choice(["red", "blue", "green"], n),
+                         "size": np.where(rng.random(n) < 0.1, np.nan, rng.integers(0, 5, n)), "label": rng.choice(["a", "b"], n)})
+
+
+def _tabular_fit_peak(df):
+    from mmtune.data.datamodule import _Rows
+    from mmtune.encoders.tabular import TabularProcessor
+
+    spec = ManifestSpec.simple({"tabular": ["price", "colour", "size"]}, "label", "id")
+    ds = MultimodalDataset(df, spec, None, with_labels=False)
+    proc = TabularProcessor(["price", "colour", "size"])
+    tracemalloc.start()
+    try:
+        proc.fit(_Rows(ds, ["tabular"]))
+        return proc, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_tabular_inputs_are_fitted_in_passes_over_chunks_with_the_same_statistics(monkeypatch):
+    """A tabular encoder's types, statistics and vocabularies come from passes over the training rows read a chunk
+    at a time — equal to numpy's mean and standard deviation and to a fit on a list of the rows — and the fit's
+    memory does not grow with the rows (4x the rows: under 4 bytes more per added row)."""
+    import mmtune.data.dataset
+    from mmtune.encoders.tabular import TabularProcessor
+
+    monkeypatch.setattr(mmtune.data.dataset, "CHUNK_ROWS", 8192)  # both sizes many chunks long
+    df = _tabular_rows(40_000)
+    proc, small = _tabular_fit_peak(df)
+    assert proc.types == {"price": "numeric", "colour": "categorical", "size": "numeric"}
+    assert proc.stats["price"] == pytest.approx([df["price"].mean(), df["price"].std(ddof=1)], rel=1e-12)
+    assert proc.stats["size"] == pytest.approx([df["size"].mean(), df["size"].std(ddof=1)], rel=1e-12)  # NaN left out
+    assert proc.vocab["colour"] == ["blue", "green", "red"]
+    listed = TabularProcessor(["price", "colour", "size"])
+    listed.fit(iter(df[["price", "colour", "size"]].to_dict("records")))  # a one-shot iterator is read into a list
+    assert (listed.types, listed.stats, listed.vocab) == (proc.types, proc.stats, proc.vocab)
+    _, large = _tabular_fit_peak(_tabular_rows(160_000))
+    assert (large - small) / 120_000 < 4, (small, large)

@@ -208,8 +208,7 @@ class TableDataModule(L.LightningDataModule):
             if hasattr(enc, "fit_inputs"):
                 ds = self.prepared.dataset("train", self.modalities)
                 mods = list(enc.processor.modalities)
-                out[name] = enc.fit_inputs(list(ds.cells(mods[0])) if len(mods) == 1 else
-                                           [dict(zip(mods, row)) for row in zip(*(ds.cells(m) for m in mods))])
+                out[name] = enc.fit_inputs(_Rows(ds, mods))
                 print(f"encoder {name!r} columns: {out[name]} (force a type with model.encoders.{name}.types)")
         return out
 
@@ -322,3 +321,16 @@ class TableDataModule(L.LightningDataModule):
             if w is not None:
                 out[task.name] = w
         return out
+
+
+class _Rows:
+    """The training cells an encoder fits its inputs on, read again a chunk at a time on every iteration (never a
+    list of all rows): the cells of one modality, or for several one dict per row."""
+
+    def __init__(self, ds, modalities):
+        self.ds, self.modalities = ds, list(modalities)
+
+    def __iter__(self):
+        if len(self.modalities) == 1:
+            return self.ds.cells(self.modalities[0])
+        return (dict(zip(self.modalities, row)) for row in zip(*(self.ds.cells(m) for m in self.modalities)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -44,18 +44,21 @@ def _category(v: Any) -> Optional[str]:
     return text or None
 
 
-def infer_types(records: Sequence[Mapping[str, Any]], columns: Sequence[str],
+def infer_types(records: Iterable[Mapping[str, Any]], columns: Sequence[str],
                 forced: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Per column: ``numeric`` when every non-missing training value is a number, else ``categorical``;
-    ``forced`` overrides."""
-    out = {}
-    for c in columns:
-        if forced and c in forced:
-            out[c] = forced[c]
-            continue
-        present = [r.get(c) for r in records if _category(r.get(c)) is not None]
-        out[c] = NUMERIC if present and all(_number(v) is not None for v in present) else CATEGORICAL
-    return out
+    ``forced`` overrides. One pass over ``records``."""
+    free = [c for c in columns if not (forced and c in forced)]
+    present, numeric = dict.fromkeys(free, False), dict.fromkeys(free, True)
+    for r in records:
+        for c in free:
+            v = r.get(c)
+            if _category(v) is not None:
+                present[c] = True
+                if numeric[c] and _number(v) is None:
+                    numeric[c] = False
+    return {c: forced[c] if forced and c in forced else (NUMERIC if present[c] and numeric[c] else CATEGORICAL)
+            for c in columns}
 
 
 class TabularProcessor:
@@ -80,15 +83,39 @@ class TabularProcessor:
     def categorical(self) -> List[str]:
         return [c for c in self.columns if self.types.get(c) == CATEGORICAL]
 
-    def fit(self, records: Sequence[Mapping[str, Any]], forced: Optional[Mapping[str, str]] = None) -> None:
+    def fit(self, records: Iterable[Mapping[str, Any]], forced: Optional[Mapping[str, str]] = None) -> None:
+        """Types, then each numeric column's mean and standard deviation and each categorical column's vocabulary,
+        in three passes over ``records`` (anything that can be iterated again: a list, or rows read a chunk at a
+        time), so that no column is ever held whole."""
+        if iter(records) is records:  # a one-shot iterator cannot be read three times
+            records = list(records)
         self.types = infer_types(records, self.columns, forced)
-        for c in self.numeric:
-            xs = [x for x in (_number(r.get(c)) for r in records) if x is not None]
-            mean = sum(xs) / len(xs) if xs else 0.0
-            var = sum((x - mean) ** 2 for x in xs) / max(1, len(xs) - 1)
-            self.stats[c] = [mean, math.sqrt(var) if var > 0 else 1.0]
-        for c in self.categorical:
-            self.vocab[c] = sorted({k for k in (_category(r.get(c)) for r in records) if k is not None})
+        numeric, categorical = self.numeric, self.categorical
+        totals, counts = dict.fromkeys(numeric, 0), dict.fromkeys(numeric, 0)
+        vocab: Dict[str, set] = {c: set() for c in categorical}
+        for r in records:
+            for c in numeric:
+                x = _number(r.get(c))
+                if x is not None:
+                    totals[c] += x
+                    counts[c] += 1
+            for c in categorical:
+                k = _category(r.get(c))
+                if k is not None:
+                    vocab[c].add(k)
+        means = {c: totals[c] / counts[c] if counts[c] else 0.0 for c in numeric}
+        squares = dict.fromkeys(numeric, 0)
+        if numeric:
+            for r in records:
+                for c in numeric:
+                    x = _number(r.get(c))
+                    if x is not None:
+                        squares[c] += (x - means[c]) ** 2
+        for c in numeric:
+            var = squares[c] / max(1, counts[c] - 1)
+            self.stats[c] = [means[c], math.sqrt(var) if var > 0 else 1.0]
+        for c in categorical:
+            self.vocab[c] = sorted(vocab[c])
         self._index = {c: {k: i + 1 for i, k in enumerate(v)} for c, v in self.vocab.items()}
 
     def describe(self) -> str:
@@ -149,7 +176,7 @@ class TabularEncoder(Encoder):
             nn.init.normal_(e.weight, std=0.1)
         self.column_embedding = nn.Parameter(torch.zeros(len(p.columns), d))
 
-    def fit_inputs(self, values: Sequence[Mapping[str, Any]]) -> str:
+    def fit_inputs(self, values: Iterable[Mapping[str, Any]]) -> str:
         """Fit the column types, statistics and category vocabularies on the training rows, then build the
         parameters. Returns a description of the columns (their inferred or forced types)."""
         self.processor.fit(values, self.forced)
