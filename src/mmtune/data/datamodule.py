@@ -141,6 +141,8 @@ def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: in
 def _take_parts(df: pd.DataFrame, *rows) -> tuple:
     """``df``'s rows at each of ``rows`` as new tables, built a column at a time; each column of ``df`` is dropped
     from it once copied (``df`` is used up), so the copies never need the whole table twice."""
+    if df.columns.has_duplicates:  # (a column name twice: copied whole)
+        return tuple(df.take(r).reset_index(drop=True) for r in rows)
     columns: list = [{} for _ in rows]
     for name in list(df.columns):
         col = df.pop(name)

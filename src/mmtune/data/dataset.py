@@ -73,7 +73,9 @@ class MultimodalDataset(Dataset):
 
     def take(self, modality: str, rows) -> List[Any]:
         """The raw cells of ``modality`` at positions ``rows`` (a tabular modality: one dict per row)."""
-        return column_values(self.df.iloc[np.asarray(rows, dtype=np.int64)], self._column[modality])
+        column = self._column[modality]
+        cells = self.df[list(column) if isinstance(column, (list, tuple)) else [column]]
+        return column_values(cells.iloc[np.asarray(rows, dtype=np.int64)], column)
 
     def cells(self, modality: str) -> Iterator[Any]:
         """Every raw cell of ``modality`` in row order, read :data:`CHUNK_ROWS` rows at a time."""
