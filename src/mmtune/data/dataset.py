@@ -30,6 +30,12 @@ def encode_labels(task, column: pd.Series) -> np.ndarray:
     return np.asarray([task.encode(u) for u in uniques], dtype=np.int64)[codes] if n else np.zeros(0, np.int64)
 
 
+def _cells_array(column: pd.Series):
+    """The column's values without a copy, such that ``.take(rows).tolist()`` (extension arrays: Arrow strings) or
+    ``[rows].tolist()`` (NumPy) gives plain Python values, as ``Series.tolist`` does."""
+    return column.array if pd.api.types.is_extension_array_dtype(column.dtype) else column.to_numpy()
+
+
 class MultimodalDataset(Dataset):
     """Rows of a validated manifest. ``__getitem__`` decodes a value (an image file) only when asked.
 
@@ -55,6 +61,8 @@ class MultimodalDataset(Dataset):
         wanted = set(modalities) if modalities is not None else None
         self.columns = [(m, c) for m, c in spec.modality_columns if wanted is None or m in wanted]
         self._column = dict(self.columns)
+        # a single column's cells as the table holds them (no copy): a batch takes its rows from it
+        self._arrays = {m: _cells_array(self.df[c]) for m, c in self.columns if not isinstance(c, (list, tuple))}
         self._labels: Dict[str, np.ndarray] = {}
         self.weights: Optional[np.ndarray] = None
         if with_labels:
@@ -73,9 +81,11 @@ class MultimodalDataset(Dataset):
 
     def take(self, modality: str, rows) -> List[Any]:
         """The raw cells of ``modality`` at positions ``rows`` (a tabular modality: one dict per row)."""
-        column = self._column[modality]
-        cells = self.df[list(column) if isinstance(column, (list, tuple)) else [column]]
-        return column_values(cells.iloc[np.asarray(rows, dtype=np.int64)], column)
+        rows = np.asarray(rows, dtype=np.int64)
+        if modality in self._arrays:
+            cells = self._arrays[modality]
+            return (cells[rows] if isinstance(cells, np.ndarray) else cells.take(rows)).tolist()
+        return self.df[list(self._column[modality])].iloc[rows].to_dict("records")
 
     def cells(self, modality: str) -> Iterator[Any]:
         """Every raw cell of ``modality`` in row order, read :data:`CHUNK_ROWS` rows at a time."""
