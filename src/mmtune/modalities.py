@@ -82,6 +82,19 @@ def resolve_path(value: Any, base_dir: Optional[Path]) -> Path:
     return p
 
 
+def once_per_file(memo: Dict[Any, Any], entry: Modality, value: Any, work: Callable[[], Any], key: Any = None) -> Any:
+    """``work()`` for a cell; for a path of a file modality, done once per path while ``memo`` holds it (at most
+    100,000 paths), so that a file named by several rows is read once (validated, digested)."""
+    if not (entry.files and isinstance(value, str)):
+        return work()
+    key = value if key is None else key
+    if key not in memo:
+        if len(memo) >= 100_000:
+            memo.clear()
+        memo[key] = work()
+    return memo[key]
+
+
 # ---- image -----------------------------------------------------------------------------------
 
 

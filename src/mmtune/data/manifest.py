@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import pandas as pd
 
-from ..modalities import modality_of, resolve_path
+from ..modalities import modality_of, once_per_file, resolve_path
 from ..tasks import Task, tasks_from_config
 from ..values import is_missing
 
@@ -255,8 +255,6 @@ def _validate_chunk(df, spec, base_dir, split, check_known, tasks, require_label
     others = {c: df[c].tolist() for c in {t.column for t in tasks}
               | ({spec.weight_column} if require_label and spec.weight_column else set())
               | ({spec.id_column} if spec.id_column else set())}
-    if len(checked) > 100_000:  # remembered file checks stay bounded
-        checked.clear()
     for i in range(len(df)):
         rownum = first_row + i
         for name, col in spec.modality_columns:
@@ -265,13 +263,7 @@ def _validate_chunk(df, spec, base_dir, split, check_known, tasks, require_label
                 if name not in spec.allow_missing:
                     bad.append(BadRow(split, rownum, column_label(col), modality.blank_problem(v)))
                 continue
-            if modality.files and isinstance(v, str):
-                key = (name, v)
-                if key not in checked:
-                    checked[key] = modality.check(v, base_dir)
-                problem = checked[key]
-            else:
-                problem = modality.check(v, base_dir)
+            problem = once_per_file(checked, modality, v, lambda: modality.check(v, base_dir), key=(name, v))
             if problem:
                 bad.append(BadRow(split, rownum, column_label(col), problem))
         for task in tasks:

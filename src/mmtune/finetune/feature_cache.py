@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
-from ..modalities import modality_of
+from ..modalities import modality_of, once_per_file
 from ..encoders.base import EncoderOutput
 
 
@@ -78,16 +78,8 @@ def rows_fingerprint(ds: MultimodalDataset, modalities=None) -> str:
         h.update(modality.encode())
         entry, digests = modality_of(modality), {}
         for v in ds.cells(modality):
-            if entry.is_blank(v):
-                h.update(b"\x00missing")
-            elif entry.files and isinstance(v, str):  # a file named by several rows is read once
-                if v not in digests:
-                    if len(digests) > 100_000:
-                        digests.clear()
-                    digests[v] = entry.digest(v, ds.base_dir)
-                h.update(digests[v])
-            else:
-                h.update(entry.digest(v, ds.base_dir))
+            h.update(b"\x00missing" if entry.is_blank(v) else
+                     once_per_file(digests, entry, v, lambda: entry.digest(v, ds.base_dir)))
             h.update(b"\x1f")
     return h.hexdigest()
 
