@@ -359,7 +359,7 @@ def test_a_truncated_weights_file_is_one_line(tmp_path, small_bundle, capsys):
     shutil.copytree(small_bundle.run_dir, run)
     w = run / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    with pytest.raises(ValueError, match="model.safetensors' cannot be read as this bundle's weights"):
+    with pytest.raises(ValueError, match="'model.safetensors' is damaged or was replaced"):
         mmtune.load(run)
     assert cli(["predict", "--run", str(run), "--data", "x.csv", "--out", str(tmp_path / "p.csv")]) == 2
     assert "Traceback" not in capsys.readouterr().err

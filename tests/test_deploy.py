@@ -237,7 +237,9 @@ def test_bad_bodies_and_batches(client, colour_verdict):
     assert r.status_code == 422 and "no rows" in r.json()["detail"]
 
 
-def test_paths_only_when_allowed(exported, colour_verdict):
+def test_paths_only_under_the_allowed_folder(exported, colour_verdict, tmp_path):
+    """--allow-paths DIR: files under DIR (symlinks resolved) decode with the same limits as uploads; anything
+    else gets one answer whether or not it exists."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
@@ -245,12 +247,113 @@ def test_paths_only_when_allowed(exported, colour_verdict):
 
     res, _ = exported
     rows = _rows(colour_verdict, n=1)
-    with TestClient(create_app(mmtune.load(res.run_dir), ServeSettings(allow_paths=True, batching=False))) as c:
-        r = c.post("/predict", json={"image": {"path": rows["image"][0]}, "text": rows["text"][0]})
-        ref = mmtune.load(res.run_dir).predict(rows)
-        assert r.status_code == 200 and r.json()["prediction"] == ref[0]
-        r = c.post("/predict", json={"image": {"path": "/no/such.png"}, "text": "x"})
-        assert r.status_code == 422 and "image file '/no/such.png' does not exist" in r.json()["detail"]
+    root = tmp_path / "allowed"
+    root.mkdir()
+    shutil.copy(rows["image"][0], root / "a.png")
+    (root / "big.png").write_bytes(_png((500, 500)))
+    (root / "escape.png").symlink_to(rows["image"][0])  # a link out of the folder
+    outside = tmp_path / "secret.png"
+    shutil.copy(rows["image"][0], outside)
+    settings = ServeSettings(allow_paths=str(root), batching=False, max_pixels=100_000)
+    ref = mmtune.load(res.run_dir).predict(rows)
+    with TestClient(create_app(mmtune.load(res.run_dir), settings)) as c:
+        for path in ("a.png", str(root / "a.png")):
+            r = c.post("/predict", json={"image": {"path": path}, "text": rows["text"][0]})
+            assert r.status_code == 200 and r.json()["prediction"] == ref[0], r.text
+        answers = set()
+        for path in (str(outside), "../secret.png", "escape.png", "/no/such.png", "nope.png", "/etc/passwd", "a.png\x00"):
+            r = c.post("/predict", json={"image": {"path": path}, "text": "x"})
+            assert r.status_code == 422, (path, r.text)
+            answers.add(r.json()["detail"])
+        assert answers == {"row.image: the path is not a file under the folder this server reads files from; give a "
+                           "path under it (relative to it, or absolute)"}  # no existence oracle
+        r = c.post("/predict", json={"image": {"path": "big.png"}, "text": "x"})
+        assert r.status_code == 413 and "image of 500×500 = 250000 pixels" in r.json()["detail"]
+
+
+def test_without_allow_paths_no_value_is_ever_a_path(client, colour_verdict):
+    """A multipart form field (not an upload) for a file column is base64 text, as in JSON: never a path on the
+    server, and the same answer for a file that exists and one that does not."""
+    image = _rows(colour_verdict, n=1)["image"][0]
+    said = set()
+    for value in (image, "/no/such/file.png", "/etc/passwd"):
+        for form in ({"files": {"text": (None, "works"), "image": (None, value)}},  # multipart, as curl -F sends
+                     {"data": {"text": "works", "image": value}}):  # url-encoded
+            r = client.post("/predict", **form)
+            assert r.status_code == 422 and r.json()["detail"].startswith("row.image: not valid base64"), r.text
+            said.add(r.json()["detail"])
+        r = client.post("/predict", json={"text": "works", "image": {"path": value}})
+        assert r.status_code == 422 and "file paths are not accepted by this server" in r.json()["detail"]
+    assert len(said) == 1
+    r = client.post("/predict", data={"text": "works", "image": _b64(image)})  # base64 in a form field works
+    assert r.status_code == 200, r.text
+
+
+def test_a_chunked_body_is_counted_as_it_arrives(client, colour_verdict):
+    """No content-length (chunked transfer): the limit still holds, for JSON and for multipart bodies."""
+    def chunks(total, piece=50_000):
+        sent = 0
+        while sent < total:
+            yield b" " * min(piece, total - sent)
+            sent += piece
+
+    r = client.post("/predict", content=chunks(1_000_000), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over the limit of 200000 bytes" in r.json()["detail"]
+
+    def multipart():
+        yield b"--XX\r\ncontent-disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+        yield from chunks(1_000_000)
+        yield b"\r\n--XX--\r\n"
+
+    r = client.post("/predict", content=multipart(), headers={"content-type": "multipart/form-data; boundary=XX"})
+    assert r.status_code == 413 and "over the limit of 200000 bytes" in r.json()["detail"]
+
+
+def test_pixels_are_bounded_per_request_and_per_micro_batch(exported):
+    """Small files whose headers promise many pixels: refused before decoding once a request's images hold more
+    than max_request_pixels together, each image under its own limit."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mmtune.serving.server import MicroBatcher, ServeSettings, create_app
+
+    res, _ = exported
+    settings = ServeSettings(max_pixels=300_000, max_request_pixels=1_000_000, batching=False)
+    big = base64.b64encode(_png((500, 500))).decode()  # 250,000 pixels in a few kB
+    with TestClient(create_app(mmtune.load(res.run_dir, backend="onnx"), settings)) as c:
+        r = c.post("/predict/batch", json={"rows": [{"image": big, "text": "x"}] * 4})
+        assert r.status_code == 200, r.text
+        r = c.post("/predict/batch", json={"rows": [{"image": big, "text": "x"}] * 5})
+        assert r.status_code == 413 and "rows[4].image: the request's images hold 1250000 pixels together, more " \
+            "than the limit of 1000000 per request" in r.json()["detail"]
+    import asyncio
+
+    import pandas as pd
+
+    sizes = []
+    batcher = MicroBatcher(lambda f: (sizes.append(len(f)), f["x"].tolist())[1], window=0.05, max_rows=64,
+                           max_pixels=1_000)
+
+    async def go():
+        frames = [pd.DataFrame({"x": [i]}) for i in range(6)]
+        out = await asyncio.gather(*(batcher.submit(f, 400) for f in frames))
+        await batcher.close()
+        return out
+
+    assert asyncio.run(go()) == [[i] for i in range(6)]  # each request gets its own rows back
+    assert sum(sizes) == 6 and max(sizes) == 2  # 400 + 400 fit in 1,000 pixels; a third would not
+
+
+@pytest.mark.parametrize("body, said", [
+    (b'{"text": "\\ud800", "image": null}', "row.text: not valid Unicode (a lone surrogate"),
+    (b'{"text": "fine", "image": null, "id": "\\udfff"}', "row.id: not valid Unicode"),
+    (b"[" * 100_000, "the body is not valid JSON (nested too deeply)"),
+    (b'{"text": "a", "\\ud800": 1}', "row: unknown column(s) '\\ud800'"),
+    (b"\xff\xfe{}", "the body is not valid JSON"),
+])
+def test_malformed_bodies_are_4xx_naming_the_field(client, body, said):
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and said in r.json()["detail"], r.text
 
 
 def test_file_modalities_decode_uploaded_bytes_like_files(tmp_path, colour_verdict):

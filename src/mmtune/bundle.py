@@ -3,13 +3,16 @@
 ``runs/<name>/`` holds config.yaml (fully resolved), model.safetensors, encoders/<name>/
 (architecture config and processor per encoder), labels.json (tasks and classes), calibration.json
 (temperatures and decision thresholds per task), metrics.json, logs/, checkpoints/, rejected_rows.csv
-(when rows were skipped) and, written last, bundle.json. A folder without bundle.json is an unfinished
-run, never mistaken for a complete one.
+(when rows were skipped) and, written last, bundle.json — which lists every file of the bundle with its size
+and SHA-256. A folder without bundle.json is an unfinished run, never mistaken for a complete one, and a
+bundle whose files are missing or changed is refused with the file's name (a tokenizer that lost its
+vocabulary would otherwise read every word as unknown, silently).
 
 The bundle is the only contract between training and everything after it: :func:`read_bundle` returns
 the typed config, tasks, calibration and (optionally) the model, for the Predictor, the report and
-whatever comes later. Format 1 bundles (calibration inside labels.json, the config's earlier keys) are
-read and upgraded; other formats are refused with their version.
+whatever comes later. Format 1 bundles (calibration inside labels.json, the config's earlier keys) and format 2
+(files listed by name only) are read and upgraded; other formats are refused with their version. A format
+is also recognised by the files it has, so an edited ``format`` is refused rather than read wrongly.
 """
 from __future__ import annotations
 
@@ -23,11 +26,68 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import pandas as pd
 
-from .io import atomic_write_dir, atomic_write_json, atomic_write_text, atomic_write_with, fsync_dir
+from .io import atomic_write_dir, atomic_write_json, atomic_write_text, atomic_write_with, fsync_dir, sha256_of
 
 MARKER = "bundle.json"
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
+REGENERABLE = ("report.html",)
+"""Bundle files listed without a hash: rebuilt by `mmtune report`, so they may change."""
+
+
+class DamagedBundleError(ValueError):
+    """A bundle (run or export) whose files are missing, changed or unreadable; the message names the file."""
+
+
+def file_manifest(folder: Path, names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` for the files ``names`` (files, or folders: every file under them)."""
+    folder = Path(folder)
+    out: Dict[str, Dict[str, Any]] = {}
+    for name in names:
+        top = folder / name
+        paths = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
+        for p in paths:
+            out[p.relative_to(folder).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+    return out
+
+
+def verify_files(folder: Path, files: Any, what: str) -> None:
+    """Check that every file of a manifest (:func:`file_manifest`) is there with its size and hash; a
+    FileNotFoundError or DamagedBundleError names the first that is not. ``what`` names the bundle."""
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int)
+                                              and isinstance(v.get("sha256"), str) for v in files.values()):
+        raise DamagedBundleError(f"{what}: its list of files is damaged (expected {{path: {{bytes, sha256}}}}); "
+                                 "copy the bundle again")
+    folder = Path(folder)
+    for rel, want in files.items():
+        path = folder / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise DamagedBundleError(f"{what}: its list of files names {rel!r}, outside the bundle; copy the bundle again")
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} lacks {rel!r}: copy the bundle again (or refit)")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise DamagedBundleError(f"{what}: {rel!r} is damaged or was replaced ({size} bytes; the bundle wrote "
+                                     f"{want['bytes']}); copy the bundle again (or refit)")
+        if sha256_of(path) != want["sha256"]:
+            raise DamagedBundleError(f"{what}: {rel!r} has changed since the bundle was written (its SHA-256 "
+                                         "differs); copy the bundle again (or refit)")
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """A JSON file of a bundle; DamagedBundleError naming it when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} lacks {Path(path).name!r}: copy the bundle again (or refit)") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise DamagedBundleError(f"{str(path)!r} is damaged (not valid JSON: {str(exc).splitlines()[0][:120]}); copy "
+                                 "the bundle again (or refit)") from None
+
+
+def marker_json(folder: Path, names: Sequence[str], **fields: Any) -> Dict[str, Any]:
+    """The content of a marker file (bundle.json, export.json): ``fields`` and the manifest of ``names``."""
+    return {**fields, "files": file_manifest(folder, names)}
 
 
 def write_bundle(run_dir: Path, config, model, tasks, calibration: Dict[str, Any], metrics: Dict[str, Any],
@@ -60,23 +120,23 @@ def write_bundle(run_dir: Path, config, model, tasks, calibration: Dict[str, Any
     if rejected is not None and len(rejected):
         atomic_write_with(run_dir / "rejected_rows.csv", lambda tmp: rejected.to_csv(tmp, index=False))
         files.append("rejected_rows.csv")
+    regenerable = []
     if before_marker is not None:
         before_marker()
-        files.append("report.html")
+        regenerable.append("report.html")
     from . import __version__
 
     fsync_dir(run_dir)
     atomic_write_json(run_dir / MARKER, {
-        "format": FORMAT,
-        "mmtune_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": files,
-    })
+        **marker_json(run_dir, files, format=FORMAT, mmtune_version=__version__,
+                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")),
+        "regenerable": regenerable})
     return run_dir
 
 
 def check_bundle(run_dir: Path) -> Dict[str, Any]:
-    """Return bundle.json's content; raise FileNotFoundError naming what is missing."""
+    """Return bundle.json's content, after checking every file it lists (sizes and hashes, format 3; names,
+    formats 1-2). Raises FileNotFoundError naming what is missing, DamagedBundleError naming what changed."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
@@ -86,21 +146,36 @@ def check_bundle(run_dir: Path) -> Dict[str, Any]:
             f"{str(run_dir)!r} is not a complete run bundle ({MARKER} missing): the run did not finish. "
             "Resume it with `mmtune fit CONFIG --resume`."
         )
-    try:
-        meta = json.loads(marker.read_text())
-    except ValueError:
-        raise ValueError(f"{str(marker)!r} is not valid JSON: the bundle is damaged") from None
-    meta = meta if isinstance(meta, dict) else {}
+    meta = read_json_file(marker, f"run bundle {str(run_dir)!r}")
+    if not isinstance(meta, dict):
+        raise DamagedBundleError(f"{str(marker)!r} is damaged (not a JSON object); copy the bundle again")
     if meta.get("format") not in READABLE_FORMATS:
         raise ValueError(f"run bundle {str(run_dir)!r} has format version {meta.get('format')!r}; this mmtune reads "
                          f"format {', '.join(map(str, READABLE_FORMATS))}. Use the mmtune version that wrote it "
                          f"({meta.get('mmtune_version', 'unknown')}).")
-    for f in meta.get("files", []):
-        if f == "report.html":
-            continue  # regenerable with `mmtune report`
-        if not (run_dir / f).exists():
-            raise FileNotFoundError(f"run bundle {str(run_dir)!r} lacks {f!r}")
+    found = format_by_files(run_dir, meta.get("files"))
+    if found != meta["format"]:
+        raise DamagedBundleError(f"{str(marker)!r} says format {meta['format']}, but the bundle's files are those of "
+                                 f"format {found}: bundle.json was edited or damaged; copy the bundle again")
+    what = f"run bundle {str(run_dir)!r}"
+    if meta["format"] >= 3:
+        verify_files(run_dir, meta["files"], what)
+    else:
+        for f in meta["files"]:
+            if f not in REGENERABLE and not (run_dir / f).exists():
+                raise FileNotFoundError(f"{what} lacks {f!r}")
     return meta
+
+
+def format_by_files(run_dir: Path, files: Any) -> int:
+    """The format a bundle's files show: 3 lists them with hashes; 2 by name, with calibration.json; 1 by name,
+    its calibration inside labels.json."""
+    if isinstance(files, dict):
+        return 3
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise DamagedBundleError(f"{str(Path(run_dir) / MARKER)!r} is damaged: 'files' is {type(files).__name__}, not "
+                                 "the list of the bundle's files; copy the bundle again")
+    return 2 if "calibration.json" in files or (Path(run_dir) / "calibration.json").is_file() else 1
 
 
 @dataclass
@@ -138,18 +213,28 @@ def read_bundle(run_dir, *, model: bool = True, complete: bool = True) -> Bundle
     for f in ("config.yaml", "labels.json"):
         if not (run_dir / f).is_file():
             raise FileNotFoundError(f"run bundle {str(run_dir)!r} lacks {f!r}")
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    labels = json.loads((run_dir / "labels.json").read_text())["tasks"]
-    if meta.get("format") == 1:
-        raw = upgrade_format1(raw)
-        calibration = {t["name"]: Calibration.from_json(t) for t in labels}
-    else:
-        stored = json.loads((run_dir / "calibration.json").read_text()) if (run_dir / "calibration.json").is_file() else {}
-        calibration = {t["name"]: Calibration.from_json(stored.get(t["name"])) for t in labels}
+    what = f"run bundle {str(run_dir)!r}"
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
+        raise DamagedBundleError(f"{str(run_dir / 'config.yaml')!r} is damaged (not readable YAML); copy the bundle "
+                                 "again (or refit)") from None
+    labels_json = read_json_file(run_dir / "labels.json", what)
+    try:
+        labels = labels_json["tasks"]
+        if meta.get("format") == 1:
+            raw = upgrade_format1(raw)
+            calibration = {t["name"]: Calibration.from_json(t) for t in labels}
+        else:
+            stored = read_json_file(run_dir / "calibration.json", what) if (run_dir / "calibration.json").is_file() else {}
+            calibration = {t["name"]: Calibration.from_json(stored.get(t["name"])) for t in labels}
+        tasks = [Task.from_json(t) for t in labels]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DamagedBundleError(f"{what}: labels.json or calibration.json is damaged ({type(exc).__name__}: {exc}); "
+                                 "copy the bundle again (or refit)") from None
     cfg = load_config(raw)
-    tasks = [Task.from_json(t) for t in labels]
     metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_json_file(metrics_path, what) if metrics_path.is_file() else {}
     out = Bundle(run_dir, cfg, tasks, calibration, metrics, meta)
     if (run_dir / "reference.safetensors").is_file():
         from safetensors.torch import load_file

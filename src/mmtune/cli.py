@@ -124,12 +124,15 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the model")
-    sv.add_argument("--allow-paths", action="store_true", help='accept {"path": ...} for file columns (files on this machine)')
+    sv.add_argument("--allow-paths", metavar="DIR", help='accept {"path": ...} for file columns, for files under DIR '
+                    "only (symlinks resolved); without it no request value ever names a file on this machine")
     sv.add_argument("--no-batching", action="store_true", help="run each request alone (no micro-batching)")
     sv.add_argument("--batch-window-ms", type=float, default=4.0, help="how long a request waits for others to batch with")
     sv.add_argument("--max-batch-rows", type=int, default=64, help="rows per model call when batching")
     sv.add_argument("--max-request-rows", type=int, default=256, help="rows one request may hold")
     sv.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body")
+    sv.add_argument("--max-request-mpixels", type=float, default=64.0,
+                    help="megapixels the images of one request (and of one micro-batch) may hold together")
     _model_args(sv)
 
     sub.add_parser("parts", help="list the parts a config can name (fusions, strategies, losses, …)")
@@ -389,8 +392,18 @@ def _export(args) -> int:
 def _serve(args) -> int:
     from .serving.server import ServeSettings, serve
 
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: give a port number from 1 to 65535")
+    if args.allow_paths is not None and not Path(args.allow_paths).is_dir():
+        raise ValueError(f"--allow-paths {args.allow_paths!r} is not a folder; name the folder whose files requests "
+                         "may read")
+    for name in ("max_request_rows", "max_body_mb", "max_request_mpixels", "max_batch_rows", "workers"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
     settings = ServeSettings(max_request_rows=args.max_request_rows, max_body_bytes=int(args.max_body_mb * 2 ** 20),
-                             allow_paths=args.allow_paths, batching=not args.no_batching,
+                             max_request_pixels=int(args.max_request_mpixels * 1e6),
+                             allow_paths=None if args.allow_paths is None else str(Path(args.allow_paths).resolve()),
+                             batching=not args.no_batching,
                              batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows)
     print(f"serving {args.run} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     serve(args.run, args.host, args.port, args.workers, args.backend, str(_device(args.device)), settings)

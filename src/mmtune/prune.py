@@ -296,7 +296,7 @@ def write_pruned(run_dir: Path, out: Path, model, pruned: Dict[str, Any]) -> Pat
     """A copy of the bundle in ``run_dir`` with ``model``'s weights and ``pruned.json``; bundle.json last."""
     from safetensors.torch import save_model
 
-    from .bundle import MARKER
+    from .bundle import MARKER, check_bundle, file_manifest
     from .io import atomic_write_dir
 
     def write(tmp: Path) -> None:
@@ -306,8 +306,12 @@ def write_pruned(run_dir: Path, out: Path, model, pruned: Dict[str, Any]) -> Pat
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / PRUNED).write_text(json.dumps(pruned, indent=2))
-        meta = json.loads((run_dir / MARKER).read_text())
-        meta["files"] = sorted(set(meta.get("files", [])) | {PRUNED})
+        meta = check_bundle(run_dir)
+        if isinstance(meta["files"], dict):  # format 3: the new files' sizes and hashes
+            tops = {f.split("/", 1)[0] for f in meta["files"]} | {PRUNED}
+            meta["files"] = file_manifest(tmp, sorted(f for f in tops if (tmp / f).exists()))
+        else:
+            meta["files"] = sorted(set(meta["files"]) | {PRUNED})
         meta["pruned_from"] = str(run_dir.resolve())
         (tmp / MARKER).write_text(json.dumps(meta, indent=2))
 

@@ -19,11 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bundle import file_manifest
 from ..inference import probabilities
 from .runners import ONNX_FILES, OnnxRunner, input_layout
 
 EXPORT_MARKER = "export.json"
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
+READABLE_EXPORT_FORMATS = (1, 2)
+"""1: no list of files; 2: ``files`` with each file's size and SHA-256, checked when the export is loaded."""
 COPIED = ("config.yaml", "labels.json", "calibration.json", "metrics.json", "encoders", "pruned.json")
 """Files of the run bundle an export bundle carries (everything but the weights and the training logs)."""
 SEQUENCE_TENSORS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "input_values"}
@@ -169,6 +172,7 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
         raise ValueError(f"unknown quantization {quantize!r}; valid: int8")
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    check_export_folder(out_dir, run_dir)
     started = time.perf_counter()
     pred = Predictor.load(run_dir)
     rows, labelled = _rows(pred, data)
@@ -219,6 +223,7 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
             "onnx_files": {k: v for k, v in ONNX_FILES.items() if (tmp / v).is_file()},
             "check": rep.to_json(),
         }
+        meta["files"] = file_manifest(tmp, sorted(p.name for p in tmp.iterdir()))
         (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
         report["rep"] = rep
 
@@ -231,6 +236,41 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
         said = "; ".join(f"{t} {k} {v:+.4f}" for t, m in change.items() for k, v in m.items()) if change else "no labels"
         log(f"int8: max |Δ prob| {rep.int8['max_abs_prob_diff']:.3f}; change in the main metric: {said}")
     return rep
+
+
+def check_export_folder(out_dir: Path, run_dir: Path) -> None:
+    """Refuse an export folder whose replacement would lose something: the run itself or a folder holding it, a
+    file, or a folder that holds anything but an earlier export bundle (nothing is deleted to find out)."""
+    out, run = Path(out_dir).resolve(), Path(run_dir).resolve()
+    if out == run or out in run.parents:
+        raise ValueError(f"--out {str(out_dir)!r} is the run bundle or a folder holding it: the export would replace "
+                         f"the run; give a new folder (default {str(Path(run_dir) / 'export')!r})")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is a file; give a folder for the export bundle")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ValueError(f"--out {str(out_dir)!r} holds files and is not an export bundle ({EXPORT_MARKER} missing): "
+                         "the export replaces its folder whole; give a new or empty folder")
+
+
+def read_export(folder: Path) -> Dict[str, Any]:
+    """export.json of an export bundle, after checking its format and every file it lists (sizes, hashes)."""
+    from ..bundle import DamagedBundleError, read_json_file, verify_files
+
+    folder = Path(folder)
+    what = f"export bundle {str(folder)!r}"
+    meta = read_json_file(folder / EXPORT_MARKER, what)
+    if not isinstance(meta, dict):
+        raise DamagedBundleError(f"{str(folder / EXPORT_MARKER)!r} is damaged (not a JSON object); export again")
+    if meta.get("format") not in READABLE_EXPORT_FORMATS:
+        raise ValueError(f"{what} has format version {meta.get('format')!r}; this mmtune reads export format "
+                         f"{', '.join(map(str, READABLE_EXPORT_FORMATS))}. Export it again with this version.")
+    if meta["format"] >= 2:
+        verify_files(folder, meta.get("files"), what)
+    for key, kind in (("onnx_files", dict), ("output_modality", dict), ("inputs", list), ("outputs", list)):
+        if not isinstance(meta.get(key), kind):
+            raise DamagedBundleError(f"{str(folder / EXPORT_MARKER)!r} is damaged ({key!r} missing or not a "
+                                     f"{kind.__name__}); export again")
+    return meta
 
 
 def _main_metrics(pred, ds, proba) -> Dict[str, Dict[str, float]]:

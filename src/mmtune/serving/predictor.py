@@ -72,7 +72,7 @@ class Predictor:
         holding one in ``export/``; the default for an export bundle). Raises FileNotFoundError when the
         folder is not a complete bundle (or has no export of that kind)."""
         from ..logs import quiet_libraries
-        from .export import EXPORT_MARKER
+        from .export import EXPORT_MARKER, read_export
 
         quiet_libraries()
         run_dir = Path(run_dir)
@@ -91,7 +91,7 @@ class Predictor:
         if not (folder / EXPORT_MARKER).is_file():
             raise FileNotFoundError(f"{str(run_dir)!r} has no ONNX export ({EXPORT_MARKER} missing): run "
                                     f"`mmtune export --run {run_dir}` first")
-        meta = json.loads((folder / EXPORT_MARKER).read_text())
+        meta = read_export(folder)
         if backend not in meta.get("onnx_files", {}):
             raise FileNotFoundError(f"the export in {str(folder)!r} has no {backend} model (it has "
                                     f"{', '.join(meta.get('onnx_files', {})) or 'none'}); export again with --quantize int8")

@@ -80,7 +80,14 @@ class OnnxRunner:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         self.name = "onnx"
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own types for a missing, truncated or damaged graph
+            from ..bundle import DamagedBundleError
+
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise DamagedBundleError(f"{str(path)!r} cannot be loaded as an ONNX model ({reason}): the file (or its "
+                                     "model.onnx.data) is damaged; export again") from None
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.output_modality = dict(output_modality)
@@ -100,9 +107,3 @@ class OnnxRunner:
 
     def vectors(self, batch: Dict[str, Any], kind: str) -> np.ndarray:
         return self._run(["fused" if kind == "fused" else f"pooled/{kind}"], batch)[0]
-
-
-def read_export_meta(folder: Path) -> Dict[str, Any]:
-    from .export import EXPORT_MARKER
-
-    return json.loads((Path(folder) / EXPORT_MARKER).read_text())
