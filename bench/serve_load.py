@@ -1,10 +1,14 @@
 """The HTTP server under load: N concurrent clients for a fixed time, with micro-batching on and off.
 
     .venv/bin/python bench/serve_load.py [--run runs/demo-fused] [--backend onnx-int8] [--clients 50] [--seconds 20]
+                                         [--bad-share 0.1]
 
 Starts `mmtune serve` on loopback (a free port) in a child process, waits for /health, then runs --clients
 threads, each posting one row at a time to /predict (the test rows' image as base64 and text, in turn) until
---seconds have passed; then the same with --no-batching. Clients and server share this machine's cores. With
+--seconds have passed; then the same with --no-batching. A share of the requests (--bad-share, default 10 %)
+are bad in turn: malformed JSON, a body over the server's limit (it runs with --max-body-mb 2), an image whose
+header promises 10,000 × 10,000 pixels, a lone surrogate in a text, 100,000 nested brackets. Good requests must
+all be answered 200 and bad ones 4xx; p50/p99 are of the good ones, and the server's peak memory is reported. Clients and server share this machine's cores. With
 an ONNX backend and no export in the bundle, it is exported into a temporary folder first. The last line printed
 is one JSON object.
 """
@@ -53,9 +57,31 @@ def bodies(run: Path, n: int = 64):
     return out
 
 
-def load(url: str, rows, clients: int, seconds: float):
+def bad_bodies(rows):
+    """Bad requests a careless or hostile client sends: (what, body bytes)."""
+    import io
+
+    from PIL import Image
+
+    row = dict(rows[0])
+    buf = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(buf, format="PNG")  # 100 Mpixels in about 100 kB
+    image_col = next((k for k, v in row.items() if isinstance(v, str) and len(v) > 1000), None)
+    text_col = next((k for k, v in row.items() if k != image_col and isinstance(v, str)), None)
+    out = [("malformed", b'{"text": '), ("oversized", b'{"x": "' + b"a" * (3 << 20) + b'"}'), ("nested", b"[" * 100_000)]
+    if image_col:
+        out.append(("pixel bomb", json.dumps({**row, image_col: base64.b64encode(buf.getvalue()).decode()}).encode()))
+    if text_col:
+        out.append(("surrogate", json.dumps({**row, text_col: "\ud800"}).encode()))
+    return out
+
+
+def load(url: str, rows, clients: int, seconds: float, bad_share: float = 0.0):
     import httpx
 
+    bad = bad_bodies(rows) if bad_share > 0 else []
+    every = max(1, round(1 / bad_share)) if bad_share > 0 else 0
+    bad_seen, bad_wrong = [0], [0]
     latencies, errors = [], [0]
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
@@ -66,6 +92,17 @@ def load(url: str, rows, clients: int, seconds: float):
             start.wait()
             i = k
             while time.perf_counter() < stop[0]:
+                if every and i % every == 0:  # a bad request: it must get a 4xx, and cost the others nothing
+                    what, body = bad[(i // every) % len(bad)]
+                    try:
+                        status = c.post(url + "/predict", content=body, headers={"content-type": "application/json"}).status_code
+                    except httpx.HTTPError:
+                        status = 0
+                    with lock:
+                        bad_seen[0] += 1
+                        bad_wrong[0] += not 400 <= status < 500
+                    i += clients
+                    continue
                 t = time.perf_counter()
                 try:
                     ok = c.post(url + "/predict", json=rows[i % len(rows)]).status_code == 200
@@ -90,14 +127,16 @@ def load(url: str, rows, clients: int, seconds: float):
     wall = time.perf_counter() - t0
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     return {"requests_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors[0], "requests": len(latencies)}
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors[0], "requests": len(latencies),
+            "bad_requests": bad_seen[0], "bad_not_4xx": bad_wrong[0]}
 
 
-def serve_and_load(run: Path, backend: str, batching: bool, rows, clients: int, seconds: float):
+def serve_and_load(run: Path, backend: str, batching: bool, rows, clients: int, seconds: float, bad_share: float = 0.0):
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "mmtune.cli", "serve", "--run", str(run), "--port", str(port), "--backend", backend]
+    cmd = [sys.executable, "-m", "mmtune.cli", "serve", "--run", str(run), "--port", str(port), "--backend", backend,
+           "--max-body-mb", "2"]
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -121,8 +160,22 @@ def serve_and_load(run: Path, backend: str, batching: bool, rows, clients: int, 
 
         server = psutil.Process(proc.pid)
         before, t = sum(server.cpu_times()[:2]), time.perf_counter()
-        out = load(url, rows, clients, seconds)
+        peak = [server.memory_info().rss]
+        watching = [True]
+
+        def watch():
+            while watching[0]:
+                peak[0] = max(peak[0], server.memory_info().rss)
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        rss_before = peak[0]
+        out = load(url, rows, clients, seconds, bad_share)
+        watching[0] = False
+        watcher.join()
         out["server_cores_used"] = (sum(server.cpu_times()[:2]) - before) / (time.perf_counter() - t)
+        out["server_peak_mb"], out["server_start_mb"] = peak[0] / 2 ** 20, rss_before / 2 ** 20
         return out
     finally:
         proc.terminate()
@@ -135,6 +188,7 @@ def main() -> None:
     ap.add_argument("--backend", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--bad-share", type=float, default=0.1, help="share of bad requests (malformed, oversized, bombs)")
     args = ap.parse_args()
 
     from mmtune.logs import quiet_libraries
@@ -157,18 +211,23 @@ def main() -> None:
     rows = bodies(run)
     results = {}
     for batching in (True, False):
-        r = serve_and_load(target, args.backend, batching, rows, args.clients, args.seconds)
+        r = serve_and_load(target, args.backend, batching, rows, args.clients, args.seconds, args.bad_share)
         results[batching] = r
-        print(f"micro-batching {'on ' if batching else 'off'}: {r['requests_per_s']:.1f} requests/s, p50 {r['p50_ms']:.1f} ms, "
-              f"p99 {r['p99_ms']:.1f} ms, errors {r['errors']}; the server used {r['server_cores_used']:.2f} cores "
-              f"({r['requests']} requests, {args.clients} clients, "
-              f"{args.seconds:g} s, backend {args.backend})", flush=True)
+        print(f"micro-batching {'on ' if batching else 'off'}: {r['requests_per_s']:.1f} good requests/s, p50 "
+              f"{r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors on good requests {r['errors']}; "
+              f"{r['bad_requests']} bad requests, {r['bad_not_4xx']} not answered 4xx; the server used "
+              f"{r['server_cores_used']:.2f} cores, memory {r['server_start_mb']:.0f} -> peak {r['server_peak_mb']:.0f} MB "
+              f"({r['requests']} good requests, {args.clients} clients, {args.seconds:g} s, backend {args.backend})",
+              flush=True)
     on, off = results[True], results[False]
     print(json.dumps({"clients": args.clients, "requests_per_s": round(on["requests_per_s"], 1), "p50_ms": round(on["p50_ms"], 1),
                       "p99_ms": round(on["p99_ms"], 1), "errors": on["errors"] + off["errors"],
                       "batched_speedup": round(on["requests_per_s"] / off["requests_per_s"], 2) if off["requests_per_s"] else None,
                       "unbatched_requests_per_s": round(off["requests_per_s"], 1), "backend": args.backend,
-                      "server_cores_used": round(on["server_cores_used"], 2)}))
+                      "server_cores_used": round(on["server_cores_used"], 2),
+                      "bad_share": args.bad_share, "bad_requests": on["bad_requests"] + off["bad_requests"],
+                      "bad_not_4xx": on["bad_not_4xx"] + off["bad_not_4xx"],
+                      "server_peak_mb": round(max(on["server_peak_mb"], off["server_peak_mb"]), 1)}))
 
 
 if __name__ == "__main__":

@@ -304,8 +304,6 @@ def test_resume_never_unpickles_a_planted_checkpoint(tmp_path, tiny_bert, colour
 
 
 def test_best_checkpoint_restore_never_unpickles(tmp_path, tiny_bert):
-    import pickle
-
     from mmtune.models import build_model
     from mmtune.tasks import Task
     from mmtune.finetune import build_strategy
@@ -317,7 +315,8 @@ def test_best_checkpoint_restore_never_unpickles(tmp_path, tiny_bert):
     module = build_module(cfg, build_model(cfg.model, {"label": 2}), [task], build_strategy(cfg.finetune))
     flag = tmp_path / "payload-ran"
     torch.save({"state_dict": {}, "payload": _Planted(str(flag))}, tmp_path / "best.ckpt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="best.ckpt' is not a readable mmtune checkpoint .UnpicklingError.: nothing "
+                                         "in it was run"):
         module.load_checkpoint_weights(tmp_path / "best.ckpt")
     assert not flag.exists()
 
@@ -408,3 +407,276 @@ def test_predictions_keep_the_input_index(small_bundle, colour_verdict):
     assert list(proba.index) == list(subset.index) == list(table.index)
     subset = subset.assign(prediction=table["prediction"])  # assignment aligns on the index
     assert list(subset["prediction"]) == list(pred.predict(subset.drop(columns="prediction")))
+
+
+# ------------------------------------------------------------------------------------------------
+# nothing lost: outputs never replace inputs, runs or folders they do not own
+
+
+def _copy(small_bundle, tmp_path, name="copy") -> Path:
+    run = tmp_path / name
+    shutil.copytree(small_bundle.run_dir, run)
+    return run
+
+
+def test_export_never_replaces_the_run_or_a_folder_it_does_not_own(tmp_path, small_bundle, capsys):
+    pytest.importorskip("onnxruntime")
+    run = _copy(small_bundle, tmp_path)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    for out, said in ((run, "is the run bundle"), (tmp_path, "holds the run bundle"),
+                      (other, "holds files and is not what this command writes (export.json missing)"),
+                      (other / "notes.txt", "is a file")):
+        assert cli(["export", "--run", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # the run as it was
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_evaluate_never_replaces_its_data_or_the_bundle(tmp_path, small_bundle, colour_verdict, capsys, monkeypatch):
+    from mmtune.serving import predictor
+
+    data = tmp_path / "rows.csv"
+    _train_frame(colour_verdict).head(5).to_csv(data, index=False)
+    table = data.read_bytes()
+    run = _copy(small_bundle, tmp_path)
+    called = []
+    monkeypatch.setattr(predictor.Predictor, "load", classmethod(lambda cls, *a, **k: called.append(1)))
+    for out, said in ((data, "is the --data file"), (run / "metrics.json", "is the run bundle's file"),
+                      (run / "encoders", "is a folder")):
+        assert cli(["evaluate", "--run", str(run), "--data", str(data), "--out", str(out)]) == 2
+        assert said in capsys.readouterr().err
+    assert cli(["predict", "--run", str(run), "--data", str(data), "--out", str(run / "labels.json")]) == 2
+    assert "--out" in capsys.readouterr().err  # unknown format .json: refused before any check of the bundle
+    assert cli(["explain", "--run", str(run), "--data", str(data), "--out", str(run)]) == 2
+    assert "is the run bundle" in capsys.readouterr().err
+    assert data.read_bytes() == table and not called
+    mmtune.load(run)  # still complete and unchanged
+
+
+def test_prune_replaces_only_its_own_earlier_bundles(tmp_path, small_bundle, colour_verdict, capsys):
+    run = _copy(small_bundle, tmp_path)
+    victim = tmp_path / "copy-pruned-weights-0.5"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    data = tmp_path / "rows.csv"
+    _train_frame(colour_verdict).head(8).to_csv(data, index=False)
+    assert cli(["prune", "--run", str(run), "--sparsity", "0.5", "--data", str(data)]) == 2
+    assert "holds files and is not what this command writes" in capsys.readouterr().err
+    assert (victim / "thesis.tex").read_text() == "years of work"
+
+
+# ------------------------------------------------------------------------------------------------
+# bundles: every file listed with its size and hash; a missing or changed file is named
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "edit"])
+def test_a_bundle_file_missing_or_changed_is_named(tmp_path, small_bundle, damage, capsys):
+    run = _copy(small_bundle, tmp_path)
+    meta = json.loads((run / "bundle.json").read_text())
+    assert meta["format"] == 3 and "encoders/text/processor/tokenizer.json" in meta["files"]
+    assert meta["files"]["model.safetensors"]["bytes"] == (run / "model.safetensors").stat().st_size
+    tok = run / "encoders" / "text" / "processor" / "tokenizer.json"
+    if damage == "delete":  # what once made every word [UNK], silently
+        tok.unlink()
+        said = "lacks 'encoders/text/processor/tokenizer.json'"
+    elif damage == "truncate":
+        tok.write_bytes(tok.read_bytes()[:100])
+        said = "'encoders/text/processor/tokenizer.json' is damaged or was replaced"
+    else:  # same size, other bytes
+        text = tok.read_bytes()
+        tok.write_bytes(text.replace(b"works", b"wOrks", 1))
+        said = "'encoders/text/processor/tokenizer.json' has changed since the bundle was written"
+    with pytest.raises((FileNotFoundError, ValueError), match=said):
+        mmtune.load(run)
+    assert cli(["predict", "--run", str(run), "--data", "x.csv", "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert said.split("'")[1] in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: {**m, "files": 5}, "'files' is int, not the list of the bundle's files"),
+    (lambda m: {**m, "format": 1, "files": sorted({f.split("/")[0] for f in m["files"]})},
+     "says format 1, but the bundle's files are those of format 2"),
+    (lambda m: {**m, "format": 2}, "says format 2, but the bundle's files are those of format 3"),
+    (lambda m: [m], "not a JSON object"),
+    (lambda m: {**m, "files": {"../../etc/passwd": {"bytes": 1, "sha256": "0"}}}, "outside the bundle"),
+])
+def test_an_edited_bundle_json_is_refused_by_its_files(tmp_path, small_bundle, edit, said):
+    """A bundle relabelled format 1 once dropped calibration.json silently (probabilities moved by 0.1)."""
+    run = _copy(small_bundle, tmp_path)
+    meta = json.loads((run / "bundle.json").read_text())
+    (run / "bundle.json").write_text(json.dumps(edit(meta)))
+    with pytest.raises(ValueError, match=said):
+        mmtune.load(run)
+
+
+def test_a_format2_bundle_loads_and_predicts_what_it_predicted():
+    """tests/data/bundle_format2 was written by the format-2 code (files listed by name only; gated fusion, LoRA)."""
+    folder = Path(__file__).parent / "data" / "bundle_format2"
+    b = mmtune.bundle.read_bundle(folder / "bundle")
+    assert b.meta["format"] == 2 and b.config.model.fusion.type == "gated"
+    got = mmtune.load(folder / "bundle").predict_proba(folder / "rows" / "rows.csv")
+    expected = pd.read_csv(folder / "expected_proba.csv")
+    cols = [c for c in expected.columns if c != "id"]
+    assert list(got["id"]) == list(expected["id"])
+    assert np.abs(got[cols].to_numpy() - expected[cols].to_numpy()).max() <= 1e-6
+
+
+@pytest.mark.parametrize("name, damage, said", [
+    ("bundle.json", b"{not json", "bundle.json' is damaged (not valid JSON"),
+    ("labels.json", b"[]", "labels.json' is damaged or was replaced"),
+])
+def test_damaged_json_of_a_bundle_is_one_line_naming_it(tmp_path, small_bundle, capsys, name, damage, said):
+    run = _copy(small_bundle, tmp_path)
+    (run / name).write_bytes(damage)
+    assert cli(["predict", "--run", str(run), "--data", "x.csv", "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and "network" not in err, err
+
+
+# ------------------------------------------------------------------------------------------------
+# export bundles: format and files checked as a run bundle's are
+
+
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory, small_bundle, colour_verdict):
+    pytest.importorskip("onnxruntime")
+    from mmtune.serving.export import export_onnx
+
+    out = tmp_path_factory.mktemp("small-export") / "export"
+    export_onnx(small_bundle.run_dir, out, data=_train_frame(colour_verdict).head(20), quantize="int8",
+                log=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda e: (e / "export.json").write_text(json.dumps({**json.loads((e / "export.json").read_text()), "format": 99})),
+     "has format version 99; this mmtune reads export format 1, 2"),
+    (lambda e: (e / "export.json").write_text("{"), "export.json' is damaged (not valid JSON"),
+    (lambda e: (e / "model.onnx").write_bytes((e / "model.onnx").read_bytes()[:500]), "'model.onnx' is damaged or was replaced"),
+    (lambda e: (e / "model.int8.onnx").unlink(), "lacks 'model.int8.onnx'"),
+    (lambda e: (e / "encoders/text/processor/tokenizer_config.json").write_text("{]"), "tokenizer_config.json' is damaged"),
+    (lambda e: (e / "encoders/text/processor/mmtune_processor.json").write_text("{}"), "mmtune_processor.json' is damaged"),
+])
+def test_a_damaged_export_bundle_is_one_line_naming_the_file(tmp_path, small_export, capsys, damage, said):
+    exp = tmp_path / "export"
+    shutil.copytree(small_export, exp)
+    damage(exp)
+    assert cli(["predict", "--run", str(exp), "--data", "x.csv", "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and "network" not in err, err
+
+
+def test_an_onnx_file_that_onnxruntime_cannot_read_is_one_line(tmp_path, small_export):
+    """The runner's own check, for an export of format 1 (no list of files to compare with)."""
+    from mmtune.serving.runners import OnnxRunner
+
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ValueError, match="model.onnx' cannot be loaded as an ONNX model .* export again"):
+        OnnxRunner(tmp_path / "model.onnx", {}, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the search: a space the schema refuses stops before the first trial
+
+
+def test_a_search_space_of_invalid_values_stops_before_any_trial(tmp_path, tiny_bert, colour_verdict, capsys):
+    pytest.importorskip("optuna")
+    import yaml
+
+    cfg = _text_cfg(tmp_path, tiny_bert)
+    cfg["data"]["train"] = str(colour_verdict["train"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    for space, said in (("finetune.type: {choices: [nope]}", "finetune.type = 'nope' is not a valid setting"),
+                        ("optim.lr: {low: -1.0, high: 0.1}", "optim.lr = -1.0 is not a valid setting"),
+                        ("finetune.type: {choices: [lora]}\nfinetune.r: {choices: [0, 4]}", "finetune.r = 0 is not a valid"),
+                        ("model.fusion.type: {choices: [concat, nope]}", "model.fusion.type = 'nope'")):
+        (tmp_path / "space.yaml").write_text(space)
+        assert cli(["tune", str(tmp_path / "c.yaml"), "--space", str(tmp_path / "space.yaml"), "--trials", "2"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+        assert not (tmp_path / "runs" / "t" / "tune" / "trials").exists()  # no trial ran
+
+
+# ------------------------------------------------------------------------------------------------
+# one line, not a traceback
+
+
+def test_planted_and_damaged_encoder_checkpoints_are_one_line(tmp_path, tiny_bert, colour_verdict, capsys):
+    import yaml
+
+    flag = tmp_path / "payload-ran"
+    for damage in ("pickle", "truncate"):
+        ckpt = tmp_path / f"bert-{damage}"
+        shutil.copytree(tiny_bert, ckpt)
+        if damage == "pickle":  # no safetensors: transformers falls back to the PyTorch file
+            (ckpt / "model.safetensors").unlink()
+            torch.save({"payload": _Planted(str(flag))}, ckpt / "pytorch_model.bin")
+        else:
+            w = ckpt / "model.safetensors"
+            w.write_bytes(w.read_bytes()[:1000])
+        cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": str(ckpt)}},
+                          data={"id_column": "id", "train": str(colour_verdict["train"])}, name=f"r-{damage}")
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert cli(["fit", str(tmp_path / "c.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert f"encoder checkpoint '{ckpt}' could not be loaded: a file of the local checkpoint folder is damaged" in err
+        assert "Traceback" not in err and "network" not in err and len(err.strip().splitlines()) == 1, err
+    assert not flag.exists()
+
+
+def test_a_planted_best_checkpoint_on_resume_is_one_line(tmp_path, tiny_bert, colour_verdict, capsys):
+    import yaml
+
+    cfg = _text_cfg(tmp_path, tiny_bert)
+    cfg["trainer"]["max_epochs"] = 1
+    cfg["data"]["train"] = str(colour_verdict["train"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli(["fit", str(tmp_path / "c.yaml")]) == 0
+    capsys.readouterr()
+    run = tmp_path / "runs" / "t"
+    (run / "bundle.json").unlink()
+    flag = tmp_path / "payload-ran"
+    best = [p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    assert best
+    for p in best:
+        torch.save({"state_dict": {}, "payload": _Planted(str(flag))}, p)
+    assert cli(["fit", str(tmp_path / "c.yaml"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a readable mmtune checkpoint (UnpicklingError): nothing in it was run" in err, err
+    assert "Traceback" not in err and not flag.exists()
+
+
+def test_output_dirs_and_run_names_the_file_system_cannot_hold(tmp_path, capsys):
+    (tmp_path / "t.csv").write_text("text,label\na,x\nb,y\n")
+    (tmp_path / "afile").write_text("")
+    cases = [("output_dir: " + str(tmp_path / "afile" / "runs") + "\nname: x", "which is a file; give a folder"),
+             ("output_dir: " + str(tmp_path) + "\nname: afile", "is a file; choose another name"),
+             ("output_dir: " + str(tmp_path) + "\nname: " + "n" * 250, "run name of 250 bytes is too long: at most 200")]
+    for head, said in cases:
+        (tmp_path / "c.yaml").write_text(head + "\ndata: {train: t.csv}\nmodel: {encoders: {t: {modality: text, "
+                                         "checkpoint: ./no-model}}}\n")
+        assert cli(["fit", str(tmp_path / "c.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert cli(["fit", str(tmp_path / "deep.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "is nested too deeply to be a config" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--port", "99999"], "--port 99999: give a port number from 1 to 65535"),
+    (["--allow-paths", "/no/such/folder"], "--allow-paths '/no/such/folder' is not a folder"),
+    (["--max-request-rows", "0"], "--max-request-rows must be positive"),
+])
+def test_serve_refuses_bad_settings_before_loading(args, said, capsys, monkeypatch):
+    from mmtune.serving import server
+
+    monkeypatch.setattr(server, "serve", lambda *a, **k: pytest.fail("served"))
+    assert cli(["serve", "--run", "somewhere", *args]) == 2
+    assert said in capsys.readouterr().err

@@ -36,11 +36,12 @@ def test_predict_and_serve_benches_run_and_print_their_json(tmp_path):
             "p50_ms_best", "max_abs_prob_diff"} <= set(last)
     assert last["max_abs_prob_diff"] <= 1e-4 and all(last[k] > 0 for k in ("torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s"))
     out = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--run", str(tmp_path / "demo-fused"), "--clients", "4",
-                          "--seconds", "2"], capture_output=True, text=True, timeout=900)
+                          "--seconds", "2", "--bad-share", "0.25"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"clients", "requests_per_s", "p50_ms", "p99_ms", "errors", "batched_speedup"} <= set(last)
     assert last["errors"] == 0 and last["requests_per_s"] > 0 and last["clients"] == 4
+    assert last["bad_requests"] > 0 and last["bad_not_4xx"] == 0  # bad requests turned away, good ones all served
 
 
 def test_presets_and_throughput_benches_run_and_print_their_json(tmp_path):

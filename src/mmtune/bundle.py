@@ -295,6 +295,20 @@ def hold_lock(path: Path, busy: str) -> int:
     return fd
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """ValueError when ``run_dir`` cannot be a run folder: it is a file, or a file stands where one of its parent
+    folders would be (``output_dir`` below a file)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} is a file; choose another name (--set name=...) or output_dir")
+    for up in run_dir.parents:
+        if up.exists():
+            if not up.is_dir():
+                raise ValueError(f"output_dir {str(run_dir.parent)!r} is below {str(up)!r}, which is a file; give a "
+                                 "folder for output_dir")
+            break
+
+
 class RunClaim:
     """Exclusive use of ``output_dir/name`` for one fit, from before any work until the bundle is written.
 
@@ -323,6 +337,7 @@ class RunClaim:
             self.work_dir = staging if self.overwrite and staging.is_dir() else self.run_dir
             return self
         parent = self.run_dir.parent
+        check_run_folder(self.run_dir)
         parent.mkdir(parents=True, exist_ok=True)
         self._lock(parent / f".{self.run_dir.name}.lock")
         try:

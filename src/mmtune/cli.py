@@ -263,11 +263,14 @@ def _distill(args) -> int:
 def _evaluate(args) -> int:
     from .io import atomic_write_json
 
+    from .io import check_output
+
+    out = Path(args.out) if args.out else Path(args.run) / "evaluations" / f"{Path(args.data).stem}.json"
+    if args.out:  # checked before any work is done
+        check_output(out, inputs={"--data file": [args.data], "run bundle's file": _bundle_files(args.run)},
+                     example="metrics.json")
     pred = _load(args)
     metrics = pred.evaluate(args.data, contribution=args.contribution)
-    out = Path(args.out) if args.out else Path(args.run) / "evaluations" / f"{Path(args.data).stem}.json"
-    if out.is_dir():  # checked before any work is done
-        raise ValueError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'metrics.json')!r}")
     atomic_write_json(out, {"data": str(args.data), **metrics})
     print(json.dumps(_brief({"data": metrics}), indent=2))
     print(f"metrics written to {out}")
@@ -278,7 +281,8 @@ def _predict(args) -> int:
     from .io import atomic_write_with
 
     path = Path(args.out)
-    write = _table_writer(path, {"--data file": [args.data]}, "predictions.csv")
+    write = _table_writer(path, {"--data file": [args.data], "run bundle's file": _bundle_files(args.run)},
+                          "predictions.csv")
     out = _load(args).predict_table(args.data, batch_size=args.batch_size)
     atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} predictions written to {path}")
@@ -286,20 +290,30 @@ def _predict(args) -> int:
 
 
 def _table_writer(path: Path, inputs, example: str):
-    """The writer for ``--out`` (by its suffix), after the checks made before any work: a known format, not a
-    folder, not one of the ``inputs`` (``{what they are: [paths]}``), a folder that exists."""
+    """The writer for ``--out`` (by its suffix), after the checks made before any work (:func:`io.check_output`)."""
+    from .io import check_output
+
     write = _WRITERS.get(path.suffix.lower())
     if write is None:
         raise ValueError(f"--out {str(path)!r}: unknown format {path.suffix!r}; valid: {', '.join(_WRITERS)}")
-    if path.is_dir():
-        raise ValueError(f"--out {str(path)!r} is a folder; give a file name such as {str(path / example)!r}")
-    for what, paths in inputs.items():
-        if path.exists() and any(Path(p).exists() and path.resolve() == Path(p).resolve() for p in paths):
-            raise ValueError(f"--out {str(path)!r} is the {what}: the output would replace the input; "
-                             "write it to another file")
-    if not path.parent.is_dir():
-        raise ValueError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    check_output(path, inputs=inputs, example=example)
     return write
+
+
+def _bundle_files(run) -> List[Path]:
+    """The files of a run or export bundle that an output must never replace (its marker and what it lists)."""
+    from .bundle import MARKER
+    from .serving.export import EXPORT_MARKER
+
+    run = Path(run)
+    out = [run / MARKER, run / EXPORT_MARKER]
+    for marker in out[:]:
+        try:
+            files = json.loads(marker.read_text()).get("files") or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        out += [run / f for f in files] if isinstance(files, (list, dict)) else []
+    return out
 
 
 def _device(name: str):
@@ -342,7 +356,8 @@ def _embed(args) -> int:
     from .io import atomic_write_with
 
     path = Path(args.out)
-    write = _table_writer(path, {"--data file": [args.data]}, "embeddings.parquet")
+    write = _table_writer(path, {"--data file": [args.data], "run bundle's file": _bundle_files(args.run)},
+                          "embeddings.parquet")
     pred = _load(args)
     if args.kind not in pred.embedding_kinds:
         raise ValueError(f"--kind {args.kind!r}; valid: {', '.join(pred.embedding_kinds)}")
@@ -356,9 +371,9 @@ def _explain(args) -> int:
     from .data.manifest import absolute_paths, read_table
     from .serving.predictor import Predictor
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a folder")
+    from .io import check_output
+
+    out = check_output(args.out, inputs={"run bundle": [args.run], "--data file": [args.data]}, kind="folder")
     pred = Predictor.load(args.run, device=_device(args.device))
     df, base = read_table(args.data)
     if args.rows is not None:

@@ -455,6 +455,9 @@ class Config(_Strict):
         if not v.strip() or "/" in v or "\\" in v or "\x00" in v or v.startswith("."):
             raise ValueError(f"run name {v!r} must be a plain folder name: not empty, no '/' or '\\', "
                              "not starting with '.' (so '.' and '..' are refused too)")
+        if len(v.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise ValueError(f"run name of {len(v.encode('utf-8', 'surrogatepass'))} bytes is too long: at most "
+                             f"{MAX_NAME_BYTES} (the run's lock and staging files add to it, and a file name holds 255)")
         return v
 
     @model_validator(mode="after")
@@ -694,15 +697,23 @@ def load_config(
     return cfg
 
 
+MAX_NAME_BYTES = 200
+"""Longest run name: ``.<name>.overwrite`` and ``.<name>.tune.lock`` must stay within a file name's 255 bytes."""
+
+
 def read_yaml_mapping(path: Path, what: str, error: type = ConfigError) -> Dict[str, Any]:
     """The mapping a YAML file holds (empty file: {}); ``error`` naming the file when it is missing, is not YAML,
     or holds something else (FileNotFoundError for a missing file when ``error`` is not ConfigError)."""
     if not path.is_file():
         raise (error if error is ConfigError else FileNotFoundError)(f"{what} {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise error(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise error(f"{what} {str(path)!r} is nested too deeply to be a config") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(raw, dict):
         raise error(f"{what} {str(path)!r} must hold a mapping at the top level")
     return raw

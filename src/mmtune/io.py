@@ -14,6 +14,36 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def check_output(path: str | os.PathLike, *, inputs: dict = {}, kind: str = "file", example: str = "out.csv",
+                 replaces: str = "") -> Path:
+    """The one check every command makes of where it writes, before any work: ``path`` is not one of the
+    ``inputs`` (``{what they are: [paths]}``) nor a folder holding one (for a folder output), a file output is not a
+    folder and a folder output not a file, and its parent folder exists. ``replaces``: a marker file whose
+    presence makes an existing, non-empty output folder something the command may replace whole (an export bundle);
+    without one, such a folder is refused. ValueError naming ``--out`` otherwise."""
+    path = Path(path)
+    target = path.resolve()
+    for what, paths in inputs.items():
+        for p in paths:
+            if p is None or not Path(p).exists():
+                continue
+            src = Path(p).resolve()
+            if target == src or (kind == "folder" and target in src.parents):
+                holds = "is" if target == src else "holds"
+                raise ValueError(f"--out {str(path)!r} {holds} the {what}: the output would replace it; write it "
+                                 "somewhere else")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder; give a file name such as {str(path / example)!r}")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a file; give a folder")
+    if kind == "folder" and replaces and path.is_dir() and any(path.iterdir()) and not (path / replaces).is_file():
+        raise ValueError(f"--out {str(path)!r} holds files and is not what this command writes ({replaces} missing): "
+                         "it would be replaced whole; give a new or empty folder")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    return path
+
+
 def sha256_of(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes (hex), read a megabyte at a time."""
     import hashlib

@@ -338,14 +338,21 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
     from .serving.export import main_metric
     from .serving.predictor import Predictor
 
+    from .io import check_output
+
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir.parent
+    kind = "structured" if structured else "weights"
     for s in sparsities:
         if not 0.0 < s < 1.0:
             raise ValueError(f"--sparsity {s}: each value must lie strictly between 0 and 1")
+    if not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r} is not a folder")
+    for s in sparsities:  # each pruned bundle replaces only an earlier pruned bundle of its name
+        check_output(out_dir / f"{run_dir.name}-pruned-{kind}-{s:g}", inputs={"run bundle": [run_dir]}, kind="folder",
+                     replaces=PRUNED)
     df, base = read_table(data)
     absolute_paths(df, Predictor.load(run_dir).config, base)
-    kind = "structured" if structured else "weights"
 
     def measure(pred, name, folder: Path, sparsity) -> Dict[str, Any]:
         task = pred.tasks[0]

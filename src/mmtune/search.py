@@ -147,6 +147,37 @@ def load_space(path: Optional[Union[str, Path, Mapping[str, Any]]], cfg) -> Dict
     return parsed
 
 
+def check_space(parsed: Mapping[str, Any], base: Dict[str, Any]) -> None:
+    """Every choice and both bounds of every key, each set alone in the base config (a part's setting with a type of
+    the space that has it), validated as a trial's config would be — before the first trial, so a space whose
+    values the schema refuses stops the search with one line naming the key and the value."""
+    from .config import ConfigError, _tables, load_config
+
+    tables = _tables()
+    for key, p in parsed.items():
+        values = [p.value] if isinstance(p, _Fixed) else p.choices if p.choices is not None else [
+            int(p.low) if p.integer else p.low, int(p.high) if p.integer else p.high]
+        setting = {}
+        section = next((s for s in _PARTS if key.startswith(s + ".")), None)
+        if section is not None and not key.endswith(".type") and key not in _VIRTUAL:
+            name = key[len(section) + 1:]
+            types = [_get(base, f"{section}.type") or {"finetune": "full", "model.fusion": "concat",
+                                                        "loss": "cross_entropy"}[section]]
+            tp = parsed.get(f"{section}.type")
+            types += list(tp.choices or []) if isinstance(tp, Param) else [tp.value] if isinstance(tp, _Fixed) else []
+            having = [t for t in types if t in tables[section][0].names()
+                      and name in tables[section][0].get(t).Config.model_fields]
+            if not having:
+                continue  # no type of this search has the setting: it is never used (as in a trial)
+            setting = {f"{section}.type": having[0]}
+        for value in values:
+            try:
+                load_config(trial_config(base, {**setting, key: value}))
+            except (ConfigError, ValueError, TypeError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SearchError(f"search space: {key} = {value!r} is not a valid setting ({reason})") from None
+
+
 def _default_space(cfg) -> Dict[str, Any]:
     """The default space, less what cannot apply here: adapters without peft, frozen encoders when one
     trains from scratch (it cannot be cached), fusions for several modalities with one encoder."""
@@ -314,13 +345,16 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     base = cfg.to_dict()
     base["preset"] = None
     parsed = load_space(space, cfg)
+    check_space(parsed, base)
     run_dir = cfg.run_dir
     study_dir = run_dir / "tune"
     if run_dir.is_dir() and any(p.name != "tune" for p in run_dir.iterdir()) and not study_dir.is_dir() and not overwrite:
         raise FileExistsError(f"{str(run_dir)!r} already holds a run: the search's refit would replace it; pass "
                               "--overwrite, or choose another name (--set name=...)")
+    from .bundle import check_run_folder, hold_lock
+
+    check_run_folder(run_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
-    from .bundle import hold_lock
 
     lock = hold_lock(run_dir.parent / f".{run_dir.name}.tune.lock", f"the search of {str(run_dir)!r} is running in "
                      "another process (pid {pid}); wait for it, or choose another name (--set name=...)")
@@ -352,7 +386,13 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             if left is not None:
                 set_raw_key(raw, "trainer.max_time", {"seconds": max(1, int(left))})
             trial.set_user_attr("values", values)
-            tcfg = load_config(raw)
+            try:
+                tcfg = load_config(raw)
+            except ValueError as exc:  # these settings do not fit together: this trial fails alone, in one line
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                trial.set_user_attr("error", reason)
+                log.warning("trial %d: its settings do not fit together (%s); the search goes on", trial.number, reason)
+                return float("nan")
             from .training.fit import fit
 
             watch = Watch(tcfg.trainer.monitor, mode, trial)
@@ -369,8 +409,9 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
 
         if remaining > 0:
             timeout = _left(budget, started, 0.7)
-            # a trial whose settings do not fit together (a ValueError naming why) fails alone; the search goes on
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(ValueError,), gc_after_trial=True)
+            # a trial whose settings do not fit together fails alone (its objective returns NaN, said in one line);
+            # any other error — bad rows, a missing file or package — stops the search with its own message
+            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(), gc_after_trial=True)
         table = trials_table(study)
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:

@@ -44,11 +44,28 @@ def _build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
     try:
         return build_hf(spec.modality, source, weights, spec.pooling, spec.max_length, spec.image_size, proc_dir,
                         max_seconds=spec.max_seconds)
-    except OSError as exc:  # transformers: not a folder, not in the cache, no network, a file missing
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:
+        # transformers, tokenizers, safetensors: a file missing, truncated or damaged, a pickle refused, a model
+        # not in the cache (they raise many types, tokenizers a bare Exception); mmtune's own errors pass through
+        if _raised_by_mmtune(exc):
+            raise
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if Path(source).is_dir():
+            where = "the run bundle's encoder folder" if bundle_dir is not None else "the local checkpoint folder"
+            raise ValueError(f"encoder checkpoint {source!r} could not be loaded: a file of {where} is damaged, "
+                             "incomplete or not a plain tensor file (weights are read as safetensors, or as a "
+                             f"PyTorch file that holds tensors only). Details: {reason}") from None
         raise ValueError(f"encoder checkpoint {source!r} could not be loaded: it is neither a local folder with the "
                          f"model's files nor a model in the local Hugging Face cache (downloads need the network). "
                          f"Details: {reason}") from None
+
+
+def _raised_by_mmtune(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is mmtune's own code (a message already meant for users)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parents[1])
 
 
 def _looks_like_path(source: str) -> bool:

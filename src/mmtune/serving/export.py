@@ -241,15 +241,9 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
 def check_export_folder(out_dir: Path, run_dir: Path) -> None:
     """Refuse an export folder whose replacement would lose something: the run itself or a folder holding it, a
     file, or a folder that holds anything but an earlier export bundle (nothing is deleted to find out)."""
-    out, run = Path(out_dir).resolve(), Path(run_dir).resolve()
-    if out == run or out in run.parents:
-        raise ValueError(f"--out {str(out_dir)!r} is the run bundle or a folder holding it: the export would replace "
-                         f"the run; give a new folder (default {str(Path(run_dir) / 'export')!r})")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out_dir)!r} is a file; give a folder for the export bundle")
-    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
-        raise ValueError(f"--out {str(out_dir)!r} holds files and is not an export bundle ({EXPORT_MARKER} missing): "
-                         "the export replaces its folder whole; give a new or empty folder")
+    from ..io import check_output
+
+    check_output(out_dir, inputs={"run bundle": [run_dir]}, kind="folder", replaces=EXPORT_MARKER)
 
 
 def read_export(folder: Path) -> Dict[str, Any]:

@@ -105,7 +105,14 @@ class ClassifierModule(L.LightningModule):
 
 def _read_state(path: Path) -> Dict[str, Any]:
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        except Exception as exc:  # a planted pickle (refused, never run), a truncated file, another kind of file
+            raise ValueError(f"checkpoint {str(path)!r} is not a readable mmtune checkpoint ({type(exc).__name__}): "
+                             "nothing in it was run; delete it, or start the run again with --overwrite") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"checkpoint {str(path)!r} is not a readable mmtune checkpoint (no state_dict)")
+        return state
     if path.is_dir() and (path / "latest").is_file():  # DeepSpeed: <ckpt>/latest names the tag folder
         # the shards this run has just written, consolidated by DeepSpeed's own converter
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
