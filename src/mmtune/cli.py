@@ -37,10 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmtune", description="Fine-tune multimodal classifiers and ship them.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="fine-tune the model a YAML config describes",
+    f = sub.add_parser("fit", help="fine-tune the model a YAML config describes, or a table and its label column",
                        epilog="parts a config can name:\n" + parts_table(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    f.add_argument("config", help="YAML config file")
+    f.add_argument("config", help="YAML config file; or, with --label, the training table (CSV, TSV, JSONL, Parquet)")
+    f.add_argument("--label", help="the label column of the table: no config needed, each column's kind is inferred "
+                                   "and printed (see --column)")
+    f.add_argument("--test", help="with --label: a labelled test table")
+    f.add_argument("--column", dest="columns", action="append", default=[], metavar="NAME=KIND",
+                   help="with --label: set a column's kind (image, audio, text, category, number, ignore; repeatable)")
+    f.add_argument("--name", help="with --label: the run's name (default: the table's file name)")
+    f.add_argument("--output-dir", default="runs", help="with --label: where the run folder goes (default runs)")
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set trainer.max_epochs=3 (repeatable)")
     f.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
@@ -189,6 +196,9 @@ def _load(args):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    from .memory import keep_freed_memory
+
+    keep_freed_memory()
     from .config import ConfigError
     from .data.manifest import BadRowsError
     from .extras import MissingExtraError
@@ -206,7 +216,27 @@ def _fit(args) -> int:
     from .training.fit import fit
 
     overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else []) + _preset_overrides(args)
-    return _fit_summary(fit(args.config, overrides=overrides, resume=args.resume, overwrite=args.overwrite))
+    if args.label is None:
+        for flag in ("test", "name"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} goes with --label (a table and its label column); a config names it itself")
+        if args.columns:
+            raise ValueError("--column goes with --label (a table and its label column); a config sets data.columns")
+        return _fit_summary(fit(args.config, overrides=overrides, resume=args.resume, overwrite=args.overwrite))
+    if Path(args.config).suffix.lower() in (".yaml", ".yml"):
+        raise ValueError(f"--label takes a table, not a config ({args.config!r}); a config names its label column "
+                         "itself (data.label_column)")
+    columns = {}
+    for item in args.columns:
+        name, eq, kind = item.partition("=")
+        if not eq or not name:
+            raise ValueError(f"--column {item!r}: expected NAME=KIND, e.g. --column notes=text")
+        columns[name] = kind.strip()
+    overrides = [f"name={args.name}" if args.name else None, f"output_dir={args.output_dir}", *overrides]
+    if not args.preset:
+        overrides.append("preset=balanced")
+    return _fit_summary(fit(args.config, label=args.label, test=args.test, columns=columns,
+                            overrides=[o for o in overrides if o], resume=args.resume, overwrite=args.overwrite))
 
 
 def _fit_summary(res) -> int:

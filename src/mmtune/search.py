@@ -328,6 +328,9 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     from .finetune.feature_cache import cache_folder
     from .presets import PRESETS
 
+    from .memory import keep_freed_memory
+
+    keep_freed_memory()
     optuna = require("optuna", "tune", "the hyper-parameter search (mmtune tune, preset best)")
     cfg = config if not overrides and not isinstance(config, (str, Path, Mapping)) else load_config(config, overrides)
     preset = PRESETS.get(cfg.preset) if cfg.preset else None

@@ -72,9 +72,11 @@ class Predictor:
         holding one in ``export/``; the default for an export bundle). Raises FileNotFoundError when the
         folder is not a complete bundle (or has no export of that kind)."""
         from ..logs import quiet_libraries
+        from ..memory import keep_freed_memory
         from .export import EXPORT_MARKER, read_export
 
         quiet_libraries()
+        keep_freed_memory()
         run_dir = Path(run_dir)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import lightning as L
+import pandas as pd
 
 from ..bundle import RunClaim, read_resume_state, write_bundle
 from ..config import Config, load_config
@@ -24,6 +25,7 @@ from ..extras import MissingExtraError, missing_for
 from ..finetune import build_strategy, trainable_parameter_count
 from ..finetune.feature_cache import cache_folder
 from ..logs import quiet_libraries
+from ..memory import keep_freed_memory
 from ..presets import PRESETS
 from ..losses import build_loss
 from ..models import build_model
@@ -32,12 +34,18 @@ from .trainer import train as train_model
 log = logging.getLogger("mmtune")
 
 
-def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[TableSource] = None,
-        val: Optional[TableSource] = None, test: Optional[TableSource] = None, *,
+def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] = None, train: Optional[TableSource] = None,
+        val: Optional[TableSource] = None, test: Optional[TableSource] = None, *, label: Optional[str] = None,
+        columns: Optional[Mapping[str, str]] = None, preset: Optional[str] = None, time_limit: Optional[float] = None,
         overrides: Sequence[str] = (), resume: bool = False, overwrite: bool = False,
         callbacks: Sequence[L.Callback] = (), extra: Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None] = None,
         keep: Sequence[str] = ()) -> "FitResult":
     """Fine-tune the configured model and write its run bundle.
+
+    With ``label``, no config is needed: ``fit(table, label="y")`` (``table`` a DataFrame or a manifest path, as
+    ``config`` or ``train``) infers each column's kind and builds the config (:mod:`mmtune.autoconfig`, printed);
+    ``columns`` sets a column's kind (``{"notes": "text", "row_id": "ignore"}``), ``preset`` the recipe (default
+    ``balanced``), ``time_limit`` the budget in seconds; ``overrides`` apply on top.
 
     ``train`` / ``val`` / ``test`` (DataFrames or manifest paths) take precedence over the config's
     ``data.*`` paths. ``resume`` continues from ``checkpoints/last.ckpt`` (refused when the config changed
@@ -53,6 +61,23 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any]], train: Optional[Tab
     nor ``overwrite`` is set), RunInUseError (another process is writing the same run).
     """
     quiet_libraries()
+    keep_freed_memory()
+    if label is not None:
+        from ..autoconfig import auto_config
+
+        table = train if train is not None else config
+        if table is None:
+            raise ValueError("fit(table, label=...): give the training table (a DataFrame or a manifest path)")
+        config = auto_config(table, label, test=test, columns=columns, preset=preset or "balanced",
+                             log=lambda m: print(m, flush=True) if is_main_process() else None)
+        train = table if isinstance(table, pd.DataFrame) else None
+        test = test if isinstance(test, pd.DataFrame) else None
+    elif preset is not None:
+        overrides = [f"preset={preset}", *overrides]
+    if time_limit is not None:
+        if not time_limit > 0:
+            raise ValueError(f"time_limit must be a positive number of seconds (got {time_limit})")
+        overrides = [*overrides, "trainer.max_time={seconds: %d}" % max(1, round(time_limit))]
     cfg = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
     if cfg.preset:
         from ..presets import apply_preset, table_stats
