@@ -102,7 +102,8 @@ def test_a_three_trial_search_prunes_and_refits_its_best_trial(tmp_path, tiny_be
     assert metrics["search"]["refit_value"] == pytest.approx(out.best_value, abs=1e-5)
     assert (run / "tune" / "study.db").is_file() and (run / "tune" / "trials.csv").is_file()
     assert load_config(run / "config.yaml").optim.lr == 3e-3
-    assert not any((run / "tune" / "trials").glob("trial-*"))  # trial folders are removed as they end
+    # trial folders are removed as they end, but the best trial's: the search can ship its own weights
+    assert [p.name for p in (run / "tune" / "trials").glob("trial-*")] == ["trial-0"]
     html = (run / "report.html").read_text()
     assert "<h2>Search</h2>" in html and "the config as written" in html
 
@@ -122,6 +123,65 @@ def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path
     assert bundle.trainer.max_time is not None  # the refit got what was left of the budget
     if first is None:  # the balanced settings won: they are what the bundle holds
         assert bundle.finetune.type == "partial" and bundle.loss.label_smoothing == 0.1
+
+
+def _trial_proba(folder, colour_verdict):
+    rows = pd.read_csv(colour_verdict["test"]).drop(columns=["image"])
+    return mmtune.load(folder).predict_proba(rows).drop(columns="id").to_numpy()
+
+
+def test_a_refit_the_budget_cannot_hold_ships_the_trials_own_model_and_says_so(tmp_path, tiny_bert, colour_verdict,
+                                                                               monkeypatch, caplog):
+    import mmtune.search as search
+
+    monkeypatch.setattr(search, "REFIT_END", 0.0)  # nothing left for a refit
+    cfg = _frozen_text(tmp_path, tiny_bert, evaluation={"report": True})
+    out = search.tune(cfg, train=str(colour_verdict["train"]), trials=2, time_limit=600,
+                      space={"only": True, "optim.lr": {"low": 1e-7, "high": 1e-6, "log": True}})
+    run = tmp_path / "runs" / "t"
+    s = json.loads((run / "metrics.json").read_text())["search"]
+    assert s["shipped"] == f"trial {s['best_trial']}" and "no refit" in s["shipped_why"]
+    assert "shipping trial" in caplog.text
+    own = run / "tune" / "trials" / f"trial-{s['best_trial']}"
+    assert np.array_equal(_trial_proba(run, colour_verdict), _trial_proba(own, colour_verdict))  # its own weights
+    assert load_config(run / "config.yaml").name == "t" and (run / "report.html").is_file()
+    assert out.refit.run_dir == run
+
+
+def test_a_refit_that_ends_worse_than_its_trial_is_not_shipped(tmp_path, tiny_bert, colour_verdict, monkeypatch,
+                                                               caplog):
+    import mmtune.config
+    import mmtune.search as search
+
+    real = mmtune.config.load_config
+    seen = []
+
+    def short_refit(source=None, overrides=()):  # the refit (the run's own name, after the search's) gets one epoch
+        if isinstance(source, dict) and source.get("name") == "t":
+            seen.append(1)
+            if len(seen) > 1:
+                source = {**source, "trainer": {**source["trainer"], "max_epochs": 1}}
+        return real(source, overrides)
+
+    monkeypatch.setattr(mmtune.config, "load_config", short_refit)
+    cfg = _frozen_text(tmp_path, tiny_bert, evaluation={"report": False})
+    out = search.tune(cfg, train=str(colour_verdict["train"]), trials=1)
+    s = out.refit.metrics["search"]
+    assert s["refit_value"] > out.best_value  # val_loss: the one-epoch refit is worse...
+    assert s["shipped"] == "trial 0" and "worse than the trial's" in s["shipped_why"]  # ...and not what ships
+    assert "worse than trial 0's" in caplog.text
+    run = tmp_path / "runs" / "t"
+    assert np.array_equal(_trial_proba(run, colour_verdict), _trial_proba(run / "tune" / "trials" / "trial-0", colour_verdict))
+
+
+def test_the_time_limit_holds_for_the_whole_search(tmp_path, tiny_bert, colour_verdict):
+    import mmtune.search as search
+
+    cfg = _frozen_text(tmp_path, tiny_bert, evaluation={"report": True}, trainer={"max_epochs": 30})
+    t0 = time.monotonic()
+    search.tune(cfg, train=str(colour_verdict["train"]), trials=50, time_limit=25,
+                space={"only": True, "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}})
+    assert time.monotonic() - t0 <= 25 * 1.1  # search, refit or shipping, evaluation, report and bundle
 
 
 SEARCH_SCRIPT = """

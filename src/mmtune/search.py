@@ -4,9 +4,11 @@ The study lives in the run folder (``RUN/tune/study.db``, SQLite), so a killed s
 stopped when run again: trials it left running are marked failed, finished and pruned trials count towards
 ``--trials``. The first trial of a new study is the config as written (a search never ends below it).
 Each trial is a :func:`~mmtune.fit` of its own config in ``RUN/tune/trials`` (without report, probe or
-explanations), pruned by optuna's median rule from its per-epoch validation metric; frozen-encoder trials
-share the embedding cache, so after the first such trial each costs seconds. The best trial's config is
-written to ``RUN/tune/best.yaml`` and refitted into ``RUN`` (replacing a previous bundle only once complete);
+explanations), pruned by optuna's successive halving over epochs (many short trials, the promising ones
+continued) from its per-epoch validation metric; frozen-encoder trials share the embedding cache, so after
+the first such trial each costs seconds. The best trial so far keeps its bundle. The best trial's config is
+written to ``RUN/tune/best.yaml`` and refitted into ``RUN`` (replacing a previous bundle only once complete) —
+or, when the budget cannot hold a refit or the refit ends worse than the trial, the trial's own model is shipped;
 the trials table and plot are in its report.
 
 Search space: :data:`DEFAULT_SPACE`, narrowed or extended by a YAML mapping of dotted config keys::
@@ -42,8 +44,11 @@ log = logging.getLogger("mmtune")
 
 DEFAULT_SPACE: Dict[str, Any] = {
     "finetune.type": {"choices": ["frozen", "partial", "lora"]},
-    "model.fusion.type": {"choices": ["concat", "gated", "late"]},
+    "finetune.r": {"choices": [4, 8, 16]},
+    "finetune.unfreeze_last": {"low": 1, "high": 4, "int": True},
+    "model.fusion.type": {"choices": ["concat", "gated", "late", "cross_attention"]},
     "model.fusion.width": {"choices": [128, 256, 512]},
+    "model.fusion.heads": {"choices": [2, 4, 8]},
     "model.fusion.dropout": {"low": 0.0, "high": 0.4},
     "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
     "finetune.encoder_lr": {"low": 1e-5, "high": 1e-3, "log": True},
@@ -319,9 +324,12 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     """Search, then refit the best trial into the run bundle ``output_dir/name``.
 
     ``trials``: finished (complete or pruned) trials the study should hold (default: the preset's, else 10);
-    ``time_limit`` seconds for the whole search and refit (default ``trainer.max_time``; a ``best`` preset
-    without one gets its own budget): the search stops taking new trials at 70 % of it, each trial and the refit
-    stop at the budget. A run folder that holds a bundle but no study is refused unless ``overwrite``.
+    ``time_limit`` seconds for the whole command (default ``trainer.max_time``; a ``best`` preset without one gets
+    its own budget): the search starts no trial after 60 % of it, every trial stops training by 85 %; the best
+    trial so far keeps its bundle. The refit runs only when what is left can hold it (1.25 × the trial's time),
+    stops by 93 %, and when it ends worse than its trial (or cannot run) the trial's own model is shipped instead,
+    with a warning and ``metrics["search"]["shipped"]``. A run folder that holds a bundle but no study is refused
+    unless ``overwrite``.
     """
     from .config import load_config
     from .extras import require
@@ -369,13 +377,21 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             storage=storage, study_name="mmtune", load_if_exists=True,
             direction="minimize" if mode == "min" else "maximize",
             sampler=optuna.samplers.TPESampler(seed=cfg.trainer.seed, n_startup_trials=4),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=1))
+            # multi-fidelity: many short trials, the promising ones continued (epochs are the resource): after
+            # 1, 3, 9 … epochs a trial goes on only while it is in the best third of the trials that got as far
+            pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
         _fail_leftovers(study, storage)
         if not study.trials:
             study.enqueue_trial({}, user_attrs={"baseline": True})
         done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         remaining = trials - len(done)
         cache_dir = str(cache_folder(cfg).resolve())
+        kept: Dict[str, Any] = {"value": None, "dir": None}  # the best finished trial whose bundle is on disk
+        for t in study.trials:
+            bundle = t.user_attrs.get("bundle")
+            if t.state == optuna.trial.TrialState.COMPLETE and bundle and (Path(bundle) / "bundle.json").is_file() \
+                    and (kept["value"] is None or _better(t.value, kept["value"], mode)):
+                kept.update(value=t.value, dir=Path(bundle))
 
         def objective(trial):
             values = {} if trial.user_attrs.get("baseline") else _suggest(trial, parsed, base)
@@ -385,7 +401,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             raw.update(name=f"trial-{trial.number}", output_dir=str(study_dir / "trials"))
             if (raw.get("finetune") or {}).get("type") == "frozen":
                 set_raw_key(raw, "finetune.cache_dir", cache_dir)
-            left = _left(budget, started, 1.0)
+            left = _left(budget, started, TRIALS_END)
             if left is not None:
                 set_raw_key(raw, "trainer.max_time", {"seconds": max(1, int(left))})
             trial.set_user_attr("values", values)
@@ -399,19 +415,31 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             from .training.fit import fit
 
             watch = Watch(tcfg.trainer.monitor, mode, trial)
+            folder = study_dir / "trials" / tcfg.name
             t0 = time.monotonic()
             try:
                 fit(tcfg, train, val, test, overwrite=True, callbacks=[watch])
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
             finally:
                 trial.set_user_attr("seconds", round(time.monotonic() - t0, 2))
                 trial.set_user_attr("epoch_values", watch.values)
-                shutil.rmtree(study_dir / "trials" / tcfg.name, ignore_errors=True)
             if watch.best is None:
+                shutil.rmtree(folder, ignore_errors=True)
                 raise SearchError("the trial logged no validation metric")
+            # the best trial so far keeps its bundle: the search can ship its own weights
+            if kept["value"] is None or _better(watch.best, kept["value"], mode):
+                if kept["dir"] is not None:
+                    shutil.rmtree(kept["dir"], ignore_errors=True)
+                kept.update(value=watch.best, dir=folder)
+                trial.set_user_attr("bundle", str(folder))
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
             return watch.best
 
         if remaining > 0:
-            timeout = _left(budget, started, 0.7)
+            timeout = _left(budget, started, SEARCH_END)
             # a trial whose settings do not fit together fails alone (its objective returns NaN, said in one line);
             # any other error — bad rows, a missing file or package — stops the search with its own message
             study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(), gc_after_trial=True)
@@ -431,21 +459,81 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
                    "direction": mode, "best_params": best_values, "study": str(study_dir / "study.db")}
         out = TuneResult(study_dir, best_values, best.value, table, summary=summary)
         if refit:
-            left = _left(budget, started, 1.0)
-            if left is not None:
-                set_raw_key(best_raw, "trainer.max_time", {"seconds": max(1, int(left))})
-            from .training.fit import fit
+            own = Path(best.user_attrs.get("bundle", "")) if best.user_attrs.get("bundle") else None
+            own = own if own is not None and (own / "bundle.json").is_file() else None
+            left = _left(budget, started, REFIT_END)
+            needed = float(best.user_attrs.get("seconds") or 0.0)
+            if own is not None and left is not None and left < 1.25 * needed + 5:
+                # a refit cut short by the budget would ship a worse model: ship the trial's own
+                out.refit = ship_trial(own, best_raw, summary, best.number,
+                                       f"the budget left {left:.0f} s, and the trial took {needed:.0f} s: no refit")
+            else:
+                if left is not None:
+                    set_raw_key(best_raw, "trainer.max_time", {"seconds": max(1, int(left))})
+                from .training.fit import fit
 
-            watch = Watch(cfg.trainer.monitor, mode)
-            rcfg = load_config(best_raw)
-            out.refit = fit(rcfg, train, val, test, overwrite=True, keep=("tune",), callbacks=[watch],
-                            extra=lambda: {"search": {**summary, "refit_value": watch.best}})
-            summary["refit_value"] = watch.best
+                watch = Watch(cfg.trainer.monitor, mode)
+                rcfg = load_config(best_raw)
+                out.refit = fit(rcfg, train, val, test, overwrite=True, keep=("tune",), callbacks=[watch],
+                                extra=lambda: {"search": {**summary, "refit_value": watch.best}})
+                summary["refit_value"] = watch.best
+                if own is not None and (watch.best is None or _better(best.value, watch.best, mode, REFIT_TOLERANCE)):
+                    said = "none" if watch.best is None else f"{watch.best:.4f}"
+                    log.warning("search: the refit reached %s=%s, worse than trial %d's %.4f; the trial's own model is "
+                                "shipped instead", cfg.trainer.monitor, said, best.number, best.value)
+                    out.refit = ship_trial(own, best_raw, summary, best.number,
+                                           f"the refit reached {said}, worse than the trial's {best.value:.4f}")
+            summary.update(out.refit.metrics.get("search", {}))
         log.info("search: best trial %d, %s=%.4f; refit %s", best.number, cfg.trainer.monitor, best.value,
                  summary.get("refit_value"))
         return out
     finally:
         os.close(lock)
+
+
+SEARCH_END = 0.6
+"""Share of the budget after which the search starts no new trial."""
+TRIALS_END = 0.85
+"""Share of the budget by which every trial has stopped training (its evaluation follows)."""
+REFIT_END = 0.93
+"""Share of the budget by which the refit stops training: its evaluation, report and bundle fit in the rest."""
+REFIT_TOLERANCE = 1e-4
+"""How much worse than its trial a refit may end (the same seeded fit, so equal on one machine) and still ship."""
+
+
+def _better(a: Optional[float], b: Optional[float], mode: str, tolerance: float = 0.0) -> bool:
+    """Whether ``a`` is better than ``b`` by more than ``tolerance`` (``mode`` min or max)."""
+    if a is None or not math.isfinite(a):
+        return False
+    if b is None or not math.isfinite(b):
+        return True
+    return a < b - tolerance if mode == "min" else a > b + tolerance
+
+
+def ship_trial(folder: Path, raw: Dict[str, Any], summary: Dict[str, Any], number: int, why: str):
+    """The run bundle made from trial ``number``'s own bundle in ``folder`` (its weights, calibration, metrics and
+    predictions) under the run's config ``raw``, with the report rebuilt; returns a FitResult."""
+    import pandas as pd
+
+    from .bundle import RunClaim, read_bundle, write_bundle
+    from .config import load_config
+    from .training.fit import FitResult
+
+    cfg = load_config(raw)
+    b = read_bundle(folder)
+    metrics = {**b.metrics, "search": {**summary, "shipped": f"trial {number}", "shipped_why": why}}
+    predictions = {p.stem: pd.read_csv(p) for p in sorted((folder / "predictions").glob("*.csv"))}
+    log.warning("search: shipping trial %d's own model (%s)", number, why)
+    with RunClaim(cfg.run_dir, overwrite=True, keep=("tune",)) as claim:
+        report = None
+        if cfg.evaluation.report:
+            from .evaluation.report import build_report
+
+            report = lambda: build_report(claim.work_dir)  # noqa: E731
+        write_bundle(claim.work_dir, cfg, b.model, b.tasks, b.calibration, metrics, None, predictions, report,
+                     b.reference)
+        claim.commit()
+    return FitResult(cfg.run_dir, metrics, cfg, b.model, b.tasks, b.calibration, reference=b.reference)
 
 
 def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str, Any]:
