@@ -90,10 +90,11 @@ def load(url: str, rows, clients: int, seconds: float, bad_share: float = 0.0):
     def client(k: int):
         with httpx.Client(timeout=60.0) as c:
             start.wait()
-            i = k
+            i, sent = k, k
             while time.perf_counter() < stop[0]:
-                if every and i % every == 0:  # a bad request: it must get a 4xx, and cost the others nothing
-                    what, body = bad[(i // every) % len(bad)]
+                sent += 1
+                if every and sent % every == 0:  # a bad request: it must get a 4xx, and cost the others nothing
+                    what, body = bad[(sent // every) % len(bad)]
                     try:
                         status = c.post(url + "/predict", content=body, headers={"content-type": "application/json"}).status_code
                     except httpx.HTTPError:

@@ -70,3 +70,13 @@ def test_scale_bench_runs_and_prints_its_json(tmp_path):
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(last["rss_mb_by_rows"]) == {"200", "2000"} and all(v > 0 for v in last["rss_mb_by_rows"].values())
     assert last["rss_growth_per_10x"] > 0
+
+
+def test_cpu_bench_runs_and_the_allocator_settings_change_no_number():
+    """Two fresh processes, with and without mmtune.memory's settings: the seeded weights are identical."""
+    out = subprocess.run([sys.executable, str(BENCH / "cpu.py"), "--rows", "40", "--steps", "2", "--image-size", "64",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"sys_share_before", "sys_share_after", "wall_ratio", "same_weights"} <= set(last)
+    assert last["same_weights"] is True and 0 <= last["sys_share_after"] < 1 and last["wall_ratio"] > 0

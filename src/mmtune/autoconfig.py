@@ -167,10 +167,30 @@ def label_kind(label: pd.Series) -> str:
     return "classification"
 
 
+def looks_like_group(series: pd.Series, label: pd.Series) -> Optional[str]:
+    """Why a column may group rows by source (many rows per value, each value seen with several labels), or None."""
+    a = series.astype("string")
+    if a.isna().any():
+        return None
+    unique = a.nunique()
+    if unique < 5 or unique > len(a) / 2:
+        return None
+    spans = pd.DataFrame({"a": a, "b": label.astype("string")}).groupby("a")["b"].nunique()
+    if float((spans >= 2).mean()) < 0.5:
+        return None
+    return (f"{unique} values, {len(a) / unique:.1f} rows each on average, most with several labels: if rows sharing "
+            "a value share a source (a person, a product, a site), pass it as the group column")
+
+
 def infer_columns(df: pd.DataFrame, label: str, base_dir: Optional[Path] = None,
-                  forced: Optional[Mapping[str, str]] = None) -> List[ColumnKind]:
-    """Every column but the label, with its kind and whether the model reads it. ``forced``: column -> kind."""
+                  forced: Optional[Mapping[str, str]] = None, group: Optional[str] = None) -> List[ColumnKind]:
+    """Every column but the label, with its kind and whether the model reads it. ``forced``: column -> kind;
+    ``group``: the group column (kept out of the features)."""
     forced = dict(forced or {})
+    if group is not None and group not in df.columns:
+        raise ValueError(f"group column {group!r} is not in the table; its columns: {', '.join(map(str, df.columns))}")
+    if group is not None and group == label:
+        raise ValueError(f"group column {group!r} is the label column")
     if label not in df.columns:
         raise ValueError(f"label column {label!r} is not in the table; its columns: "
                          f"{', '.join(map(str, df.columns))}")
@@ -185,6 +205,10 @@ def infer_columns(df: pd.DataFrame, label: str, base_dir: Optional[Path] = None,
         if col == label:
             continue
         name = str(col)
+        if name == group:
+            out.append(ColumnKind(name, "group", "the group column: each group stays on one side of every split; "
+                                  "never a feature", used=False))
+            continue
         if name in forced:
             kind = forced[name]
             out.append(ColumnKind(name, kind, "set by you", used=kind not in ("ignore", "identifier", "datetime")))
@@ -273,13 +297,13 @@ def duplicated_rows(train: pd.DataFrame, test: pd.DataFrame, columns: Sequence[s
 
 def auto_config(train, label: str, *, test=None, columns: Optional[Mapping[str, str]] = None,
                 preset: Optional[str] = "balanced", name: Optional[str] = None, output_dir: str = "runs",
-                log=print) -> Dict[str, Any]:
-    """The config for a table (a path or a DataFrame) and its label column; prints the inferred kinds (``log``)
-    and warns of test rows duplicated from training."""
+                group: Optional[str] = None, log=print) -> Dict[str, Any]:
+    """The config for a table (a path or a DataFrame) and its label column; prints the inferred kinds (``log``),
+    suggests a group column when one looks like it, and warns of test rows duplicated from training."""
     from .data.manifest import read_table
 
     df, base = read_table(train)
-    kinds = infer_columns(df, label, base, columns)
+    kinds = infer_columns(df, label, base, columns, group)
     task = label_kind(df[label])
     log(f"columns of {'the table' if isinstance(train, pd.DataFrame) else str(train)} ({len(df)} rows; "
         f"label {label!r}: {task}):\n" + kinds_table(kinds, label, task))
@@ -288,6 +312,13 @@ def auto_config(train, label: str, *, test=None, columns: Optional[Mapping[str, 
         name = "auto" if isinstance(train, pd.DataFrame) else re.sub(r"[^\w.-]+", "-", Path(train).stem) or "auto"
     raw = config_for_table(kinds, label, task, train=path(train), test=path(test), name=name, output_dir=output_dir,
                            preset=preset)
+    if group is not None:
+        raw["data"]["group_column"] = group
+    else:
+        for k in kinds:
+            why = looks_like_group(df[k.column], df[label]) if k.kind in ("category", "text") else None
+            if why:
+                log(f"note: column {k.column!r} may be a group: {why} (--group {k.column})")
     if test is not None:
         tdf, _ = read_table(test)
         read = [k.column for k in kinds if k.used]

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--test", help="with --label: a labelled test table")
     f.add_argument("--column", dest="columns", action="append", default=[], metavar="NAME=KIND",
                    help="with --label: set a column's kind (image, audio, text, category, number, ignore; repeatable)")
+    f.add_argument("--group", help="with --label: the column whose rows share a source (data.group_column): every "
+                                   "split keeps each group on one side")
     f.add_argument("--name", help="with --label: the run's name (default: the table's file name)")
     f.add_argument("--output-dir", default="runs", help="with --label: where the run folder goes (default runs)")
     f.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -217,7 +219,7 @@ def _fit(args) -> int:
 
     overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else []) + _preset_overrides(args)
     if args.label is None:
-        for flag in ("test", "name"):
+        for flag in ("test", "name", "group"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} goes with --label (a table and its label column); a config names it itself")
         if args.columns:
@@ -235,7 +237,7 @@ def _fit(args) -> int:
     overrides = [f"name={args.name}" if args.name else None, f"output_dir={args.output_dir}", *overrides]
     if not args.preset:
         overrides.append("preset=balanced")
-    return _fit_summary(fit(args.config, label=args.label, test=args.test, columns=columns,
+    return _fit_summary(fit(args.config, label=args.label, test=args.test, columns=columns, group=args.group,
                             overrides=[o for o in overrides if o], resume=args.resume, overwrite=args.overwrite))
 
 

@@ -129,6 +129,10 @@ class DataConfig(_Strict):
     """Modalities a row may lack (empty value); the model masks them and uses a learned placeholder."""
     id_column: Optional[str] = None
     """Column carried through to predictions unchanged."""
+    group_column: Optional[str] = None
+    """Rows that share a value here share a source (a patient, a speaker, a product photographed twice): every
+    split mmtune makes (validation, test, stacking's folds) keeps each group on one side, stratified where it can.
+    Never read as a feature."""
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     """Share of ``train`` held out for validation when no ``val`` manifest is given."""
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)

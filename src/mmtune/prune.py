@@ -335,7 +335,7 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
     default beside the run) and measure it on ``data`` next to the unpruned model: the task's main metric, parameter
     count (and non-zero ones), bundle size (and gzip size), single-row latency. Returns one dict per model."""
     from .data.manifest import absolute_paths, read_table
-    from .serving.export import main_metric
+    from .evaluation.metrics import main_metric
     from .serving.predictor import Predictor
 
     from .io import check_output

@@ -1,6 +1,7 @@
 """From the config's manifests to validated splits, datasets and DataLoaders: the LightningDataModule of a fit."""
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from .collate import Collator
 from .dataset import MultimodalDataset
 from .manifest import (BadRowsError, ManifestSpec, TableSource, column_values, read_valid_rows, release_arrow_memory,
                        spec_from_config)
+
+log = logging.getLogger("mmtune")
 
 
 @dataclass
@@ -84,13 +87,25 @@ def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val:
         if not task.regression and len(task.classes) < 2:
             raise ValueError(f"the training set has {len(task.classes)} class(es) in column {task.column!r}; need at least 2")
     strat = next((t.column for t in spec.tasks if not t.multilabel and not t.regression), None)
+    group = data_cfg.group_column
+    if group is not None:
+        check_group_column(frames, group, data_cfg, spec)
     if "val" not in frames:  # (each split uses up the table it splits)
-        frames["train"], frames["val"] = _split(frames.pop("train"), strat, data_cfg.val_fraction, data_cfg.split_seed)
+        frames["train"], frames["val"] = _split(frames.pop("train"), strat, data_cfg.val_fraction, data_cfg.split_seed,
+                                                group, "validation")
         base_dirs["val"] = base_dirs["train"]
     if "test" not in frames and data_cfg.test_fraction > 0:
         frac = data_cfg.test_fraction / (1.0 - data_cfg.val_fraction) if sources["val"] is None else data_cfg.test_fraction
-        frames["train"], frames["test"] = _split(frames.pop("train"), strat, min(frac, 0.9), data_cfg.split_seed + 1)
+        frames["train"], frames["test"] = _split(frames.pop("train"), strat, min(frac, 0.9), data_cfg.split_seed + 1,
+                                                 group, "test")
         base_dirs["test"] = base_dirs["train"]
+    if group is not None:
+        shared = {s: sorted(set(frames["train"][group].astype(str)) & set(df[group].astype(str)))
+                  for s, df in frames.items() if s != "train" and group in df.columns}
+        for s, common in shared.items():
+            if common:
+                warnings.warn(f"the {s} table shares {len(common)} group(s) of {group!r} with the training rows (e.g. "
+                              f"{common[0]!r}): its scores may flatter the model")
     for split, df in frames.items():
         if len(df) == 0:
             raise ValueError(f"the {split} split is empty after validation")
@@ -120,10 +135,57 @@ def label_codes(column: pd.Series) -> np.ndarray:
     return np.asarray(ranks).reshape(-1)[codes]
 
 
-def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: int):
-    """Seeded split, stratified on ``label_col`` (the first single-label task) when every class can be."""
+def check_group_column(frames: Dict[str, pd.DataFrame], group: str, data_cfg, spec) -> None:
+    """ValueError naming the problem when ``group`` cannot group the training rows."""
+    df = frames["train"]
+    if group not in df.columns:
+        raise ValueError(f"data.group_column {group!r} is not a column of the training table; its columns: "
+                         f"{', '.join(map(str, df.columns))}")
+    read = {c for _, col in spec.modality_columns for c in (col if isinstance(col, list) else [col])}
+    if group in read:
+        raise ValueError(f"data.group_column {group!r} is also read as a feature (data.columns): a group is never "
+                         "a feature; drop it from data.columns")
+    if group in {t.column for t in spec.tasks}:
+        raise ValueError(f"data.group_column {group!r} is a label column")
+    blank = int(df[group].isna().sum())
+    if blank:
+        raise ValueError(f"data.group_column {group!r} is empty in {blank} training row(s) (e.g. row "
+                         f"{int(np.flatnonzero(df[group].isna().to_numpy())[0]) + 1}); every row needs its group")
+
+
+def group_folds(labels: Optional[np.ndarray], groups: np.ndarray, n_splits: int, seed: int):
+    """``(train_rows, held_rows)`` per fold with each group on one side: stratified by ``labels`` where every class
+    spans enough groups (scikit-learn's StratifiedGroupKFold), else GroupKFold over shuffled groups."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups < n_splits:
+        raise ValueError(f"data.group_column has {n_groups} group(s), too few for {n_splits} folds: a held-out "
+                         "side needs whole groups")
+    rows = np.arange(len(groups))
+    if labels is not None:
+        counts = np.bincount(labels)
+        if counts[counts > 0].min() >= n_splits:
+            return list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(rows, labels, groups))
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    shuffled = np.random.default_rng(seed).permutation(len(uniq))[inverse]  # GroupKFold is deterministic
+    return list(GroupKFold(n_splits).split(rows, groups=shuffled))
+
+
+def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: int, group: Optional[str] = None,
+           what: str = "held-out"):
+    """Seeded split, stratified on ``label_col`` (the first single-label task) when every class can be; with
+    ``group``, each group on one side (one fold of :func:`group_folds`, about ``fraction`` of the groups)."""
     from sklearn.model_selection import train_test_split
 
+    if group is not None:
+        labels = label_codes(df[label_col]) if label_col is not None else None
+        groups = label_codes(df[group])
+        k = max(2, int(round(1.0 / fraction)))
+        a, b = group_folds(labels, groups, k, seed)[0]
+        log.info("grouped %s split on %r: %d groups (%d rows) train, %d groups (%d rows) %s", what, group,
+                 len(np.unique(groups[a])), len(a), len(np.unique(groups[b])), len(b), what)
+        return _take_parts(df, np.sort(a), np.sort(b))
     rows = np.arange(len(df))
     stratify = None
     if label_col is not None:

@@ -1,6 +1,7 @@
 """After training: calibration, decision thresholds, metrics, saved predictions, modality contribution."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -10,7 +11,9 @@ from ..inference import predict_proba_batches
 from .ablation import modality_contribution
 from .calibration import (Calibration, apply_temperature, expected_calibration_error, fit_temperature,
                           tune_binary_threshold)
-from .metrics import task_metrics, tune_thresholds
+from .metrics import bootstrap_interval, flattering_validation, task_metrics, tune_thresholds
+
+log = logging.getLogger("mmtune")
 
 
 def _labels(ds, task) -> Any:
@@ -68,6 +71,15 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
     for s in raw:
         metrics[s] = {t.name: task_metrics(t, labels[s][t.name], calibration[t.name].probabilities(t, raw[s][t.name]),
                                           eval_cfg.calibration_bins, calibration[t.name]) for t in tasks}
+    if "test" in raw:  # how far the test figures can be trusted, and whether validation flatters
+        for t in tasks:
+            cal_p = calibration[t.name].probabilities(t, raw["test"][t.name])
+            metrics["test"][t.name]["bootstrap"] = bootstrap_interval(t, labels["test"][t.name], cal_p, calibration[t.name])
+        warned = flattering_validation(metrics, tasks)
+        for w in warned:
+            log.warning(w)
+        if warned:
+            metrics["warnings"] = warned
     metrics["calibration"] = report
     target = "test" if "test" in raw else "val"
     if eval_cfg.modality_contribution and len(modalities) > 1:

@@ -1,7 +1,7 @@
 """Final metrics, computed from saved predictions with scikit-learn."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -127,3 +127,54 @@ def task_metrics(task, y_true, proba: np.ndarray, ece_bins: int = 15, calibratio
     if task.multilabel:
         return multilabel_metrics(np.asarray(y_true), proba, getattr(calibration, "thresholds", None))
     return classification_metrics(y_true, proba, task.classes, getattr(calibration, "threshold", None), ece_bins=ece_bins)
+
+
+def main_metric(task) -> str:
+    """The headline metric of a task: r2 (regression), f1_micro (multi-label), accuracy."""
+    return "r2" if task.regression else "f1_micro" if task.multilabel else "accuracy"
+
+
+def bootstrap_interval(task, y_true, proba: np.ndarray, calibration=None, n: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> Dict[str, Any]:
+    """A percentile bootstrap interval of the task's main metric: the rows resampled with replacement ``n`` times
+    (seeded), the metric recomputed on each resample from the same decisions as :func:`task_metrics`."""
+    from sklearn.metrics import f1_score, r2_score
+
+    name = main_metric(task)
+    y = np.asarray(y_true)
+    m = len(y)
+    if m < 2:
+        return {"metric": name, "low": None, "high": None, "level": level, "resamples": 0}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, m, size=(n, m))
+    if task.regression:
+        pred = np.asarray(proba, dtype=np.float64).reshape(-1)
+        values = [r2_score(y[i], pred[i]) if np.ptp(y[i]) > 0 else np.nan for i in idx]
+    elif task.multilabel:
+        th = np.asarray(getattr(calibration, "thresholds", None) or [0.5] * proba.shape[1])
+        pred = (proba >= th).astype(int)
+        values = [f1_score(y[i], pred[i], average="micro", zero_division=0) for i in idx]
+    else:
+        correct = (decide_single(proba, getattr(calibration, "threshold", None)) == y).astype(np.float64)
+        values = correct[idx].mean(axis=1)
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    a = (1.0 - level) / 2
+    return {"metric": name, "low": float(np.quantile(values, a)), "high": float(np.quantile(values, 1 - a)),
+            "level": level, "resamples": int(len(values))}
+
+
+def flattering_validation(metrics: Dict[str, Any], tasks) -> List[str]:
+    """Warnings for tasks whose validation metric lies above the test metric's bootstrap interval: the validation
+    rows probably share sources with the training rows (set data.group_column)."""
+    out = []
+    for t in tasks:
+        val, test = (metrics.get("val") or {}).get(t.name), (metrics.get("test") or {}).get(t.name)
+        if not val or not test or "bootstrap" not in test:
+            continue
+        name, high = test["bootstrap"]["metric"], test["bootstrap"]["high"]
+        if val.get(name) is not None and high is not None and val[name] > high:
+            out.append(f"task {t.name!r}: validation {name} {val[name]:.3f} is above the test's "
+                       f"{100 * test['bootstrap']['level']:.0f} % interval ({test['bootstrap']['low']:.3f}-{high:.3f}): "
+                       "validation may share sources with training; set data.group_column")
+    return out

@@ -89,6 +89,14 @@ def build_report(run_dir: str | Path) -> Path:
                 rows.append({"split": s, "task": t.name, "n": m.get("n"), **{k: m.get(k) for k in keys}})
     cols = ["split", "task", "n"] + sorted({k for r in rows for k in r} - {"split", "task", "n"})
     parts["Summary"].append(_table(rows, cols))
+    intervals = [{"task": t.name, "metric": b["metric"], "value": metrics["test"][t.name].get(b["metric"]),
+                  "low": b["low"], "high": b["high"]}
+                 for t in tasks for b in [((metrics.get("test") or {}).get(t.name) or {}).get("bootstrap")] if b]
+    if intervals:
+        parts["Summary"].append(f"<p>{100 * 0.95:.0f} % bootstrap intervals of the test metrics (rows resampled "
+                                "1,000 times):</p>" + _table(intervals, ["task", "metric", "value", "low", "high"]))
+    for w in metrics.get("warnings") or []:
+        parts["Summary"].append(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>')
 
     probe = metrics.get("linear_probe") or {}
     if probe:
@@ -113,7 +121,9 @@ def build_report(run_dir: str | Path) -> Path:
         parts["Search"].append(
             f"<p>{len(search['trials'])} trials (optuna; study in <code>tune/study.db</code>), best trial "
             f"{search['best_trial']}: {html.escape(search['monitor'])} {search['best_value']:.4f}"
-            + (f"; this bundle, refitted from its config: {refit:.4f}" if refit is not None else "") + ".</p>"
+            + (f"; this bundle, refitted from its config: {refit:.4f}" if refit is not None else "")
+            + (f"; shipped: {html.escape(search['shipped'])}'s own model ({html.escape(search.get('shipped_why', ''))})"
+               if search.get("shipped") else "") + ".</p>"
             + _img(pngs["search.png"], "search trials")
             + _table(search["trials"], ["trial", "state", "value", "epochs", "seconds", "params"]))
     distill = metrics.get("distillation")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..bundle import file_manifest
+from ..evaluation.metrics import main_metric
 from ..inference import probabilities
 from .runners import ONNX_FILES, OnnxRunner, input_layout
 
@@ -150,10 +151,6 @@ def _quantize(src: Path, dst: Path) -> None:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS)
     finally:
         root.removeFilter(quiet)
-
-
-def main_metric(task) -> str:
-    return "r2" if task.regression else "f1_micro" if task.multilabel else "accuracy"
 
 
 def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None, log=print) -> ExportReport:

@@ -36,7 +36,8 @@ log = logging.getLogger("mmtune")
 
 def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] = None, train: Optional[TableSource] = None,
         val: Optional[TableSource] = None, test: Optional[TableSource] = None, *, label: Optional[str] = None,
-        columns: Optional[Mapping[str, str]] = None, preset: Optional[str] = None, time_limit: Optional[float] = None,
+        columns: Optional[Mapping[str, str]] = None, group: Optional[str] = None, preset: Optional[str] = None,
+        time_limit: Optional[float] = None,
         overrides: Sequence[str] = (), resume: bool = False, overwrite: bool = False,
         callbacks: Sequence[L.Callback] = (), extra: Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None] = None,
         keep: Sequence[str] = ()) -> "FitResult":
@@ -44,7 +45,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
 
     With ``label``, no config is needed: ``fit(table, label="y")`` (``table`` a DataFrame or a manifest path, as
     ``config`` or ``train``) infers each column's kind and builds the config (:mod:`mmtune.autoconfig`, printed);
-    ``columns`` sets a column's kind (``{"notes": "text", "row_id": "ignore"}``), ``preset`` the recipe (default
+    ``columns`` sets a column's kind (``{"notes": "text", "row_id": "ignore"}``), ``group`` the group column
+    (``data.group_column``), ``preset`` the recipe (default
     ``balanced``), ``time_limit`` the budget in seconds; ``overrides`` apply on top.
 
     ``train`` / ``val`` / ``test`` (DataFrames or manifest paths) take precedence over the config's
@@ -68,7 +70,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         table = train if train is not None else config
         if table is None:
             raise ValueError("fit(table, label=...): give the training table (a DataFrame or a manifest path)")
-        config = auto_config(table, label, test=test, columns=columns, preset=preset or "balanced",
+        config = auto_config(table, label, test=test, columns=columns, group=group, preset=preset or "balanced",
                              log=lambda m: print(m, flush=True) if is_main_process() else None)
         train = table if isinstance(table, pd.DataFrame) else None
         test = test if isinstance(test, pd.DataFrame) else None

@@ -1,0 +1,116 @@
+"""Honest validation when rows share a source: grouped splits, and a warning when validation flatters."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mmtune
+from mmtune.data.datamodule import _split, group_folds
+from mmtune.evaluation.metrics import bootstrap_interval, flattering_validation
+from mmtune.tasks import Task
+
+
+def test_grouped_splits_never_share_a_group_and_keep_class_proportions():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(60), rng.integers(3, 12, 60))
+    labels = rng.choice(3, len(groups), p=[0.5, 0.3, 0.2])
+    df = pd.DataFrame({"g": groups, "y": labels, "x": np.arange(len(groups))})
+    for seed in range(3):
+        train, val = _split(df.copy(), "y", 0.2, seed, group="g")
+        assert not set(train["g"]) & set(val["g"]) and len(train) + len(val) == len(df)
+        assert sorted(pd.concat([train, val])["x"]) == list(range(len(df)))
+        assert 0.12 < len(val) / len(df) < 0.28
+        share = val["y"].value_counts(normalize=True).reindex([0, 1, 2]).to_numpy()
+        assert np.abs(share - np.array([0.5, 0.3, 0.2])).max() < 0.1  # stratified as far as whole groups allow
+    for a, b in group_folds(labels, groups, 5, 0):
+        assert not set(groups[a]) & set(groups[b])
+    with pytest.raises(ValueError, match="has 3 group.s., too few for 5 folds"):
+        group_folds(None, np.array([0, 0, 1, 1, 2, 2]), 5, 0)
+
+
+def test_the_bootstrap_interval_covers_the_true_accuracy_about_95_percent_of_the_time():
+    task = Task("y", "y")
+    task.fit_classes([0, 1])
+    rng = np.random.default_rng(1)
+    covered, repeats = 0, 200
+    for r in range(repeats):
+        y = rng.integers(0, 2, 150)
+        right = rng.random(150) < 0.8  # a classifier that is right 80 % of the time
+        pred = np.where(right, y, 1 - y)
+        proba = np.eye(2)[pred] * 0.9 + 0.05
+        b = bootstrap_interval(task, y, proba, n=400, seed=r)
+        covered += b["low"] <= 0.8 <= b["high"]
+    assert 0.89 <= covered / repeats <= 0.99
+
+
+def _planted(n_groups, rows, seed, offset=0):
+    """Each group has its own token (a category value) and, inside the group, one label: a shortcut that works
+    for every row of a known group and for no row of a new one."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for g in range(offset, offset + n_groups):
+        y = "a" if rng.random() < 0.5 else "b"
+        for _ in range(rows):
+            out.append({"speaker": f"s{g}", "token": f"t{g}", "noise": float(rng.normal()), "y": y})
+    return pd.DataFrame(out)
+
+
+def _fit(tmp_path, name, train, test, group=None):
+    cfg = {"name": name, "output_dir": str(tmp_path / "runs"),
+           "data": {"columns": {"tabular": ["token", "noise"]}, "label_column": "y", "group_column": group},
+           "model": {"encoders": {"t": {"modality": "tabular", "checkpoint": "tabular", "dim": 16}},
+                     "fusion": {"hidden_dims": [32], "dropout": 0.0}},
+           "finetune": {"type": "full"}, "optim": {"lr": 1e-2, "weight_decay": 0.0},
+           "trainer": {"max_epochs": 25, "batch_size": 32, "progress_bar": False, "early_stopping_patience": None},
+           "evaluation": {"report": False, "linear_probe": False}}
+    return mmtune.fit(cfg, train=train, test=test).metrics
+
+
+@pytest.mark.stochastic
+def test_a_group_column_keeps_validation_honest_and_the_warning_fires_when_it_is_not(tmp_path, caplog):
+    train, test = _planted(40, 8, 0), _planted(15, 8, 1, offset=100)  # the test groups are unseen
+    random = _fit(tmp_path, "random", train, test)
+    grouped = _fit(tmp_path, "grouped", train, test, group="speaker")
+    assert random["val"]["y"]["accuracy"] >= 0.9  # validation shares the training groups: the shortcut works
+    assert random["test"]["y"]["accuracy"] <= 0.75  # ...and does not transfer
+    assert abs(grouped["val"]["y"]["accuracy"] - grouped["test"]["y"]["accuracy"]) <= 0.25
+    assert grouped["val"]["y"]["accuracy"] <= 0.8
+    assert any("set data.group_column" in w for w in random.get("warnings", []))
+    assert "validation may share sources with training" in caplog.text
+    iid_train, iid_test = _planted(40, 8, 2), _planted(15, 8, 3)  # i.i.d.: the number decides, in every group
+    for df in (iid_train, iid_test):
+        df["y"] = np.where(df["noise"] > 0, "a", "b")
+    iid = _fit(tmp_path, "iid", iid_train.assign(token="same"), iid_test.assign(token="same"))
+    assert iid["test"]["y"]["accuracy"] >= 0.85 and not iid.get("warnings")
+
+
+def test_no_warning_when_validation_and_test_agree():
+    task = Task("y", "y")
+    task.fit_classes([0, 1])
+    metrics = {"val": {"y": {"accuracy": 0.82}},
+               "test": {"y": {"accuracy": 0.8, "bootstrap": {"metric": "accuracy", "low": 0.74, "high": 0.86, "level": 0.95}}}}
+    assert flattering_validation(metrics, [task]) == []
+    metrics["val"]["y"]["accuracy"] = 0.97
+    assert "validation accuracy 0.970 is above the test's 95 % interval (0.740-0.860)" in flattering_validation(metrics, [task])[0]
+
+
+def test_a_bad_group_column_is_one_line(tmp_path):
+    train = _planted(10, 4, 0)
+    with pytest.raises(ValueError, match="data.group_column 'who' is not a column of the training table"):
+        _fit(tmp_path, "x", train, None, group="who")
+    with pytest.raises(ValueError, match="data.group_column 'token' is also read as a feature"):
+        _fit(tmp_path, "y", train, None, group="token")
+
+
+def test_the_label_only_path_suggests_a_group_column_and_never_reads_it(tmp_path):
+    from mmtune.autoconfig import auto_config
+
+    said = []
+    rng = np.random.default_rng(0)  # 30 speakers, each saying both words
+    spoken = pd.DataFrame({"speaker": [f"s{i % 30}" for i in range(150)], "pitch": rng.normal(size=150),
+                           "y": rng.choice(["yes", "no"], 150)})
+    auto_config(spoken, "y", log=said.append)
+    assert any("column 'speaker' may be a group" in s for s in said)
+    raw = auto_config(_planted(30, 5, 0), "y", group="speaker", log=said.append)
+    assert raw["data"]["group_column"] == "speaker" and "speaker" not in raw["data"]["columns"]["tabular"]
