@@ -23,7 +23,7 @@ from mmtune.data.manifest import BadRowsError, ManifestSpec, read_valid_rows  # 
 from mmtune.tasks import Task  # noqa: E402
 
 EXAMPLES = int(os.environ.get("MMTUNE_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -121,8 +121,11 @@ def test_the_manifest_reader_names_the_row_and_column_of_every_problem(folder, s
             assert any(w in said for w in ("column", "row", "file", "manifest", "table")), said
             assert "Traceback" not in said
             return
-        assert len(good) + len({b.row for b in bad}) == len(df)
+        # every row the file holds is kept or named (a bare carriage return in a cell that pandas wrote unquoted
+        # is a line break to any CSV reader: count the rows the file holds, not the frame's)
+        n = len(df) if source != "csv" else len(pd.read_csv(data))
+        assert len(good) + len({b.row for b in bad}) == n
         for b in bad:
-            assert 1 <= b.row <= len(df) and b.column in ("image", "audio", "text", "label") and b.reason, b
+            assert 1 <= b.row <= n and b.column in ("image", "audio", "text", "label") and b.reason, b
 
     check()
