@@ -179,3 +179,42 @@ def test_cli_device_names_are_checked(capsys):
     assert cli(["predict", "--run", "nowhere", "--data", "x.csv", "--out", "p.csv", "--device", "cuda:7"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err or "CUDA device(s)" in err
+
+
+# ---- weight averaging ---------------------------------------------------------------------------------
+def _soup_fit(tmp_path, tiny_bert, colour_verdict, soup):
+    import pandas as pd
+
+    import mmtune
+    from conftest import base_config
+
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, name=soup, finetune={"type": "frozen"},
+                      trainer={"max_epochs": 5, "average_best": 3, "soup": soup, "monitor": "val_acc"},
+                      evaluation={"report": False, "linear_probe": False})
+    train = pd.read_csv(colour_verdict["train"]).drop(columns=["image"])
+    return mmtune.fit(cfg, train=train)
+
+
+def test_a_uniform_soup_is_the_mean_of_the_best_checkpoints(tmp_path, tiny_bert, colour_verdict):
+    from mmtune.training.module import _read_state
+
+    res = _soup_fit(tmp_path, tiny_bert, colour_verdict, "uniform")
+    soup = res.metrics["soup"]
+    assert soup["kind"] == "uniform" and len(soup["members"]) == 3
+    states = [_read_state(res.run_dir / "checkpoints" / n) for n in soup["members"]]
+    weights = dict(res.model.state_dict())
+    for key in states[0]:
+        mean = torch.stack([s[key].double() for s in states]).mean(0)
+        assert torch.allclose(weights[key.removeprefix("model.")].double(), mean, atol=1e-6), key
+    # and it is not just the best epoch
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_greedy_soup_keeps_only_members_that_do_not_hurt_validation(tmp_path, tiny_bert, colour_verdict):
+    res = _soup_fit(tmp_path, tiny_bert, colour_verdict, "greedy")
+    soup = res.metrics["soup"]
+    assert soup["kind"] == "greedy" and soup["members"][0] == soup["candidates"][0]
+    assert set(soup["members"]) <= set(soup["candidates"]) and len(soup["candidates"]) == 3
+    best_alone = soup["scores"][soup["candidates"][0]]
+    assert soup["val_acc"] >= best_alone - 1e-9  # the soup's validation accuracy is never below the best epoch's

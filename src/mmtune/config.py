@@ -299,6 +299,12 @@ class TrainerConfig(_Strict):
     for a multi-label task, accuracy is subset accuracy)."""
     restore_best: bool = True
     """At the end, load the weights of the best validation epoch (False: keep the last epoch's)."""
+    average_best: int = Field(1, ge=1)
+    """At the end, average the weights of the ``average_best`` best validation epochs (a weight soup, Wortsman et
+    al. 2022) instead of taking the best alone; 1: the best epoch alone. Needs ``restore_best``."""
+    soup: Literal["uniform", "greedy"] = "uniform"
+    """With ``average_best`` > 1: ``uniform`` averages all of them; ``greedy`` adds them best first, each only when
+    the validation metric of the average does not get worse."""
     early_stopping_patience: Optional[int] = Field(3, ge=0)
     """Epochs without improvement before stopping (None: never stop early)."""
     accelerator: str = "auto"
@@ -479,6 +485,11 @@ class Config(_Strict):
         if self.trainer.monitor not in logged:
             raise ValueError(f"trainer.monitor={self.trainer.monitor} is not logged; add it to trainer.epoch_metrics "
                              f"or pick one of {sorted(logged)}")
+        if self.trainer.average_best > 1 and not self.trainer.restore_best:
+            raise ValueError("trainer.average_best > 1 averages the best epochs' weights: it needs trainer.restore_best=true")
+        if self.trainer.average_best > 1 and any(k in self.trainer.strategy for k in ("fsdp", "deepspeed")):
+            raise ValueError(f"trainer.average_best > 1 is not supported with trainer.strategy={self.trainer.strategy} "
+                             "(sharded checkpoints); use ddp or a single device")
         fusion, strategy = fusion_class(self.model.fusion), build_strategy(self.finetune)
         self._tabular_columns()
         from .encoders.offline import PRESETS, preset_name

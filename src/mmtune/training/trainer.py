@@ -72,8 +72,58 @@ def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str
             model = twin
     elif restore and trainer.global_rank == 0:
         module.load_checkpoint_weights(restore)
-    return {"best_checkpoint": Path(best).name if best else None, "epochs_trained": int(trainer.current_epoch),
-            "global_rank": int(trainer.global_rank), "device": trainer.strategy.root_device, "model": model}
+    out = {"best_checkpoint": Path(best).name if best else None, "epochs_trained": int(trainer.current_epoch),
+           "global_rank": int(trainer.global_rank), "device": trainer.strategy.root_device, "model": model}
+    if restore and cfg.trainer.average_best > 1 and not sharded and trainer.global_rank == 0:
+        out["soup"] = soup(module, trainer.checkpoint_callback, cfg.trainer, data)
+    return out
+
+
+def average_states(states: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The element-wise mean of state dicts with the same keys (floating tensors; others from the first)."""
+    import torch
+
+    out = {}
+    for k, v in states[0].items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            out[k] = torch.stack([s[k].to(torch.float64) for s in states]).mean(0).to(v.dtype)
+        else:
+            out[k] = v
+    return out
+
+
+def soup(module, checkpoints, t, data) -> Dict[str, Any]:
+    """Load into ``module`` the average of the best epochs' weights (the checkpoints ``checkpoints`` kept, best
+    first): all of them (``uniform``), or (``greedy``) each added only when the average's validation metric does
+    not get worse. Returns what went in."""
+    from .module import _read_state
+
+    mode = "min" if t.monitor.endswith(("loss", "rmse")) else "max"
+    ranked = sorted(checkpoints.best_k_models.items(), key=lambda kv: float(kv[1]), reverse=mode == "max")
+    names = [Path(p).name for p, _ in ranked]
+    scores = {n: float(v) for n, (_, v) in zip(names, ranked)}
+    states = [_read_state(Path(p)) for p, _ in ranked]
+    if t.soup == "uniform":
+        module.load_state_dict(average_states(states), strict=False)
+        return {"kind": "uniform", "members": names, "scores": scores}
+    chosen, value = [0], _validate(module, t.monitor, data)
+    for i in range(1, len(states)):
+        module.load_state_dict(average_states([states[j] for j in chosen + [i]]), strict=False)
+        v = _validate(module, t.monitor, data)
+        if v < value if mode == "max" else v > value:  # worse: leave this one out
+            continue
+        chosen.append(i)
+        value = v
+    module.load_state_dict(average_states([states[j] for j in chosen]), strict=False)
+    return {"kind": "greedy", "members": [names[j] for j in chosen], "candidates": names, "scores": scores,
+            t.monitor: value}
+
+
+def _validate(module, monitor: str, data) -> float:
+    """The monitored validation metric of ``module`` now (a Lightning validation pass that logs nothing)."""
+    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    return float(trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)[0][monitor])
 
 
 def _previous_logs(run_dir: Path, done_epoch: int) -> Optional[pd.DataFrame]:
@@ -105,8 +155,11 @@ def build_trainer(cfg, run_dir: Path, n_train_batches: int, extra_callbacks: Seq
     # "best" follows the monitored metric; "last" is written after every epoch whether or not the metric
     # improved (Lightning's own save_last only writes it when a monitored checkpoint was saved), so that a
     # resume continues from the latest epoch.
-    callbacks: list = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor=t.monitor,
-                                       mode=mode, save_top_k=1, save_last=False, enable_version_counter=False),
+    # the best epoch ("best"), or with average_best > 1 the k best ("best-e<epoch>"), which a soup averages
+    best_name = "best" if t.average_best == 1 else "best-e{epoch:03d}"
+    callbacks: list = [ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename=best_name, monitor=t.monitor,
+                                       mode=mode, save_top_k=t.average_best, save_last=False, enable_version_counter=False,
+                                       auto_insert_metric_name=False),
                        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last", monitor=None,
                                        save_top_k=1, every_n_epochs=1, enable_version_counter=False)]
     if t.early_stopping_patience is not None:
