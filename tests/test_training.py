@@ -218,3 +218,34 @@ def test_a_greedy_soup_keeps_only_members_that_do_not_hurt_validation(tmp_path, 
     assert set(soup["members"]) <= set(soup["candidates"]) and len(soup["candidates"]) == 3
     best_alone = soup["scores"][soup["candidates"][0]]
     assert soup["val_acc"] >= best_alone - 1e-9  # the soup's validation accuracy is never below the best epoch's
+
+
+# ---- LP-FT ----------------------------------------------------------------------------------------------
+def test_lp_ft_trains_the_head_alone_first_then_the_encoders(tmp_path, tiny_bert, colour_verdict):
+    import lightning as L
+    import pandas as pd
+
+    import mmtune
+    from conftest import base_config
+
+    snaps = []
+
+    class Snap(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            m = module.model
+            snaps.append({"enc": m.encoders["text"].model.encoder.layer[-1].output.dense.weight.detach().clone(),
+                          "head": next(m.heads["label"].parameters()).detach().clone()})
+
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, finetune={"type": "full", "probe_epochs": 2, "encoder_lr": 1e-3},
+                      trainer={"max_epochs": 3}, evaluation={"report": False, "linear_probe": False})
+    from mmtune.models import build_model
+
+    start = build_model(load_config(cfg).model, {"label": 4}).encoders["text"].model.encoder.layer[-1].output.dense.weight
+    train = pd.read_csv(colour_verdict["train"]).drop(columns=["image"])
+    mmtune.fit(cfg, train=train, callbacks=[Snap()])
+    assert torch.equal(snaps[0]["enc"], start.detach()) and torch.equal(snaps[1]["enc"], start.detach())  # probe
+    assert not torch.equal(snaps[2]["enc"], snaps[1]["enc"])  # then the encoder fine-tunes
+    assert not torch.equal(snaps[0]["head"], snaps[1]["head"])  # the head trains from the first epoch
+    with pytest.raises(ValueError, match="strategy 'frozen' trains no encoder"):
+        load_config({**cfg, "finetune": {"type": "frozen", "probe_epochs": 1}})

@@ -29,6 +29,10 @@ class FinetuneConfig(PartConfig):
     rate of the group above it (the deepest group gets ``encoder_lr``)."""
     cache_dir: Optional[str] = None
     """Where the embedding cache lives (default: ``<output_dir>/.cache``)."""
+    probe_epochs: int = Field(0, ge=0)
+    """LP-FT (Kumar et al. 2022): the first ``probe_epochs`` epochs train only the fusion and heads, every
+    pretrained encoder frozen — a probe of the head — and then the strategy's own encoder training starts, from a
+    head that already fits instead of a random one (which distorts the pretrained features less)."""
 
 
 class Strategy:
@@ -47,6 +51,12 @@ class Strategy:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        if getattr(cfg, "probe_epochs", 0):
+            if not self.trains_encoders:
+                raise ValueError(f"finetune.probe_epochs={cfg.probe_epochs}: strategy {cfg.type!r} trains no encoder, "
+                                 "so there is nothing to fine-tune after the probe; use partial, full, lora, …")
+            self.varies_by_epoch = True  # the encoders thaw after the probe epochs...
+            self.keeps_frozen_weights = True  # ...so the optimizer holds their parameters from the start
 
     @property
     def uses_cache(self) -> bool:
@@ -67,6 +77,9 @@ class Strategy:
             if getattr(enc, "from_scratch", False):  # nothing pretrained to keep: it always trains
                 continue
             self.encoder_trainable(enc, epoch)
+            if epoch < getattr(self.cfg, "probe_epochs", 0):  # LP-FT: the head first
+                for p in enc.parameters():
+                    p.requires_grad_(False)
             for p in never_trained(enc):
                 p.requires_grad_(False)
             if getattr(model.fusion, "reads_tokens", False):
