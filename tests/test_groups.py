@@ -114,3 +114,46 @@ def test_the_label_only_path_suggests_a_group_column_and_never_reads_it(tmp_path
     assert any("column 'speaker' may be a group" in s for s in said)
     raw = auto_config(_planted(30, 5, 0), "y", group="speaker", log=said.append)
     assert raw["data"]["group_column"] == "speaker" and "speaker" not in raw["data"]["columns"]["tabular"]
+
+
+# ---- cross-validation --------------------------------------------------------------------------------------
+def test_cv_gives_k_fits_whose_fold_metrics_equal_a_hand_made_split(tmp_path, tiny_bert, colour_verdict):
+    from sklearn.model_selection import StratifiedKFold
+
+    from conftest import base_config
+    from mmtune.data.datamodule import label_codes
+
+    enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp_path, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 3},
+                      evaluation={"report": True, "linear_probe": False, "cv": 3})
+    train = pd.read_csv(colour_verdict["train"]).drop(columns=["image"])
+    res = mmtune.fit(cfg, train=train)
+    cv = res.metrics["cv"]
+    assert cv["k"] == 3 and [f["fold"] for f in cv["folds"]] == [0, 1, 2] and sum(f["rows"] for f in cv["folds"]) == len(train)
+    accs = [f["val"]["label"]["accuracy"] for f in cv["folds"]]
+    assert cv["mean"]["label"]["accuracy"] == pytest.approx(np.mean(accs), abs=1e-12)
+    assert cv["std"]["label"]["accuracy"] == pytest.approx(np.std(accs, ddof=1), abs=1e-12)
+    # fold 1 by hand: scikit-learn's stratified split, the same settings
+    held = list(StratifiedKFold(3, shuffle=True, random_state=0).split(train, label_codes(train["label"])))[1][1]
+    hand = {**cfg, "name": "hand", "evaluation": {"report": False, "linear_probe": False}}
+    keep = np.setdiff1d(np.arange(len(train)), held)
+    by_hand = mmtune.fit(hand, train=train.iloc[keep].reset_index(drop=True),
+                         val=train.iloc[np.sort(held)].reset_index(drop=True)).metrics["val"]["label"]
+    for key in ("n", "accuracy", "log_loss"):
+        assert cv["folds"][1]["val"]["label"][key] == pytest.approx(by_hand[key], abs=1e-9), key
+    assert (res.run_dir / "cv" / "fold-0" / "bundle.json").is_file() and (res.run_dir / "bundle.json").is_file()
+    assert "3-fold cross-validation" in (res.run_dir / "report.html").read_text()
+
+
+def test_grouped_cv_folds_keep_each_group_on_one_side():
+    from mmtune.config import load_config
+    from mmtune.crossval import fold_rows
+
+    df = _planted(12, 5, 0)
+    cfg = load_config({"name": "x", "data": {"columns": {"tabular": ["noise"]}, "label_column": "y",
+                                             "group_column": "speaker"},
+                       "model": {"encoders": {"t": {"modality": "tabular", "checkpoint": "tabular"}}}})
+    folds = fold_rows(df, cfg, 4)
+    assert sorted(np.concatenate(folds)) == list(range(len(df)))
+    seen = [set(df["speaker"].iloc[f]) for f in folds]
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     f.add_argument("--baselines", action="store_true",
                    help="also train each modality alone with the same settings and report the fusion gain")
+    f.add_argument("--cv", type=int, metavar="K", help="K-fold cross-validation first (grouped by data.group_column): "
+                   "the folds' validation metrics, mean and spread in metrics.json and the report")
     _preset_args(f)
 
     tu = sub.add_parser("tune", help="hyper-parameter search (optuna), then the best trial refitted into the run bundle")
@@ -218,6 +220,8 @@ def _fit(args) -> int:
     from .training.fit import fit
 
     overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else []) + _preset_overrides(args)
+    if args.cv is not None:
+        overrides.append(f"evaluation.cv={args.cv}")
     if args.label is None:
         for flag in ("test", "name", "group"):
             if getattr(args, flag) is not None:

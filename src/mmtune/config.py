@@ -412,10 +412,15 @@ class EvaluationConfig(_Strict):
     explain: int = Field(8, ge=0)
     """Explain this many of the most confidently misclassified test rows into ``explanations/`` (linked from the
     report; needs captum, ``mmtune[explain]``; skipped with a note without it). 0: off."""
+    cv: int = Field(0, ge=0)
+    """K-fold cross-validation before the fit (``mmtune fit --cv K``): K fits on folds of the training table
+    (grouped by ``data.group_column``), their validation metrics and spread in ``metrics.json["cv"]``. 0: off."""
     calibration_bins: int = Field(15, ge=2)
 
     @model_validator(mode="after")
     def _value_for_goal(self) -> "EvaluationConfig":
+        if self.cv == 1:
+            raise ValueError("evaluation.cv=1 is not cross-validation: give 0 (off) or at least 2 folds")
         if self.threshold_goal in ("min_precision", "min_recall") and self.threshold_value is None:
             raise ValueError(f"evaluation.threshold_goal={self.threshold_goal} needs evaluation.threshold_value")
         return self

@@ -95,6 +95,16 @@ def build_report(run_dir: str | Path) -> Path:
     if intervals:
         parts["Summary"].append(f"<p>{100 * 0.95:.0f} % bootstrap intervals of the test metrics (rows resampled "
                                 "1,000 times):</p>" + _table(intervals, ["task", "metric", "value", "low", "high"]))
+    cv = metrics.get("cv")
+    if cv:
+        rows = [{"task": t, "metric": k, "mean": v, "std": cv["std"][t].get(k),
+                 **{f"fold {f['fold']}": f["val"][t].get(k) for f in cv["folds"]}}
+                for t, m in cv["mean"].items() for k, v in m.items() if k in ("accuracy", "f1_macro", "r2", "rmse",
+                                                                               "f1_micro", "log_loss")]
+        cols = ["task", "metric", "mean", "std"] + [f"fold {f['fold']}" for f in cv["folds"]]
+        parts["Summary"].append(f"<p>{cv['k']}-fold cross-validation of this config on the training table"
+                                + (f", grouped by <code>{html.escape(str(cv['grouped']))}</code>" if cv.get("grouped")
+                                   else "") + " (validation metrics of each fold's fit):</p>" + _table(rows, cols))
     for w in metrics.get("warnings") or []:
         parts["Summary"].append(f'<p class="warning"><b>Warning:</b> {html.escape(w)}</p>')
 

@@ -91,6 +91,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
 
         return tune(cfg, train=train, val=val, test=test, overwrite=overwrite).refit
     main = is_main_process()  # in a distributed run only the main process writes
+    if cfg.evaluation.cv and not resume:
+        extra, keep, overwrite = _cross_validate(cfg, train, extra, keep, overwrite)
     with RunClaim(cfg.run_dir, resume, overwrite, follower=not main, keep=keep) as claim:
         run_dir = claim.work_dir
         previous = read_resume_state(run_dir, cfg) if claim.resume else None
@@ -141,6 +143,30 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         write_bundle(run_dir, cfg, model, data.tasks, calibration, metrics, data.rejected, predictions, report, reference)
         claim.commit()
     return FitResult(cfg.run_dir, metrics, cfg, model, data.tasks, calibration, reference=reference)
+
+
+def _cross_validate(cfg: Config, train, extra, keep, overwrite):
+    """Run the folds (:mod:`mmtune.crossval`) into ``RUN/cv`` before the run's own fit, refusing first what the run's
+    claim would refuse; returns the fit's ``extra`` (with ``cv``), ``keep`` and ``overwrite`` for that fit."""
+    from ..bundle import check_run_folder
+    from ..crossval import cross_validate
+
+    if cfg.preset and PRESETS.get(cfg.preset).search:
+        raise ValueError(f"--cv with preset {cfg.preset!r} (a search): cross-validate a fixed recipe (fast, balanced) "
+                         "or the search's best.yaml")
+    run = cfg.run_dir
+    check_run_folder(run)
+    if run.is_dir() and any(p.name != "cv" for p in run.iterdir()) and not overwrite:
+        raise FileExistsError(f"{str(run)!r} already holds a run: pass --overwrite to replace it, or choose another "
+                              "name (--set name=...)")
+    cv = cross_validate(cfg, train, log=lambda m: log.info("%s", m))
+    given = extra
+
+    def merged():
+        out = dict((given() if callable(given) else given) or {})
+        return {**out, "cv": cv}
+
+    return merged, (*keep, "cv"), True
 
 
 def check_extras(cfg: Config) -> None:
