@@ -80,3 +80,13 @@ def test_cpu_bench_runs_and_the_allocator_settings_change_no_number():
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"sys_share_before", "sys_share_after", "wall_ratio", "same_weights"} <= set(last)
     assert last["same_weights"] is True and 0 <= last["sys_share_after"] < 1 and last["wall_ratio"] > 0
+
+
+def test_automl_bench_runs_and_prints_its_json(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "automl.py"), "--rows", "40", "--budgets", "20", "--tasks", "orders",
+                          "--presets", "fast,best", "--work", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"orders_fast", "orders_fast_s", "orders_best20", "orders_best20_s", "orders_linear_probe",
+            "best_not_below_balanced", "within_budget"} <= set(last)
+    assert 0 <= last["orders_best20"] <= 1 and last["orders_best20_s"] > 0

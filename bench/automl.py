@@ -1,0 +1,131 @@
+"""A table and a label, nothing else: each preset, the search at two budgets and the linear probe on generated
+tasks of different shapes — test metric and wall time.
+
+    .venv/bin/python bench/automl.py [--rows 400] [--budgets 120,300] [--tasks pairs,audio,orders]
+                                     [--presets fast,balanced,best] [--image-size 224]
+
+Tasks (generated offline, seeded; every fit is ``mmtune.fit(train.csv, label="label", test=test.csv, ...)``, the
+columns' kinds inferred):
+  pairs   a picture's colour family and a note that names one: ``match`` or ``mismatch`` — neither column alone
+          says anything, only the pair does (EfficientNet-Lite0 + MiniLM)
+  audio   a recording's pitch x a note's verdict, 4 classes (EfficientNet-Lite0 over log-mel spectrograms + MiniLM)
+  orders  a note's verdict x whether the order was late (a number among other numbers and a category), 4 classes
+          (MiniLM + the tabular encoder)
+
+``best`` runs once per budget (``--time-limit``); ``fast`` and ``balanced`` run without one. The linear probe is the
+one every fit computes before training (from the ``fast`` run). Each fit runs in its own folder (its own embedding
+cache). The last line printed is one JSON object with ``<task>_<run>`` (test accuracy) and ``<task>_<run>_s``
+(seconds) for every run (``best`` runs are named ``best<budget>``), and ``best_not_below_balanced`` and
+``within_budget`` (every best run within its budget + 10 %).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from _scratch import scratch
+
+WARM_WORDS = ["warm", "red", "orange", "sunny"]
+COOL_WORDS = ["cool", "blue", "green", "icy"]
+
+
+def make_pairs(out: Path, n: int, seed: int = 0):
+    """Picture family x named family: the label says whether they agree."""
+    import pandas as pd
+
+    from mmtune.demo import COOL, ITEMS, WARM, _draw
+
+    rng = random.Random(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        family = "warm" if i % 2 == 0 else "cool"
+        said = family if (i // 2) % 2 == 0 else ("cool" if family == "warm" else "warm")
+        name = f"images/{i:05d}.png"
+        _draw(rng, rng.choice(WARM if family == "warm" else COOL), 96).save(out / name)
+        word = rng.choice(WARM_WORDS if said == "warm" else COOL_WORDS)
+        rows.append({"id": f"p{i:05d}", "image": name, "text": f"this {rng.choice(ITEMS)} looks {word} to me",
+                     "label": "match" if said == family else "mismatch"})
+    return _splits(out, rows, rng)
+
+
+def _splits(out: Path, rows, rng):
+    import pandas as pd
+
+    rng.shuffle(rows)
+    n_test = len(rows) // 4
+    paths = {"train": out / "train.csv", "test": out / "test.csv"}
+    pd.DataFrame(rows[n_test:]).to_csv(paths["train"], index=False)
+    pd.DataFrame(rows[:n_test]).to_csv(paths["test"], index=False)
+    return paths
+
+
+def make_tasks(work: Path, rows: int, names):
+    from mmtune.demo import make_audio_dataset
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from presets import make_orders
+
+    makers = {"pairs": lambda: make_pairs(work / "pairs-data", rows),
+              "audio": lambda: make_audio_dataset(work / "audio-data", n=rows, seed=0),
+              "orders": lambda: make_orders(work / "orders-data", rows)}
+    return {name: makers[name]() for name in names}
+
+
+def run(paths, work: Path, name: str, preset: str, budget, image_size: int):
+    import mmtune
+
+    overrides = [f"output_dir={work / name}", f"name={preset}", "evaluation.report=false", "evaluation.explain=0",
+                 "evaluation.modality_contribution=false", "trainer.progress_bar=false"]
+    t0 = time.perf_counter()
+    res = mmtune.fit(str(paths["train"]), label="label", test=str(paths["test"]), preset=preset, time_limit=budget,
+                     overrides=overrides + ([f"model.encoders.image.image_size={image_size}"] if name == "pairs" else []))
+    return res.metrics, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=400)
+    ap.add_argument("--budgets", default="120,300")
+    ap.add_argument("--tasks", default="pairs,audio,orders")
+    ap.add_argument("--presets", default="fast,balanced,best")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--work", help="folder for the data and runs (default: a temporary one)")
+    args = ap.parse_args()
+
+    from mmtune.logs import quiet_libraries
+
+    quiet_libraries()
+    work = Path(args.work) if args.work else scratch("mmtune-bench-automl-")
+    tasks = make_tasks(work, args.rows, args.tasks.split(","))
+    budgets = [int(b) for b in args.budgets.split(",") if b]
+    out, within, fair = {}, True, True
+    print(f"{'task':<8} {'run':<10} {'test acc':>8} {'seconds':>8}", flush=True)
+    for name, paths in tasks.items():
+        for preset in args.presets.split(","):
+            for budget in (budgets if preset == "best" else [None]):
+                key = f"{name}_{preset}{budget or ''}"
+                metrics, seconds = run(paths, work, name, preset, budget, args.image_size)
+                out[key], out[f"{key}_s"] = round(metrics["test"]["label"]["accuracy"], 4), round(seconds, 1)
+                if budget is not None:
+                    within &= seconds <= budget * 1.1
+                print(f"{name:<8} {preset + str(budget or ''):<10} {out[key]:>8.3f} {seconds:>8.1f}", flush=True)
+                if preset == "fast" and "linear_probe" in metrics:
+                    out[f"{name}_linear_probe"] = round(metrics["linear_probe"]["label"]["test"]["accuracy"], 4)
+                    out[f"{name}_linear_probe_s"] = round(metrics.get("linear_probe_seconds", 0.0), 1)
+                    print(f"{name:<8} {'probe':<10} {out[f'{name}_linear_probe']:>8.3f} "
+                          f"{out[f'{name}_linear_probe_s']:>8.1f}", flush=True)
+        if f"{name}_balanced" in out:
+            fair &= all(out[f"{name}_best{b}"] >= out[f"{name}_balanced"] - 0.01 for b in budgets
+                        if f"{name}_best{b}" in out)
+    out.update(best_not_below_balanced=fair, within_budget=within, rows=args.rows, image_size=args.image_size)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
