@@ -157,3 +157,22 @@ def test_grouped_cv_folds_keep_each_group_on_one_side():
     assert sorted(np.concatenate(folds)) == list(range(len(df)))
     seen = [set(df["speaker"].iloc[f]) for f in folds]
     assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+
+
+def test_stackings_out_of_fold_predictions_keep_each_group_on_one_side(monkeypatch):
+    import sklearn.model_selection as ms
+
+    from mmtune.training.stacking import fit_stacking
+    from test_fusion_strategies import _stacking_fixture
+
+    model, ds, task, y = _stacking_fixture()
+    groups = np.arange(len(y)) // 3  # 30 groups of 3 rows
+    seen = []
+    real = ms.cross_val_predict
+    monkeypatch.setattr(ms, "cross_val_predict", lambda est, X, yy, cv, **k: (seen.append(list(cv)), real(est, X, yy, cv=cv, **k))[1])
+    fit_stacking(model, ds, task, 5, 0, groups)
+    assert len(seen) == 2  # one per output key
+    for folds in seen:
+        assert len(folds) == 5
+        for train_rows, held in folds:
+            assert not set(groups[train_rows]) & set(groups[held])

@@ -74,7 +74,9 @@ class Fusion(nn.Module):
     def build(cls, cfg: Any, inputs: FusionInputs) -> "Fusion":
         raise NotImplementedError
 
-    def fit_directly(self, model: nn.Module, train: Any, tasks: List[Any], seed: int) -> Optional[Dict[str, Any]]:
+    def fit_directly(self, model: nn.Module, train: Any, tasks: List[Any], seed: int,
+                     groups: Optional[Any] = None) -> Optional[Dict[str, Any]]:
         """A fusion fitted without gradient steps (stacking) does it here and returns a report; the others
-        return None and are trained by Lightning."""
+        return None and are trained by Lightning. ``groups``: each training row's group (``data.group_column``),
+        for folds that keep a group on one side."""
         return None

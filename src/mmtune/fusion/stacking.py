@@ -32,10 +32,10 @@ class StackingFusion(Fusion):
     def build(cls, cfg, inputs):
         return cls(inputs.pooled_dims, inputs.num_classes, cfg.folds)
 
-    def fit_directly(self, model, train, tasks, seed):
+    def fit_directly(self, model, train, tasks, seed, groups=None):
         from ..training.stacking import fit_stacking
 
-        fit_stacking(model, train, tasks[0], self.folds, seed)
+        fit_stacking(model, train, tasks[0], self.folds, seed, groups)
         return {}
 
     def __init__(self, in_dims: Dict[str, int], num_classes: int, folds: int = 5):

@@ -37,12 +37,13 @@ def _logistic_into_linear(linear: torch.nn.Linear, X: np.ndarray, y: np.ndarray,
     return scaler, lr
 
 
-def fit_stacking(model, train, task, folds: int, seed: int) -> None:
+def fit_stacking(model, train, task, folds: int, seed: int, groups=None) -> None:
     """Fit ``model.fusion`` (a StackingFusion) and its head on a CachedDataset ``train``.
 
     1. For each encoder output, a logistic regression on its pooled features; out-of-fold class
        probabilities from ``folds``-fold stratified cross-validation (rows lacking that modality get
-       uniform probabilities), then a fit on all rows that becomes the branch.
+       uniform probabilities) — each group of ``groups`` (one value per training row) on one side of every fold,
+       when given — then a fit on all rows that becomes the branch.
     2. The meta-classifier — the head — is a logistic regression on the concatenated out-of-fold
        probabilities, so it weighs each modality by how well it does on rows it was not fitted on.
     """
@@ -69,8 +70,13 @@ def fit_stacking(model, train, task, folds: int, seed: int) -> None:
                 "or choose another fusion (concat, late, gated).")
         k = min(folds, int(counts.min()))
         est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-        oof[present] = cross_val_predict(est, Xp, yp, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                                         method="predict_proba")
+        if groups is not None:
+            from ..data.datamodule import group_folds
+
+            cv = group_folds(yp, np.asarray(groups)[present], min(folds, len(np.unique(np.asarray(groups)[present]))), seed)
+        else:
+            cv = StratifiedKFold(k, shuffle=True, random_state=seed)
+        oof[present] = cross_val_predict(est, Xp, yp, cv=cv, method="predict_proba")
         _logistic_into_linear(fusion.branches[safe(key)], Xp, yp, n_classes, seed)
         oof_parts.append(oof)
     meta_X = np.concatenate(oof_parts, axis=1)

@@ -11,6 +11,7 @@ import lightning as L
 import pandas as pd
 
 from ..io import atomic_write_with
+from ..data.datamodule import label_codes
 from .module import build_module
 
 
@@ -43,7 +44,11 @@ def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str
     shards the weights (FSDP, DeepSpeed), an unsharded copy holding the consolidated checkpoint's weights."""
     import torch
 
-    direct = model.fusion.fit_directly(model, data.datasets["train"], data.tasks, cfg.trainer.seed)
+    group = cfg.data.group_column
+    groups = None if group is None else label_codes(data.prepared.frames["train"][group])
+    if groups is not None and len(groups) != len(data.datasets["train"]):
+        groups = None  # synthetic rows (synthesis) belong to no group: a fitted-directly fusion folds by rows
+    direct = model.fusion.fit_directly(model, data.datasets["train"], data.tasks, cfg.trainer.seed, groups)
     if direct is not None:
         return {"best_checkpoint": None, "epochs_trained": 0, "global_rank": 0, "device": torch.device("cpu"),
                 "model": model, **direct}
