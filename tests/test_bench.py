@@ -90,3 +90,11 @@ def test_automl_bench_runs_and_prints_its_json(tmp_path):
     assert {"orders_fast", "orders_fast_s", "orders_best20", "orders_best20_s", "orders_linear_probe",
             "best_not_below_balanced", "within_budget"} <= set(last)
     assert 0 <= last["orders_best20"] <= 1 and last["orders_best20_s"] > 0
+
+
+def test_groups_bench_runs_and_prints_its_json():
+    out = subprocess.run([sys.executable, str(BENCH / "groups.py"), "--groups", "10", "--rows", "4", "--seeds", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"random_val_acc", "random_test_acc", "grouped_val_acc", "grouped_test_acc", "random_warned"} <= set(last)

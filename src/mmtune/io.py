@@ -11,11 +11,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
-def check_output(path: str | os.PathLike, *, inputs: dict = {}, kind: str = "file", example: str = "out.csv",
-                 replaces: str = "") -> Path:
+def check_output(path: str | os.PathLike, *, inputs: Optional[dict] = None, kind: str = "file",
+                 example: str = "out.csv", replaces: str = "") -> Path:
     """The one check every command makes of where it writes, before any work: ``path`` is not one of the
     ``inputs`` (``{what they are: [paths]}``) nor a folder holding one (for a folder output), a file output is not a
     folder and a folder output not a file, and its parent folder exists. ``replaces``: a marker file whose
@@ -23,7 +23,7 @@ def check_output(path: str | os.PathLike, *, inputs: dict = {}, kind: str = "fil
     without one, such a folder is refused. ValueError naming ``--out`` otherwise."""
     path = Path(path)
     target = path.resolve()
-    for what, paths in inputs.items():
+    for what, paths in (inputs or {}).items():
         for p in paths:
             if p is None or not Path(p).exists():
                 continue
