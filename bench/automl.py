@@ -79,7 +79,7 @@ def make_tasks(work: Path, rows: int, names):
 def run(paths, work: Path, name: str, preset: str, budget, image_size: int):
     import mmtune
 
-    overrides = [f"output_dir={work / name}", f"name={preset}", "evaluation.report=false", "evaluation.explain=0",
+    overrides = [f"output_dir={work / name}", f"name={preset}{budget or ''}", "evaluation.report=false", "evaluation.explain=0",
                  "evaluation.modality_contribution=false", "trainer.progress_bar=false"]
     t0 = time.perf_counter()
     res = mmtune.fit(str(paths["train"]), label="label", test=str(paths["test"]), preset=preset, time_limit=budget,

@@ -114,10 +114,12 @@ def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path
     del cfg["finetune"], cfg["trainer"]["max_epochs"], cfg["optim"]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    t0 = time.monotonic()
     assert cli(["fit", str(path), "--preset", "best", "--time-limit", "30"]) == 0
+    assert time.monotonic() - t0 <= 30 * 1.1 + 5  # the budget holds (+ the command's own start-up)
     run = tmp_path / "runs" / "t"
     search = json.loads((run / "metrics.json").read_text())["search"]
-    assert search["trials"][0]["params"] == "the config as written" and len(search["trials"]) <= 8
+    assert search["trials"][0]["params"] == "the config as written" and len(search["trials"]) >= 2
     first = load_config(run / "tune" / "best.yaml") if search["best_trial"] else None
     bundle = load_config(run / "config.yaml")
     assert bundle.trainer.max_time is not None  # the refit got what was left of the budget
