@@ -412,6 +412,9 @@ class EvaluationConfig(_Strict):
     explain: int = Field(8, ge=0)
     """Explain this many of the most confidently misclassified test rows into ``explanations/`` (linked from the
     report; needs captum, ``mmtune[explain]``; skipped with a note without it). 0: off."""
+    flatter_warning: bool = True
+    """Warn when the validation metric lies above the test metric's bootstrap interval (off inside a search's
+    trials and cross-validation folds, where the run as a whole says it)."""
     cv: int = Field(0, ge=0)
     """K-fold cross-validation before the fit (``mmtune fit --cv K``): K fits on folds of the training table
     (grouped by ``data.group_column``), their validation metrics and spread in ``metrics.json["cv"]``. 0: off."""

@@ -18,7 +18,8 @@ import pandas as pd
 
 FOLD_SETTINGS = {"evaluation.report": False, "evaluation.explain": 0, "evaluation.linear_probe": False,
                  "evaluation.baselines": False, "evaluation.modality_contribution": False,
-                 "evaluation.worst_examples": 0, "evaluation.cv": 0, "trainer.progress_bar": False}
+                 "evaluation.worst_examples": 0, "evaluation.cv": 0, "evaluation.flatter_warning": False,
+                 "trainer.progress_bar": False}
 
 
 def fold_rows(df: pd.DataFrame, cfg, k: int) -> List[np.ndarray]:

@@ -63,7 +63,7 @@ _PARTS = {"finetune": "finetune", "model.fusion": "model.fusion", "loss": "loss"
 _VIRTUAL = ("model.fusion.width", "augment.strength")
 _TRIAL_SETTINGS = {"evaluation.report": False, "evaluation.explain": 0, "evaluation.linear_probe": False,
                    "evaluation.baselines": False, "evaluation.modality_contribution": False,
-                   "evaluation.worst_examples": 0, "trainer.progress_bar": False}
+                   "evaluation.worst_examples": 0, "evaluation.flatter_warning": False, "trainer.progress_bar": False}
 
 
 class SearchError(ValueError):
@@ -522,6 +522,14 @@ def ship_trial(folder: Path, raw: Dict[str, Any], summary: Dict[str, Any], numbe
     cfg = load_config(raw)
     b = read_bundle(folder)
     metrics = {**b.metrics, "search": {**summary, "shipped": f"trial {number}", "shipped_why": why}}
+    if cfg.evaluation.flatter_warning:  # (quiet inside the trial: said once, for the model that ships)
+        from .evaluation.metrics import flattering_validation
+
+        warned = flattering_validation(metrics, b.tasks)
+        for w in warned:
+            log.warning(w)
+        if warned:
+            metrics["warnings"] = warned
     predictions = {p.stem: pd.read_csv(p) for p in sorted((folder / "predictions").glob("*.csv"))}
     log.warning("search: shipping trial %d's own model (%s)", number, why)
     with RunClaim(cfg.run_dir, overwrite=True, keep=("tune",)) as claim:

@@ -75,7 +75,7 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
         for t in tasks:
             cal_p = calibration[t.name].probabilities(t, raw["test"][t.name])
             metrics["test"][t.name]["bootstrap"] = bootstrap_interval(t, labels["test"][t.name], cal_p, calibration[t.name])
-        warned = flattering_validation(metrics, tasks)
+        warned = flattering_validation(metrics, tasks) if eval_cfg.flatter_warning else []
         for w in warned:
             log.warning(w)
         if warned:
