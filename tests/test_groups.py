@@ -44,6 +44,29 @@ def test_the_bootstrap_interval_covers_the_true_accuracy_about_95_percent_of_the
     assert 0.89 <= covered / repeats <= 0.99
 
 
+def test_with_groups_the_bootstrap_resamples_whole_groups_and_still_covers_about_95_percent():
+    """Rows of one group are right or wrong together (each group its own accuracy, mean 0.8): resampling rows one by
+    one gives intervals too narrow for new groups; resampling groups covers the mean about 95 % of the time."""
+    task = Task("y", "y")
+    task.fit_classes([0, 1])
+    rng = np.random.default_rng(0)
+    by_groups = by_rows = 0
+    repeats = 200
+    for r in range(repeats):
+        accuracy = rng.beta(4, 1, 40)  # 40 groups of 8 rows
+        groups = np.repeat(np.arange(40), 8)
+        y = rng.integers(0, 2, 320)
+        pred = np.where(rng.random(320) < accuracy[groups], y, 1 - y)
+        proba = np.eye(2)[pred] * 0.9 + 0.05
+        g = bootstrap_interval(task, y, proba, n=300, seed=r, groups=groups)
+        w = bootstrap_interval(task, y, proba, n=300, seed=r)
+        by_groups += g["low"] <= 0.8 <= g["high"]
+        by_rows += w["low"] <= 0.8 <= w["high"]
+    assert g["resampled"] == "groups (40)" and w["resampled"] == "rows"
+    assert 0.87 <= by_groups / repeats <= 0.98
+    assert by_rows / repeats <= by_groups / repeats - 0.05
+
+
 def _planted(n_groups, rows, seed, offset=0):
     """Each group has its own token (a category value) and, inside the group, one label: a shortcut that works
     for every row of a known group and for no row of a new one."""

@@ -120,6 +120,10 @@ def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path
     run = tmp_path / "runs" / "t"
     search = json.loads((run / "metrics.json").read_text())["search"]
     assert search["trials"][0]["params"] == "the config as written" and len(search["trials"]) >= 2
+    # the fast recipe is the second trial, run to its end (a known recipe is not pruned)
+    assert search["trials"][1]["params"] == "the fast preset" and search["trials"][1]["state"] == "complete"
+    if search["best_trial"] == 1:
+        assert load_config(run / "tune" / "best.yaml").finetune.type == "frozen"
     first = load_config(run / "tune" / "best.yaml") if search["best_trial"] else None
     bundle = load_config(run / "config.yaml")
     assert bundle.trainer.max_time is not None  # the refit got what was left of the budget

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (repeatable)")
     tu.add_argument("--overwrite", action="store_true", help="let the refit replace a run of the same name")
+    tu.add_argument("--ensemble", type=int, default=None, metavar="N",
+                    help="keep the N best trials and ship an ensemble of them and the refit when greedy selection "
+                         "on validation prefers one (default: the preset's, 5 for best; 0 off)")
 
     di = sub.add_parser("distill", help="train a smaller student on a teacher bundle's soft targets and the labels")
     di.add_argument("--teacher", required=True, help="the teacher's run bundle")
@@ -129,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantized int8 model")
     ex.add_argument("--data", help="rows to check parity (and int8 accuracy) on (default: the run's validation split)")
     ex.add_argument("--out", help="export bundle folder (default: RUN/export)")
+    ex.add_argument("--single", action="store_true", help="a run that ships an ensemble: export its own model only")
 
     sv = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI + uvicorn); docs at /docs")
     sv.add_argument("--run", required=True, help="run bundle or export bundle folder")
@@ -190,12 +194,15 @@ def _model_args(p) -> None:
     p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, mps …")
     p.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"],
                    help="torch (a run bundle's default), onnx or onnx-int8 (an export bundle's default is onnx)")
+    p.add_argument("--single", action="store_true",
+                   help="a run that ships an ensemble (RUN/ensemble): use the run's own single model instead")
 
 
 def _load(args):
     from .serving.predictor import Predictor
 
-    return Predictor.load(args.run, device=_device(args.device), backend=args.backend)
+    return Predictor.load(args.run, device=_device(args.device), backend=args.backend,
+                          ensemble=False if args.single else None)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -257,6 +264,18 @@ def _fit_summary(res) -> int:
               f"macro F1 {probe['f1_macro']:.3f} vs {model['f1_macro']:.3f} ({diff['f1_macro']:+.3f})")
     if "baselines" in res.metrics:
         print(json.dumps(res.metrics["baselines"], indent=2))
+    from .ensemble import read_ensemble
+
+    ens = read_ensemble(res.run_dir)
+    if ens:
+        from .evaluation.metrics import main_metric
+
+        split = "test" if "test" in ens["metrics"] else "val"
+        said = "; ".join(f"{t.name} {main_metric(t)} {ens['metrics'][split][t.name][main_metric(t)]:.4f}"
+                         for t in res.tasks if t.name in ens["metrics"].get(split, {}))
+        weights = ", ".join(f"{m['name']} {m['weight']:.2f}" for m in ens["members"])
+        print(f"ensemble of {len(ens['members'])} ({weights}), "
+              f"what the run serves ({split}): {said}; --single uses the run's own model")
     search = res.metrics.get("search")
     if search:
         print(f"search: {len(search['trials'])} trials, best trial {search['best_trial']} "
@@ -273,7 +292,7 @@ def _tune(args) -> int:
     if args.time_limit is not None and args.time_limit <= 0:
         raise ValueError(f"--time-limit must be a positive number of seconds (got {args.time_limit})")
     out = tune(args.config, trials=args.trials, time_limit=args.time_limit, space=args.space, overrides=overrides,
-               overwrite=args.overwrite)
+               overwrite=args.overwrite, ensemble=args.ensemble)
     for t in out.trials:
         value = "" if t["value"] is None else f"{t['value']:.4f}"
         print(f"  trial {t['trial']:>3}  {t['state']:<9} {value:>8}  {t['seconds'] or 0:>7.1f}s  {t['params']}")
@@ -410,7 +429,7 @@ def _explain(args) -> int:
     from .io import check_output
 
     out = check_output(args.out, inputs={"run bundle": [args.run], "--data file": [args.data]}, kind="folder")
-    pred = Predictor.load(args.run, device=_device(args.device))
+    pred = Predictor.load(args.run, device=_device(args.device), ensemble=False)  # explained: the run's own model
     df, base = read_table(args.data)
     if args.rows is not None:
         df = df.head(args.rows)
@@ -436,7 +455,7 @@ def _prune(args) -> int:
 def _export(args) -> int:
     from .serving.export import export_onnx
 
-    export_onnx(args.run, args.out, args.data, args.quantize)
+    export_onnx(args.run, args.out, args.data, args.quantize, ensemble=False if args.single else None)
     return 0
 
 
@@ -457,7 +476,8 @@ def _serve(args) -> int:
                              batching=not args.no_batching,
                              batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows)
     print(f"serving {args.run} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
-    serve(args.run, args.host, args.port, args.workers, args.backend, str(_device(args.device)), settings)
+    serve(args.run, args.host, args.port, args.workers, args.backend, str(_device(args.device)), settings,
+          ensemble=False if args.single else None)
     return 0
 
 

@@ -418,6 +418,9 @@ class EvaluationConfig(_Strict):
     cv: int = Field(0, ge=0)
     """K-fold cross-validation before the fit (``mmtune fit --cv K``): K fits on folds of the training table
     (grouped by ``data.group_column``), their validation metrics and spread in ``metrics.json["cv"]``. 0: off."""
+    cv_ensemble: bool = True
+    """With ``cv``: ship the K fold models as an equal-weight ensemble (``RUN/ensemble``; together they have seen
+    every training row), loaded by ``Predictor.load`` by default; false ships the run's own single model."""
     calibration_bins: int = Field(15, ge=2)
 
     @model_validator(mode="after")

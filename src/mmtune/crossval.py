@@ -6,7 +6,10 @@ The training table is cut into K folds — each group on one side when ``data.gr
 ``RUN/cv/fold-<i>`` (no report, probe or explanations; frozen-encoder folds share the embedding cache, which is
 keyed by file contents). Their validation metrics, with the mean and spread over the folds, go into the run's
 ``metrics.json["cv"]`` and the report. The run's own model is then fitted as usual (its own validation split for
-early stopping and calibration): the folds measure how well the recipe does, the run ships one model.
+early stopping and calibration), and — with ``evaluation.cv_ensemble`` (the default) — the K fold models are
+shipped beside it as an equal-weight ensemble (:mod:`mmtune.ensemble`; every training row was seen by K-1 of them),
+which :meth:`~mmtune.Predictor.load` serves; with a test table each fold predicts it too, and the ensemble's test
+metrics are the folds' averaged calibrated probabilities, scored.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def fold_rows(df: pd.DataFrame, cfg, k: int) -> List[np.ndarray]:
     return [b for _, b in KFold(k, shuffle=True, random_state=seed).split(rows)]
 
 
-def cross_validate(cfg, train=None, log=print) -> Dict[str, Any]:
+def cross_validate(cfg, train=None, test=None, log=print) -> Dict[str, Any]:
     """Fit ``cfg`` on each of ``cfg.evaluation.cv`` folds of its training table; returns
     ``{"k", "grouped", "folds": [{"fold", "rows", "val": {task: metrics}}], "mean", "std"}``."""
     from .config import load_config, set_raw_key
@@ -64,15 +67,31 @@ def cross_validate(cfg, train=None, log=print) -> Dict[str, Any]:
         raw.update(name=f"fold-{i}", output_dir=str(cfg.run_dir / "cv"), preset=None)
         for key, value in FOLD_SETTINGS.items():
             set_raw_key(raw, key, value)
-        for key in ("train", "val", "test"):
+        for key in ("train", "val") + (("test",) if test is not None else ()):
             set_raw_key(raw, f"data.{key}", None)
         keep = np.setdiff1d(np.arange(len(df)), held)
         res = fit(load_config(raw), train=df.iloc[keep].reset_index(drop=True),
-                  val=df.iloc[np.sort(held)].reset_index(drop=True), overwrite=True)
+                  val=df.iloc[np.sort(held)].reset_index(drop=True), test=test, overwrite=True)
         out["folds"].append({"fold": i, "rows": int(len(held)), "val": res.metrics["val"]})
         log(f"cv fold {i + 1}/{k}: " + "; ".join(f"{t} {_headline(m)}" for t, m in res.metrics["val"].items()))
     out["mean"], out["std"] = _spread([f["val"] for f in out["folds"]])
     return out
+
+
+def ship_folds(cfg, log=print) -> Optional[Dict[str, Any]]:
+    """The fold models of ``RUN/cv`` as the run's equal-weight ensemble (``RUN/ensemble``)."""
+    from .ensemble import build_ensemble
+
+    run = cfg.run_dir
+    folds = {p.name: p for p in sorted((run / "cv").glob("fold-*")) if (p / "bundle.json").is_file()}
+    if len(folds) < 2:
+        return None
+    meta = build_ensemble(run, folds, weights={n: 1.0 for n in folds}, source="cv", log_fn=log)
+    if meta is not None and (run / "report.html").is_file():
+        from .evaluation.report import build_report
+
+        build_report(run)
+    return meta
 
 
 def _headline(m: Dict[str, Any]) -> str:

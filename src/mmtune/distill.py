@@ -168,7 +168,7 @@ def _side_by_side(teacher, res, frame, split: str) -> List[Dict[str, Any]]:
     """Teacher and student on the same rows: main metric, parameters, model file size, single-row p50 latency."""
     from .serving.predictor import Predictor
 
-    student = Predictor.load(res.run_dir)
+    student = Predictor.load(res.run_dir, ensemble=False)
     out = []
     for who, pred, run in (("teacher", teacher, Path(teacher.run_dir)), ("student", student, Path(res.run_dir))):
         m = pred.evaluate(frame)

@@ -15,7 +15,7 @@ produced from :data:`PRESETS`, and the tests check the two agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .registry import Registry
 
@@ -44,6 +44,10 @@ class Preset:
     search_trials: int = 0
     search_seconds: int = 0
     """The default budget of the search when neither ``trainer.max_time`` nor ``--time-limit`` gives one."""
+    ensemble: int = 0
+    """How many of the best trials the search keeps to choose an ensemble from (0: no ensemble)."""
+    search_starts: Tuple[str, ...] = ()
+    """Other presets whose recipes the search tries (as they are, never pruned) right after its first trial."""
 
 
 PRESETS: Registry = Registry("preset")
@@ -90,8 +94,10 @@ def _balanced(s: TableStats) -> Dict[str, Any]:
 PRESETS.register("fast", Preset("frozen encoders + embedding cache + a small head", _fast))
 PRESETS.register("balanced", Preset("partial unfreezing with layer-wise decay, augmentation, label smoothing",
                                     _balanced))
-PRESETS.register("best", Preset("a search (balanced first) that fills the time budget, the best trial refitted or "
-                                "shipped as it is", _balanced, search=True, search_trials=200, search_seconds=1800))
+PRESETS.register("best", Preset("a search (balanced first, then fast) that fills the time budget; the best trial "
+                                "refitted or shipped as it is, with an ensemble of the best trials when selection "
+                                "on validation prefers one", _balanced, search=True, search_trials=200, search_seconds=1800,
+                                ensemble=5, search_starts=("fast",)))
 
 _PARTS = ("finetune", "model.fusion", "loss")
 

@@ -352,7 +352,7 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
         check_output(out_dir / f"{run_dir.name}-pruned-{kind}-{s:g}", inputs={"run bundle": [run_dir]}, kind="folder",
                      replaces=PRUNED)
     df, base = read_table(data)
-    absolute_paths(df, Predictor.load(run_dir).config, base)
+    absolute_paths(df, Predictor.load(run_dir, ensemble=False).config, base)
 
     def measure(pred, name, folder: Path, sparsity) -> Dict[str, Any]:
         task = pred.tasks[0]
@@ -369,10 +369,10 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
                 "parameters": params, "nonzero": nonzero, "bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6)),
                 "p50_ms": _latency_ms(pred, df.head(1)), "rows_per_s": rows_per_s, "bundle": str(folder)}
 
-    base_pred = Predictor.load(run_dir)
+    base_pred = Predictor.load(run_dir, ensemble=False)
     results = [measure(base_pred, "unpruned", run_dir, 0.0)]
     for s in sparsities:
-        pred = Predictor.load(run_dir)
+        pred = Predictor.load(run_dir, ensemble=False)
         model = pred.model
         pruned: Dict[str, Any] = {"kind": kind, "sparsity": s}
         if structured:
@@ -389,7 +389,7 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
         pruned["weight_sparsity"] = sparsity_of(model)
         folder = write_pruned(run_dir, out_dir / f"{run_dir.name}-pruned-{kind}-{s:g}", model, pruned)
         in_memory = Predictor(model, pred.config, pred.tasks, pred.calibration, folder)
-        reloaded = Predictor.load(folder)
+        reloaded = Predictor.load(folder, ensemble=False)
         row = measure(reloaded, f"{kind} {s:g}", folder, s)
         a = in_memory.predict_proba(df.head(16), calibrated=False)
         b = reloaded.predict_proba(df.head(16), calibrated=False)

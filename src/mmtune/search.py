@@ -34,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
 
@@ -286,8 +286,8 @@ class Watch(L.Callback):
     """The best value of the monitored metric over a fit's validations; with an optuna ``trial``, each epoch's
     value is reported and a trial the pruner stops raises ``optuna.TrialPruned``."""
 
-    def __init__(self, monitor: str, mode: str, trial=None):
-        self.monitor, self.mode, self.trial = monitor, mode, trial
+    def __init__(self, monitor: str, mode: str, trial=None, prune: bool = True):
+        self.monitor, self.mode, self.trial, self.prune = monitor, mode, trial, prune
         self.best: Optional[float] = None
         self.values: List[float] = []
 
@@ -302,7 +302,8 @@ class Watch(L.Callback):
             import optuna
 
             self.trial.report(value, trainer.current_epoch)
-            if self.trial.should_prune():
+            # asked even when it may not prune: successive halving records each trial's rungs as it is asked
+            if self.trial.should_prune() and self.prune:
                 raise optuna.TrialPruned(f"epoch {trainer.current_epoch}: {self.monitor}={value:.4f}")
 
 
@@ -320,7 +321,7 @@ class TuneResult:
 
 def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = None,
          time_limit: Optional[float] = None, space=None, overrides: Sequence[str] = (), overwrite: bool = False,
-         refit: bool = True) -> TuneResult:
+         refit: bool = True, ensemble: Optional[int] = None) -> TuneResult:
     """Search, then refit the best trial into the run bundle ``output_dir/name``.
 
     ``trials``: finished (complete or pruned) trials the study should hold (default: the preset's, else 10);
@@ -328,8 +329,11 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     its own budget): the search starts no trial after 60 % of it, every trial stops training by 85 %; the best
     trial so far keeps its bundle. The refit runs only when what is left can hold it (1.25 × the trial's time),
     stops by 93 %, and when it ends worse than its trial (or cannot run) the trial's own model is shipped instead,
-    with a warning and ``metrics["search"]["shipped"]``. A run folder that holds a bundle but no study is refused
-    unless ``overwrite``.
+    with a warning and ``metrics["search"]["shipped"]``. ``ensemble`` N > 1 (default: the preset's, else off) keeps
+    the N best trials' bundles and, after the refit, chooses an ensemble of the shipped model and those trials by
+    greedy selection on validation (:mod:`mmtune.ensemble`), written to ``RUN/ensemble`` and loaded by
+    :meth:`~mmtune.Predictor.load` when it has more than one member. A run folder that holds a bundle but no study
+    is refused unless ``overwrite``.
     """
     from .config import load_config
     from .extras import require
@@ -342,14 +346,23 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     optuna = require("optuna", "tune", "the hyper-parameter search (mmtune tune, preset best)")
     cfg = config if not overrides and not isinstance(config, (str, Path, Mapping)) else load_config(config, overrides)
     preset = PRESETS.get(cfg.preset) if cfg.preset else None
+    starts: Dict[str, Dict[str, Any]] = {}  # other presets' recipes, tried (never pruned) right after the first trial
     if preset is not None:  # the preset's settings are the first trial and what the search does not change
         from .presets import apply_preset, table_stats
 
-        cfg = apply_preset(cfg, table_stats(cfg, train))
+        stats = table_stats(cfg, train)
+        for name in preset.search_starts:
+            start = apply_preset(load_config({**cfg.model_dump(mode="json", exclude_unset=True), "preset": name}), stats)
+            starts[name] = {**start.to_dict(), "preset": None}
+        cfg = apply_preset(cfg, stats)
     if trials is None:
         trials = preset.search_trials if preset is not None and preset.search else 10
     if trials < 1:
         raise SearchError(f"--trials must be at least 1 (got {trials})")
+    if ensemble is None:
+        ensemble = preset.ensemble if preset is not None and preset.search else 0
+    if ensemble < 0:
+        raise SearchError(f"--ensemble must be 0 (off) or the number of trials to choose from (got {ensemble})")
     budget = time_limit if time_limit is not None else seconds_of(cfg.trainer.max_time)
     if budget is None and preset is not None and preset.search:
         budget = float(preset.search_seconds)
@@ -383,19 +396,29 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
         _fail_leftovers(study, storage)
         if not study.trials:
             study.enqueue_trial({}, user_attrs={"baseline": True})
+            for name in starts:
+                study.enqueue_trial({}, user_attrs={"start": name})
         done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         remaining = trials - len(done)
         cache_dir = str(cache_folder(cfg).resolve())
-        kept: Dict[str, Any] = {"value": None, "dir": None}  # the best finished trial whose bundle is on disk
+        # the best finished trials whose bundles are on disk (best first): the best can ship as it is, the others
+        # are the ensemble's candidates
+        keep_n = max(1, ensemble)
+        kept: List[Tuple[float, Path]] = []
         for t in study.trials:
             bundle = t.user_attrs.get("bundle")
-            if t.state == optuna.trial.TrialState.COMPLETE and bundle and (Path(bundle) / "bundle.json").is_file() \
-                    and (kept["value"] is None or _better(t.value, kept["value"], mode)):
-                kept.update(value=t.value, dir=Path(bundle))
+            if t.state == optuna.trial.TrialState.COMPLETE and bundle and (Path(bundle) / "bundle.json").is_file():
+                kept.append((t.value, Path(bundle)))
+        kept = _ranked(kept, mode)
+        for _, extra_dir in kept[keep_n:]:
+            shutil.rmtree(extra_dir, ignore_errors=True)
+        del kept[keep_n:]
 
         def objective(trial):
-            values = {} if trial.user_attrs.get("baseline") else _suggest(trial, parsed, base)
-            raw = trial_config(base, values)
+            start = trial.user_attrs.get("start")
+            fixed = trial.user_attrs.get("baseline") or start in starts
+            values = {} if fixed else _suggest(trial, parsed, base)
+            raw = trial_config(starts.get(start, base), values)
             for key, value in _TRIAL_SETTINGS.items():
                 set_raw_key(raw, key, value)
             raw.update(name=f"trial-{trial.number}", output_dir=str(study_dir / "trials"))
@@ -414,7 +437,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
                 return float("nan")
             from .training.fit import fit
 
-            watch = Watch(tcfg.trainer.monitor, mode, trial)
+            watch = Watch(tcfg.trainer.monitor, mode, trial, prune=not fixed)  # a known recipe runs to its end
             folder = study_dir / "trials" / tcfg.name
             t0 = time.monotonic()
             try:
@@ -428,14 +451,14 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             if watch.best is None:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise SearchError("the trial logged no validation metric")
-            # the best trial so far keeps its bundle: the search can ship its own weights
-            if kept["value"] is None or _better(watch.best, kept["value"], mode):
-                if kept["dir"] is not None:
-                    shutil.rmtree(kept["dir"], ignore_errors=True)
-                kept.update(value=watch.best, dir=folder)
+            # the best trials so far keep their bundles: the search can ship a trial's own weights, or ensemble them
+            kept.append((watch.best, folder))
+            ranked = _ranked(kept, mode)
+            for _, dropped in ranked[keep_n:]:
+                shutil.rmtree(dropped, ignore_errors=True)
+            kept[:] = ranked[:keep_n]
+            if any(d == folder for _, d in kept):
                 trial.set_user_attr("bundle", str(folder))
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
             return watch.best
 
         if remaining > 0:
@@ -449,7 +472,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             raise SearchError(f"no trial of the search in {str(study_dir)!r} finished; see its trials.csv")
         best = study.best_trial
         best_values = best.user_attrs.get("values", {})
-        best_raw = trial_config(base, best_values)
+        best_raw = trial_config(starts.get(best.user_attrs.get("start"), base), best_values)
         from .io import atomic_write_text
         import yaml
 
@@ -484,6 +507,12 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
                     out.refit = ship_trial(own, best_raw, summary, best.number,
                                            f"the refit reached {said}, worse than the trial's {best.value:.4f}")
             summary.update(out.refit.metrics.get("search", {}))
+            if ensemble > 1:
+                summary["ensemble"] = _ensemble_trials(run_dir, kept, best.number, log)
+                if summary["ensemble"]["members"] and (run_dir / "report.html").is_file():
+                    from .evaluation.report import build_report
+
+                    build_report(run_dir)  # with the ensemble's section (report.html is regenerable)
         log.info("search: best trial %d, %s=%.4f; refit %s", best.number, cfg.trainer.monitor, best.value,
                  summary.get("refit_value"))
         return out
@@ -508,6 +537,41 @@ def _better(a: Optional[float], b: Optional[float], mode: str, tolerance: float 
     if b is None or not math.isfinite(b):
         return True
     return a < b - tolerance if mode == "min" else a > b + tolerance
+
+
+def _ranked(kept, mode: str):
+    """``(value, folder)`` pairs, best first (a NaN or missing value last)."""
+    def key(item):
+        v = item[0]
+        bad = v is None or not math.isfinite(v)
+        return (bad, 0.0 if bad else (v if mode == "min" else -v))
+
+    return sorted(kept, key=key)
+
+
+def _ensemble_trials(run_dir: Path, kept, best_number: int, log) -> Dict[str, Any]:
+    """The ensemble of the shipped model and the kept trials (:func:`mmtune.ensemble.build_ensemble`); what the
+    search's summary says of it."""
+    from .ensemble import FOLDER, build_ensemble
+
+    old = run_dir / FOLDER
+    if old.is_dir():  # an earlier search's ensemble: its members may be kept trials again
+        shutil.rmtree(old)
+    candidates = {"run": run_dir}
+    for _, folder in kept:
+        if (folder / "bundle.json").is_file():
+            candidates[folder.name] = folder
+    try:
+        meta = build_ensemble(run_dir, candidates, move=[n for n in candidates if n != "run"], source="search",
+                              log_fn=lambda m: log.info("%s", m))
+    except (ValueError, OSError, KeyError) as exc:
+        log.warning("search: no ensemble (%s); the run ships its single model", exc)
+        return {"members": None, "why": str(exc)}
+    if meta is None:
+        log.info("search: the ensemble selection chose a single model; the run ships it alone")
+        return {"members": None, "why": "selection chose a single model"}
+    return {"members": {m["name"]: m["weight"] for m in meta["members"]},
+            "val": meta["metrics"].get("val"), "test": meta["metrics"].get("test")}
 
 
 def ship_trial(folder: Path, raw: Dict[str, Any], summary: Dict[str, Any], number: int, why: str):
@@ -589,6 +653,7 @@ def trials_table(study) -> List[Dict[str, Any]]:
         out.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value,
                     "epochs": len(t.user_attrs.get("epoch_values", [])), "seconds": t.user_attrs.get("seconds"),
                     "params": "the config as written" if t.user_attrs.get("baseline") else
+                    f"the {t.user_attrs['start']} preset" if t.user_attrs.get("start") else
                     ", ".join(f"{k}={_short(v)}" for k, v in (t.user_attrs.get("values") or {}).items()),
                     "epoch_values": t.user_attrs.get("epoch_values", [])})
     return out

@@ -40,7 +40,8 @@ def fit_calibration(task, y_val, p_val, eval_cfg) -> Tuple[Calibration, Dict[str
 
 
 def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFrame], eval_cfg, modalities,
-             id_column: Optional[str] = None, shown: Optional[Dict[str, Dict[str, list]]] = None, device="cpu"):
+             id_column: Optional[str] = None, shown: Optional[Dict[str, Dict[str, list]]] = None, device="cpu",
+             group_column: Optional[str] = None):
     """Fit each task's calibration on validation and compute metrics; nothing is changed in place.
 
     Returns ``(calibration, metrics, predictions)``: ``calibration[task]`` (a :class:`Calibration`),
@@ -48,7 +49,8 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
     ``metrics["calibration"][task]`` (temperature, ECE before and after), ``metrics["modality_contribution"]``;
     ``predictions[split]`` is a table of each row's true labels and raw (uncalibrated) probabilities, plus
     the id and each modality's value as ``shown[split][modality]`` gives it, for the report. Everything runs
-    on ``device`` (the model's)."""
+    on ``device`` (the model's). With ``group_column`` (a column of the test frame) the test metrics' bootstrap
+    intervals resample whole groups."""
     def proba_of(batches):
         return predict_proba_batches(model, tasks, batches, device)
 
@@ -74,7 +76,10 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
     if "test" in raw:  # how far the test figures can be trusted, and whether validation flatters
         for t in tasks:
             cal_p = calibration[t.name].probabilities(t, raw["test"][t.name])
-            metrics["test"][t.name]["bootstrap"] = bootstrap_interval(t, labels["test"][t.name], cal_p, calibration[t.name])
+            groups = frames["test"][group_column].to_numpy() if group_column and group_column in frames.get("test", {}) \
+                else None
+            metrics["test"][t.name]["bootstrap"] = bootstrap_interval(t, labels["test"][t.name], cal_p, calibration[t.name],
+                                                                      groups=groups)
         warned = flattering_validation(metrics, tasks) if eval_cfg.flatter_warning else []
         for w in warned:
             log.warning(w)

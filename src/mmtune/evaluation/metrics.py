@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 from sklearn import metrics as skm
 
 
@@ -135,9 +136,11 @@ def main_metric(task) -> str:
 
 
 def bootstrap_interval(task, y_true, proba: np.ndarray, calibration=None, n: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> Dict[str, Any]:
+                       level: float = 0.95, groups=None) -> Dict[str, Any]:
     """A percentile bootstrap interval of the task's main metric: the rows resampled with replacement ``n`` times
-    (seeded), the metric recomputed on each resample from the same decisions as :func:`task_metrics`."""
+    (seeded), the metric recomputed on each resample from the same decisions as :func:`task_metrics`. With
+    ``groups`` (one value per row: ``data.group_column``), whole groups are resampled (a cluster bootstrap): rows of
+    one source are right or wrong together, and resampling them one by one would make the interval too narrow."""
     from sklearn.metrics import f1_score, r2_score
 
     name = main_metric(task)
@@ -146,7 +149,14 @@ def bootstrap_interval(task, y_true, proba: np.ndarray, calibration=None, n: int
     if m < 2:
         return {"metric": name, "low": None, "high": None, "level": level, "resamples": 0}
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, m, size=(n, m))
+    unit = "rows"
+    if groups is not None and len(pd.unique(np.asarray(groups, dtype=object))) >= 2:
+        codes, members = _group_members(groups)
+        draws = rng.integers(0, len(members), size=(n, len(members)))
+        idx = [np.concatenate([members[g] for g in d]) for d in draws]
+        unit = f"groups ({len(members)})"
+    else:
+        idx = rng.integers(0, m, size=(n, m))
     if task.regression:
         pred = np.asarray(proba, dtype=np.float64).reshape(-1)
         values = [r2_score(y[i], pred[i]) if np.ptp(y[i]) > 0 else np.nan for i in idx]
@@ -156,12 +166,20 @@ def bootstrap_interval(task, y_true, proba: np.ndarray, calibration=None, n: int
         values = [f1_score(y[i], pred[i], average="micro", zero_division=0) for i in idx]
     else:
         correct = (decide_single(proba, getattr(calibration, "threshold", None)) == y).astype(np.float64)
-        values = correct[idx].mean(axis=1)
+        values = [correct[i].mean() for i in idx]
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     a = (1.0 - level) / 2
     return {"metric": name, "low": float(np.quantile(values, a)), "high": float(np.quantile(values, 1 - a)),
-            "level": level, "resamples": int(len(values))}
+            "level": level, "resamples": int(len(values)), "resampled": unit}
+
+
+def _group_members(groups):
+    """Row indices of each group (groups in order of first appearance)."""
+    codes, uniques = pd.factorize(pd.Series(np.asarray(groups, dtype=object)))
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+    return codes, [order[bounds[g]:bounds[g + 1]] for g in range(len(uniques))]
 
 
 def flattering_validation(metrics: Dict[str, Any], tasks) -> List[str]:

@@ -14,10 +14,10 @@ import pandas as pd
 
 from ..io import atomic_write_bytes, atomic_write_text
 
-SECTIONS = ["Summary", "Linear probe", "Search", "Distillation", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
+SECTIONS = ["Summary", "Linear probe", "Search", "Ensemble", "Distillation", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
             "Per-class metrics", "Modality contribution", "Worst misclassified test examples", "Configuration"]
-OPTIONAL_SECTIONS = ("Search", "Distillation")
-"""Shown only for a bundle made by a search (mmtune tune, preset best) or by mmtune distill."""
+OPTIONAL_SECTIONS = ("Search", "Ensemble", "Distillation")
+"""Shown only for a bundle made by a search (mmtune tune, preset best), with an ensemble, or by mmtune distill."""
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -49,6 +49,40 @@ def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _read_ensemble(run_dir: Path):
+    from ..ensemble import read_ensemble
+
+    try:
+        return read_ensemble(run_dir)
+    except ValueError:  # a damaged ensemble file: the report of the run's own model still builds
+        return None
+
+
+def _ensemble_section(meta: Dict[str, Any], tasks) -> str:
+    """Each member and the ensemble, per split and task: the weight and the main metrics."""
+    metrics = meta.get("metrics") or {}
+    rows = []
+    keys = ("accuracy", "f1_macro", "log_loss", "f1_micro", "r2", "rmse")
+    for split in ("val", "test"):
+        for t in tasks:
+            for m in meta["members"]:
+                got = ((metrics.get(f"members_{split}") or {}).get(m["name"]) or {}).get(t.name)
+                if got:
+                    rows.append({"split": split, "task": t.name, "model": m["name"], "weight": m["weight"],
+                                 **{k: got.get(k) for k in keys if k in got}})
+            got = (metrics.get(split) or {}).get(t.name)
+            if got:
+                rows.append({"split": split, "task": t.name, "model": "ensemble", "weight": 1.0,
+                             **{k: got.get(k) for k in keys if k in got}})
+    cols = ["split", "task", "model", "weight"] + [k for k in keys if any(k in r for r in rows)]
+    how = ("fixed weights (the folds of a cross-validation)" if (meta.get("selection") or {}).get("fixed") else
+           f"greedy selection on validation ({(meta.get('selection') or {}).get('rounds')} rounds, with replacement)")
+    return (f"<p>What <code>Predictor.load</code> serves for this run: the weighted average of {len(meta['members'])} "
+            f"members' calibrated probabilities, weights by {how}; <code>ensemble=False</code> (<code>--single</code>) "
+            "loads the run's own model. Validation chose the weights, so the ensemble's validation row flatters it; "
+            "the test rows do not.</p>" + _table(rows, cols))
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -90,11 +124,12 @@ def build_report(run_dir: str | Path) -> Path:
     cols = ["split", "task", "n"] + sorted({k for r in rows for k in r} - {"split", "task", "n"})
     parts["Summary"].append(_table(rows, cols))
     intervals = [{"task": t.name, "metric": b["metric"], "value": metrics["test"][t.name].get(b["metric"]),
-                  "low": b["low"], "high": b["high"]}
+                  "low": b["low"], "high": b["high"], "resampled": b.get("resampled", "rows")}
                  for t in tasks for b in [((metrics.get("test") or {}).get(t.name) or {}).get("bootstrap")] if b]
     if intervals:
-        parts["Summary"].append(f"<p>{100 * 0.95:.0f} % bootstrap intervals of the test metrics (rows resampled "
-                                "1,000 times):</p>" + _table(intervals, ["task", "metric", "value", "low", "high"]))
+        parts["Summary"].append(f"<p>{100 * 0.95:.0f} % bootstrap intervals of the test metrics (rows, or whole "
+                                "groups of data.group_column, resampled 1,000 times):</p>"
+                                + _table(intervals, ["task", "metric", "value", "low", "high", "resampled"]))
     cv = metrics.get("cv")
     if cv:
         rows = [{"task": t, "metric": k, "mean": v, "std": cv["std"][t].get(k),
@@ -136,6 +171,9 @@ def build_report(run_dir: str | Path) -> Path:
                if search.get("shipped") else "") + ".</p>"
             + _img(pngs["search.png"], "search trials")
             + _table(search["trials"], ["trial", "state", "value", "epochs", "seconds", "params"]))
+    ensemble = _read_ensemble(run_dir)
+    if ensemble:
+        parts["Ensemble"].append(_ensemble_section(ensemble, tasks))
     distill = metrics.get("distillation")
     if distill:
         parts["Distillation"].append(

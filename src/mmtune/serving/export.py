@@ -153,12 +153,17 @@ def _quantize(src: Path, dst: Path) -> None:
         root.removeFilter(quiet)
 
 
-def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None, log=print) -> ExportReport:
+def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None, log=print,
+                ensemble: Optional[bool] = None) -> ExportReport:
     """Export the bundle in ``run_dir`` to ``out_dir`` (default ``<run_dir>/export``), replacing it only once the
     new export is complete and checked. ``data`` (a manifest or DataFrame; default: the run's validation split,
     rebuilt from its config) are the real rows parity is measured on: the ONNX probabilities must match the
     PyTorch model's within 1e-4, or ExportError is raised and nothing is written. ``quantize="int8"`` also
-    writes ``model.int8.onnx`` and measures its change in each task's main metric (labelled rows)."""
+    writes ``model.int8.onnx`` and measures its change in each task's main metric (labelled rows). A run that
+    ships an ensemble (:mod:`mmtune.ensemble`) exports each member the same way — the run's own model in ``out_dir``,
+    the others in ``out_dir/ensemble/<member>``, each checked alone — with the ensemble's weights and calibration in
+    ``out_dir/ensemble/ensemble.json``, so the ONNX backend loads the ensemble as the torch one does; ``ensemble``
+    False exports the run's own model only."""
     from ..extras import require
     from ..io import atomic_write_dir
     from .predictor import Predictor
@@ -171,7 +176,8 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     check_export_folder(out_dir, run_dir)
     started = time.perf_counter()
-    pred = Predictor.load(run_dir)
+    pred = Predictor.load(run_dir, ensemble=False)
+    ens = Predictor._ensemble_meta(run_dir, ensemble)
     rows, labelled = _rows(pred, data)
     ds = pred._dataset(rows, with_labels=labelled)
     batch = _sample_batch(pred, ds)
@@ -220,6 +226,8 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
             "onnx_files": {k: v for k, v in ONNX_FILES.items() if (tmp / v).is_file()},
             "check": rep.to_json(),
         }
+        if ens is not None:
+            _export_members(ens, tmp, rows, quantize, log)
         meta["files"] = file_manifest(tmp, sorted(p.name for p in tmp.iterdir()))
         (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
         report["rep"] = rep
@@ -233,6 +241,26 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
         said = "; ".join(f"{t} {k} {v:+.4f}" for t, m in change.items() for k, v in m.items()) if change else "no labels"
         log(f"int8: max |Δ prob| {rep.int8['max_abs_prob_diff']:.3f}; change in the main metric: {said}")
     return rep
+
+
+def _export_members(ens: Dict[str, Any], tmp: Path, rows, quantize: Optional[str], log) -> None:
+    """Each ensemble member but the run's own model exported into ``tmp/ensemble/<name>``, and the ensemble's
+    description (paths within the export) beside them."""
+    from ..ensemble import FOLDER, MARKER
+
+    members = []
+    (tmp / FOLDER).mkdir(exist_ok=True)
+    for m in ens["members"]:
+        if m["path"] == ".":
+            members.append({"name": m["name"], "path": ".", "weight": m["weight"]})
+            continue
+        where = f"{FOLDER}/{m['name']}"
+        log(f"ensemble member {m['name']}:")
+        export_onnx(m["folder"], tmp / where, data=rows, quantize=quantize, log=log, ensemble=False)
+        members.append({"name": m["name"], "path": where, "weight": m["weight"]})
+    out = {k: v for k, v in ens.items() if k not in ("members",)}
+    out["members"] = members
+    (tmp / FOLDER / MARKER).write_text(json.dumps(out, indent=2, default=str))
 
 
 def check_export_folder(out_dir: Path, run_dir: Path) -> None:

@@ -52,6 +52,8 @@ class Predictor:
         self._pool = None
         self.reference = dict(reference or {})
         """The training rows' average encoder outputs (the explanations' baseline)."""
+        self.members: Optional[List[Dict[str, Any]]] = None
+        """An ensemble's members (``name``, ``path``, ``weight``); None for a single model."""
 
     @property
     def backend(self) -> str:
@@ -65,12 +67,14 @@ class Predictor:
 
     @classmethod
     def load(cls, run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu", backend: Optional[str] = None,
-             workers: Optional[int] = None) -> "Predictor":
+             workers: Optional[int] = None, ensemble: Optional[bool] = None) -> "Predictor":
         """Rebuild the model from ``run_dir`` (:func:`~mmtune.bundle.read_bundle`: architecture configs,
         processors, safetensors weights). ``backend``: ``torch`` (default for a run bundle), ``onnx`` or
         ``onnx-int8`` (an export bundle written by :func:`~mmtune.serving.export.export_onnx`, or a run bundle
-        holding one in ``export/``; the default for an export bundle). Raises FileNotFoundError when the
-        folder is not a complete bundle (or has no export of that kind)."""
+        holding one in ``export/``; the default for an export bundle). ``ensemble``: a run that ships an ensemble
+        (``RUN/ensemble``, :mod:`mmtune.ensemble`) loads as one by default; False loads the run's own single model,
+        True insists on the ensemble. Raises FileNotFoundError when the folder is not a complete bundle (or has no
+        export of that kind, or no ensemble when one is asked for)."""
         from ..logs import quiet_libraries
         from ..memory import keep_freed_memory
         from .export import EXPORT_MARKER, read_export
@@ -87,21 +91,61 @@ class Predictor:
             if exported:
                 raise ValueError(f"{str(run_dir)!r} is an ONNX export bundle (it has no PyTorch weights): load it with "
                                  "backend 'onnx' or 'onnx-int8'")
+            meta = cls._ensemble_meta(run_dir, ensemble)
+            if meta is not None:
+                def torch_member(folder):
+                    m = read_bundle(folder)
+                    return TorchRunner(m.model, torch.device(device)), m.calibration, m
+
+                return cls._from_members(meta, run_dir, device, workers, torch_member)
             b = read_bundle(run_dir)
             return cls(b.model, b.config, b.tasks, b.calibration, b.run_dir, device, workers=workers, reference=b.reference)
         folder = run_dir if exported else run_dir / "export"
         if not (folder / EXPORT_MARKER).is_file():
             raise FileNotFoundError(f"{str(run_dir)!r} has no ONNX export ({EXPORT_MARKER} missing): run "
                                     f"`mmtune export --run {run_dir}` first")
-        meta = read_export(folder)
-        if backend not in meta.get("onnx_files", {}):
-            raise FileNotFoundError(f"the export in {str(folder)!r} has no {backend} model (it has "
-                                    f"{', '.join(meta.get('onnx_files', {})) or 'none'}); export again with --quantize int8")
-        b = read_bundle(folder, model=False, complete=False)
-        skeleton = _skeleton(b.config, b.tasks, folder)
-        runner = OnnxRunner(folder / ONNX_FILES[backend], meta["output_modality"], torch.device(device))
-        runner.name = backend
-        return cls(skeleton, b.config, b.tasks, b.calibration, folder, device, runner=runner, workers=workers)
+        def onnx_member(where):
+            meta = read_export(where)
+            if backend not in meta.get("onnx_files", {}):
+                raise FileNotFoundError(f"the export in {str(where)!r} has no {backend} model (it has "
+                                        f"{', '.join(meta.get('onnx_files', {})) or 'none'}); export again with "
+                                        "--quantize int8")
+            m = read_bundle(where, model=False, complete=False)
+            m.model = _skeleton(m.config, m.tasks, where)
+            runner = OnnxRunner(where / ONNX_FILES[backend], meta["output_modality"], torch.device(device))
+            runner.name = backend
+            return runner, m.calibration, m
+
+        meta = cls._ensemble_meta(folder, ensemble)
+        if meta is not None:
+            return cls._from_members(meta, folder, device, workers, onnx_member)
+        runner, calibration, b = onnx_member(folder)
+        return cls(b.model, b.config, b.tasks, calibration, folder, device, runner=runner, workers=workers)
+
+    @staticmethod
+    def _ensemble_meta(folder: Path, ensemble: Optional[bool]):
+        from ..ensemble import read_ensemble
+
+        if ensemble is False:
+            return None
+        meta = read_ensemble(folder)
+        if meta is None and ensemble:
+            raise FileNotFoundError(f"{str(folder)!r} holds no ensemble (ensemble/ensemble.json): it ships a single "
+                                    "model; load it without ensemble=True")
+        return meta if meta is not None and (ensemble or meta.get("shipped")) else None
+
+    @classmethod
+    def _from_members(cls, meta, folder: Path, device, workers, make) -> "Predictor":
+        """One predictor over an ensemble's members (``make(folder)`` -> runner, calibration, bundle)."""
+        from ..ensemble import EnsembleRunner, member_runners
+
+        members, first = member_runners(meta, make)
+        tasks = first.tasks
+        calibration = {t.name: Calibration.from_json((meta.get("calibration") or {}).get(t.name)) for t in tasks}
+        pred = cls(first.model, first.config, tasks, calibration, Path(folder), device, runner=EnsembleRunner(members),
+                   workers=workers, reference=first.reference)
+        pred.members = [{k: m[k] for k in ("name", "path", "weight")} for m in meta["members"]]
+        return pred
 
     # ---- inputs ---------------------------------------------------------------------------
     def _dataset(self, data: TableSource, with_labels: bool) -> MultimodalDataset:

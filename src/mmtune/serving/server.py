@@ -487,6 +487,7 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
         return {
             "mmtune_version": __version__,
             "backend": predictor.backend,
+            "ensemble": predictor.members,
             "modalities": list(predictor.modalities),
             "columns": {"files": list(reader.file_columns), "text": reader.text_columns, "values": reader.value_columns,
                         "id": reader.id_column},
@@ -558,9 +559,10 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
 
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, backend: Optional[str] = None,
-          device: str = "cpu", settings: Optional[ServeSettings] = None) -> None:
+          device: str = "cpu", settings: Optional[ServeSettings] = None, ensemble: Optional[bool] = None) -> None:
     """Load the bundle and serve it with uvicorn until interrupted. ``workers`` > 1 starts that many processes
-    (each with its own copy of the model) through uvicorn's own process manager."""
+    (each with its own copy of the model) through uvicorn's own process manager. ``ensemble`` as in
+    :meth:`~mmtune.Predictor.load` (a run's ensemble is served by default)."""
     from ..extras import require
 
     uvicorn = require("uvicorn", "serve", "mmtune serve")
@@ -573,11 +575,11 @@ def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, 
     settings = settings or ServeSettings()
     if workers > 1:
         os.environ["MMTUNE_SERVE"] = json.dumps({"run": str(run_dir), "backend": backend, "device": device,
-                                                 "settings": settings.__dict__})
+                                                 "ensemble": ensemble, "settings": settings.__dict__})
         uvicorn.run("mmtune.serving.server:app_from_environment", factory=True, host=host, port=port, workers=workers,
                     log_level="warning")
         return
-    predictor = Predictor.load(run_dir, device=device, backend=backend)
+    predictor = Predictor.load(run_dir, device=device, backend=backend, ensemble=ensemble)
     uvicorn.run(create_app(predictor, settings), host=host, port=port, log_level="warning")
 
 
@@ -589,5 +591,6 @@ def app_from_environment():
     from .predictor import Predictor
 
     spec = json.loads(os.environ["MMTUNE_SERVE"])
-    predictor = Predictor.load(spec["run"], device=spec["device"], backend=spec["backend"])
+    predictor = Predictor.load(spec["run"], device=spec["device"], backend=spec["backend"],
+                               ensemble=spec.get("ensemble"))
     return create_app(predictor, ServeSettings(**spec["settings"]))

@@ -92,7 +92,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         return tune(cfg, train=train, val=val, test=test, overwrite=overwrite).refit
     main = is_main_process()  # in a distributed run only the main process writes
     if cfg.evaluation.cv and not resume:
-        extra, keep, overwrite = _cross_validate(cfg, train, extra, keep, overwrite)
+        extra, keep, overwrite = _cross_validate(cfg, train, test, extra, keep, overwrite)
     with RunClaim(cfg.run_dir, resume, overwrite, follower=not main, keep=keep) as claim:
         run_dir = claim.work_dir
         previous = read_resume_state(run_dir, cfg) if claim.resume else None
@@ -125,7 +125,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         model.to(device)  # evaluation, calibration and contribution on the training device
         calibration, metrics, predictions = finalize(
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
-            cfg.data.id_column, {s: data.shown(s) for s in data.splits if s != "train"}, device=device)
+            cfg.data.id_column, {s: data.shown(s) for s in data.splits if s != "train"}, device=device,
+            group_column=cfg.data.group_column)
         reference = reference_outputs(model, data.eval_loader("train"))
         if cfg.evaluation.explain:
             metrics["explanations"] = _explain_worst(cfg, model, data, calibration, run_dir, device, reference)
@@ -142,10 +143,14 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         report = _report(run_dir) if cfg.evaluation.report else None
         write_bundle(run_dir, cfg, model, data.tasks, calibration, metrics, data.rejected, predictions, report, reference)
         claim.commit()
+    if cfg.evaluation.cv and cfg.evaluation.cv_ensemble and main:
+        from ..crossval import ship_folds
+
+        ship_folds(cfg, log=lambda m: log.info("%s", m))
     return FitResult(cfg.run_dir, metrics, cfg, model, data.tasks, calibration, reference=reference)
 
 
-def _cross_validate(cfg: Config, train, extra, keep, overwrite):
+def _cross_validate(cfg: Config, train, test, extra, keep, overwrite):
     """Run the folds (:mod:`mmtune.crossval`) into ``RUN/cv`` before the run's own fit, refusing first what the run's
     claim would refuse; returns the fit's ``extra`` (with ``cv``), ``keep`` and ``overwrite`` for that fit."""
     from ..bundle import check_run_folder
@@ -159,7 +164,7 @@ def _cross_validate(cfg: Config, train, extra, keep, overwrite):
     if run.is_dir() and any(p.name != "cv" for p in run.iterdir()) and not overwrite:
         raise FileExistsError(f"{str(run)!r} already holds a run: pass --overwrite to replace it, or choose another "
                               "name (--set name=...)")
-    cv = cross_validate(cfg, train, log=lambda m: log.info("%s", m))
+    cv = cross_validate(cfg, train, test, log=lambda m: log.info("%s", m))
     given = extra
 
     def merged():
