@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make demo` and `make test`.
-.PHONY: demo test install install-test bench
+.PHONY: demo test install install-test bench docs
 
 install:
 	bash scripts/setup.sh
@@ -18,3 +18,7 @@ test: install-test
 
 bench: install
 	.venv/bin/python bench/speed.py
+
+# The documentation site, offline, into site/ (the test suite builds it with --strict too).
+docs: install-test
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                     "already in RUN/tune continues up to this count")
     tu.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                     help="budget for search and refit (default trainer.max_time)")
-    tu.add_argument("--space", help="YAML search space narrowing or extending the default (see the README)")
+    tu.add_argument("--space", help="YAML search space narrowing or extending the default (see docs/guides/presets-and-search.md)")
     tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (repeatable)")
     tu.add_argument("--overwrite", action="store_true", help="let the refit replace a run of the same name")
@@ -176,7 +176,7 @@ def _preset_args(p) -> None:
     from .presets import PRESETS
 
     p.add_argument("--preset", choices=PRESETS.names(),
-                   help="a named recipe for the settings the config leaves open (see the README's presets table)")
+                   help="a named recipe for the settings the config leaves open (see docs/guides/presets-and-search.md)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="wall-clock budget of the training (trainer.max_time); preset best: of search and refit")
 

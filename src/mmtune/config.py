@@ -439,7 +439,7 @@ class Config(_Strict):
     output_dir: str = "runs"
     preset: Optional[str] = None
     """A named recipe (``mmtune.presets.PRESETS``: fast, balanced, best) that fills in the training settings
-    this config does not set itself; see the README's table."""
+    this config does not set itself; see the table in docs/guides/presets-and-search.md."""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     finetune: SerializeAsAny[PartConfig] = Field(default_factory=_default("finetune"))

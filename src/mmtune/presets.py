@@ -9,7 +9,7 @@ from the size of the table and the columns it has; every key the config sets its
 ``best``      ``balanced`` as the first trial of a short hyper-parameter search (:mod:`mmtune.search`) inside
               the time budget, then the best trial refitted into the run bundle.
 
-The settings a preset applies are dotted config keys (:func:`preset_settings`); the README's table of them is
+The settings a preset applies are dotted config keys (:func:`preset_settings`); the table of them in docs/guides/presets-and-search.md is
 produced from :data:`PRESETS`, and the tests check the two agree.
 """
 from __future__ import annotations
