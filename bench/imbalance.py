@@ -27,6 +27,13 @@ METHODS = {
     "focal": ["loss.type=focal", "loss.gamma=2.0"],
     "SMOTE": ["synthesis.method=smote", "synthesis.target_ratio=1.0"],
     "GAN": ["synthesis.method=gan", "synthesis.target_ratio=1.0", "synthesis.gan.epochs=200"],
+    "SMOTE subspace": ["synthesis.method=smote", "synthesis.target_ratio=1.0", "synthesis.subspace=0.9"],
+    "GAN subspace": ["synthesis.method=gan", "synthesis.target_ratio=1.0", "synthesis.gan.epochs=200",
+                     "synthesis.subspace=0.9"],
+    "logit-adjusted": ["loss.type=logit_adjusted", "loss.tau=1.0"],
+    "balanced softmax": ["loss.type=balanced_softmax"],
+    "post-hoc adjust": ["evaluation.logit_adjustment=true"],
+    "deferred weights": ["imbalance.class_weights=inverse", "imbalance.reweight_last=10"],
 }
 MINORITY = "cool-return"
 
@@ -64,7 +71,7 @@ def main() -> None:
     for method, extra in METHODS.items():
         if method not in chosen:
             continue
-        f1s, recalls = [], []
+        f1s, recalls, fidelity = [], [], []
         for seed in range(args.seeds):
             cfg = load_config(demo_config_path(), [
                 f"output_dir={work / 'runs'}", f"name=imb-{method.replace(' ', '_')}-{seed}",
@@ -76,11 +83,23 @@ def main() -> None:
             m = res.metrics["test"]["label"]
             f1s.append(m["f1_macro"])
             recalls.append(next(r["recall"] for r in m["per_class"] if r["class"] == MINORITY))
+            fid = ((res.metrics.get("synthesis") or {}).get("fidelity") or {})
+            if fid:  # the minority class's generated rows against its real ones
+                idx = str(res.tasks[0].classes.index(MINORITY))
+                fidelity.append(fid.get(idx, {}))
         results[method] = {"macro_f1": float(np.mean(f1s)), "macro_f1_std": float(np.std(f1s)),
                            "minority_recall": float(np.mean(recalls)), "minority_recall_std": float(np.std(recalls))}
+        for key in ("mean_distance", "spread_ratio", "precision", "recall"):
+            values = [f[key] for f in fidelity if key in f]
+            if values:
+                results[method][f"gan_minority_{key}"] = float(np.mean(values))
         r = results[method]
-        print(f"{method:<14} macro-F1 {r['macro_f1']:.3f} ± {r['macro_f1_std']:.3f}   "
-              f"minority recall {r['minority_recall']:.3f} ± {r['minority_recall_std']:.3f}", flush=True)
+        said = "" if "gan_minority_spread_ratio" not in r else (
+            f"   minority fidelity: distance {r['gan_minority_mean_distance']:.2f}, spread {r['gan_minority_spread_ratio']:.2f}"
+            + (f", precision {r['gan_minority_precision']:.2f}, recall {r['gan_minority_recall']:.2f}"
+               if "gan_minority_precision" in r else ""))
+        print(f"{method:<16} macro-F1 {r['macro_f1']:.3f} ± {r['macro_f1_std']:.3f}   "
+              f"minority recall {r['minority_recall']:.3f} ± {r['minority_recall_std']:.3f}{said}", flush=True)
     print(json.dumps({"ratio": "20:1", "train_counts": counts, "seeds": args.seeds, "epochs": args.epochs,
                       "methods": results}))
 

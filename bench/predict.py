@@ -8,6 +8,11 @@ rows. Batch throughput: predict_proba over the test rows repeated --repeat times
 decoding included). Single row: --single calls of predict_proba on one row (p50 / p99). The input path alone
 (validation, decoding, tokenising, resizing: the same for every backend) is timed too. The last line printed
 is one JSON object.
+
+``static-int8`` is measured beside them but not shipped by ``mmtune export``: the convolutions (depthwise ones
+included) quantized statically to int8 in QDQ form with onnxruntime's calibration on 64 rows of the run's
+validation split (per-channel weights, uint8 activations), and the matrix products dynamically as in ``int8``;
+``static_int8_speedup`` and ``static_int8_accuracy_delta`` in the JSON are its figures against eager PyTorch.
 """
 from __future__ import annotations
 
@@ -50,6 +55,32 @@ def test_rows(run: Path) -> pd.DataFrame:
     return df
 
 
+def static_int8(export: Path, pred, rows: pd.DataFrame, batch_size: int) -> Path:
+    """``export/model.int8-static.onnx``: convolutions static int8 (QDQ, calibrated on ``rows``), matrix products
+    dynamic int8."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+
+    from mmtune.serving.runners import graph_feed
+
+    ds = pred._dataset(rows, with_labels=False)
+    names = pred.runner.inputs
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([graph_feed(b, names) for b in pred._batches(ds, batch_size)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    mid, out = export / "model.static-conv.onnx", export / "model.int8-static.onnx"
+    quantize_static(str(export / "model.onnx"), str(mid), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["Conv"], per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8)
+    quantize_dynamic(str(mid), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Attention"])
+    return out
+
+
 def timed(fn, times: int = 3) -> float:
     out = []
     for _ in range(times):
@@ -88,9 +119,19 @@ def main() -> None:
     report = export_onnx(run, export, data=rows, quantize="int8")
     print(f"cpu threads: {torch.get_num_threads()}; rows: {len(rows)} test rows x {args.repeat}", flush=True)
 
+    from mmtune.serving.export import _rows
+    from mmtune.serving.runners import OnnxRunner
+
+    fp32 = mmtune.load(export, backend="onnx")
+    val, _ = _rows(fp32, None)  # the run's validation split, rebuilt from its config
+    static_path = static_int8(export, fp32, val.head(64), args.batch_size)
+
     results, proba = {}, {}
-    for name, path, backend in (("torch", run, "torch"), ("onnx", export, "onnx"), ("int8", export, "onnx-int8")):
+    for name, path, backend in (("torch", run, "torch"), ("onnx", export, "onnx"), ("int8", export, "onnx-int8"),
+                                ("static-int8", export, "onnx")):
         pred = mmtune.load(path, backend=backend)
+        if name == "static-int8":
+            pred.runner = OnnxRunner(static_path, pred.runner.output_modality, torch.device("cpu"))
         pred.predict_proba(rows.head(args.batch_size), batch_size=args.batch_size)  # warm-up
         seconds = timed(lambda: pred.predict_proba(many, batch_size=args.batch_size))
         proba[name] = pred.predict_proba(rows, calibrated=False).drop(columns=[pred.spec.id_column] if pred.spec.id_column else []).to_numpy()
@@ -109,15 +150,16 @@ def main() -> None:
                          "p99_ms": float(np.percentile(single, 99)), "accuracy": metric.get("accuracy", metric.get("r2")),
                          "input_s": input_s, "model_s": max(seconds - input_s, 0.0), "seconds": seconds}
     base = results["torch"]
-    print(f"\n{'backend':8} {'rows/s':>8} {'speedup':>8} {'p50 ms':>7} {'p99 ms':>7} {'accuracy':>9} "
+    print(f"\n{'backend':11} {'rows/s':>8} {'speedup':>8} {'p50 ms':>7} {'p99 ms':>7} {'accuracy':>9} "
           f"{'input s':>8} {'rest s':>7}")
     for name, r in results.items():
-        print(f"{name:8} {r['rows_per_s']:8.1f} {r['rows_per_s'] / base['rows_per_s']:8.2f} {r['p50_ms']:7.1f} "
+        print(f"{name:11} {r['rows_per_s']:8.1f} {r['rows_per_s'] / base['rows_per_s']:8.2f} {r['p50_ms']:7.1f} "
               f"{r['p99_ms']:7.1f} {r['accuracy']:9.4f} {r['input_s']:8.2f} {r['seconds'] - r['input_s']:7.2f}")
     print(f"(input s: validating, decoding and collating the {len(many)} rows alone, on the same threads; "
           "rest: the model, and what the input path does not overlap with it)")
     print(f"export parity on {report.rows_checked} rows: max |Δ prob| {report.max_abs_prob_diff:.2e}; "
-          f"int8 vs fp32 max |Δ prob| {float(np.abs(proba['int8'] - proba['onnx']).max()):.3f}")
+          f"int8 vs fp32 max |Δ prob| {float(np.abs(proba['int8'] - proba['onnx']).max()):.3f}; static int8 vs fp32 "
+          f"{float(np.abs(proba['static-int8'] - proba['onnx']).max()):.3f}")
     best = max(("onnx", "int8"), key=lambda k: results[k]["rows_per_s"])
     print(json.dumps({
         "torch_rows_per_s": round(results["torch"]["rows_per_s"], 1),
@@ -126,6 +168,8 @@ def main() -> None:
         "onnx_speedup": round(results["onnx"]["rows_per_s"] / base["rows_per_s"], 2),
         "int8_speedup": round(results["int8"]["rows_per_s"] / base["rows_per_s"], 2),
         "int8_accuracy_delta": round(results["int8"]["accuracy"] - results["torch"]["accuracy"], 4),
+        "static_int8_speedup": round(results["static-int8"]["rows_per_s"] / base["rows_per_s"], 2),
+        "static_int8_accuracy_delta": round(results["static-int8"]["accuracy"] - results["torch"]["accuracy"], 4),
         "p50_ms_best": round(min(r["p50_ms"] for r in results.values()), 2),
         "max_abs_prob_diff": float(f"{float(np.abs(proba['onnx'] - proba['torch']).max()):.3g}"),
         "torch_p50_ms": round(results["torch"]["p50_ms"], 2),

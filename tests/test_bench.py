@@ -33,6 +33,7 @@ def test_predict_and_serve_benches_run_and_print_their_json(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s", "onnx_speedup", "int8_speedup", "int8_accuracy_delta",
+            "static_int8_speedup", "static_int8_accuracy_delta",
             "p50_ms_best", "max_abs_prob_diff"} <= set(last)
     assert last["max_abs_prob_diff"] <= 1e-4 and all(last[k] > 0 for k in ("torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s"))
     out = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--run", str(tmp_path / "demo-fused"), "--clients", "4",

@@ -97,13 +97,15 @@ def test_every_loss_is_a_per_row_loss_with_gradients(name):
     loss = LOSSES.get(name)(LOSSES.get(name).Config())
     logits = torch.randn(6, 3, requires_grad=True)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
-    rows = loss.single_label(logits, target)
+    # a loss that reads the training prior gets it as the objective gives it
+    prior = {"log_prior": torch.log(torch.tensor([0.6, 0.3, 0.1]))} if loss.uses_prior else {}
+    rows = loss.single_label(logits, target, **prior)
     assert rows.shape == (6,) and torch.isfinite(rows).all() and (rows >= 0).all()
     rows.sum().backward()
     assert logits.grad.abs().sum() > 0
     # a confident right answer costs less than a confident wrong one
     good = torch.tensor([[5.0, 0.0, 0.0]])
-    assert loss.single_label(good, torch.tensor([0])) < loss.single_label(good, torch.tensor([1]))
+    assert loss.single_label(good, torch.tensor([0]), **prior) < loss.single_label(good, torch.tensor([1]), **prior)
     multi = loss.multi_label(torch.zeros(2, 3), torch.tensor([[1.0, 0, 1], [0, 1, 0]]))
     assert multi.shape == (2,)
 

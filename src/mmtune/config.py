@@ -354,11 +354,21 @@ class ImbalanceConfig(_Strict):
     """Loss weights per class: ``inverse`` frequency (N / (C n_c)), ``effective`` number of samples
     ((1 - beta) / (1 - beta^n_c), scaled to sum to C), or ``{class: weight}``. First single-label task."""
     effective_beta: float = Field(0.999, gt=0.0, lt=1.0)
+    reweight_last: int = Field(0, ge=0)
+    """Deferred re-weighting (Cao et al., 2019): the class weights apply only in the last this many epochs of
+    ``trainer.max_epochs`` (and never to the validation loss). 0: in every epoch."""
     sampler: bool = False
     """Draw training rows with probability inversely proportional to their class frequency."""
     sample_weight_column: Optional[str] = None
     """Column holding a per-row loss weight (with the sampler too: the sampler balances classes, the loss
     weighs rows, so a row counts w once)."""
+
+    @model_validator(mode="after")
+    def _reweighting_has_weights(self) -> "ImbalanceConfig":
+        if self.reweight_last and self.class_weights == "none":
+            raise ValueError("imbalance.reweight_last defers the class weights, but imbalance.class_weights is none: "
+                             "set class_weights (inverse, effective or {class: weight})")
+        return self
 
 
 class GANConfig(_Strict):
@@ -382,7 +392,10 @@ class SynthesisConfig(_Strict):
     target_ratio: float = Field(1.0, gt=0.0, le=1.0)
     """Bring every smaller class up to this share of the largest class's count."""
     k_neighbors: int = Field(5, ge=1)
-    """SMOTE neighbours."""
+    """SMOTE neighbours (fewer, with a warning, when a class has too few rows)."""
+    subspace: Optional[float] = Field(None, gt=0.0, le=1.0)
+    """Make the rows (GAN or SMOTE) in a whitened PCA subspace of the training features holding this share of
+    their variance (e.g. 0.9), then map them back. None: in the full feature space."""
     gan: GANConfig = Field(default_factory=GANConfig)
 
 
@@ -418,6 +431,10 @@ class EvaluationConfig(_Strict):
     cv: int = Field(0, ge=0)
     """K-fold cross-validation before the fit (``mmtune fit --cv K``): K fits on folds of the training table
     (grouped by ``data.group_column``), their validation metrics and spread in ``metrics.json["cv"]``. 0: off."""
+    logit_adjustment: bool = False
+    """Post-hoc logit adjustment (Menon et al., 2021) of single-label tasks: after temperature scaling, the
+    probabilities are divided by the training prior to a power τ chosen on validation (0 to 2, by balanced
+    accuracy), stored with the calibration and applied by every prediction."""
     cv_ensemble: bool = True
     """With ``cv``: ship the K fold models as an equal-weight ensemble (``RUN/ensemble``; together they have seen
     every training row), loaded by ``Predictor.load`` by default; false ships the run's own single model."""

@@ -370,6 +370,15 @@ class TableDataModule(L.LightningDataModule):
     def eval_loaders(self) -> Dict[str, DataLoader]:
         return {s: self.eval_loader(s) for s in self.splits if s != "train"}
 
+    def class_counts(self) -> Dict[str, torch.Tensor]:
+        """Per single-label task, the training split's rows of each class (the long-tail losses' prior)."""
+        out = {}
+        for task in self.tasks:
+            if not task.multilabel and not task.regression:
+                labels = np.asarray(self.datasets["train"].labels[task.name], dtype=int)
+                out[task.name] = torch.as_tensor(np.bincount(labels, minlength=len(task.classes)), dtype=torch.float32)
+        return out
+
     def class_weights(self) -> Dict[str, torch.Tensor]:
         """Per single-label task, the loss weight of each class from the training split's counts."""
         from ..losses import class_weights

@@ -11,23 +11,61 @@ import numpy as np
 class Calibration:
     """What a task's predictions need after the softmax, fitted on validation and stored in the bundle:
     ``temperature`` (single-label; None: none), ``threshold`` (binary: the decision threshold on p(class 1);
-    None: argmax), ``thresholds`` (multi-label: per label; None: 0.5)."""
+    None: argmax), ``thresholds`` (multi-label: per label; None: 0.5), and the post-hoc logit adjustment
+    (``evaluation.logit_adjustment``; Menon et al., 2021): ``prior_tau`` τ and ``log_prior`` (each class's log share
+    of the training rows), which turn the probabilities into p_c π_c^-τ / Σ_k p_k π_k^-τ — at τ = 1 the posterior
+    under equal class priors."""
 
     temperature: Optional[float] = None
     threshold: Optional[float] = None
     thresholds: Optional[List[float]] = None
+    prior_tau: Optional[float] = None
+    log_prior: Optional[List[float]] = None
 
     def probabilities(self, task, proba: np.ndarray) -> np.ndarray:
-        """The temperature applied (single-label, float64); multi-label probabilities unchanged."""
-        return proba if task.multilabel or getattr(task, "regression", False) else apply_temperature(proba, self.temperature)
+        """The temperature, then the prior adjustment, applied (single-label, float64); multi-label probabilities
+        unchanged."""
+        if task.multilabel or getattr(task, "regression", False):
+            return proba
+        return adjust_for_prior(apply_temperature(proba, self.temperature), self.log_prior, self.prior_tau)
 
     def to_json(self) -> Dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.prior_tau is None:  # bundles without the adjustment keep the keys earlier versions wrote
+            out.pop("prior_tau"), out.pop("log_prior")
+        return out
 
     @classmethod
     def from_json(cls, d: Optional[Dict[str, Any]]) -> "Calibration":
         d = d or {}
-        return cls(d.get("temperature"), d.get("threshold"), d.get("thresholds"))
+        return cls(d.get("temperature"), d.get("threshold"), d.get("thresholds"), d.get("prior_tau"), d.get("log_prior"))
+
+
+def adjust_for_prior(proba: np.ndarray, log_prior: Optional[List[float]], tau: Optional[float]) -> np.ndarray:
+    """softmax(log p - τ log π): the probabilities with the training prior divided out τ times (τ 0 or None: as
+    they are)."""
+    if not tau or log_prior is None:
+        return proba
+    logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)) - tau * np.asarray(log_prior, np.float64)
+    logp -= logp.max(1, keepdims=True)
+    e = np.exp(logp)
+    return e / e.sum(1, keepdims=True)
+
+
+TAU_GRID = tuple(np.round(np.arange(0.0, 2.01, 0.25), 2).tolist())
+"""The τ values post-hoc logit adjustment chooses from on validation."""
+
+
+def fit_prior_tau(y_val, proba: np.ndarray, log_prior) -> Dict[str, Any]:
+    """The τ of :data:`TAU_GRID` whose adjusted argmax has the highest balanced accuracy on validation (the smallest
+    such τ on ties), with each τ's score."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    y = np.asarray(y_val, dtype=int)
+    scores = {tau: float(balanced_accuracy_score(y, adjust_for_prior(proba, log_prior, tau).argmax(1)))
+              for tau in TAU_GRID}
+    best = max(TAU_GRID, key=lambda t: (scores[t], -t))
+    return {"tau": best, "balanced_accuracy_by_tau": scores}
 
 
 def reliability_curve(y_true, proba: np.ndarray, n_bins: int = 15) -> Dict[str, list]:

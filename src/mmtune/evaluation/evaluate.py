@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..inference import predict_proba_batches
 from .ablation import modality_contribution
-from .calibration import (Calibration, apply_temperature, expected_calibration_error, fit_temperature,
+from .calibration import (Calibration, adjust_for_prior, apply_temperature, fit_prior_tau, expected_calibration_error, fit_temperature,
                           tune_binary_threshold)
 from .metrics import bootstrap_interval, flattering_validation, task_metrics, tune_thresholds
 
@@ -21,7 +21,7 @@ def _labels(ds, task) -> Any:
     return v.tolist() if hasattr(v, "tolist") else v
 
 
-def fit_calibration(task, y_val, p_val, eval_cfg) -> Tuple[Calibration, Dict[str, Any]]:
+def fit_calibration(task, y_val, p_val, eval_cfg, class_counts=None) -> Tuple[Calibration, Dict[str, Any]]:
     """The task's calibration fitted on validation (raw probabilities ``p_val``): per-label thresholds
     (multi-label), else a temperature and, for a binary task with a goal, a decision threshold. Returns it
     and what the report shows of the tuning. A regression target has none."""
@@ -31,17 +31,25 @@ def fit_calibration(task, y_val, p_val, eval_cfg) -> Tuple[Calibration, Dict[str
         return Calibration(thresholds=tune_thresholds(np.asarray(y_val), p_val)), {}
     temperature = fit_temperature(y_val, p_val) if eval_cfg.temperature_scaling else None
     info: Dict[str, Any] = {}
+    shown = apply_temperature(p_val, temperature)  # what the task will predict: the threshold is tuned on it
+    tau = log_prior = None
+    if eval_cfg.logit_adjustment and class_counts is not None:  # τ chosen on validation, after the temperature
+        n = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+        prior = np.log(n / n.sum()).tolist()
+        info["logit_adjustment"] = fit_prior_tau(y_val, shown, prior)
+        if info["logit_adjustment"]["tau"]:
+            tau, log_prior = info["logit_adjustment"]["tau"], prior
+            shown = adjust_for_prior(shown, log_prior, tau)
     threshold = None
     if len(task.classes) == 2 and eval_cfg.threshold_goal != "none":
-        tuned = tune_binary_threshold(y_val, apply_temperature(p_val, temperature)[:, 1], eval_cfg.threshold_goal,
-                                      eval_cfg.threshold_value)
+        tuned = tune_binary_threshold(y_val, shown[:, 1], eval_cfg.threshold_goal, eval_cfg.threshold_value)
         threshold, info["decision_threshold"] = tuned["threshold"], tuned
-    return Calibration(temperature, threshold), info
+    return Calibration(temperature, threshold, None, tau, log_prior), info
 
 
 def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFrame], eval_cfg, modalities,
              id_column: Optional[str] = None, shown: Optional[Dict[str, Dict[str, list]]] = None, device="cpu",
-             group_column: Optional[str] = None):
+             group_column: Optional[str] = None, class_counts: Optional[Dict[str, Any]] = None):
     """Fit each task's calibration on validation and compute metrics; nothing is changed in place.
 
     Returns ``(calibration, metrics, predictions)``: ``calibration[task]`` (a :class:`Calibration`),
@@ -50,7 +58,8 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
     ``predictions[split]`` is a table of each row's true labels and raw (uncalibrated) probabilities, plus
     the id and each modality's value as ``shown[split][modality]`` gives it, for the report. Everything runs
     on ``device`` (the model's). With ``group_column`` (a column of the test frame) the test metrics' bootstrap
-    intervals resample whole groups."""
+    intervals resample whole groups; ``class_counts`` (per task, the training rows of each class) is the prior of
+    the post-hoc logit adjustment (``evaluation.logit_adjustment``)."""
     def proba_of(batches):
         return predict_proba_batches(model, tasks, batches, device)
 
@@ -59,7 +68,7 @@ def finalize(model, tasks, loaders: Dict[str, Any], frames: Dict[str, pd.DataFra
     calibration: Dict[str, Calibration] = {}
     report: Dict[str, Any] = {}
     for t in tasks:
-        cal, info = fit_calibration(t, labels["val"][t.name], raw["val"][t.name], eval_cfg)
+        cal, info = fit_calibration(t, labels["val"][t.name], raw["val"][t.name], eval_cfg, (class_counts or {}).get(t.name))
         calibration[t.name] = cal
         if t.multilabel or t.regression:
             continue

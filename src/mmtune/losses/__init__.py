@@ -1,4 +1,5 @@
-"""Losses (one table, :data:`LOSSES`, chosen by ``loss.type``) and class weights for imbalanced data.
+"""Losses (one table, :data:`LOSSES`, chosen by ``loss.type``: cross_entropy, focal, logit_adjusted,
+balanced_softmax) and class weights for imbalanced data.
 
 A loss gives the per-row loss of one task; the training objective (``mmtune.training.objective``) sums
 tasks by their weights, applies sample weights and the L1 penalty. Multi-label tasks use binary
@@ -75,6 +76,10 @@ class Loss:
     def check_tasks(self, tasks: List) -> None:
         """Raise ValueError when the loss is not defined for a task found in the data."""
 
+    uses_prior: bool = False
+    """True for a loss that reads the training prior: the objective then passes ``log_prior`` — (C,) log of each
+    class's share of the training rows — to :meth:`single_label` as a keyword."""
+
     def single_label(self, logits: torch.Tensor, target: torch.Tensor,
                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -122,6 +127,50 @@ class Focal(Loss):
 
     def single_label(self, logits, target, weight=None):
         return focal_loss(logits, target, self.cfg.gamma, self.cfg.alpha, weight)
+
+
+def _needs_prior(log_prior):
+    if log_prior is None:
+        raise ValueError("this loss needs the training split's class shares (log_prior=); the training objective "
+                         "passes them")
+    return log_prior
+
+
+@LOSSES.register("logit_adjusted")
+class LogitAdjusted(Loss):
+    """Logit-adjusted cross-entropy (Menon et al., 2021): cross-entropy of ``logits + tau * log prior``, the prior
+    being each class's share of the training rows. Training against the prior-shifted logits leaves the raw logits
+    to model the balanced posterior, so a rare class is not out-voted by its prior. ``tau`` 0 is plain
+    cross-entropy."""
+
+    uses_prior = True
+
+    class Config(LossConfig):
+        type: Literal["logit_adjusted"] = "logit_adjusted"
+        tau: float = Field(1.0, ge=0.0)
+        """How strongly the prior shifts the logits in training (1: the balanced posterior; 0: cross-entropy)."""
+
+    def single_label(self, logits, target, weight=None, log_prior=None):
+        z = logits.float()
+        if self.cfg.tau:
+            z = z + self.cfg.tau * _needs_prior(log_prior).to(z.device, z.dtype)
+        return F.cross_entropy(z, target, weight=weight, reduction="none")
+
+
+@LOSSES.register("balanced_softmax")
+class BalancedSoftmax(Loss):
+    """Balanced softmax (Ren et al., 2020): cross-entropy of softmax over ``logits + log n_j`` (n_j the training
+    rows of class j) — the same softmax as logit adjustment with tau 1, since log n_j and log prior differ by a
+    constant. Its gradient in logit j is ``n_j e^{z_j} / sum_k n_k e^{z_k} - y_j``."""
+
+    uses_prior = True
+
+    class Config(LossConfig):
+        type: Literal["balanced_softmax"] = "balanced_softmax"
+
+    def single_label(self, logits, target, weight=None, log_prior=None):
+        z = logits.float() + _needs_prior(log_prior).to(logits.device, torch.float32)
+        return F.cross_entropy(z, target, weight=weight, reduction="none")
 
 
 def build_loss(cfg) -> Loss:

@@ -141,7 +141,10 @@ def fidelity(X_real: np.ndarray, y_real: np.ndarray, X_fake: np.ndarray, y_fake:
       (√ of the summed per-feature variances) — 0 is perfect; 1 means the generated class centre is
       one typical real row's distance away from the real centre;
     * ``spread_ratio``: the generated class's RMS spread over the real one's — 1 is perfect; well below 1
-      is collapse, well above is noise.
+      is collapse, well above is noise;
+    * ``precision`` and ``recall`` (Kynkäänniemi et al., 2019; :func:`precision_recall`, k = 3): the share of
+      generated rows inside the real class's k-NN manifold, and of real rows inside the generated one's — 1 and 1
+      is perfect; low precision is rows off the real data, low recall is part of the class never generated.
     """
     scale = np.asarray(X_real, dtype=np.float64).std(0)
     scale[scale < 1e-12] = 1.0
@@ -156,9 +159,38 @@ def fidelity(X_real: np.ndarray, y_real: np.ndarray, X_fake: np.ndarray, y_fake:
         out[str(int(c))] = {
             "mean_distance": float(np.linalg.norm(f.mean(0) - r.mean(0)) / max(real_spread, 1e-12)),
             "spread_ratio": fake_spread / max(real_spread, 1e-12),
+            **(precision_recall(r, f) if len(r) > PR_K and len(f) > PR_K else {}),
             "real_rows": int(len(r)), "generated_rows": int(len(f)),
         }
     return out
+
+
+PR_K = 3
+
+
+def _radii(X: np.ndarray, k: int) -> np.ndarray:
+    """Each row's distance to its k-th nearest other row."""
+    d = np.sqrt(np.maximum(((X[:, None, :] - X[None, :, :]) ** 2).sum(-1), 0.0))
+    return np.sort(d, axis=1)[:, k]  # column 0 is the row itself
+
+
+def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Whether each point lies within ``radii[j]`` of some centre j."""
+    out = np.zeros(len(points), dtype=bool)
+    for s in range(0, len(points), chunk):
+        p = points[s:s + chunk]
+        d = np.sqrt(np.maximum(((p[:, None, :] - centres[None, :, :]) ** 2).sum(-1), 0.0))
+        out[s:s + chunk] = (d <= radii[None, :]).any(1)
+    return out
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> Dict[str, float]:
+    """Improved precision and recall of generated rows (Kynkäänniemi et al., 2019): the real manifold is the union
+    of balls around each real row with the radius of its k-th nearest real neighbour, the generated one likewise;
+    precision is the share of generated rows in the real manifold, recall the share of real rows in the generated."""
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    return {"precision": float(_covered(fake, real, _radii(real, k)).mean()),
+            "recall": float(_covered(real, fake, _radii(fake, k)).mean())}
 
 
 # Beyond these, synthetic rows are reported as far from the real ones (and a warning is issued).

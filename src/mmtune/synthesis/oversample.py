@@ -27,29 +27,47 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
     report: Dict[str, Any] = {"method": cfg.method, "added_per_class": {str(c): int(n) for c, n in need.items()}}
     if not need:
         return X[:0], y[:0], report
+    import warnings
+
+    space = None
+    if cfg.subspace is not None:  # made in a whitened PCA subspace of the training rows, mapped back
+        from .subspace import Subspace
+
+        space = Subspace(X, cfg.subspace, y)
+        report["subspace"] = {"components": space.dim, "variance_kept": round(space.kept, 4), "of": int(X.shape[1])}
+    to = space.to if space is not None else (lambda a: a)
+    back = space.back if space is not None else (lambda a: a)
     if cfg.method in ("smote", "borderline_smote"):
         from imblearn.over_sampling import SMOTE, BorderlineSMOTE
 
-        k = max(1, min(cfg.k_neighbors, int(min(counts[c] for c in need)) - 1))
+        fewest = int(min(counts[c] for c in need))
+        k = max(1, min(cfg.k_neighbors, fewest - 1))
+        if k < cfg.k_neighbors:
+            names = [str(class_names[c]) if class_names is not None else str(c) for c in need if counts[c] == fewest]
+            msg = (f"synthesis.k_neighbors={cfg.k_neighbors}, but class {names[0]!r} has {fewest} training row(s): "
+                   f"SMOTE interpolates between each row and its {k} nearest neighbour(s) instead")
+            warnings.warn(msg)
+            report["k_neighbors_note"] = msg
+        report["k_neighbors"] = k
         cls = SMOTE if cfg.method == "smote" else BorderlineSMOTE
         sampler = cls(sampling_strategy=targets, k_neighbors=k, random_state=seed)
-        Xr, yr = sampler.fit_resample(X, y)
-        return Xr[len(X):], yr[len(X):], report
+        Xr, yr = sampler.fit_resample(to(X), y)
+        return back(Xr[len(X):]), yr[len(X):], report
     if cfg.method == "gan":
-        import warnings
-
         from .feature_gan import ConditionalGAN, fidelity, fidelity_problems
 
         g = cfg.gan
-        gan = ConditionalGAN(X.shape[1], int(y.max()) + 1, g.noise_dim, g.hidden, g.lr, seed, r1=g.r1,
+        Z = to(X)
+        gan = ConditionalGAN(Z.shape[1], int(y.max()) + 1, g.noise_dim, g.hidden, g.lr, seed, r1=g.r1,
                              ema_decay=g.ema_decay)
-        gan.fit(X, y, g.epochs, g.batch_size, g.divergence_patience)
+        gan.fit(Z, y, g.epochs, g.batch_size, g.divergence_patience)
         ys = np.concatenate([np.full(n, c) for c, n in need.items()])
-        Xn = gan.sample(ys)
+        Xn = back(gan.sample(ys))
         # Fidelity on a fresh draw of the same size for every class (the minority classes' own rows
-        # are few): how far the generated class centres and spreads are from the real ones.
+        # are few), in the full feature space: how far the generated class centres and spreads are from the
+        # real ones, and the generated rows' precision and recall against the real class.
         probe_y = np.repeat(np.unique(y), 200)
-        per_class = fidelity(X, y, gan.sample(probe_y), probe_y)
+        per_class = fidelity(X, y, back(gan.sample(probe_y)), probe_y)
         problems = fidelity_problems(per_class, class_names)
         if problems:
             warnings.warn("synthetic rows are far from the real ones: " + "; ".join(problems))

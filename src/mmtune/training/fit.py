@@ -126,7 +126,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         calibration, metrics, predictions = finalize(
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
             cfg.data.id_column, {s: data.shown(s) for s in data.splits if s != "train"}, device=device,
-            group_column=cfg.data.group_column)
+            group_column=cfg.data.group_column,
+            class_counts={k: v.numpy() for k, v in data.class_counts().items()})
         reference = reference_outputs(model, data.eval_loader("train"))
         if cfg.evaluation.explain:
             metrics["explanations"] = _explain_worst(cfg, model, data, calibration, run_dir, device, reference)

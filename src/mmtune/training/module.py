@@ -20,8 +20,11 @@ class ClassifierModule(L.LightningModule):
 
     def __init__(self, model, objective: Objective, train_metrics: EpochMetrics, val_metrics: EpochMetrics,
                  make_optimizer: Callable, make_schedule: Callable, transforms: Sequence[Callable] = (),
-                 mixup: Optional[Callable] = None, keep_frozen: bool = False):
+                 mixup: Optional[Callable] = None, keep_frozen: bool = False, reweight_from_epoch: Optional[int] = None):
         super().__init__()
+        self.reweight_from_epoch = reweight_from_epoch
+        """Deferred re-weighting (Cao et al., 2019): the class weights apply to training from this epoch (0-based)
+        on, and never to the validation loss, which stays comparable across the switch. None: always."""
         self.model, self.objective = model, objective
         self.train_metrics, self.val_metrics = train_metrics, val_metrics
         self.make_optimizer, self.make_schedule = make_optimizer, make_schedule
@@ -44,6 +47,14 @@ class ClassifierModule(L.LightningModule):
         module keeps the plain model, so checkpoints and the bundle hold the same keys."""
         kwargs = {} if backend is True else {"backend": backend}
         object.__setattr__(self, "_compiled", torch.compile(self.model, **kwargs))
+
+    def on_train_epoch_start(self):
+        if self.reweight_from_epoch is not None:
+            self.objective.weighting = self.current_epoch >= self.reweight_from_epoch
+
+    def on_validation_epoch_start(self):
+        if self.reweight_from_epoch is not None:
+            self.objective.weighting = False
 
     def training_step(self, batch, batch_idx):
         for transform in self.transforms:
@@ -136,19 +147,27 @@ def check_checkpoint_keys(expected: set, state: Dict[str, Any], what: str) -> No
                          "model configuration.")
 
 
-def build_module(cfg, model, tasks, strategy, class_weights: Optional[Dict[str, torch.Tensor]] = None) -> ClassifierModule:
+def _reweight_epoch(cfg) -> Optional[int]:
+    """``imbalance.reweight_last`` epochs before ``trainer.max_epochs`` (0-based), or None."""
+    last = cfg.imbalance.reweight_last
+    return None if not last else max(0, cfg.trainer.max_epochs - last)
+
+
+def build_module(cfg, model, tasks, strategy, class_weights: Optional[Dict[str, torch.Tensor]] = None,
+                 class_counts: Optional[Dict[str, torch.Tensor]] = None) -> ClassifierModule:
     """The module a config describes, its parts built from the tables (loss, optimizer, schedule) and
     the batch transforms."""
     from ..losses import build_loss
     from ..optim import optimizer_factory, schedule_factory
     from .transforms import Mixup, batch_transforms
 
-    objective = Objective(build_loss(cfg.loss), tasks, class_weights, cfg.regularization.l1, model)
+    objective = Objective(build_loss(cfg.loss), tasks, class_weights, cfg.regularization.l1, model, class_counts)
     module = ClassifierModule(
         model, objective, EpochMetrics(tasks, ["accuracy"], "train"), EpochMetrics(tasks, cfg.trainer.epoch_metrics, "val"),
         optimizer_factory(cfg.optim, cfg.finetune, include_frozen_encoders=strategy.keeps_frozen_weights),
         schedule_factory(cfg.schedule, cfg.optim, cfg.trainer.monitor), batch_transforms(cfg, model),
-        Mixup(cfg.augment.mixup_alpha) if cfg.augment.mixup_alpha > 0 else None, keep_frozen=strategy.keeps_frozen_weights)
+        Mixup(cfg.augment.mixup_alpha) if cfg.augment.mixup_alpha > 0 else None, keep_frozen=strategy.keeps_frozen_weights,
+        reweight_from_epoch=_reweight_epoch(cfg))
     if cfg.trainer.compile:
         module.compile_model(cfg.trainer.compile)
     return module

@@ -17,13 +17,19 @@ class Objective(nn.Module):
     penalty on trainable weight matrices (the weights weight decay applies to)."""
 
     def __init__(self, loss, tasks, class_weights: Optional[Dict[str, torch.Tensor]] = None, l1: float = 0.0,
-                 model: Optional[nn.Module] = None):
+                 model: Optional[nn.Module] = None, class_counts: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         self.loss = loss
         self.tasks = {t.name: t for t in tasks}
         for name, w in (class_weights or {}).items():
             self.register_buffer(f"class_weight_{name}", w, persistent=False)
         self._weighted = set(class_weights or {})
+        self.weighting = True
+        """Whether the class weights apply now (deferred re-weighting turns them on in the last epochs)."""
+        for name, n in (class_counts or {}).items():  # log of each class's share of the training rows (>= 1 row)
+            n = torch.as_tensor(n, dtype=torch.float32).clamp_min(1.0)
+            self.register_buffer(f"log_prior_{name}", (n / n.sum()).log(), persistent=False)
+        self._priors = set(class_counts or {})
         self.l1 = l1
         ids = decayed_parameter_ids(model) if model is not None and l1 > 0 else set()
         self._l1_params: List[nn.Parameter] = [p for p in model.parameters() if id(p) in ids] if ids else []
@@ -38,7 +44,10 @@ class Objective(nn.Module):
             return (logits[:, 0] - z) ** 2
         if t.multilabel:
             return self.loss.multi_label(logits, target)
-        weight = getattr(self, f"class_weight_{name}") if name in self._weighted else None
+        weight = getattr(self, f"class_weight_{name}") if name in self._weighted and self.weighting else None
+        if getattr(self.loss, "uses_prior", False):
+            return self.loss.single_label(logits, target, weight,
+                                          log_prior=getattr(self, f"log_prior_{name}") if name in self._priors else None)
         return self.loss.single_label(logits, target, weight)
 
     def forward(self, logits: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor],

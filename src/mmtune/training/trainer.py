@@ -54,7 +54,7 @@ def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str
                 "model": model, **direct}
     from ..distributed import is_main_process, shards_weights
 
-    module = build_module(cfg, model, data.tasks, strategy, data.class_weights())
+    module = build_module(cfg, model, data.tasks, strategy, data.class_weights(), data.class_counts())
     extra = ([StrategyEpochs(strategy)] if strategy.varies_by_epoch else []) + [ConfigInCheckpoint(cfg), *callbacks]
     trainer = build_trainer(cfg, run_dir, math.ceil(len(data.datasets["train"]) / cfg.trainer.batch_size), extra)
     # FSDP / DeepSpeed leave the live weights sharded across the processes: the main process continues with an
@@ -73,7 +73,7 @@ def train(cfg, model, strategy, data, run_dir: Path, previous: Optional[Dict[str
     if sharded:
         trainer.save_checkpoint(str(last))  # every process takes part; the file (or folder) holds whole weights
         if twin is not None:
-            build_module(cfg, twin, data.tasks, strategy, data.class_weights()).load_checkpoint_weights(restore or last)
+            build_module(cfg, twin, data.tasks, strategy, data.class_weights(), data.class_counts()).load_checkpoint_weights(restore or last)
             model = twin
     elif restore and trainer.global_rank == 0:
         module.load_checkpoint_weights(restore)
