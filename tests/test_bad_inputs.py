@@ -39,7 +39,7 @@ def _train_frame(colour_verdict, with_images=False):
 
 def test_stacking_with_a_one_row_class_is_an_error_naming_the_class():
     from test_fusion_strategies import _stacking_fixture
-    from mmtune.training.stacking import fit_stacking
+    from mmtune.fusion.stacking import fit_stacking
 
     model, ds, task, _ = _stacking_fixture(n_per_class=(30, 30, 1))
     with pytest.raises(ValueError, match="class 'c2' has 1 training row.*at least 2 per class"):

@@ -355,7 +355,7 @@ def test_stacking_meta_classifier_is_fitted_on_out_of_fold_probabilities():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from mmtune.training.stacking import _logistic_into_linear, fit_stacking
+    from mmtune.fusion.stacking import _logistic_into_linear, fit_stacking
 
     model, ds, task, y = _stacking_fixture()
     fit_stacking(model, ds, task, folds=3, seed=0)
@@ -377,7 +377,7 @@ def test_stacking_meta_classifier_is_fitted_on_out_of_fold_probabilities():
 
 
 def test_stacking_refuses_a_class_too_small_for_cross_validation():
-    from mmtune.training.stacking import fit_stacking
+    from mmtune.fusion.stacking import fit_stacking
 
     model, ds, task, _ = _stacking_fixture(n_per_class=(30, 30, 1))
     with pytest.raises(ValueError, match="class 'c2' has 1 training row"):

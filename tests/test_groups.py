@@ -185,7 +185,7 @@ def test_grouped_cv_folds_keep_each_group_on_one_side():
 def test_stackings_out_of_fold_predictions_keep_each_group_on_one_side(monkeypatch):
     import sklearn.model_selection as ms
 
-    from mmtune.training.stacking import fit_stacking
+    from mmtune.fusion.stacking import fit_stacking
     from test_fusion_strategies import _stacking_fixture
 
     model, ds, task, y = _stacking_fixture()

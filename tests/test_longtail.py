@@ -90,7 +90,7 @@ def _imbalanced(colour_verdict):
 def test_a_fit_with_logit_adjustment_stores_tau_and_reloads_its_predictions(tmp_path, tiny_bert, colour_verdict):
     enc = {"text": {"modality": "text", "checkpoint": tiny_bert}}
     cfg = base_config(tmp_path, enc, trainer={"max_epochs": 6}, finetune={"type": "frozen"},
-                      evaluation={"report": False, "explain": 0, "logit_adjustment": True})
+                      evaluation={"report": True, "explain": 0, "logit_adjustment": True})
     train = _imbalanced(colour_verdict)
     res = mmtune.fit(cfg, train=train, test=str(colour_verdict["test"]))
     stored = json.loads((res.run_dir / "calibration.json").read_text())["label"]
@@ -101,6 +101,11 @@ def test_a_fit_with_logit_adjustment_stores_tau_and_reloads_its_predictions(tmp_
     counts = train["label"].value_counts()
     assert abs(share.sum() - 1) < 1e-9
     assert np.allclose(share, [counts[c] / len(train) for c in res.tasks[0].classes], atol=0.02)
+    n = res.metrics["train_class_counts"]["label"]  # the training split's rows per class, in the report's table too
+    assert np.allclose(share, np.array(n) / sum(n))
+    rare = res.tasks[0].classes.index("warm-keep")
+    html = (res.run_dir / "report.html").read_text()
+    assert "<th>training rows</th>" in html and f"<td>warm-keep</td><td>{n[rare]}</td>" in html
     rows = pd.read_csv(colour_verdict["test"]).drop(columns=["image"])
     mem = res.in_memory().predict_proba(rows).drop(columns="id").to_numpy()
     assert np.allclose(mmtune.load(res.run_dir).predict_proba(rows).drop(columns="id").to_numpy(), mem, atol=1e-6)

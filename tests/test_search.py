@@ -32,7 +32,8 @@ def test_the_readme_shows_each_presets_settings_as_the_code_applies_them():
 
 
 def test_a_preset_fills_what_the_config_leaves_open_and_explicit_keys_win(tmp_path):
-    from mmtune.presets import TableStats, apply_preset, preset_settings
+    from mmtune.config import apply_preset
+    from mmtune.presets import TableStats, preset_settings
 
     enc = {"image": {"modality": "image", "checkpoint": "x"}, "text": {"modality": "text", "checkpoint": "y"}}
     raw = {"name": "p", "data": {"columns": {"image": "image", "text": "text"}}, "model": {"encoders": enc},

@@ -1,7 +1,7 @@
 """mmtune: fine-tune pretrained encoders on tables of multimodal examples, and ship the result."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .config import Config, ConfigError, load_config  # noqa: E402
 from .data.manifest import BadRowsError  # noqa: E402

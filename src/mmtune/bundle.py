@@ -124,7 +124,7 @@ def write_bundle(run_dir: Path, config, model, tasks, calibration: Dict[str, Any
     if before_marker is not None:
         before_marker()
         regenerable.append("report.html")
-    from . import __version__
+    from .version import __version__
 
     fsync_dir(run_dir)
     atomic_write_json(run_dir / MARKER, {
@@ -256,7 +256,7 @@ def _load_model(run_dir: Path, cfg, tasks):
 
     allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
     model = build_model(cfg.model, {t.name: t.outputs for t in tasks}, bundle_dir=run_dir, allow_missing=allow_missing)
-    from .prune import apply_pruning
+    from .models.pruning import apply_pruning
 
     apply_pruning(model, run_dir)  # a pruned bundle: the attention heads its layers keep
     weights = run_dir / "model.safetensors"

@@ -879,3 +879,26 @@ def _model_in(ann: Any) -> Any:
 
 def _dict_value_model(model: Any, loc: List[str]) -> Any:
     return EncoderConfig if model is EncoderConfig or "encoders" in loc else None
+
+
+def apply_preset(cfg, stats):
+    """``cfg`` with its preset's settings filled in where the config does not set the key itself. A part
+    section (``finetune``, ``model.fusion``, ``loss``) whose ``type`` the config names keeps the config's type,
+    and takes the preset's other settings for it only when the types agree (``stats``: a
+    :class:`~mmtune.presets.TableStats`)."""
+    from .presets import _PARTS, _get, explicit_keys, preset_settings
+
+    if not cfg.preset:
+        return cfg
+    given = set(explicit_keys(cfg))
+    raw = cfg.model_dump(mode="json", exclude_unset=True)
+    for key, value in preset_settings(cfg.preset, stats).items():
+        if isinstance(value, dict):
+            if key in _PARTS and f"{key}.type" in given and _get(cfg, key).type != value.get("type"):
+                continue  # the config chose another type: the preset's settings for its own type do not apply
+            for sub, v in value.items():
+                if f"{key}.{sub}" not in given:
+                    set_raw_key(raw, f"{key}.{sub}", v)
+        elif key not in given:
+            set_raw_key(raw, key, value)
+    return load_config(raw)

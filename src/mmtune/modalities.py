@@ -168,7 +168,7 @@ class FileModality(Modality):
         return None
 
     def digest(self, value, base_dir):
-        from .finetune.feature_cache import file_digest
+        from .io import file_digest
 
         if isinstance(value, Decoded):
             return f"decoded:{id(value)}".encode()
@@ -204,7 +204,7 @@ class Image(FileModality):
         return load_image(source)
 
     def render_html(self, shown):
-        from .evaluation.report import thumbnail
+        from .data.images import thumbnail
 
         return thumbnail(shown)
 

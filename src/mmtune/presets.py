@@ -127,28 +127,6 @@ def explicit_keys(cfg) -> List[str]:
     return out
 
 
-def apply_preset(cfg, stats: TableStats):
-    """``cfg`` with its preset's settings filled in where the config does not set the key itself. A part
-    section (``finetune``, ``model.fusion``, ``loss``) whose ``type`` the config names keeps the config's type,
-    and takes the preset's other settings for it only when the types agree."""
-    from .config import load_config, set_raw_key
-
-    if not cfg.preset:
-        return cfg
-    given = set(explicit_keys(cfg))
-    raw = cfg.model_dump(mode="json", exclude_unset=True)
-    for key, value in preset_settings(cfg.preset, stats).items():
-        if isinstance(value, dict):
-            if key in _PARTS and f"{key}.type" in given and _get(cfg, key).type != value.get("type"):
-                continue  # the config chose another type: the preset's settings for its own type do not apply
-            for sub, v in value.items():
-                if f"{key}.{sub}" not in given:
-                    set_raw_key(raw, f"{key}.{sub}", v)
-        elif key not in given:
-            set_raw_key(raw, key, value)
-    return load_config(raw)
-
-
 def table_stats(cfg, train=None) -> TableStats:
     """Rows of the training table (``train`` or ``data.train``) and the modalities of the columns."""
     from .data.manifest import count_rows

@@ -348,7 +348,8 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     preset = PRESETS.get(cfg.preset) if cfg.preset else None
     starts: Dict[str, Dict[str, Any]] = {}  # other presets' recipes, tried (never pruned) right after the first trial
     if preset is not None:  # the preset's settings are the first trial and what the search does not change
-        from .presets import apply_preset, table_stats
+        from .config import apply_preset
+        from .presets import table_stats
 
         stats = table_stats(cfg, train)
         for name in preset.search_starts:

@@ -7,7 +7,11 @@ every value above 255 to white.
 """
 from __future__ import annotations
 
+import base64
+import html
+import io
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -41,3 +45,22 @@ def load_image(path: Path):
     with Image.open(path) as im:
         im.load()
         return to_rgb(im)
+
+
+def inline_png(png: bytes, alt: str) -> str:
+    """An ``<img>`` tag holding a PNG inline (base64): pages that open offline."""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def thumbnail(path: Optional[str], side: int = 96) -> str:
+    """An image file as an inlined PNG thumbnail (or a note when it is gone or unreadable)."""
+    if not isinstance(path, str) or not Path(path).is_file():
+        return "<em>no image</em>"
+    try:
+        im = load_image(Path(path))
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return inline_png(buf.getvalue(), Path(path).name)
+    except (OSError, ValueError):  # a file changed since training shows as unreadable; the report still builds
+        return "<em>unreadable image</em>"

@@ -196,3 +196,30 @@ def flattering_validation(metrics: Dict[str, Any], tasks) -> List[str]:
                        f"{100 * test['bootstrap']['level']:.0f} % interval ({test['bootstrap']['low']:.3f}-{high:.3f}): "
                        "validation may share sources with training; set data.group_column")
     return out
+
+
+def _calibration(calibration):
+    from .calibration import Calibration
+
+    return calibration or Calibration()
+
+
+def calibrate(task, proba: np.ndarray, calibration=None) -> np.ndarray:
+    """The calibration's temperature applied (single-label); multi-label probabilities unchanged. Kept in
+    float64: temperature scaling is monotone, and in float64 no two classes tie where the raw float32
+    probabilities do not, so the argmax never changes (float32 could round two classes to one value)."""
+    return _calibration(calibration).probabilities(task, proba)
+
+
+def decide(task, proba: np.ndarray, calibration=None):
+    """Labels from probabilities: per-label thresholds (multi-label), p(class 1) against the tuned threshold
+    (binary with a threshold, tuned on calibrated probabilities), else the argmax."""
+    if task.regression:
+        return np.asarray(proba, dtype=np.float64)[:, 0]
+    cal = _calibration(calibration)
+    names = np.empty(len(task.classes), dtype=object)
+    names[:] = task.classes
+    if task.multilabel:
+        th = np.asarray(cal.thresholds or [0.5] * len(task.classes))
+        return [list(names[row >= th]) for row in proba]
+    return names[decide_single(proba, cal.threshold)] if len(proba) else names[:0]

@@ -3,15 +3,14 @@ same plots as PNG files under ``plots/``. Built from the bundle's files alone, s
 can regenerate it at any time."""
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
 
+from ..data.images import inline_png, thumbnail  # noqa: F401  (thumbnail: the report's too)
 from ..io import atomic_write_bytes, atomic_write_text
 
 SECTIONS = ["Summary", "Linear probe", "Search", "Ensemble", "Distillation", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
@@ -21,23 +20,7 @@ OPTIONAL_SECTIONS = ("Search", "Ensemble", "Distillation")
 
 
 def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-
-
-def thumbnail(path: Optional[str], side: int = 96) -> str:
-    """An image file as an inlined PNG thumbnail (or a note when it is gone or unreadable)."""
-    if not isinstance(path, str) or not Path(path).is_file():
-        return "<em>no image</em>"
-    from ..data.images import load_image
-
-    try:
-        im = load_image(Path(path))
-        im.thumbnail((side, side))
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        return _img(buf.getvalue(), Path(path).name)
-    except (OSError, ValueError):  # a file changed since training shows as unreadable; the report still builds
-        return "<em>unreadable image</em>"
+    return inline_png(png, alt)
 
 
 def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
@@ -232,8 +215,11 @@ def build_report(run_dir: str | Path) -> Path:
                                     f"{c.get(f'ece_{split}_after', float('nan')):.4f} after.</p>"
                                     + _img(pngs[f"{prefix}reliability.png"], f"reliability {t.name}"))
         if m.get("per_class"):
+            counts = (metrics.get("train_class_counts") or {}).get(t.name)
+            by_class = {str(c): n for c, n in zip(t.classes, counts or [])}
+            rows = [{**r, "training rows": by_class.get(str(r.get("class")))} for r in m["per_class"]]
             parts["Per-class metrics"].append(f"<h3>{html.escape(t.name)}</h3>" + _table(
-                m["per_class"], ["class", "precision", "recall", "f1", "support"]))
+                rows, ["class", "training rows", "precision", "recall", "f1", "support"]))
         # Worst misclassified: wrong and most confident.
         pred = cal.argmax(1) if calib.threshold is None else (cal[:, 1] >= calib.threshold).astype(int)
         wrong = np.where(pred != y)[0]

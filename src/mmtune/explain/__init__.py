@@ -575,7 +575,7 @@ def explain_worst(predictor, frame, base_dir, n: int, out_dir) -> Dict[str, Any]
     task) into ``out_dir``; what fit links from the report. Returns what it wrote, or why it wrote nothing."""
     from ..data.manifest import absolute_paths
     from ..extras import available
-    from ..serving.predictor import decide
+    from ..evaluation.metrics import decide
 
     if not available("captum"):
         return {"skipped": "captum is not installed: pip install 'mmtune[explain]'"}

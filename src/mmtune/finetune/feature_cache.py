@@ -28,20 +28,12 @@ from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
 from ..modalities import modality_of, once_per_file
 from ..encoders.base import EncoderOutput
+from ..io import file_digest
 
 
 def cache_folder(cfg) -> Path:
     """Where a config's embedding cache lives: ``finetune.cache_dir``, else ``<output_dir>/.cache``."""
     return Path(cfg.finetune.cache_dir or Path(cfg.output_dir) / ".cache")
-
-
-def file_digest(path: Path) -> bytes:
-    """A fast content hash (BLAKE2b) of one file, read in 1 MiB blocks."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.digest()
 
 
 def _hash_file_tree(folder: Path, h) -> None:

@@ -22,12 +22,9 @@ from torch import nn
 from ..bundle import file_manifest
 from ..evaluation.metrics import main_metric
 from ..inference import probabilities
-from .runners import ONNX_FILES, OnnxRunner, input_layout
+from .runners import EXPORT_MARKER, ONNX_FILES, READABLE_EXPORT_FORMATS, OnnxRunner, input_layout, read_export  # noqa: F401
 
-EXPORT_MARKER = "export.json"
 EXPORT_FORMAT = 2
-READABLE_EXPORT_FORMATS = (1, 2)
-"""1: no list of files; 2: ``files`` with each file's size and SHA-256, checked when the export is loaded."""
 COPIED = ("config.yaml", "labels.json", "calibration.json", "metrics.json", "encoders", "pruned.json")
 """Files of the run bundle an export bundle carries (everything but the weights and the training logs)."""
 SEQUENCE_TENSORS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "input_values"}
@@ -269,27 +266,6 @@ def check_export_folder(out_dir: Path, run_dir: Path) -> None:
     from ..io import check_output
 
     check_output(out_dir, inputs={"run bundle": [run_dir]}, kind="folder", replaces=EXPORT_MARKER)
-
-
-def read_export(folder: Path) -> Dict[str, Any]:
-    """export.json of an export bundle, after checking its format and every file it lists (sizes, hashes)."""
-    from ..bundle import DamagedBundleError, read_json_file, verify_files
-
-    folder = Path(folder)
-    what = f"export bundle {str(folder)!r}"
-    meta = read_json_file(folder / EXPORT_MARKER, what)
-    if not isinstance(meta, dict):
-        raise DamagedBundleError(f"{str(folder / EXPORT_MARKER)!r} is damaged (not a JSON object); export again")
-    if meta.get("format") not in READABLE_EXPORT_FORMATS:
-        raise ValueError(f"{what} has format version {meta.get('format')!r}; this mmtune reads export format "
-                         f"{', '.join(map(str, READABLE_EXPORT_FORMATS))}. Export it again with this version.")
-    if meta["format"] >= 2:
-        verify_files(folder, meta.get("files"), what)
-    for key, kind in (("onnx_files", dict), ("output_modality", dict), ("inputs", list), ("outputs", list)):
-        if not isinstance(meta.get(key), kind):
-            raise DamagedBundleError(f"{str(folder / EXPORT_MARKER)!r} is damaged ({key!r} missing or not a "
-                                     f"{kind.__name__}); export again")
-    return meta
 
 
 def _main_metrics(pred, ds, proba) -> Dict[str, Dict[str, float]]:

@@ -16,7 +16,7 @@ from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
 from ..data.manifest import BadRowsError, TableSource, read_valid_rows, spec_from_config
 from ..evaluation.calibration import Calibration
-from ..evaluation.metrics import task_metrics
+from ..evaluation.metrics import calibrate, decide, task_metrics  # noqa: F401  (decide: the server's too)
 from ..tasks import Task
 from .runners import BACKENDS, ONNX_FILES, OnnxRunner, TorchRunner
 
@@ -77,7 +77,7 @@ class Predictor:
         export of that kind, or no ensemble when one is asked for)."""
         from ..logs import quiet_libraries
         from ..memory import keep_freed_memory
-        from .export import EXPORT_MARKER, read_export
+        from .runners import EXPORT_MARKER, read_export
 
         quiet_libraries()
         keep_freed_memory()
@@ -321,32 +321,9 @@ def _skeleton(config, tasks, folder: Path):
     from ..models import build_model
 
     allow_missing = bool(config.data.allow_missing) or config.model.modality_dropout > 0
-    from ..prune import apply_pruning
+    from ..models.pruning import apply_pruning
 
     with torch.device("meta"):
         model = build_model(config.model, {t.name: t.outputs for t in tasks}, bundle_dir=folder, allow_missing=allow_missing)
         apply_pruning(model, folder)
     return model
-
-
-def calibrate(task: Task, proba: np.ndarray, calibration: Optional[Calibration] = None) -> np.ndarray:
-    """The calibration's temperature applied (single-label); multi-label probabilities unchanged. Kept in
-    float64: temperature scaling is monotone, and in float64 no two classes tie where the raw float32
-    probabilities do not, so the argmax never changes (float32 could round two classes to one value)."""
-    return (calibration or Calibration()).probabilities(task, proba)
-
-
-def decide(task: Task, proba: np.ndarray, calibration: Optional[Calibration] = None):
-    """Labels from probabilities: per-label thresholds (multi-label), p(class 1) against the tuned threshold
-    (binary with a threshold, tuned on calibrated probabilities), else the argmax."""
-    from ..evaluation.metrics import decide_single
-
-    if task.regression:
-        return np.asarray(proba, dtype=np.float64)[:, 0]
-    cal = calibration or Calibration()
-    names = np.empty(len(task.classes), dtype=object)
-    names[:] = task.classes
-    if task.multilabel:
-        th = np.asarray(cal.thresholds or [0.5] * len(task.classes))
-        return [list(names[row >= th]) for row in proba]
-    return names[decide_single(proba, cal.threshold)] if len(proba) else names[:0]

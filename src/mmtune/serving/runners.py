@@ -17,6 +17,10 @@ import torch
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
 """Backend name -> the file of an export bundle it runs."""
 BACKENDS = ("torch", *ONNX_FILES)
+EXPORT_MARKER = "export.json"
+"""The file an export bundle (:mod:`mmtune.serving.export`) writes last."""
+READABLE_EXPORT_FORMATS = (1, 2)
+"""1: no list of files; 2: ``files`` with each file's size and SHA-256, checked when the export is loaded."""
 
 
 class TorchRunner:
@@ -107,3 +111,24 @@ class OnnxRunner:
 
     def vectors(self, batch: Dict[str, Any], kind: str) -> np.ndarray:
         return self._run(["fused" if kind == "fused" else f"pooled/{kind}"], batch)[0]
+
+
+def read_export(folder: Path) -> Dict[str, Any]:
+    """export.json of an export bundle, after checking its format and every file it lists (sizes, hashes)."""
+    from ..bundle import DamagedBundleError, read_json_file, verify_files
+
+    folder = Path(folder)
+    what = f"export bundle {str(folder)!r}"
+    meta = read_json_file(folder / EXPORT_MARKER, what)
+    if not isinstance(meta, dict):
+        raise DamagedBundleError(f"{str(folder / EXPORT_MARKER)!r} is damaged (not a JSON object); export again")
+    if meta.get("format") not in READABLE_EXPORT_FORMATS:
+        raise ValueError(f"{what} has format version {meta.get('format')!r}; this mmtune reads export format "
+                         f"{', '.join(map(str, READABLE_EXPORT_FORMATS))}. Export it again with this version.")
+    if meta["format"] >= 2:
+        verify_files(folder, meta.get("files"), what)
+    for key, kind in (("onnx_files", dict), ("output_modality", dict), ("inputs", list), ("outputs", list)):
+        if not isinstance(meta.get(key), kind):
+            raise DamagedBundleError(f"{str(folder / EXPORT_MARKER)!r} is damaged ({key!r} missing or not a "
+                                     f"{kind.__name__}); export again")
+    return meta

@@ -369,7 +369,7 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from .. import __version__
+    from ..version import __version__
     from ..data.manifest import BadRowsError
 
     settings = settings or ServeSettings()

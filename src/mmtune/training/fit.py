@@ -82,7 +82,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         overrides = [*overrides, "trainer.max_time={seconds: %d}" % max(1, round(time_limit))]
     cfg = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
     if cfg.preset:
-        from ..presets import apply_preset, table_stats
+        from ..config import apply_preset
+        from ..presets import table_stats
 
         cfg = apply_preset(cfg, table_stats(cfg, train))
     check_extras(cfg)
@@ -132,6 +133,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         if cfg.evaluation.explain:
             metrics["explanations"] = _explain_worst(cfg, model, data, calibration, run_dir, device, reference)
         model.cpu()
+        metrics["train_class_counts"] = {k: [int(x) for x in v.tolist()] for k, v in data.class_counts().items()}
         metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}),
                        **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}),
                        **({"linear_probe": probe, "model_minus_probe": compare_probe(metrics, probe),
