@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 import mmtune
-from mmtune.data.datamodule import _split, group_folds
+from mmtune.data.datamodule import _split
+from mmtune.data.splits import group_folds
 from mmtune.evaluation.metrics import bootstrap_interval, flattering_validation
 from mmtune.tasks import Task
 

@@ -111,6 +111,39 @@ def test_importing_the_lightning_module_does_not_load_the_bundle_or_the_recipe()
     assert out.stdout.strip() == "[]", out.stdout
 
 
+FLOORS = [  # bottom to top, as CONTRIBUTING.md draws them
+    ("ground", ["mmtune.schema", "mmtune.registry", "mmtune.tasks", "mmtune.io", "mmtune.version", "mmtune.logs",
+                "mmtune.extras", "mmtune.memory", "mmtune.values"]),
+    ("rows", ["mmtune.encoders", "mmtune.modalities", "mmtune.data", "mmtune.distributed"]),
+    ("parts", ["mmtune.models", "mmtune.fusion", "mmtune.heads", "mmtune.losses", "mmtune.finetune", "mmtune.synthesis",
+               "mmtune.optim"]),
+    ("feeding", ["mmtune.data.datamodule", "mmtune.inference"]),
+    ("config", ["mmtune.config", "mmtune.presets", "mmtune.autoconfig"]),
+    ("measuring", ["mmtune.evaluation"]),
+    ("readers", ["mmtune.bundle", "mmtune.ensemble", "mmtune.serving", "mmtune.explain", "mmtune.evaluation.report"]),
+    ("training", ["mmtune.training", "mmtune.prune"]),
+    ("recipe", ["mmtune.training.fit", "mmtune.search", "mmtune.crossval", "mmtune.evaluation.baselines",
+                "mmtune.distill"]),
+    ("commands", ["mmtune.cli", "mmtune.demo", "mmtune"]),
+]
+
+
+def _floor(m):
+    """The floor of a module: the longest prefix named in FLOORS."""
+    hits = [(len(p), i) for i, (_, prefixes) in enumerate(FLOORS) for p in prefixes if _under(m, [p])]
+    return max(hits)[1] if hits else None
+
+
+def test_every_module_has_a_floor_and_imports_only_its_own_or_lower():
+    unplaced = [m for m in GRAPH if _floor(m) is None]
+    assert not unplaced, unplaced
+    up = [f"{m} ({FLOORS[_floor(m)][0]}) -> {d} ({FLOORS[_floor(d)][0]})"
+          for m, deps in GRAPH.items() for d in deps if _floor(d) > _floor(m)]
+    assert not up, up
+    floors = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+    assert all(f"  {name}" in floors for name, _ in FLOORS)  # the picture names every floor
+
+
 def test_the_graph_is_read_whole():
     # the reader finds imports inside functions too: the recipe's lazy import of the search is an edge
     assert "mmtune.search" in GRAPH["mmtune.training.fit"] and len(GRAPH) > 60

@@ -29,7 +29,8 @@ def fold_rows(df: pd.DataFrame, cfg, k: int) -> List[np.ndarray]:
     """The held-out rows of each of ``k`` folds of the training table ``df``."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    from .data.datamodule import group_folds, label_codes
+    from .data.datamodule import label_codes
+    from .data.splits import group_folds
 
     task = next((t for t in cfg.tasks if not t.multilabel and not t.regression), None)
     labels = label_codes(df[task.column]) if task is not None else None

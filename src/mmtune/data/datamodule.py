@@ -19,6 +19,7 @@ from .collate import Collator
 from .dataset import MultimodalDataset
 from .manifest import (BadRowsError, ManifestSpec, TableSource, column_values, read_valid_rows, release_arrow_memory,
                        spec_from_config)
+from .splits import group_folds
 
 log = logging.getLogger("mmtune")
 
@@ -151,25 +152,6 @@ def check_group_column(frames: Dict[str, pd.DataFrame], group: str, data_cfg, sp
     if blank:
         raise ValueError(f"data.group_column {group!r} is empty in {blank} training row(s) (e.g. row "
                          f"{int(np.flatnonzero(df[group].isna().to_numpy())[0]) + 1}); every row needs its group")
-
-
-def group_folds(labels: Optional[np.ndarray], groups: np.ndarray, n_splits: int, seed: int):
-    """``(train_rows, held_rows)`` per fold with each group on one side: stratified by ``labels`` where every class
-    spans enough groups (scikit-learn's StratifiedGroupKFold), else GroupKFold over shuffled groups."""
-    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
-
-    n_groups = len(np.unique(groups))
-    if n_groups < n_splits:
-        raise ValueError(f"data.group_column has {n_groups} group(s), too few for {n_splits} folds: a held-out "
-                         "side needs whole groups")
-    rows = np.arange(len(groups))
-    if labels is not None:
-        counts = np.bincount(labels)
-        if counts[counts > 0].min() >= n_splits:
-            return list(StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed).split(rows, labels, groups))
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    shuffled = np.random.default_rng(seed).permutation(len(uniq))[inverse]  # GroupKFold is deterministic
-    return list(GroupKFold(n_splits).split(rows, groups=shuffled))
 
 
 def _split(df: pd.DataFrame, label_col: Optional[str], fraction: float, seed: int, group: Optional[str] = None,

@@ -119,7 +119,7 @@ def fit_stacking(model, train, task, folds: int, seed: int, groups=None) -> None
         k = min(folds, int(counts.min()))
         est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
         if groups is not None:
-            from ..data.datamodule import group_folds
+            from ..data.splits import group_folds
 
             cv = group_folds(yp, np.asarray(groups)[present], min(folds, len(np.unique(np.asarray(groups)[present]))), seed)
         else:
