@@ -118,9 +118,7 @@ def greedy_selection(candidates: Sequence[Mapping[str, np.ndarray]], labels: Map
 def _reads_alike(a, b) -> bool:
     """Two members' configs decode and encode rows the same way (a batch collated once serves both)."""
     da, db = a.to_dict(), b.to_dict()
-    keys = ("model.encoders", "data")
-    get = lambda raw, k: _get(raw, k)  # noqa: E731
-    return all(_strip_paths(get(da, k)) == _strip_paths(get(db, k)) for k in keys)
+    return all(_strip_paths(_get(da, k)) == _strip_paths(_get(db, k)) for k in ("model.encoders", "data"))
 
 
 def _strip_paths(node):
@@ -147,7 +145,6 @@ def build_ensemble(run_dir: Path, candidates: Mapping[str, Path], *, move: Seque
     cross-validation's folds: their validation rows differ, so nothing is selected and nothing is calibrated
     again). Returns what was written (None when the ensemble would be a single model: nothing is written)."""
     from .bundle import read_bundle
-    from .config import load_config  # noqa: F401  (configs come through read_bundle)
     from .evaluation.evaluate import fit_calibration
     from .evaluation.metrics import main_metric, task_metrics
     from .io import atomic_write_text
