@@ -772,6 +772,14 @@ def raw_section(raw: Dict[str, Any], dotted: str) -> Dict[str, Any]:
     return node
 
 
+def get_raw_key(raw: Dict[str, Any], dotted: str) -> Any:
+    """The value at ``a.b.c`` in a raw config dict (None where a step is missing or not a mapping)."""
+    node: Any = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def set_raw_key(raw: Dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in a raw config dict."""
     head, _, leaf = dotted.rpartition(".")
@@ -784,9 +792,7 @@ def _keep_settings_of_new_type(raw: Dict[str, Any], overridden: set) -> None:
     for section, (table, _) in _tables().items():
         if f"{section}.type" not in overridden:
             continue
-        node: Any = raw
-        for part in section.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = get_raw_key(raw, section)
         if not isinstance(node, dict) or node.get("type") not in table:
             continue
         fields = table.get(node["type"]).Config.model_fields

@@ -117,6 +117,8 @@ def greedy_selection(candidates: Sequence[Mapping[str, np.ndarray]], labels: Map
 # ---- building ------------------------------------------------------------------------------------------------
 def _reads_alike(a, b) -> bool:
     """Two members' configs decode and encode rows the same way (a batch collated once serves both)."""
+    from .config import get_raw_key as _get
+
     da, db = a.to_dict(), b.to_dict()
     return all(_strip_paths(_get(da, k)) == _strip_paths(_get(db, k)) for k in ("model.encoders", "data"))
 
@@ -126,13 +128,6 @@ def _strip_paths(node):
     if isinstance(node, dict):
         return {k: _strip_paths(v) for k, v in node.items()
                 if k not in ("train", "val", "test", "val_fraction", "split_seed", "group_column", "cache_dir")}
-    return node
-
-
-def _get(raw, dotted):
-    node = raw
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
@@ -283,6 +278,19 @@ def read_ensemble(run_dir: Path) -> Optional[Dict[str, Any]]:
     return meta
 
 
+def shipped_ensemble(folder: Path, ensemble: Optional[bool] = None) -> Optional[Dict[str, Any]]:
+    """The ensemble a load of ``folder`` uses: its checked ``ensemble.json`` when it has one that ships (or
+    ``ensemble`` is True), None for the single model (always with ``ensemble`` False). FileNotFoundError when
+    ``ensemble`` is True and there is none."""
+    if ensemble is False:
+        return None
+    meta = read_ensemble(folder)
+    if meta is None and ensemble:
+        raise FileNotFoundError(f"{str(folder)!r} holds no ensemble ({FOLDER}/{MARKER}): it ships a single model; "
+                                "load it without ensemble=True")
+    return meta if meta is not None and (ensemble or meta.get("shipped")) else None
+
+
 class EnsembleRunner:
     """Runs each member's runner on the same collated batch and averages their calibrated probabilities."""
 
@@ -298,14 +306,12 @@ class EnsembleRunner:
     def proba(self, tasks, batches) -> Dict[str, np.ndarray]:
         out: Dict[str, list] = {t.name: [] for t in tasks}
         for batch in batches:
-            acc: Dict[str, np.ndarray] = {}
-            for (runner, cal, _), w in zip(self.members, self.weights):
+            calibrated = []
+            for runner, cal, _ in self.members:
                 p = runner.proba(tasks, [batch])
-                for t in tasks:
-                    q = w * np.asarray(cal[t.name].probabilities(t, p[t.name]), dtype=np.float64)
-                    acc[t.name] = q if t.name not in acc else acc[t.name] + q
-            for t in tasks:
-                out[t.name].append(acc[t.name])
+                calibrated.append({t.name: cal[t.name].probabilities(t, p[t.name]) for t in tasks})
+            for name, p in mixture(calibrated, self.weights).items():
+                out[name].append(p)
         return {t.name: (np.concatenate(out[t.name]) if out[t.name] else np.zeros((0, t.outputs)))
                 for t in tasks}
 
@@ -333,4 +339,4 @@ def member_runners(meta: Mapping[str, Any], make) -> Tuple[List[Tuple[Any, Any, 
 
 
 __all__ = ["EnsembleError", "EnsembleRunner", "build_ensemble", "greedy_selection", "read_ensemble",
-           "stored_predictions", "task_loss"]
+           "shipped_ensemble", "stored_predictions", "task_loss"]

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
 
-from .config import raw_section, set_raw_key
+from .config import get_raw_key, raw_section, set_raw_key
 
 log = logging.getLogger("mmtune")
 
@@ -166,7 +166,7 @@ def check_space(parsed: Mapping[str, Any], base: Dict[str, Any]) -> None:
         section = next((s for s in _PARTS if key.startswith(s + ".")), None)
         if section is not None and not key.endswith(".type") and key not in _VIRTUAL:
             name = key[len(section) + 1:]
-            types = [_get(base, f"{section}.type") or {"finetune": "full", "model.fusion": "concat",
+            types = [get_raw_key(base, f"{section}.type") or {"finetune": "full", "model.fusion": "concat",
                                                         "loss": "cross_entropy"}[section]]
             tp = parsed.get(f"{section}.type")
             types += list(tp.choices or []) if isinstance(tp, Param) else [tp.value] if isinstance(tp, _Fixed) else []
@@ -620,7 +620,7 @@ def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str,
         p = space[key]
         section = next((s for s in _PARTS if key.startswith(s + ".")), None)
         if section is not None and not key.endswith(".type") and key != "model.fusion.width":
-            name = values.get(f"{section}.type", _get(base, f"{section}.type"))
+            name = values.get(f"{section}.type", get_raw_key(base, f"{section}.type"))
             if key[len(section) + 1:] not in tables[section][0].get(name).Config.model_fields:
                 continue
         if key == "augment.strength":
@@ -629,13 +629,6 @@ def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str,
                 continue
         values[key] = p.value if isinstance(p, _Fixed) else p.suggest(trial)
     return values
-
-
-def _get(raw: Dict[str, Any], dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def _fail_leftovers(study, storage) -> None:

@@ -46,10 +46,7 @@ def adjust_for_prior(proba: np.ndarray, log_prior: Optional[List[float]], tau: O
     they are)."""
     if not tau or log_prior is None:
         return proba
-    logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)) - tau * np.asarray(log_prior, np.float64)
-    logp -= logp.max(1, keepdims=True)
-    e = np.exp(logp)
-    return e / e.sum(1, keepdims=True)
+    return _softmax(_log(proba) - tau * np.asarray(log_prior, np.float64))
 
 
 TAU_GRID = tuple(np.round(np.arange(0.0, 2.01, 0.25), 2).tolist())
@@ -92,14 +89,21 @@ def expected_calibration_error(y_true, proba: np.ndarray, n_bins: int = 15) -> f
     return float(sum(c / n * abs(a - f) for c, a, f in zip(curve["count"], curve["accuracy"], curve["confidence"]) if c))
 
 
+def _log(proba: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
 def apply_temperature(proba: np.ndarray, temperature: Optional[float]) -> np.ndarray:
     """Rescale probabilities as softmax(log p / T) (the same as dividing the logits by T)."""
     if temperature is None or temperature == 1.0:
         return proba
-    logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, 1.0)) / temperature
-    logp -= logp.max(1, keepdims=True)
-    e = np.exp(logp)
-    return e / e.sum(1, keepdims=True)
+    return _softmax(_log(proba) / temperature)
 
 
 def fit_temperature(y_true, proba: np.ndarray) -> float:

@@ -163,6 +163,7 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
     False exports the run's own model only."""
     from ..extras import require
     from ..io import atomic_write_dir
+    from ..ensemble import shipped_ensemble
     from .predictor import Predictor
 
     require("onnxruntime", "onnx", "ONNX export")
@@ -174,7 +175,7 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
     check_export_folder(out_dir, run_dir)
     started = time.perf_counter()
     pred = Predictor.load(run_dir, ensemble=False)
-    ens = Predictor._ensemble_meta(run_dir, ensemble)
+    ens = shipped_ensemble(run_dir, ensemble)
     rows, labelled = _rows(pred, data)
     ds = pred._dataset(rows, with_labels=labelled)
     batch = _sample_batch(pred, ds)

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from ..bundle import read_bundle
+from ..ensemble import shipped_ensemble
 from ..config import Config
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
@@ -91,7 +92,7 @@ class Predictor:
             if exported:
                 raise ValueError(f"{str(run_dir)!r} is an ONNX export bundle (it has no PyTorch weights): load it with "
                                  "backend 'onnx' or 'onnx-int8'")
-            meta = cls._ensemble_meta(run_dir, ensemble)
+            meta = shipped_ensemble(run_dir, ensemble)
             if meta is not None:
                 def torch_member(folder):
                     m = read_bundle(folder)
@@ -116,23 +117,11 @@ class Predictor:
             runner.name = backend
             return runner, m.calibration, m
 
-        meta = cls._ensemble_meta(folder, ensemble)
+        meta = shipped_ensemble(folder, ensemble)
         if meta is not None:
             return cls._from_members(meta, folder, device, workers, onnx_member)
         runner, calibration, b = onnx_member(folder)
         return cls(b.model, b.config, b.tasks, calibration, folder, device, runner=runner, workers=workers)
-
-    @staticmethod
-    def _ensemble_meta(folder: Path, ensemble: Optional[bool]):
-        from ..ensemble import read_ensemble
-
-        if ensemble is False:
-            return None
-        meta = read_ensemble(folder)
-        if meta is None and ensemble:
-            raise FileNotFoundError(f"{str(folder)!r} holds no ensemble (ensemble/ensemble.json): it ships a single "
-                                    "model; load it without ensemble=True")
-        return meta if meta is not None and (ensemble or meta.get("shipped")) else None
 
     @classmethod
     def _from_members(cls, meta, folder: Path, device, workers, make) -> "Predictor":
