@@ -140,6 +140,7 @@ def build_ensemble(run_dir: Path, candidates: Mapping[str, Path], *, move: Seque
     cross-validation's folds: their validation rows differ, so nothing is selected and nothing is calibrated
     again). Returns what was written (None when the ensemble would be a single model: nothing is written)."""
     from .bundle import read_bundle
+    from .evaluation.calibration import Calibration
     from .evaluation.evaluate import fit_calibration
     from .evaluation.metrics import main_metric, task_metrics
     from .io import atomic_write_text
@@ -189,12 +190,8 @@ def build_ensemble(run_dir: Path, candidates: Mapping[str, Path], *, move: Seque
         p = mixture([g["proba"] for g in got], w)
         y = got[0]["labels"]
         if split == "val" and weights is None:
-            from .evaluation.calibration import Calibration
-
             calibration = {t.name: fit_calibration(t, y[t.name], p[t.name], eval_cfg)[0] if not t.regression
                            else Calibration() for t in tasks}
-        from .evaluation.calibration import Calibration
-
         cal = {t.name: calibration.get(t.name) or Calibration() for t in tasks}
         metrics[split] = {t.name: task_metrics(t, y[t.name], cal[t.name].probabilities(t, p[t.name]),
                                                eval_cfg.calibration_bins, cal[t.name]) for t in tasks}
@@ -203,8 +200,6 @@ def build_ensemble(run_dir: Path, candidates: Mapping[str, Path], *, move: Seque
                                                              eval_cfg.calibration_bins, bundles[n].calibration[t.name]))
                                             for t in tasks)} for n, g in zip(members, got)}
     if weights is not None and not calibration:  # fixed weights: the members' decision thresholds, averaged
-        from .evaluation.calibration import Calibration
-
         for t in tasks:
             cals = [bundles[n].calibration[t.name] for n in members]
             th = [c.threshold for c in cals if c.threshold is not None]

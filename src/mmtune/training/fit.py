@@ -124,16 +124,17 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         info["trainable_parameters"] = trainable_parameter_count(model)
         strategy.finish(model)  # LoRA / IA3 folded into plain weights: what the bundle ships
         model.to(device)  # evaluation, calibration and contribution on the training device
+        counts = {k: v.numpy() for k, v in data.class_counts().items()}  # the training split's rows per class
         calibration, metrics, predictions = finalize(
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
             cfg.data.id_column, {s: data.shown(s) for s in data.splits if s != "train"}, device=device,
             group_column=cfg.data.group_column,
-            class_counts={k: v.numpy() for k, v in data.class_counts().items()})
+            class_counts=counts)
         reference = reference_outputs(model, data.eval_loader("train"))
         if cfg.evaluation.explain:
             metrics["explanations"] = _explain_worst(cfg, model, data, calibration, run_dir, device, reference)
         model.cpu()
-        metrics["train_class_counts"] = {k: [int(x) for x in v.tolist()] for k, v in data.class_counts().items()}
+        metrics["train_class_counts"] = {k: [int(x) for x in v] for k, v in counts.items()}
         metrics.update(info, **({"synthesis": data.synthesis} if data.synthesis is not None else {}),
                        **({"alignment": data.prepared.alignment} if data.prepared.alignment else {}),
                        **({"linear_probe": probe, "model_minus_probe": compare_probe(metrics, probe),
