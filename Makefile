@@ -10,11 +10,12 @@ install-test:
 demo: install
 	.venv/bin/mmtune demo
 
-# The suite, then its seeded tests of trained quantities again on PyTorch's portable CPU kernels
-# (ATEN_CPU_CAPABILITY=default), so a result that depends on the CPU's vector unit fails here too.
+# The suite (two worker processes, one per core: pytest-xdist), then its seeded tests of trained quantities
+# again on PyTorch's portable CPU kernels (ATEN_CPU_CAPABILITY=default), so a result that depends on the CPU's
+# vector unit fails here too.
 test: install-test
-	.venv/bin/python -m pytest -q
-	ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q -m stochastic
+	.venv/bin/python -m pytest -q -n 2
+	ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q -n 2 -m stochastic
 
 bench: install
 	.venv/bin/python bench/speed.py

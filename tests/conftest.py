@@ -14,7 +14,8 @@ from mmtune.demo import make_dataset, vocabulary
 from mmtune.logs import quiet_libraries
 
 quiet_libraries()
-torch.set_num_threads(2)
+# Two cores: one thread per process when pytest-xdist runs two workers, two otherwise.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -252,10 +252,9 @@ def _load_model(run_dir: Path, cfg, tasks):
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    from .models import build_model
+    from .models import model_for
 
-    allow_missing = bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0
-    model = build_model(cfg.model, {t.name: t.outputs for t in tasks}, bundle_dir=run_dir, allow_missing=allow_missing)
+    model = model_for(cfg, tasks, bundle_dir=run_dir)
     from .models.pruning import apply_pruning
 
     apply_pruning(model, run_dir)  # a pruned bundle: the attention heads its layers keep

@@ -109,6 +109,27 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--batch-size", type=int, default=None)
     _model_args(em)
 
+    se = sub.add_parser("search", help="a matcher's nearest corpus rows for each query (top k, by cosine)")
+    se.add_argument("--run", required=True, help="run bundle of a matcher (data.query / data.response)")
+    se.add_argument("--queries", required=True, help="manifest of queries (the run's query column)")
+    corpus = se.add_mutually_exclusive_group(required=True)
+    corpus.add_argument("--corpus", help="manifest of the corpus (the run's response column)")
+    corpus.add_argument("--index", help="a search index saved by --save-index")
+    se.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
+    se.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet): query_row, rank, id, score, value")
+    se.add_argument("--save-index", default=None, help="also save the corpus's index into this folder (reused with --index)")
+    se.add_argument("--batch-size", type=int, default=None)
+    se.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
+
+    cp = sub.add_parser("check-pairs", help="the rows of a table whose two sides a matcher finds least likely to belong together")
+    cp.add_argument("--run", required=True, help="run bundle of a matcher")
+    cp.add_argument("--data", required=True, help="manifest with the run's query and response columns")
+    cp.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet), least likely pairs first")
+    cp.add_argument("--html", default=None, help="also an HTML page of the worst pairs, with their images and texts")
+    cp.add_argument("--show", type=int, default=50, help="rows on the HTML page (default 50)")
+    cp.add_argument("--batch-size", type=int, default=None)
+    cp.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
+
     xp = sub.add_parser("explain", help="why each row got its prediction: explanations.html, attributions.jsonl, PNGs")
     xp.add_argument("--run", required=True, help="run bundle folder")
     xp.add_argument("--data", required=True, help="manifest of rows to explain")
@@ -217,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return {"fit": _fit, "evaluate": _evaluate, "predict": _predict, "demo": _demo, "report": _report,
                 "parts": _parts, "align": _align, "embed": _embed, "export": _export, "serve": _serve, "explain": _explain, "prune": _prune,
-                "tune": _tune, "distill": _distill}[args.command](args)
+                "tune": _tune, "distill": _distill, "search": _search, "check-pairs": _check_pairs}[args.command](args)
     except (ConfigError, BadRowsError, MissingExtraError) + EXPECTED_ERRORS as exc:
         print(f"mmtune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -254,6 +275,12 @@ def _fit(args) -> int:
 
 def _fit_summary(res) -> int:
     if not res.main:  # another process of a distributed run: the main one reports
+        return 0
+    if res.metrics.get("task") == "matching":
+        keep = ("queries", "candidates", "recall@1", "recall@5", "recall@10", "mrr", "ndcg@10", "pair_roc_auc")
+        print(json.dumps({s: {k: res.metrics[s][k] for k in keep if k in res.metrics[s]}
+                          for s in ("val", "test") if s in res.metrics}, indent=2))
+        print(f"run bundle: {res.run_dir}")
         return 0
     print(json.dumps(_brief(res.metrics), indent=2))
     for task, diff in (res.metrics.get("model_minus_probe") or {}).items():
@@ -341,6 +368,62 @@ def _predict(args) -> int:
     out = _load(args).predict_table(args.data, batch_size=args.batch_size)
     atomic_write_with(path, lambda tmp: write(out, tmp))
     print(f"{len(out)} predictions written to {path}")
+    return 0
+
+
+def _matcher(args):
+    from .serving.matching import MatchPredictor
+    from .serving.predictor import Predictor
+
+    pred = Predictor.load(args.run, device=_device(args.device))
+    if not isinstance(pred, MatchPredictor):
+        raise ValueError(f"{args.run!r} is a classifier run: `mmtune {args.command}` needs a matcher (a run with "
+                         "data.query and data.response)")
+    return pred
+
+
+def _search(args) -> int:
+    from .io import atomic_write_with, check_output
+    from .serving.matching import SearchIndex
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1 (got {args.top_k})")
+    path = Path(args.out)
+    inputs = {"--queries file": [args.queries], "--corpus file": [args.corpus] if args.corpus else [],
+              "run bundle's file": _bundle_files(args.run)}
+    write = _table_writer(path, inputs, "hits.csv")
+    if args.save_index:
+        check_output(args.save_index, inputs=inputs, kind="folder", example="corpus-index")
+    pred = _matcher(args)
+    index = SearchIndex.load(args.index) if args.index else pred.index(args.corpus, batch_size=args.batch_size)
+    if args.save_index:
+        index.save(args.save_index)
+        print(f"index of {len(index)} rows saved to {args.save_index}")
+    hits = pred.search(args.queries, index, top_k=args.top_k, batch_size=args.batch_size)
+    atomic_write_with(path, lambda tmp: write(hits, tmp))
+    print(f"{len(hits)} hits ({args.top_k} per query) written to {path}")
+    return 0
+
+
+def _check_pairs(args) -> int:
+    from .io import atomic_write_text, atomic_write_with
+
+    path = Path(args.out)
+    inputs = {"--data file": [args.data], "run bundle's file": _bundle_files(args.run)}
+    write = _table_writer(path, inputs, "pairs.csv")
+    if args.html:
+        from .io import check_output
+
+        check_output(args.html, inputs=inputs, example="pairs.html")
+    pred = _matcher(args)
+    out = pred.check_pairs(args.data, batch_size=args.batch_size)
+    atomic_write_with(path, lambda tmp: write(out, tmp))
+    if args.html:
+        from .serving.matching import pairs_page
+
+        atomic_write_text(Path(args.html), pairs_page(out.head(args.show), pred))
+    worst = (out["partner_rank"] > 1).sum()
+    print(f"{len(out)} pairs checked; {worst} whose own partner is not the model's first pick; least likely first in {path}")
     return 0
 
 

@@ -122,7 +122,16 @@ class DataConfig(_Strict):
     here is read from the column of its own name (``image``, ``text``). ``tabular`` takes a list of columns
     (numbers and categories)."""
     label_column: str = "label"
-    """Column holding the class label (single task; ignored when ``tasks`` is set)."""
+    """Column holding the class label (single task; ignored when ``tasks`` is set or for a matcher)."""
+    query: Optional[str] = None
+    """A matcher (with ``response``): the column of the pair's first side — a text, an image, an audio clip. The
+    run learns two towers whose embeddings of a row's query and response agree (``matching``); no label needed."""
+    response: Optional[str] = None
+    """A matcher: the column of the pair's other side (what a search returns)."""
+    match_label: Optional[str] = None
+    """A matcher: an optional 1/0 column, whether the row's query and response belong together (rows labelled
+    0 are negatives: they anchor no contrastive term, and a pairwise loss learns the pair score). Without it
+    every row is a positive pair and the other rows of a batch are its negatives."""
     tasks: Optional[Dict[str, TaskConfig]] = None
     """Several label columns, a head each: ``{task name: {column, multilabel, separator, weight}}``."""
     allow_missing: List[str] = Field(default_factory=list)
@@ -294,9 +303,9 @@ class TrainerConfig(_Strict):
     """Validation metrics logged every epoch (torchmetrics), as val_acc, val_f1_macro, val_balanced_accuracy,
     val_auroc, val_precision_macro, val_recall_macro (means over tasks; per task too with several tasks)."""
     monitor: Literal["val_loss", "val_acc", "val_f1_macro", "val_balanced_accuracy", "val_auroc",
-                     "val_precision_macro", "val_recall_macro", "val_rmse"] = "val_loss"
+                     "val_precision_macro", "val_recall_macro", "val_rmse", "val_r1"] = "val_loss"
     """Validation metric for early stopping, the best checkpoint and the plateau schedule (mean over tasks;
-    for a multi-label task, accuracy is subset accuracy)."""
+    for a multi-label task, accuracy is subset accuracy; ``val_r1``: a matcher's in-batch recall@1)."""
     restore_best: bool = True
     """At the end, load the weights of the best validation epoch (False: keep the last epoch's)."""
     average_best: int = Field(1, ge=1)
@@ -449,6 +458,22 @@ class EvaluationConfig(_Strict):
         return self
 
 
+class MatchingConfig(_Strict):
+    """A matcher's towers and loss (used when ``data.query`` and ``data.response`` are set)."""
+
+    dim: int = Field(256, ge=2)
+    """Width of the shared embedding space both towers project into."""
+    temperature: float = Field(0.07, gt=0.0, le=1.0)
+    """Initial temperature of the contrastive loss (CLIP's 0.07)."""
+    learn_temperature: bool = True
+    """Learn the temperature (in log space, at least 0.01) with the towers."""
+    shared_projection: bool = False
+    """One projection for both sides (when they are as wide): for two columns of one modality read by one
+    encoder (shared weights: ``fields: [text.query, text.answer]``)."""
+    pair_weight: float = Field(1.0, ge=0.0)
+    """With ``data.match_label``: weight of the pairwise loss beside the contrastive one."""
+
+
 class Config(_Strict):
     name: str = "run"
     """The run's name: its bundle is ``output_dir/name`` (a plain folder name: no path separators, not empty,
@@ -472,6 +497,13 @@ class Config(_Strict):
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
     imbalance: ImbalanceConfig = Field(default_factory=ImbalanceConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    matching: MatchingConfig = Field(default_factory=MatchingConfig)
+
+    @property
+    def task(self) -> str:
+        """``matching`` when ``data.query`` / ``data.response`` are set, else ``classification`` (per-row labels or
+        targets, :mod:`mmtune.tasks`)."""
+        return "matching" if (self.data.query or self.data.response) else "classification"
 
     @field_validator("finetune", "loss", mode="before")
     @classmethod
@@ -506,7 +538,13 @@ class Config(_Strict):
 
         tasks = list((self.data.tasks or {}).values())
         logged = {"val_loss"}
-        if not tasks or any(not t.regression for t in tasks):
+        if self.task == "matching":
+            self._matching()
+            if self.trainer.monitor not in ("val_loss", "val_r1"):
+                raise ValueError(f"trainer.monitor={self.trainer.monitor} is not logged by a matcher; pick val_loss "
+                                 "or val_r1 (in-batch recall@1)")
+            logged.add(self.trainer.monitor)
+        elif not tasks or any(not t.regression for t in tasks):
             logged |= {"val_acc" if m == "accuracy" else f"val_{m}" for m in self.trainer.epoch_metrics}
         if any(t.regression for t in tasks):
             logged.add("val_rmse")
@@ -564,6 +602,30 @@ class Config(_Strict):
                 raise ValueError(f"finetune.target_modules names unknown encoder(s) {sorted(unknown)}; "
                                  f"encoders: {sorted(self.model.encoders)}")
         return self
+
+    def _matching(self) -> None:
+        """A matcher's columns and the settings that have no meaning for one."""
+        d = self.data
+        if not d.query or not d.response:
+            raise ValueError(f"a matcher needs both data.query and data.response (got query={d.query!r}, "
+                             f"response={d.response!r})")
+        if d.query == d.response:
+            raise ValueError(f"data.query and data.response are both {d.query!r}: a matcher pairs two columns")
+        if d.tasks:
+            raise ValueError("data.tasks and data.query/response both set: a run is a classifier or a matcher "
+                             "(use data.match_label for 1/0 pair labels)")
+        if self.model.encoders:
+            read = sorted({str(d.column(f)) for f in self.modalities})
+            for side in ("query", "response"):
+                if getattr(d, side) not in read:
+                    raise ValueError(f"data.{side}={getattr(d, side)!r} is read by no encoder; the encoders read "
+                                     f"{', '.join(read)} (data.columns maps a modality to its column)")
+        if self.augment.mixup_alpha > 0:
+            raise ValueError("augment.mixup_alpha mixes labelled rows: a matcher has none (set it to 0)")
+        if self.synthesis.method != "none" or self.imbalance.sampler or self.imbalance.class_weights != "none":
+            raise ValueError("synthesis and imbalance settings rebalance classes: a matcher has none")
+        if self.evaluation.cv:
+            raise ValueError("evaluation.cv is not supported for a matcher yet: hold out data.val or data.test")
 
     def _tabular_columns(self) -> None:
         """The tabular columns are named once, in ``data.columns.tabular`` or the encoder's ``columns``."""

@@ -83,6 +83,29 @@ def make_dataset(out_dir: str | Path, n: int = 600, image_size: int = 96, seed: 
     return _write_splits(out, rows, rng, test_fraction)
 
 
+def make_pairs(out_dir: str | Path, n: int = 400, image_size: int = 96, seed: int = 0, test_fraction: float = 0.25,
+               negatives: float = 0.0) -> Dict[str, Path]:
+    """A matching table: a picture of an object in one of eight colours, and the name its colour goes by
+    (``this mug`` for the first, ``this lamp`` for the second, …) — a pairing only a model of both columns can
+    learn (eight distinct texts: recall@1 by chance is 1/8). With ``negatives`` > 0 that share of the rows pairs a
+    picture with another colour's name and column ``match`` holds 1/0. Writes ``images/*.png``, ``train.csv`` and
+    ``test.csv`` (columns id, image, text[, match]); returns their paths."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    colours = WARM + COOL
+    rows: List[Dict[str, Any]] = []
+    for i in range(n):
+        c = i % len(colours)
+        name = f"images/p{i:05d}.png"
+        _draw(rng, colours[c], image_size).save(out / name)
+        match = 1 if negatives <= 0 or rng.random() >= negatives else 0
+        word = ITEMS[c] if match else ITEMS[(c + rng.randint(1, len(colours) - 1)) % len(colours)]
+        rows.append({"id": f"pr{i:05d}", "image": name, "text": f"this {word}",
+                     **({"match": match} if negatives > 0 else {})})
+    return _write_splits(out, rows, rng, test_fraction)
+
+
 def _note(rng: random.Random, verdict: str) -> str:
     """A customer's note whose verdict is ``keep`` or ``return``."""
     note = rng.choice(KEEP if verdict == "keep" else RETURN)

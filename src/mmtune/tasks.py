@@ -8,6 +8,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .values import is_blank
 
+MATCH = "match"
+"""The name of a matcher's task of 1/0 pair labels (``data.match_label``)."""
+
 
 def label_key(value: Any) -> str:
     """Labels are compared by their text so that 1, 1.0 and '1' from different files agree."""
@@ -132,7 +135,10 @@ class Task:
 
 
 def tasks_from_config(data_cfg) -> List[Task]:
-    """The tasks the config names: ``data.tasks`` when set, else one task on ``data.label_column``."""
+    """The tasks the config names: ``data.tasks`` when set, else one task on ``data.label_column``; a matcher
+    (``data.query``) has one 1/0 task ``match`` on ``data.match_label``, or none."""
+    if getattr(data_cfg, "query", None):
+        return [Task(MATCH, data_cfg.match_label)] if data_cfg.match_label else []
     if data_cfg.tasks:
         return [Task(name, t.column, t.multilabel, t.separator, t.weight, regression=t.regression,
                      regression_loss=t.regression_loss, huber_delta=t.huber_delta) for name, t in data_cfg.tasks.items()]

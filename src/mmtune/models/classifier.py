@@ -45,17 +45,7 @@ class MultimodalClassifier(nn.Module):
 
     def encode(self, inputs: Mapping[str, Mapping[str, torch.Tensor]]) -> Dict[str, EncoderOutput]:
         """Run every encoder; a fully frozen encoder runs without building a graph."""
-        outputs: Dict[str, EncoderOutput] = {}
-        for name, enc in self.encoders.items():
-            trainable = any(p.requires_grad for p in enc.parameters())
-            with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-                out = enc(**inputs[name])
-            if isinstance(out, EncoderOutput):
-                outputs[name] = out
-            else:
-                for sub, o in out.items():
-                    outputs[_key(name, sub)] = o
-        return outputs
+        return run_encoders(self.encoders, inputs)
 
     def fuse(self, outputs: Dict[str, EncoderOutput], present: Mapping[str, torch.Tensor]) -> torch.Tensor:
         ref = next(iter(outputs.values())).pooled
@@ -80,18 +70,40 @@ class MultimodalClassifier(nn.Module):
         (deterministic features, no dropout), and frozen batch-norm layers keep their statistics."""
         super().train(mode)
         if mode:
-            for enc in self.encoders.values():
-                if not any(p.requires_grad for p in enc.parameters()):
-                    enc.eval()
-                    continue
-                for m in enc.modules():
-                    if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False)):
-                        m.eval()
+            train_keeping_frozen(self.encoders)
         return self
 
 
 def _key(name: str, sub: str) -> str:
     return f"{name}.{sub}" if sub else name
+
+
+def run_encoders(encoders: Mapping[str, Encoder], inputs: Mapping[str, Mapping[str, torch.Tensor]]) -> Dict[str, EncoderOutput]:
+    """Each encoder on its inputs, outputs keyed ``name`` (or ``name.sub`` for an encoder of several outputs);
+    a fully frozen encoder runs without building a graph."""
+    outputs: Dict[str, EncoderOutput] = {}
+    for name, enc in encoders.items():
+        trainable = any(p.requires_grad for p in enc.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            out = enc(**inputs[name])
+        if isinstance(out, EncoderOutput):
+            outputs[name] = out
+        else:
+            for sub, o in out.items():
+                outputs[_key(name, sub)] = o
+    return outputs
+
+
+def train_keeping_frozen(encoders: Mapping[str, Encoder]) -> None:
+    """After ``train()``: a fully frozen encoder back in eval mode (deterministic features, no dropout), and
+    frozen batch-norm layers keeping their statistics."""
+    for enc in encoders.values():
+        if not any(p.requires_grad for p in enc.parameters()):
+            enc.eval()
+            continue
+        for m in enc.modules():
+            if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False)):
+                m.eval()
 
 
 def build_model(model_cfg, num_classes: Mapping[str, int], bundle_dir: Optional[Path] = None,

@@ -100,6 +100,10 @@ class Predictor:
 
                 return cls._from_members(meta, run_dir, device, workers, torch_member)
             b = read_bundle(run_dir)
+            if b.config.task == "matching":  # two towers: embed, search, score pairs (serving/matching.py)
+                from .matching import MatchPredictor
+
+                return MatchPredictor.from_bundle(b, device)
             return cls(b.model, b.config, b.tasks, b.calibration, b.run_dir, device, workers=workers, reference=b.reference)
         folder = run_dir if exported else run_dir / "export"
         if not (folder / EXPORT_MARKER).is_file():
@@ -307,12 +311,10 @@ class Predictor:
 def _skeleton(config, tasks, folder: Path):
     """The model's architecture from an export bundle's encoder folders, with no weights loaded: what an ONNX
     backend needs of it is the processors and the names of the encoder outputs."""
-    from ..models import build_model
-
-    allow_missing = bool(config.data.allow_missing) or config.model.modality_dropout > 0
+    from ..models import model_for
     from ..models.pruning import apply_pruning
 
     with torch.device("meta"):
-        model = build_model(config.model, {t.name: t.outputs for t in tasks}, bundle_dir=folder, allow_missing=allow_missing)
+        model = model_for(config, tasks, bundle_dir=folder)
         apply_pruning(model, folder)
     return model

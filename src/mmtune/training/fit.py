@@ -28,7 +28,7 @@ from ..logs import quiet_libraries
 from ..memory import keep_freed_memory
 from ..presets import PRESETS
 from ..losses import build_loss
-from ..models import build_model
+from ..models import model_for
 from .trainer import train as train_model
 
 log = logging.getLogger("mmtune")
@@ -100,12 +100,12 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
         data = TableDataModule(cfg, train, val, test).read()
         build_loss(cfg.loss).check_tasks(data.tasks)
-        model = build_model(cfg.model, {t.name: t.outputs for t in data.tasks},
-                            allow_missing=bool(cfg.data.allow_missing) or cfg.model.modality_dropout > 0)
+        model = model_for(cfg, data.tasks)
         data.fit_encoders(model)
         started = time.perf_counter()
         probe = linear_probe(model, data, cache_folder(cfg), data.eval_batch_size, cfg.evaluation.calibration_bins,
-                             cfg.trainer.seed, cfg.evaluation.linear_probe_rows) if cfg.evaluation.linear_probe and main else {}
+                             cfg.trainer.seed, cfg.evaluation.linear_probe_rows) \
+            if cfg.evaluation.linear_probe and main and cfg.task != "matching" else {}
         probe_seconds = time.perf_counter() - started
         strategy = build_strategy(cfg.finetune)
         strategy.prepare(model)
@@ -124,6 +124,10 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         info["trainable_parameters"] = trainable_parameter_count(model)
         strategy.finish(model)  # LoRA / IA3 folded into plain weights: what the bundle ships
         model.to(device)  # evaluation, calibration and contribution on the training device
+        if cfg.task == "matching":
+            metrics = _finish_matching(cfg, model, data, run_dir, device, info, extra)
+            claim.commit()
+            return FitResult(cfg.run_dir, metrics, cfg, model, data.tasks, {})
         counts = {k: v.numpy() for k, v in data.class_counts().items()}  # the training split's rows per class
         calibration, metrics, predictions = finalize(
             model, data.tasks, data.eval_loaders(), data.prepared.frames, cfg.evaluation, cfg.modalities,
@@ -152,6 +156,21 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
 
         ship_folds(cfg, log=lambda m: log.info("%s", m))
     return FitResult(cfg.run_dir, metrics, cfg, model, data.tasks, calibration, reference=reference)
+
+
+def _finish_matching(cfg: Config, model, data, run_dir: Path, device, info, extra) -> Dict[str, Any]:
+    """A matcher's evaluation (:mod:`mmtune.evaluation.matching`: retrieval metrics of the held-out splits) and
+    its bundle (no calibration: a pair's score is a cosine, its probability the pair head's)."""
+    from ..evaluation.calibration import Calibration
+    from ..evaluation.matching import evaluate_matching
+
+    metrics, predictions = evaluate_matching(model, data.eval_loaders(), data.prepared.frames, cfg.data,
+                                             {s: data.shown(s) for s in data.splits if s != "train"}, device)
+    model.cpu()
+    metrics.update(info, task="matching", **dict((extra() if callable(extra) else extra) or {}))
+    write_bundle(run_dir, cfg, model, data.tasks, {t.name: Calibration() for t in data.tasks}, metrics, data.rejected,
+                 predictions)
+    return metrics
 
 
 def _cross_validate(cfg: Config, train, test, extra, keep, overwrite):

@@ -161,9 +161,16 @@ def build_module(cfg, model, tasks, strategy, class_weights: Optional[Dict[str, 
     from ..optim import optimizer_factory, schedule_factory
     from .transforms import Mixup, batch_transforms
 
-    objective = Objective(build_loss(cfg.loss), tasks, class_weights, cfg.regularization.l1, model, class_counts)
+    if cfg.task == "matching":
+        from .matching import InBatchRecall, MatchObjective
+
+        objective, metrics = MatchObjective(model, bool(tasks), cfg.matching.pair_weight), (InBatchRecall("train"),
+                                                                                             InBatchRecall("val"))
+    else:
+        objective = Objective(build_loss(cfg.loss), tasks, class_weights, cfg.regularization.l1, model, class_counts)
+        metrics = EpochMetrics(tasks, ["accuracy"], "train"), EpochMetrics(tasks, cfg.trainer.epoch_metrics, "val")
     module = ClassifierModule(
-        model, objective, EpochMetrics(tasks, ["accuracy"], "train"), EpochMetrics(tasks, cfg.trainer.epoch_metrics, "val"),
+        model, objective, *metrics,
         optimizer_factory(cfg.optim, cfg.finetune, include_frozen_encoders=strategy.keeps_frozen_weights),
         schedule_factory(cfg.schedule, cfg.optim, cfg.trainer.monitor), batch_transforms(cfg, model),
         Mixup(cfg.augment.mixup_alpha) if cfg.augment.mixup_alpha > 0 else None, keep_frozen=strategy.keeps_frozen_weights,

@@ -1,0 +1,206 @@
+"""Matching and retrieval: two towers trained to agree, ranking metrics against references, a search index,
+and the consistency check of a table's pairs."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import mmtune
+from mmtune.demo import make_pairs
+from mmtune.evaluation.ranking import first_relevant_rank, ndcg_at, retrieval_metrics, roc_auc
+from mmtune.losses.contrastive import info_nce
+
+from conftest import base_config
+
+
+# ---- metrics and loss against references -------------------------------------------------------------------
+def test_ranking_metrics_equal_a_loop_and_scikit_learn():
+    from sklearn.metrics import ndcg_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(40, 25))
+    relevant = rng.random((40, 25)) < 0.08
+    relevant[np.arange(40), rng.integers(0, 25, 40)] = True  # every query has a relevant candidate
+    ranks = first_relevant_rank(scores, relevant)
+    for i in range(40):  # the loop: position of the first relevant candidate in the sorted list
+        order = np.argsort(-scores[i])
+        assert ranks[i] == 1 + next(p for p, j in enumerate(order) if relevant[i, j])
+    m = retrieval_metrics(scores, relevant)
+    assert m["recall@1"] == pytest.approx(np.mean(ranks <= 1), abs=1e-12)
+    assert m["recall@5"] == pytest.approx(np.mean(ranks <= 5), abs=1e-12)
+    assert m["mrr"] == pytest.approx(np.mean(1.0 / ranks), abs=1e-12)
+    assert m["ndcg@10"] == pytest.approx(ndcg_score(relevant.astype(int), scores, k=10), abs=1e-9)
+    assert np.allclose(ndcg_at(scores, relevant, 25), [ndcg_score(relevant[i:i + 1].astype(int), scores[i:i + 1])
+                                                       for i in range(40)], atol=1e-9)
+    label, score = rng.random(200) < 0.3, rng.normal(size=200).round(1)  # rounded: ties are averaged
+    assert roc_auc(score, label) == pytest.approx(roc_auc_score(label, score), abs=1e-12)
+    assert roc_auc(score, np.ones(200)) is None
+
+
+def test_info_nce_is_the_mean_of_both_directions_cross_entropy_and_skips_negative_anchors():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    r = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    scale = torch.tensor(10.0)
+    s = (scale * q @ r.T).double()
+    expected = [0.5 * (-torch.log_softmax(s[i], 0)[i] - torch.log_softmax(s[:, i], 0)[i]) for i in range(5)]
+    got = info_nce(q, r, scale)
+    assert torch.allclose(got.double(), torch.stack(expected), atol=1e-5)
+    masked = info_nce(q, r, scale, positive=torch.tensor([1, 0, 1, 1, 0]))
+    assert masked[1] == 0 and masked[4] == 0 and torch.allclose(masked[[0, 2, 3]], got[[0, 2, 3]])
+
+
+def _table(path):
+    """A manifest as a DataFrame, its image paths made absolute (a DataFrame has no folder to resolve them in)."""
+    df = pd.read_csv(path)
+    return df.assign(image=[str(path.parent / p) for p in df["image"]])
+
+
+# ---- a fitted matcher ------------------------------------------------------------------------------------------
+def _matcher_config(tmp_path, tiny_vit, tiny_bert, tables, **extra):
+    cfg = base_config(tmp_path, {"image": {"modality": "image", "checkpoint": tiny_vit},
+                                 "text": {"modality": "text", "checkpoint": tiny_bert}},
+                      data={"train": str(tables["train"]), "test": str(tables["test"]), "query": "image",
+                            "response": "text"},
+                      matching={"dim": 32}, trainer={"max_epochs": 10, "monitor": "val_loss", "batch_size": 32},
+                      evaluation={"report": False})
+    for k, v in extra.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return make_pairs(tmp_path_factory.mktemp("pairs"), n=320, image_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def matcher(tmp_path_factory, tiny_vit, tiny_bert, pairs):
+    tmp = tmp_path_factory.mktemp("matcher")
+    return mmtune.fit(_matcher_config(tmp, tiny_vit, tiny_bert, pairs))
+
+
+@pytest.mark.stochastic
+def test_a_matcher_learns_a_planted_pairing_the_untrained_towers_do_not_know(matcher, pairs):
+    from mmtune.config import load_config
+    from mmtune.data.datamodule import TableDataModule
+    from mmtune.evaluation.matching import evaluate_matching
+    from mmtune.models import model_for
+
+    test = matcher.metrics["test"]
+    assert test["candidates"] == 8 and test["queries"] == 80
+    # the same towers before training (pretrained encoders, fresh projections) on the same test rows
+    cfg = load_config(matcher.config.to_dict())
+    torch.manual_seed(0)
+    untrained = model_for(cfg, [])
+    data = TableDataModule(cfg).read()
+    from mmtune.finetune import build_strategy
+
+    data.attach(untrained, build_strategy(cfg.finetune))
+    before, _ = evaluate_matching(untrained, {"test": data.eval_loader("test")}, data.prepared.frames, cfg.data,
+                                  {"test": {}})
+    assert before["test"]["recall@1"] < 0.35  # chance is 1/8
+    assert test["recall@1"] >= 0.6 and test["recall@1"] > before["test"]["recall@1"] + 0.3
+    assert test["mrr"] >= test["recall@1"] and test["recall@5"] >= test["recall@1"]
+
+
+def test_a_reloaded_matcher_embeds_scores_and_searches_as_in_memory(matcher, pairs, tmp_path):
+    from mmtune.serving.matching import MatchPredictor, SearchIndex
+
+    pred = mmtune.load(matcher.run_dir)
+    assert isinstance(pred, MatchPredictor)
+    test = _table(pairs["test"])
+    saved = pd.read_csv(matcher.run_dir / "predictions" / "test.csv")
+    scores = pred.score_pairs(test)
+    assert np.allclose(scores["score"].to_numpy(), saved["score"].to_numpy(), atol=1e-5)  # the bundle's own numbers
+    q, r = pred.embed(test, side="query"), pred.embed(test, side="response")
+    assert q.shape == (80, 32) and np.allclose(np.linalg.norm(q.to_numpy(), axis=1), 1, atol=1e-5)
+    corpus = test.drop_duplicates("text").reset_index(drop=True)
+    hits = pred.search(test, corpus, top_k=3)
+    brute = q.to_numpy() @ pred.embed(corpus, side="response").to_numpy().T
+    top = np.argsort(-brute, axis=1, kind="stable")[:, :3]
+    assert hits["id"].tolist() == [str(corpus["id"][j]) for j in top.ravel()]
+    assert np.allclose(hits["score"].to_numpy(), np.take_along_axis(brute, top, 1).ravel(), atol=1e-5)
+    index = pred.index(corpus)
+    again = SearchIndex.load(index.save(tmp_path / "ix"))
+    assert again.search(q.to_numpy(), 3).equals(index.search(q.to_numpy(), 3))
+    (tmp_path / "ix" / "index.npy").write_bytes(b"\x80\x04not an array")  # a planted file is refused, never run
+    with pytest.raises(ValueError, match="damaged"):
+        SearchIndex.load(tmp_path / "ix")
+    with pytest.raises(ValueError, match="side must be one of"):
+        pred.embed(test, side="left")
+    with pytest.raises(mmtune.BadRowsError):
+        pred.embed(test.assign(image="missing.png"), side="query")
+
+
+def test_the_consistency_check_puts_swapped_pairs_first(matcher, pairs):
+    pred = mmtune.load(matcher.run_dir)
+    test = _table(pairs["test"])
+    rng = np.random.default_rng(0)
+    swapped = rng.choice(len(test), 8, replace=False)
+    words = test["text"].to_numpy().copy()
+    for i in swapped:  # another colour's name
+        words[i] = next(w for w in np.roll(sorted(set(words)), 1) if w != words[i])
+    table = test.assign(text=words)
+    out = pred.check_pairs(table)
+    assert list(out.columns[:3]) == ["row", "id", "score"] and len(out) == len(table)
+    first = set(out["row"][:8])  # the top decile of 80 rows
+    assert len(first & set(swapped)) >= 6
+
+
+def test_matching_cli_searches_and_checks_pairs(matcher, pairs, tmp_path):
+    from mmtune.cli import main
+
+    out = tmp_path / "hits.csv"
+    assert main(["search", "--run", str(matcher.run_dir), "--corpus", str(pairs["test"]), "--queries",
+                 str(pairs["test"]), "--top-k", "2", "--out", str(out), "--save-index", str(tmp_path / "ix")]) == 0
+    hits = pd.read_csv(out)
+    assert len(hits) == 160 and set(hits["rank"]) == {1, 2}
+    assert main(["search", "--run", str(matcher.run_dir), "--index", str(tmp_path / "ix"), "--queries",
+                 str(pairs["test"]), "--top-k", "2", "--out", str(tmp_path / "again.csv")]) == 0
+    assert pd.read_csv(tmp_path / "again.csv").equals(hits)
+    page = tmp_path / "pairs.html"
+    assert main(["check-pairs", "--run", str(matcher.run_dir), "--data", str(pairs["test"]), "--out",
+                 str(tmp_path / "pairs.csv"), "--html", str(page)]) == 0
+    assert len(pd.read_csv(tmp_path / "pairs.csv")) == 80 and "<img" in page.read_text()
+
+
+def test_frozen_towers_train_only_the_projections_on_the_cache(tmp_path, tiny_vit, tiny_bert, pairs):
+    cfg = _matcher_config(tmp_path, tiny_vit, tiny_bert, pairs, finetune={"type": "frozen"},
+                          trainer={"max_epochs": 3}, data={"match_label": None})
+    res = mmtune.fit(cfg)
+    fresh = mmtune.load(res.run_dir).model
+    from transformers import BertModel
+
+    original = dict(BertModel.from_pretrained(tiny_bert).named_parameters())
+    kept = list(fresh.encoders["text"].model.named_parameters())
+    assert len(kept) > 10 and all(torch.equal(p, original[n]) for n, p in kept)  # encoder weights untouched
+    assert any((res.run_dir.parent / ".cache").iterdir())  # trained on the embedding cache
+    assert res.metrics["test"]["recall@1"] > 0.2  # the projections alone learn something
+
+
+def test_match_labels_train_a_pair_score(tmp_path, tiny_vit, tiny_bert):
+    data = make_pairs(tmp_path / "neg", n=240, image_size=32, seed=1, negatives=0.3)
+    res = mmtune.fit(_matcher_config(tmp_path, tiny_vit, tiny_bert, data, data={"match_label": "match"}))
+    test = res.metrics["test"]
+    assert test["queries"] < 60 and 0.0 <= test["pair_roc_auc"] <= 1.0
+    saved = pd.read_csv(res.run_dir / "predictions" / "test.csv")
+    assert set(saved["label"]) == {0, 1} and saved["probability"].between(0, 1).all()
+    assert "probability" in mmtune.load(res.run_dir).score_pairs(_table(data["test"])).columns
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": {"response": "caption"}}, "data.response='caption' is read by no encoder"),
+    ({"data": {"response": "image"}}, "data.query and data.response are both 'image'"),
+    ({"data": {"response": None}}, "needs both data.query and data.response"),
+    ({"augment": {"mixup_alpha": 0.2}}, "a matcher has none"),
+    ({"trainer": {"monitor": "val_acc"}}, "not logged by a matcher"),
+])
+def test_matching_config_mistakes_are_one_line(tmp_path, tiny_vit, tiny_bert, pairs, change, message):
+    from mmtune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(_matcher_config(tmp_path, tiny_vit, tiny_bert, pairs, **change))
+    assert str(err.value).strip().splitlines()[0] == "invalid configuration:" and len(str(err.value).strip().splitlines()) == 2
