@@ -204,3 +204,65 @@ def test_matching_config_mistakes_are_one_line(tmp_path, tiny_vit, tiny_bert, pa
     with pytest.raises(ConfigError, match=message) as err:
         load_config(_matcher_config(tmp_path, tiny_vit, tiny_bert, pairs, **change))
     assert str(err.value).strip().splitlines()[0] == "invalid configuration:" and len(str(err.value).strip().splitlines()) == 2
+
+
+def test_zero_and_few_shot_classification_from_the_towers(matcher, pairs):
+    from mmtune.demo import ITEMS
+
+    pred = mmtune.load(matcher.run_dir)
+    test = _table(pairs["test"])
+    truth = test["text"].str.replace("this ", "", regex=False)
+    zs = pred.zero_shot(test, ITEMS, template="this {}")
+    assert list(zs.columns) == ITEMS and np.allclose(zs.sum(1), 1)
+    assert (zs.idxmax(axis=1) == truth).mean() >= 0.6  # recall@1 of the same rows is >= 0.6
+    train = _table(pairs["train"]).assign(item=lambda d: d["text"].str.replace("this ", "", regex=False))
+    few = train.groupby("item").head(2)  # two labelled rows a class
+    for head in ("centroid", "logistic"):
+        p = pred.few_shot(few, "item", test, head=head)
+        assert (p.idxmax(axis=1) == truth).mean() >= 0.6, head
+    with pytest.raises(ValueError, match="template"):
+        pred.zero_shot(test, ITEMS, template="no slot")
+    with pytest.raises(ValueError, match="text side"):
+        pred.zero_shot(test, ITEMS, side="response")  # the other side would be the images
+
+
+def test_the_server_searches_embeds_and_scores(matcher, pairs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mmtune.serving.server import ServeSettings, create_app
+
+    pred = mmtune.load(matcher.run_dir)
+    test = _table(pairs["test"])
+    index = pred.index(test.drop_duplicates("text").reset_index(drop=True))
+    index.save(tmp_path / "ix")
+    settings = ServeSettings(search_index=str(tmp_path / "ix"), allow_paths=str(pairs["test"].parent))
+    client = TestClient(create_app(pred, settings))
+    rows = [{"image": {"path": p}} for p in pd.read_csv(pairs["test"])["image"][:3]]
+    r = client.post("/search", json={"rows": rows, "top_k": 2})
+    assert r.status_code == 200, r.text
+    expected = pred.search(test[:3], index, 2)
+    assert [h["id"] for hs in r.json()["hits"] for h in hs] == expected["id"].tolist()
+    assert client.post("/search", json={"rows": rows, "top_k": 0}).status_code == 422
+    assert client.post("/search", json={"rows": [{"colour": "red"}]}).status_code == 422
+    e = client.post("/embed", json={"rows": [{"text": "this mug"}], "side": "response"})
+    assert e.status_code == 200 and len(e.json()["embeddings"][0]) == 32
+    s = client.post("/score", json={"rows": [{"image": rows[0]["image"], "text": test["text"][0]}]})
+    assert s.status_code == 200 and s.json()["scores"][0]["score"] == pytest.approx(
+        float(pred.score_pairs(test[:1])["score"][0]), abs=1e-5)
+    bare = TestClient(create_app(pred, ServeSettings()))
+    assert bare.post("/search", json={"rows": [{"text": "x"}]}).status_code == 409
+    assert bare.get("/metadata").status_code == 200
+
+
+@pytest.mark.stochastic
+def test_a_joint_encoder_serves_as_both_towers(tmp_path, tiny_clip, pairs):
+    cfg = base_config(tmp_path, {"clip": {"modality": "image_text", "checkpoint": tiny_clip}},
+                      data={"train": str(pairs["train"]), "test": str(pairs["test"]), "query": "image", "response": "text"},
+                      matching={"dim": 16}, trainer={"max_epochs": 10, "monitor": "val_loss", "batch_size": 32},
+                      evaluation={"report": False})
+    res = mmtune.fit(cfg)
+    assert res.metrics["test"]["recall@1"] >= 0.5
+    pred = mmtune.load(res.run_dir)
+    test = _table(pairs["test"])
+    saved = pd.read_csv(res.run_dir / "predictions" / "test.csv")
+    assert np.allclose(pred.score_pairs(test)["score"].to_numpy(), saved["score"].to_numpy(), atol=1e-5)

@@ -162,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the model")
     sv.add_argument("--allow-paths", metavar="DIR", help='accept {"path": ...} for file columns, for files under DIR '
                     "only (symlinks resolved); without it no request value ever names a file on this machine")
+    sv.add_argument("--index", metavar="DIR", default=None,
+                    help="a matcher: the search index /search answers from (saved by mmtune search --save-index)")
     sv.add_argument("--no-batching", action="store_true", help="run each request alone (no micro-batching)")
     sv.add_argument("--batch-window-ms", type=float, default=4.0, help="how long a request waits for others to batch with")
     sv.add_argument("--max-batch-rows", type=int, default=64, help="rows per model call when batching")
@@ -557,7 +559,12 @@ def _serve(args) -> int:
                              max_request_pixels=int(args.max_request_mpixels * 1e6),
                              allow_paths=None if args.allow_paths is None else str(Path(args.allow_paths).resolve()),
                              batching=not args.no_batching,
-                             batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows)
+                             batch_window_ms=args.batch_window_ms, max_batch_rows=args.max_batch_rows,
+                             search_index=args.index)
+    if args.index is not None:
+        from .serving.matching import SearchIndex
+
+        SearchIndex.load(args.index)  # a missing or damaged index is refused before the server starts
     print(f"serving {args.run} on http://{args.host}:{args.port} (docs at /docs)", flush=True)
     serve(args.run, args.host, args.port, args.workers, args.backend, str(_device(args.device)), settings,
           ensemble=False if args.single else None)

@@ -46,6 +46,10 @@ class MatchPredictor:
         self.columns = {"query": d.query, "response": d.response}
         self.fields = {side: sorted({model.output_modality[k] for k in model.fusion.sides[side]}) for side in SIDES}
         self.id_column = d.id_column
+        # what the server's metadata and row reader ask of any predictor
+        self.modalities = config.modalities
+        self.backend, self.members, self.calibration, self.workers = "torch", None, {}, 1
+        self.embedding_kinds = list(SIDES)
 
     @classmethod
     def from_bundle(cls, bundle, device="cpu") -> "MatchPredictor":
@@ -55,7 +59,8 @@ class MatchPredictor:
     def _side_dataset(self, data: TableSource, side: str) -> MultimodalDataset:
         if side not in SIDES:
             raise ValueError(f"side must be one of {', '.join(SIDES)} (got {side!r})")
-        spec = ManifestSpec({f: self.config.data.column(f) for f in self.fields[side]}, (), self.id_column)
+        # the id column is carried when the table has one, never required (a table of class names has none)
+        spec = ManifestSpec({f: self.config.data.column(f) for f in self.fields[side]}, (), None)
         df, base_dir, bad, _ = read_valid_rows(data, spec, side, require_label=False)
         if bad:
             raise BadRowsError(bad, advice="fix these rows (or remove them from the input) and run it again")
@@ -132,6 +137,60 @@ class MatchPredictor:
         if self.id_column and self.id_column in dq.df.columns:
             out.insert(1, "id", dq.df[self.id_column].astype(str).to_numpy())
         return out.sort_values(["partner_rank", "score"], ascending=[False, True], kind="stable").reset_index(drop=True)
+
+    # ---- classification from the towers ------------------------------------------------------
+    def zero_shot(self, data: TableSource, classes: Sequence[Any], template: str = "{}", side: str = "query",
+                  batch_size: Optional[int] = None) -> pd.DataFrame:
+        """Classify each row's ``side`` with no labelled row: each class name written through ``template``
+        (``"a photo of a {}"``) is embedded on the other side — which must be text — and a row's probabilities are
+        the softmax of its cosines times the learned inverse temperature. Columns are the class names."""
+        other = "response" if side == "query" else "query"
+        field = self.fields[other][0]
+        from ..modalities import kind
+
+        if kind(field) != "text":
+            raise ValueError(f"zero-shot classification writes the class names as the {other} side, which is "
+                             f"{kind(field)} in this run ({self.columns[other]!r}); it needs a text side")
+        if len(classes) < 2 or "{}" not in template:
+            raise ValueError("zero-shot needs at least two class names and a template with {} where the name goes "
+                             f"(got {len(classes)} name(s), template {template!r})")
+        names = pd.DataFrame({self.config.data.column(field): [template.format(c) for c in classes]})
+        prototypes = self._embed(self._side_dataset(names, other), other, batch_size)
+        vec = self._embed(self._side_dataset(data, side), side, batch_size)
+        return self._softmax(vec @ prototypes.T, classes, data)
+
+    def few_shot(self, labelled: TableSource, label: str, data: TableSource, head: str = "centroid",
+                 side: str = "query", batch_size: Optional[int] = None) -> pd.DataFrame:
+        """Classify ``data`` from a handful of labelled rows per class (``labelled``'s ``label`` column): the
+        embeddings of ``side`` with a nearest-class-mean head (``centroid``: each class's mean direction, softmax
+        of cosines × the learned inverse temperature) or a logistic regression (``logistic``, scikit-learn, on
+        the unit vectors). Columns are the classes (as text)."""
+        if head not in ("centroid", "logistic"):
+            raise ValueError(f"few-shot head must be 'centroid' or 'logistic' (got {head!r})")
+        ds = self._side_dataset(labelled, side)
+        if label not in ds.df.columns:
+            raise ValueError(f"the labelled table has no column {label!r}; columns: {', '.join(map(str, ds.df.columns))}")
+        y = ds.df[label].astype(str).to_numpy()
+        classes = sorted(set(y))
+        if len(classes) < 2:
+            raise ValueError(f"few-shot needs rows of at least two classes in {label!r} (got {classes})")
+        train = self._embed(ds, side, batch_size)
+        vec = self._embed(self._side_dataset(data, side), side, batch_size)
+        if head == "logistic":
+            from sklearn.linear_model import LogisticRegression
+
+            clf = LogisticRegression(C=10.0, max_iter=2000).fit(train, y)
+            return pd.DataFrame(clf.predict_proba(vec), columns=list(clf.classes_),
+                                index=data.index if isinstance(data, pd.DataFrame) else None)
+        means = np.stack([train[y == c].mean(0) for c in classes])
+        means /= np.linalg.norm(means, axis=1, keepdims=True).clip(1e-12)
+        return self._softmax(vec @ means.T, classes, data)
+
+    def _softmax(self, cosines: np.ndarray, classes, data) -> pd.DataFrame:
+        z = float(self.model.heads["match"].scale) * cosines
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return pd.DataFrame(p, columns=[str(c) for c in classes], index=data.index if isinstance(data, pd.DataFrame) else None)
 
     def _shown(self, ds: MultimodalDataset, side: str) -> List[str]:
         f = self.fields[side][0]

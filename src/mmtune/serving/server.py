@@ -44,6 +44,8 @@ class ServeSettings:
     """How long the first request of a batch waits for others."""
     max_batch_rows: int = 64
     """Rows per model call when batching."""
+    search_index: Optional[str] = None
+    """A matcher: the folder of a saved search index (``mmtune search --save-index``) that ``/search`` answers from."""
 
 
 class RequestProblem(Exception):
@@ -507,6 +509,10 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
             raise RequestProblem(422, 'expected {"rows": [row, ...]}')
         return body["rows"]
 
+    if getattr(predictor, "task", None) == "matching":
+        _matching_routes(app, predictor, reader, settings, lock, json_body, rows_of)
+        return app
+
     @app.post("/predict")
     async def predict(request: Request):
         """One row: a JSON object keyed by column name (files as base64), or a form (files as multipart uploads, or
@@ -556,6 +562,72 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
         return {"kind": kind, "embeddings": [[None if x != x else float(x) for x in v] for v in vectors]}
 
     return app
+
+
+def _matching_routes(app, predictor, reader, settings: ServeSettings, lock, json_body, rows_of) -> None:
+    """A matcher's endpoints: ``/search`` (query rows -> the saved index's top k), ``/embed`` (either side) and
+    ``/score`` (rows with both columns -> each pair's score)."""
+    from fastapi import Request
+
+    from ..data.manifest import BadRowsError
+    from .matching import SearchIndex
+
+    index = SearchIndex.load(settings.search_index) if settings.search_index else None
+
+    async def frame_of(body, claim):
+        return await asyncio.to_thread(reader.frame, rows_of(body), claim)
+
+    async def call(fn, *args):
+        try:
+            async with lock:
+                return await asyncio.to_thread(fn, *args)
+        except BadRowsError as exc:
+            raise RequestProblem(422, str(exc)) from None
+
+    @app.post("/search")
+    async def search(request: Request):
+        """``{"rows": [query row, ...], "top_k": 10}`` -> ``{"hits": [[{rank, id, score, value}, ...], ...]}``."""
+        if index is None:
+            raise RequestProblem(409, "this server has no search index: start it with --index DIR (saved by "
+                                      "`mmtune search --run RUN --corpus TABLE --save-index DIR`)")
+        claim = reader.pixels.claim()
+        try:
+            body = await json_body(request)
+            top_k = body.get("top_k", 10) if isinstance(body, dict) else 10
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 1000:
+                raise RequestProblem(422, f"top_k: expected a whole number from 1 to 1000, got {ascii(top_k)}")
+            frame = await frame_of(body, claim)
+            hits = await call(predictor.search, frame, index, top_k)
+        finally:
+            claim.release()
+        out = [[] for _ in range(len(frame))]
+        for h in hits.itertuples(index=False):
+            out[h.query_row].append({"rank": int(h.rank), "id": h.id, "score": float(h.score), "value": h.value})
+        return {"hits": out}
+
+    @app.post("/embed")
+    async def embed(request: Request):
+        """``{"rows": [...], "side": "query" | "response"}`` -> ``{"side", "embeddings": [[...], ...]}``."""
+        claim = reader.pixels.claim()
+        try:
+            body = await json_body(request)
+            side = body.get("side", "query") if isinstance(body, dict) else "query"
+            if side not in ("query", "response"):
+                raise RequestProblem(422, f"side: expected 'query' or 'response', got {ascii(side)}")
+            table = await call(predictor.embed, await frame_of(body, claim), side)
+        finally:
+            claim.release()
+        return {"side": side, "embeddings": table.to_numpy(dtype=np.float64).tolist()}
+
+    @app.post("/score")
+    async def score(request: Request):
+        """``{"rows": [row with both columns, ...]}`` -> ``{"scores": [{score[, probability]}, ...]}``."""
+        claim = reader.pixels.claim()
+        try:
+            table = await call(predictor.score_pairs, await frame_of(await json_body(request), claim))
+        finally:
+            claim.release()
+        return {"scores": [{k: float(v) for k, v in r.items()} for r in table.to_dict(orient="records")]}
 
 
 def serve(run_dir, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, backend: Optional[str] = None,
