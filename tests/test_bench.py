@@ -99,3 +99,12 @@ def test_groups_bench_runs_and_prints_its_json():
     assert out.returncode == 0, out.stderr[-2000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"random_val_acc", "random_test_acc", "grouped_val_acc", "grouped_test_acc", "random_warned"} <= set(last)
+
+
+def test_matching_bench_runs_and_prints_its_json(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "matching.py"), "--rows", "48", "--epochs", "1", "--image-size", "32",
+                          "--work", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"image_text_r1_frozen", "image_text_r1_tuned", "text_text_r1_tuned", "swap_precision_top_decile"} <= set(last)
+    assert all(0.0 <= last[k] <= 1.0 for k in ("image_text_r1_frozen", "image_text_r1_tuned", "swap_precision_top_decile"))

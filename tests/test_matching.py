@@ -266,3 +266,24 @@ def test_a_joint_encoder_serves_as_both_towers(tmp_path, tiny_clip, pairs):
     test = _table(pairs["test"])
     saved = pd.read_csv(res.run_dir / "predictions" / "test.csv")
     assert np.allclose(pred.score_pairs(test)["score"].to_numpy(), saved["score"].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["full", "partial", "gradual", "bitfit", "lora", "ia3"])
+def test_every_strategy_trains_a_matcher_whose_bundle_reloads(tmp_path, tiny_vit, tiny_bert, strategy):
+    from mmtune.finetune import STRATEGIES
+
+    assert set(STRATEGIES.names()) == {"frozen", "full", "partial", "gradual", "bitfit", "lora", "ia3"}
+    data = make_pairs(tmp_path / "d", n=64, image_size=32, seed=2)
+    cfg = _matcher_config(tmp_path, tiny_vit, tiny_bert, data, finetune={"type": strategy}, trainer={"max_epochs": 2})
+    res = mmtune.fit(cfg)
+    before = {n: p.detach().clone() for n, p in mmtune.load(res.run_dir).model.encoders.named_parameters()}
+    assert res.metrics["epochs_trained"] == 2
+    saved = pd.read_csv(res.run_dir / "predictions" / "test.csv")
+    got = mmtune.load(res.run_dir).score_pairs(_table(data["test"]))["score"].to_numpy()
+    assert np.allclose(got, saved["score"].to_numpy(), atol=1e-5)  # LoRA / IA3 folded into plain weights
+    from transformers import BertModel
+
+    pretrained = dict(BertModel.from_pretrained(tiny_bert).named_parameters())
+    changed = [n for n, p in before.items() if n.startswith("text.model.") and n[len("text.model."):] in pretrained
+               and not torch.equal(p, pretrained[n[len("text.model."):]])]
+    assert changed  # the strategy tuned the text encoder, not only the projections
