@@ -167,9 +167,9 @@ def test_matching_cli_searches_and_checks_pairs(matcher, pairs, tmp_path):
     assert len(pd.read_csv(tmp_path / "pairs.csv")) == 80 and "<img" in page.read_text()
 
 
-def test_frozen_towers_train_only_the_projections_on_the_cache(tmp_path, tiny_vit, tiny_bert, pairs):
+def test_frozen_towers_train_only_the_projections_on_the_cache_with_hard_negatives(tmp_path, tiny_vit, tiny_bert, pairs):
     cfg = _matcher_config(tmp_path, tiny_vit, tiny_bert, pairs, finetune={"type": "frozen"},
-                          trainer={"max_epochs": 3}, data={"match_label": None})
+                          trainer={"max_epochs": 3}, data={"match_label": None}, matching={"hard_negatives": 4})
     res = mmtune.fit(cfg)
     fresh = mmtune.load(res.run_dir).model
     from transformers import BertModel
@@ -287,3 +287,30 @@ def test_every_strategy_trains_a_matcher_whose_bundle_reloads(tmp_path, tiny_vit
     changed = [n for n, p in before.items() if n.startswith("text.model.") and n[len("text.model."):] in pretrained
                and not torch.equal(p, pretrained[n[len("text.model."):]])]
     assert changed  # the strategy tuned the text encoder, not only the projections
+
+
+def test_hard_negatives_are_the_nearest_remembered_responses_of_other_rows():
+    from types import SimpleNamespace
+
+    from mmtune.models.matcher import PairHead
+    from mmtune.training.matching import MatchObjective
+
+    torch.manual_seed(0)
+    head = PairHead(0.1)
+    obj = MatchObjective(SimpleNamespace(heads={"match": head}), labelled=False, hard_negatives=1).train()
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 3), dim=-1)  # noqa: E731
+    q, r = unit(4), unit(4)
+    first = obj({"query": q, "response": r}, {}, rows=torch.arange(4))
+    assert torch.allclose(first, info_nce(q, r, head.scale).mean())  # nothing remembered yet: in-batch only
+    q2, r2 = unit(2), unit(2)
+    r2[1] = r[3]  # row 5's response is row 3's: a duplicate of its partner, never its negative
+    second = obj({"query": q2, "response": r2}, {}, rows=torch.tensor([4, 5]))
+    sims = q2 @ r.T
+    sims[1, 3] = -float("inf")
+    nearest = r[sims.argmax(1)][:, None, :]
+    assert torch.allclose(second, info_nce(q2, r2, head.scale, extra=nearest).mean())
+    assert not torch.allclose(second, info_nce(q2, r2, head.scale).mean())
+    assert torch.equal(obj.bank[4], r2[0]) and bool(obj.seen[:6].all())
+    obj.eval()  # validation: no mining, nothing remembered
+    assert torch.allclose(obj({"query": q2, "response": r2}, {}, rows=torch.tensor([6, 7])),
+                          info_nce(q2, r2, head.scale).mean()) and not bool(obj.seen[6:].any())

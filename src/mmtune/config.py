@@ -472,6 +472,10 @@ class MatchingConfig(_Strict):
     encoder (shared weights: ``fields: [text.query, text.answer]``)."""
     pair_weight: float = Field(1.0, ge=0.0)
     """With ``data.match_label``: weight of the pairwise loss beside the contrastive one."""
+    hard_negatives: int = Field(0, ge=0)
+    """Besides the batch's other rows, each query also meets this many hard negatives: the responses of other
+    training rows most similar to it, remembered from earlier steps (the previous epoch's for rows not yet seen in
+    this one; near-duplicates of its own response left out). 0: in-batch negatives only."""
 
 
 class Config(_Strict):

@@ -16,12 +16,12 @@ def info_nce(query: torch.Tensor, response: torch.Tensor, scale: torch.Tensor,
     """(B,) symmetric InfoNCE of unit vectors ``query`` and ``response`` (B, d) at inverse temperature ``scale``.
 
     ``positive`` (B,) bool: rows whose pair belongs together (a row labelled 0 anchors no term, but its
-    response and query stay negatives for the others); its loss is 0. ``extra`` (N, d): more responses, hard
-    negatives for every query only."""
+    response and query stay negatives for the others); its loss is 0. ``extra`` (B, k, d): k more responses per
+    query — its hard negatives — added to that query's candidates only."""
     b = query.shape[0]
     logits = scale * query @ response.T
     target = torch.arange(b, device=query.device)
-    q2r = logits if extra is None else torch.cat([logits, scale * query @ extra.T], dim=1)
+    q2r = logits if extra is None else torch.cat([logits, scale * torch.einsum("bd,bkd->bk", query, extra)], dim=1)
     if positive is not None:  # a negative pair is no partner: its query's column in the logits of others stays
         keep = positive.to(torch.bool)
     else:

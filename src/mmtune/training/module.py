@@ -164,8 +164,8 @@ def build_module(cfg, model, tasks, strategy, class_weights: Optional[Dict[str, 
     if cfg.task == "matching":
         from .matching import InBatchRecall, MatchObjective
 
-        objective, metrics = MatchObjective(model, bool(tasks), cfg.matching.pair_weight), (InBatchRecall("train"),
-                                                                                             InBatchRecall("val"))
+        objective = MatchObjective(model, bool(tasks), cfg.matching.pair_weight, cfg.matching.hard_negatives)
+        metrics = InBatchRecall("train"), InBatchRecall("val")
     else:
         objective = Objective(build_loss(cfg.loss), tasks, class_weights, cfg.regularization.l1, model, class_counts)
         metrics = EpochMetrics(tasks, ["accuracy"], "train"), EpochMetrics(tasks, cfg.trainer.epoch_metrics, "val")
