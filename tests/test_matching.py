@@ -314,3 +314,14 @@ def test_hard_negatives_are_the_nearest_remembered_responses_of_other_rows():
     obj.eval()  # validation: no mining, nothing remembered
     assert torch.allclose(obj({"query": q2, "response": r2}, {}, rows=torch.tensor([6, 7])),
                           info_nce(q2, r2, head.scale).mean()) and not bool(obj.seen[6:].any())
+
+
+def test_the_report_of_a_matcher_shows_recall_at_k_and_the_worst_ranked_queries(matcher):
+    from mmtune.evaluation.report import build_report
+
+    page = build_report(matcher.run_dir).read_text()
+    for section in ("Summary", "Recall at k", "Worst-ranked test queries", "Training curves"):
+        assert f"<h2>{section}</h2>" in page
+    assert page.count("<img") == 2 + matcher.config.evaluation.worst_examples  # two plots, each worst query's image
+    assert f"{matcher.metrics['test']['recall@1']:.4f}" in page
+    assert (matcher.run_dir / "plots" / "recall_at_k.png").stat().st_size > 1000

@@ -29,7 +29,8 @@ def training_curves(logs) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     by_epoch = logs.groupby("epoch").last() if "epoch" in logs else logs
     for ax, cols, title in ((axes[0], ["train_loss_epoch", "val_loss"], "loss"),
-                            (axes[1], ["train_acc", "val_acc", "val_f1_macro"], "accuracy / macro F1")):
+                            (axes[1], ["train_acc", "val_acc", "val_f1_macro", "train_r1", "val_r1"],
+                             "recall@1 in batch" if "val_r1" in by_epoch else "accuracy / macro F1")):
         for c in cols:
             if c in by_epoch and by_epoch[c].notna().any():
                 s = by_epoch[c].dropna()
@@ -180,4 +181,19 @@ def search_trials(trials: Sequence[Dict[str, Any]], monitor: str, direction: str
     axes[1].set_title(f"{monitor} by trial ({direction}imise)")
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
+    return _png(fig)
+
+
+def recall_at_k(curves: Dict[str, Dict[Any, float]]) -> bytes:
+    """A matcher's recall@k for k = 1..20, one line per split."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for split, curve in curves.items():
+        ks = sorted(int(k) for k in curve)
+        ax.plot(ks, [curve[str(k)] if str(k) in curve else curve[k] for k in ks], marker="o", label=split)
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
     return _png(fig)

@@ -68,6 +68,68 @@ def _ensemble_section(meta: Dict[str, Any], tasks) -> str:
             "the test rows do not.</p>" + _table(rows, cols))
 
 
+MATCHING_SECTIONS = ["Summary", "Training curves", "Recall at k", "Worst-ranked test queries", "Configuration"]
+
+
+def _page(title: str, parts: Dict[str, List[str]], sections: List[str]) -> str:
+    body = "".join(f'<section id="{html.escape(s.lower().replace(" ", "-"))}"><h2>{html.escape(s)}</h2>{"".join(parts[s])}</section>'
+                   for s in sections if parts[s] or s not in OPTIONAL_SECTIONS)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>mmtune report: {html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}img{{max-width:100%;margin:4px}}
+section{{margin-bottom:2em}}pre{{background:#f6f6f6;padding:1em;font-size:12px}}</style></head>
+<body><h1>mmtune report: {html.escape(title)}</h1>{body}</body></html>"""
+
+
+def _matching_report(run_dir: Path, bundle, plots) -> Path:
+    """A matcher's report: retrieval metrics per split, training curves, recall@k, and the test queries whose
+    true partner ranked worst, with their images and texts and the response the model picked instead."""
+    import yaml
+
+    from ..modalities import modality_of
+
+    config, metrics = bundle.config, bundle.metrics
+    parts: Dict[str, List[str]] = {s: [] for s in MATCHING_SECTIONS}
+    keys = ["queries", "candidates", "recall@1", "recall@5", "recall@10", "mrr", "ndcg@10",
+            "response_to_query_recall@1", "pair_roc_auc"]
+    rows = [{"split": s, **{k: metrics[s].get(k) for k in keys}} for s in ("val", "test") if isinstance(metrics.get(s), dict)]
+    parts["Summary"].append(f"<p>A matcher of <b>{html.escape(config.data.query)}</b> (query) and "
+                            f"<b>{html.escape(config.data.response)}</b> (response): each query ranked against its "
+                            "split's distinct responses.</p>" + _table(rows, ["split", *keys]))
+    pngs: Dict[str, bytes] = {}
+    logs_path = run_dir / "logs" / "metrics.csv"
+    if logs_path.is_file():
+        pngs["training_curves.png"] = plots.training_curves(pd.read_csv(logs_path))
+        parts["Training curves"].append(_img(pngs["training_curves.png"], "training curves"))
+    curves = {s: metrics[s]["recall_curve"] for s in ("val", "test") if isinstance(metrics.get(s), dict)
+              and metrics[s].get("recall_curve")}
+    if curves:
+        pngs["recall_at_k.png"] = plots.recall_at_k(curves)
+        parts["Recall at k"].append(_img(pngs["recall_at_k.png"], "recall at k"))
+    split = "test" if (run_dir / "predictions" / "test.csv").is_file() else "val"
+    path = run_dir / "predictions" / f"{split}.csv"
+    if path.is_file():
+        preds = pd.read_csv(path)
+        q_mod = modality_of(next(f for f in config.modalities if config.data.column(f) == config.data.query))
+        r_mod = modality_of(next(f for f in config.modalities if config.data.column(f) == config.data.response))
+        worst = preds.sort_values(["partner_rank", "score"], ascending=[False, True]).head(config.evaluation.worst_examples)
+        cells = []
+        for _, r in worst.iterrows():
+            picked = preds["response"].iloc[int(r["picked_row"])]
+            cells.append(f"<tr><td>{q_mod.render_html(r['query'])}</td><td>{r_mod.render_html(r['response'])}</td>"
+                         f"<td>{int(r['partner_rank'])}</td><td>{r['score']:.3f}</td><td>{r_mod.render_html(picked)}</td></tr>")
+        parts["Worst-ranked test queries"].append(
+            f"<p>The {split} rows whose own response ranked lowest for their query.</p><table><tr><th>query</th>"
+            "<th>its response</th><th>rank</th><th>score</th><th>the model's first pick</th></tr>" + "".join(cells)
+            + "</table>")
+    raw = config.to_dict()
+    brief = {k: raw.get(k) for k in ("name", "data", "model", "finetune", "matching", "optim", "trainer")}
+    parts["Configuration"].append(f"<pre>{html.escape(yaml.safe_dump(brief, sort_keys=False))}</pre>")
+    for name, png in pngs.items():
+        atomic_write_bytes(run_dir / "plots" / name, png)
+    return atomic_write_text(run_dir / "report.html", _page(config.name, parts, MATCHING_SECTIONS))
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``plots/*.png`` and ``report.html`` in ``run_dir`` from its config, labels, metrics, logs and
     saved predictions. Returns the report's path. Raises FileNotFoundError naming a missing file."""
@@ -83,6 +145,8 @@ def build_report(run_dir: str | Path) -> Path:
         if not (run_dir / f).is_file():
             raise FileNotFoundError(f"cannot build the report: {str(run_dir / f)!r} is missing")
     bundle = read_bundle(run_dir, model=False, complete=False)
+    if bundle.config.task == "matching":
+        return _matching_report(run_dir, bundle, plots)
     config, tasks, metrics = bundle.config, bundle.tasks, bundle.metrics
     logs_path = run_dir / "logs" / "metrics.csv"
     logs = pd.read_csv(logs_path) if logs_path.is_file() else None
@@ -276,11 +340,4 @@ def build_report(run_dir: str | Path) -> Path:
         parts["Predicted vs actual"].append("<p>No numeric (regression) target.</p>")
     for name, png in pngs.items():
         atomic_write_bytes(run_dir / "plots" / name, png)
-    body = "".join(f'<section id="{html.escape(s.lower().replace(" ", "-"))}"><h2>{html.escape(s)}</h2>{"".join(parts[s])}</section>'
-                   for s in SECTIONS if parts[s] or s not in OPTIONAL_SECTIONS)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmtune report: {html.escape(config.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse;margin:.5em 0}}
-td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}}img{{max-width:100%;margin:4px}}
-section{{margin-bottom:2em}}pre{{background:#f6f6f6;padding:1em;font-size:12px}}</style></head>
-<body><h1>mmtune report: {html.escape(config.name)}</h1>{body}</body></html>"""
-    return atomic_write_text(run_dir / "report.html", page)
+    return atomic_write_text(run_dir / "report.html", _page(config.name, parts, SECTIONS))

@@ -169,7 +169,7 @@ def _finish_matching(cfg: Config, model, data, run_dir: Path, device, info, extr
     model.cpu()
     metrics.update(info, task="matching", **dict((extra() if callable(extra) else extra) or {}))
     write_bundle(run_dir, cfg, model, data.tasks, {t.name: Calibration() for t in data.tasks}, metrics, data.rejected,
-                 predictions)
+                 predictions, _report(run_dir) if cfg.evaluation.report else None)
     return metrics
 
 
