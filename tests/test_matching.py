@@ -325,3 +325,38 @@ def test_the_report_of_a_matcher_shows_recall_at_k_and_the_worst_ranked_queries(
     assert page.count("<img") == 2 + matcher.config.evaluation.worst_examples  # two plots, each worst query's image
     assert f"{matcher.metrics['test']['recall@1']:.4f}" in page
     assert (matcher.run_dir / "plots" / "recall_at_k.png").stat().st_size > 1000
+
+
+def test_a_pretrained_joint_encoder_is_a_zero_shot_matcher_as_it_was_trained(tmp_path, tiny_clip, pairs):
+    """projection none + no epoch: the matcher's scores are CLIP's own image-text cosines."""
+    from transformers import CLIPModel, CLIPTokenizerFast
+
+    from mmtune.demo import ITEMS
+
+    cfg = base_config(tmp_path, {"clip": {"modality": "image_text", "checkpoint": tiny_clip}},
+                      data={"train": str(pairs["train"]), "test": str(pairs["test"]), "query": "image", "response": "text"},
+                      matching={"projection": "none"}, finetune={"type": "frozen"},
+                      trainer={"max_epochs": 0, "monitor": "val_loss"}, evaluation={"report": False})
+    res = mmtune.fit(cfg)
+    assert res.metrics["epochs_trained"] == 0
+    pred = mmtune.load(res.run_dir)
+    test = _table(pairs["test"]).head(6)
+    p = pred.zero_shot(test, ITEMS, template="this {}")
+    clip = CLIPModel.from_pretrained(tiny_clip).eval()
+    from mmtune.encoders import build_encoder
+
+    enc = build_encoder(res.config.model.encoders["clip"], res.run_dir / "encoders" / "clip")
+    inputs = enc.processor({"image": [mmtune.modalities.modality_of("image").read(v, None) for v in test["image"]],
+                            "text": [f"this {c}" for c in ITEMS[:6]]})
+    with torch.no_grad():
+        # CLIP's image and text embeddings, as its own similarity computes them
+        img = clip.visual_projection(clip.vision_model(pixel_values=inputs["pixel_values"]).pooler_output)
+        names = enc.processor({"image": [None] * len(ITEMS), "text": [f"this {c}" for c in ITEMS]})
+        txt = clip.text_projection(clip.text_model(input_ids=names["input_ids"],
+                                                   attention_mask=names["attention_mask"]).pooler_output)
+        img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+    expected = torch.softmax((1 / 0.07) * img @ txt.T, dim=1).numpy()
+    assert np.allclose(p.to_numpy(), expected, atol=1e-4)
+    with pytest.raises(mmtune.config.ConfigError, match="max_epochs=0 trains nothing"):
+        mmtune.config.load_config(base_config(tmp_path, {"clip": {"modality": "image_text", "checkpoint": tiny_clip}},
+                                              trainer={"max_epochs": 0, "monitor": "val_loss"}))

@@ -290,7 +290,7 @@ class ScheduleConfig(_Strict):
 
 
 class TrainerConfig(_Strict):
-    max_epochs: int = Field(10, ge=1)
+    max_epochs: int = Field(10, ge=0)
     batch_size: int = Field(16, ge=1)
     eval_batch_size: Optional[int] = Field(None, ge=1)
     """Batch size for validation, test and prediction (default: ``2 * batch_size``)."""
@@ -467,6 +467,10 @@ class MatchingConfig(_Strict):
     """Initial temperature of the contrastive loss (CLIP's 0.07)."""
     learn_temperature: bool = True
     """Learn the temperature (in log space, at least 0.01) with the towers."""
+    projection: Literal["linear", "none"] = "linear"
+    """``linear``: a trained projection per side into ``dim``; ``none``: the encoders' own pooled outputs (both
+    sides as wide), as a joint encoder such as CLIP already aligns them — with ``trainer.max_epochs: 0`` its
+    zero-shot matcher as it was pretrained."""
     shared_projection: bool = False
     """One projection for both sides (when they are as wide): for two columns of one modality read by one
     encoder (shared weights: ``fields: [text.query, text.answer]``)."""
@@ -542,6 +546,9 @@ class Config(_Strict):
 
         tasks = list((self.data.tasks or {}).values())
         logged = {"val_loss"}
+        if self.trainer.max_epochs == 0 and self.task != "matching":
+            raise ValueError("trainer.max_epochs=0 trains nothing: it is for a matcher used as pretrained "
+                             "(matching.projection=none); give a classifier at least 1 epoch")
         if self.task == "matching":
             self._matching()
             if self.trainer.monitor not in ("val_loss", "val_r1"):

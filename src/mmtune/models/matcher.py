@@ -31,12 +31,20 @@ class Towers(nn.Module):
 
     reads_tokens = False
 
-    def __init__(self, sides: Mapping[str, List[str]], dims: Mapping[str, int], dim: int, shared: bool = False):
+    def __init__(self, sides: Mapping[str, List[str]], dims: Mapping[str, int], dim: int, shared: bool = False,
+                 projection: str = "linear"):
         super().__init__()
         self.sides = {s: sorted(keys) for s, keys in sides.items()}
         widths = {s: sum(dims[k] for k in keys) for s, keys in self.sides.items()}
+        self.proj = nn.ModuleDict()
         self.shared = shared and widths["query"] == widths["response"]
-        self.proj = nn.ModuleDict({"query": nn.Linear(widths["query"], dim)})
+        if projection == "none":  # the encoders' own space (a joint encoder's aligned outputs)
+            if widths["query"] != widths["response"]:
+                raise ValueError(f"matching.projection=none needs both sides as wide (query {widths['query']}, "
+                                 f"response {widths['response']}): use projection=linear")
+            self.out_dim = widths["query"]
+            return
+        self.proj["query"] = nn.Linear(widths["query"], dim)
         if not self.shared:
             self.proj["response"] = nn.Linear(widths["response"], dim)
         self.out_dim = dim
@@ -46,6 +54,8 @@ class Towers(nn.Module):
 
     def embed(self, outputs: Mapping[str, EncoderOutput], side: str) -> torch.Tensor:
         x = torch.cat([outputs[k].pooled for k in self.sides[side]], dim=-1)
+        if not len(self.proj):
+            return F.normalize(x.float(), dim=-1)
         proj = self.proj["query" if self.shared else side]
         return F.normalize(proj(x.to(proj.weight.dtype)), dim=-1)
 
@@ -137,7 +147,7 @@ def build_matcher(cfg, bundle_dir: Optional[Path] = None) -> TwoTowerMatcher:
         raise ValueError("model.encoders is empty: configure an encoder for the query and the response columns")
     m, d = cfg.matching, cfg.data
     sides = side_keys(encoders, d.column, d.query, d.response)
-    towers = Towers(sides, MultimodalClassifier.output_dims(encoders), m.dim, m.shared_projection)
+    towers = Towers(sides, MultimodalClassifier.output_dims(encoders), m.dim, m.shared_projection, m.projection)
     return TwoTowerMatcher(encoders, towers, PairHead(m.temperature, m.learn_temperature))
 
 
