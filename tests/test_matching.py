@@ -360,3 +360,36 @@ def test_a_pretrained_joint_encoder_is_a_zero_shot_matcher_as_it_was_trained(tmp
     with pytest.raises(mmtune.config.ConfigError, match="max_epochs=0 trains nothing"):
         mmtune.config.load_config(base_config(tmp_path, {"clip": {"modality": "image_text", "checkpoint": tiny_clip}},
                                               trainer={"max_epochs": 0, "monitor": "val_loss"}))
+
+
+@pytest.mark.stochastic
+def test_a_classifiers_consistency_check_finds_rows_whose_modalities_disagree(tmp_path, tiny_vit, tiny_bert):
+    """Both columns say the same thing (warm pictures come with keep notes, cool ones with return notes); rows
+    given the other class's note are found by their one-modality predictions disagreeing."""
+    from mmtune.cli import main
+    from mmtune.demo import make_dataset
+
+    paths = make_dataset(tmp_path / "d", n=480, image_size=32, seed=3)
+    for split in ("train", "test"):
+        df = pd.read_csv(paths[split])
+        df[df["label"].isin(["warm-keep", "cool-return"])].to_csv(paths[split], index=False)
+    cfg = base_config(tmp_path, {"image": {"modality": "image", "checkpoint": tiny_vit},
+                                 "text": {"modality": "text", "checkpoint": tiny_bert}},
+                      data={"train": str(paths["train"]), "test": str(paths["test"])},
+                      model={"modality_dropout": 0.4}, evaluation={"report": False})
+    res = mmtune.fit(cfg)
+    test = _table(paths["test"])
+    rng = np.random.default_rng(0)
+    swapped = rng.choice(len(test), max(3, len(test) // 10), replace=False)
+    keep, ret = test[test["label"] == "warm-keep"]["text"].tolist(), test[test["label"] == "cool-return"]["text"].tolist()
+    for i in swapped:  # the other class's note
+        test.loc[i, "text"] = ret[i % len(ret)] if test.loc[i, "label"] == "warm-keep" else keep[i % len(keep)]
+    out = mmtune.load(res.run_dir).disagreement(test)
+    assert {"disagreement", "image only", "text only", "prediction"} <= set(out.columns)
+    assert out["disagreement"].between(0, 1).all() and out["disagreement"].is_monotonic_decreasing
+    top = set(out["row"][:len(swapped)])
+    assert len(top & set(swapped)) >= 0.6 * len(swapped), (sorted(top), sorted(swapped))
+    test.to_csv(tmp_path / "checked.csv", index=False)
+    assert main(["check-pairs", "--run", str(res.run_dir), "--data", str(tmp_path / "checked.csv"), "--out",
+                 str(tmp_path / "c.csv"), "--html", str(tmp_path / "c.html")]) == 0
+    assert "image alone" in (tmp_path / "c.html").read_text() and len(pd.read_csv(tmp_path / "c.csv")) == len(test)

@@ -121,9 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--batch-size", type=int, default=None)
     se.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
 
-    cp = sub.add_parser("check-pairs", help="the rows of a table whose two sides a matcher finds least likely to belong together")
-    cp.add_argument("--run", required=True, help="run bundle of a matcher")
-    cp.add_argument("--data", required=True, help="manifest with the run's query and response columns")
+    cp = sub.add_parser("check-pairs", help="the rows of a table whose columns do not belong together (a matcher's pair "
+                        "scores, or a classifier's modalities predicting apart)")
+    cp.add_argument("--run", required=True, help="run bundle of a matcher, or of a classifier of several modalities")
+    cp.add_argument("--data", required=True, help="manifest with the run's columns")
     cp.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet), least likely pairs first")
     cp.add_argument("--html", default=None, help="also an HTML page of the worst pairs, with their images and texts")
     cp.add_argument("--show", type=int, default=50, help="rows on the HTML page (default 50)")
@@ -417,15 +418,22 @@ def _check_pairs(args) -> int:
         from .io import check_output
 
         check_output(args.html, inputs=inputs, example="pairs.html")
-    pred = _matcher(args)
-    out = pred.check_pairs(args.data, batch_size=args.batch_size)
+    from .serving.matching import MatchPredictor, disagreement_page, pairs_page
+    from .serving.predictor import Predictor
+
+    pred = Predictor.load(args.run, device=_device(args.device))
+    if isinstance(pred, MatchPredictor):
+        out = pred.check_pairs(args.data, batch_size=args.batch_size)
+        said = f"{(out['partner_rank'] > 1).sum()} whose own partner is not the model's first pick"
+        page = pairs_page
+    else:  # a classifier: the rows whose modalities, each alone, predict different classes
+        out = pred.disagreement(args.data, batch_size=args.batch_size)
+        said = f"{(out['disagreement'] > 0.5).sum()} whose modalities alone disagree by more than 0.5"
+        page = disagreement_page
     atomic_write_with(path, lambda tmp: write(out, tmp))
     if args.html:
-        from .serving.matching import pairs_page
-
-        atomic_write_text(Path(args.html), pairs_page(out.head(args.show), pred))
-    worst = (out["partner_rank"] > 1).sum()
-    print(f"{len(out)} pairs checked; {worst} whose own partner is not the model's first pick; least likely first in {path}")
+        atomic_write_text(Path(args.html), page(out.head(args.show), pred))
+    print(f"{len(out)} rows checked; {said}; least consistent first in {path}")
     return 0
 
 

@@ -16,7 +16,8 @@ def masking_settings(modalities: List[str]) -> Dict[str, List[str]]:
     return out
 
 
-def _masked(batches: Iterable[Dict[str, Any]], hidden: List[str]):
+def masked_batches(batches: Iterable[Dict[str, Any]], hidden: List[str]):
+    """The batches with the ``hidden`` modalities marked absent in their present-masks."""
     for b in batches:
         present = {k: (v & False if k in hidden else v) for k, v in b["present"].items()}
         yield {**b, "present": present}
@@ -32,7 +33,7 @@ def modality_contribution(proba_of, tasks, calibration: Mapping[str, Any], loade
 
     out: Dict[str, Any] = {}
     for name, hidden in masking_settings(modalities).items():
-        proba = proba_of(_masked(loader, hidden))
+        proba = proba_of(masked_batches(loader, hidden))
         row = {}
         for t in tasks:
             cal = calibration[t.name]

@@ -294,6 +294,27 @@ def pairs_page(table: pd.DataFrame, pred: MatchPredictor) -> str:
             "</th><th>the model's pick</th></tr>" + "".join(rows) + "</table></body></html>")
 
 
+def disagreement_page(table: pd.DataFrame, pred) -> str:
+    """An offline HTML page of a classifier's :meth:`~mmtune.Predictor.disagreement` rows: each modality's value
+    (images inline), what each predicts alone, and the disagreement."""
+    import html
+
+    mods = list(pred.modalities)
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in mods) + "".join(f"<th>{html.escape(m)} alone</th>" for m in mods)
+    rows = []
+    for _, r in table.iterrows():
+        cells = "".join(f"<td>{modality_of(m).render_html(r[m])}</td>" for m in mods)
+        alone = "".join(f"<td>{html.escape(str(r[f'{m} only']))} ({r[f'{m} only probability']:.2f})</td>" for m in mods)
+        rows.append(f"<tr><td>{int(r['row'])}</td><td>{html.escape(str(r.get('id', '')))}</td>{cells}{alone}"
+                    f"<td>{html.escape(str(r['prediction']))}</td><td>{r['disagreement']:.3f}</td></tr>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>rows whose modalities disagree</title>"
+            "<style>body{font-family:sans-serif}td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left}"
+            "</style></head><body><h1>Rows whose modalities disagree</h1>"
+            f"<p>Run {html.escape(str(pred.run_dir or ''))}: each modality's prediction alone (the others hidden); the "
+            "rows where they differ most first.</p><table><tr><th>row</th><th>id</th>" + head +
+            "<th>prediction</th><th>disagreement</th></tr>" + "".join(rows) + "</table></body></html>")
+
+
 def _save_npy(path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
@@ -301,4 +322,4 @@ def _save_npy(path, array: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-__all__ = ["MatchPredictor", "SearchIndex", "pairs_page"]
+__all__ = ["MatchPredictor", "SearchIndex", "disagreement_page", "pairs_page"]

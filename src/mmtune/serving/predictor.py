@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -187,9 +187,15 @@ class Predictor:
             yield batch
 
     def _proba(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True,
-               runner=None) -> Dict[str, np.ndarray]:
+               runner=None, hidden: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+        """Probabilities per task in row order; ``hidden`` modalities are masked out through the present-mask."""
         order = self._order(ds)
-        proba = (runner or self.runner).proba(self.tasks, self._batches(ds, batch_size, order))
+        batches = self._batches(ds, batch_size, order)
+        if hidden:
+            from ..evaluation.ablation import masked_batches
+
+            batches = masked_batches(batches, list(hidden))
+        proba = (runner or self.runner).proba(self.tasks, batches)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         proba = {k: v[inverse] for k, v in proba.items()}
@@ -226,6 +232,42 @@ class Predictor:
                 df.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
             out[t.name] = df
         return out if len(out) > 1 else next(iter(out.values()))
+
+    def disagreement(self, data: TableSource, batch_size: Optional[int] = None, task: Optional[str] = None) -> pd.DataFrame:
+        """The consistency check of a classifier's table: per row, the prediction from each modality alone (the
+        others hidden through the present-mask, as the modality contribution does) and ``disagreement`` — the
+        largest total-variation distance between two one-modality predictions (0: every modality tells the same
+        story, 1: they put all their mass on different classes). Sorted with the most disagreeing rows first.
+        Meaningful for a model that has seen rows with a modality absent (``model.modality_dropout``,
+        ``data.allow_missing``). Needs a single-label task and at least two modalities."""
+        t = self._pick(task)[0] if task or len(self.tasks) == 1 else None
+        if t is None or t.regression or t.multilabel:
+            raise ValueError("the disagreement check needs one single-label task (name it with task=...)")
+        if len(self.modalities) < 2:
+            raise ValueError(f"the disagreement check compares modalities; this model reads one ({self.modalities[0]})")
+        ds = self._dataset(data, with_labels=False)
+        alone = {m: self._proba(ds, batch_size, hidden=[o for o in self.modalities if o != m])[t.name]
+                 for m in self.modalities}
+        full = self._proba(ds, batch_size)[t.name]
+        mods = list(alone)
+        tv = np.zeros(len(ds))
+        for i, a in enumerate(mods):
+            for b in mods[i + 1:]:
+                tv = np.maximum(tv, 0.5 * np.abs(alone[a] - alone[b]).sum(1))
+        classes = [str(c) for c in t.classes]
+        out = pd.DataFrame({"row": np.arange(len(ds)), "disagreement": tv,
+                            "prediction": [classes[k] for k in full.argmax(1)]})
+        if self.spec.id_column:
+            out.insert(1, "id", ds.df[self.spec.id_column].astype(str).to_numpy())
+        from ..data.manifest import column_values
+        from ..modalities import modality_of
+
+        for m in mods:
+            out[f"{m} only"] = [classes[k] for k in alone[m].argmax(1)]
+            out[f"{m} only probability"] = alone[m].max(1)
+        for m, col in self.spec.modality_columns:
+            out[m] = [modality_of(m).display(v, ds.base_dir) for v in column_values(ds.df, col)]
+        return out.sort_values("disagreement", ascending=False, kind="stable").reset_index(drop=True)
 
     def predict(self, data: TableSource, batch_size: Optional[int] = None, task: Optional[str] = None):
         """The most probable class of each row (single-label), or the list of labels whose probability
