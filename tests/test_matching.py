@@ -393,3 +393,17 @@ def test_a_classifiers_consistency_check_finds_rows_whose_modalities_disagree(tm
     assert main(["check-pairs", "--run", str(res.run_dir), "--data", str(tmp_path / "checked.csv"), "--out",
                  str(tmp_path / "c.csv"), "--html", str(tmp_path / "c.html")]) == 0
     assert "image alone" in (tmp_path / "c.html").read_text() and len(pd.read_csv(tmp_path / "c.csv")) == len(test)
+
+
+def test_a_faiss_index_returns_the_exact_search_hits():
+    pytest.importorskip("faiss")
+    from mmtune.serving.matching import SearchIndex
+
+    rng = np.random.default_rng(0)
+    unit = lambda n: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.normal(size=(n, 16)))  # noqa: E731
+    corpus, queries = unit(300), unit(20)
+    ids, values = [f"r{i}" for i in range(300)], [f"v{i}" for i in range(300)]
+    exact = SearchIndex(corpus, ids, values).search(queries, 5)
+    fast = SearchIndex(corpus, ids, values, faiss=True).search(queries, 5)
+    assert fast["id"].tolist() == exact["id"].tolist()
+    assert np.allclose(fast["score"], exact["score"], atol=1e-5)

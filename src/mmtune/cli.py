@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--top-k", type=int, default=10, help="hits per query (default 10)")
     se.add_argument("--out", required=True, help="output file (.csv, .jsonl or .parquet): query_row, rank, id, score, value")
     se.add_argument("--save-index", default=None, help="also save the corpus's index into this folder (reused with --index)")
+    se.add_argument("--faiss", action="store_true", help="search on a FAISS flat index (the same hits; needs mmtune[faiss])")
     se.add_argument("--batch-size", type=int, default=None)
     se.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps")
 
@@ -398,7 +399,8 @@ def _search(args) -> int:
     if args.save_index:
         check_output(args.save_index, inputs=inputs, kind="folder", example="corpus-index")
     pred = _matcher(args)
-    index = SearchIndex.load(args.index) if args.index else pred.index(args.corpus, batch_size=args.batch_size)
+    index = SearchIndex.load(args.index, faiss=args.faiss) if args.index else \
+        pred.index(args.corpus, batch_size=args.batch_size, faiss=args.faiss)
     if args.save_index:
         index.save(args.save_index)
         print(f"index of {len(index)} rows saved to {args.save_index}")

@@ -210,11 +210,9 @@ class SearchIndex:
                              f"{len(self.ids)} ids, {len(self.values)} values)")
         self._faiss = None
         if faiss:
-            try:
-                import faiss as _faiss
-            except ModuleNotFoundError:
-                raise ValueError("faiss=True needs the faiss package (pip install faiss-cpu); the exact NumPy search "
-                                 "needs nothing") from None
+            from ..extras import require
+
+            _faiss = require("faiss", "faiss", "a FAISS search index (faiss=True; the exact NumPy search needs nothing)")
             self._faiss = _faiss.IndexFlatIP(self.vectors.shape[1])
             self._faiss.add(self.vectors)
 
