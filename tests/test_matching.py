@@ -407,3 +407,25 @@ def test_a_faiss_index_returns_the_exact_search_hits():
     fast = SearchIndex(corpus, ids, values, faiss=True).search(queries, 5)
     assert fast["id"].tolist() == exact["id"].tolist()
     assert np.allclose(fast["score"], exact["score"], atol=1e-5)
+
+
+def test_one_encoder_reading_both_columns_shares_its_weights_between_the_towers(tmp_path, tiny_bert):
+    from mmtune.demo import ITEMS, KEEP
+
+    rows = [{"id": i, "ask": f"this {ITEMS[i % 8]}", "answer": KEEP[i % 8]} for i in range(240)]
+    df = pd.DataFrame(rows).sample(frac=1.0, random_state=0)
+    df[:180].to_csv(tmp_path / "train.csv", index=False)
+    df[180:].to_csv(tmp_path / "test.csv", index=False)
+    cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert, "fields": ["text.ask", "text.answer"]}},
+                      data={"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv"), "query": "ask",
+                            "response": "answer"},
+                      matching={"dim": 32, "shared_projection": True},
+                      trainer={"max_epochs": 10, "monitor": "val_loss", "batch_size": 32}, evaluation={"report": False})
+    res = mmtune.fit(cfg)
+    model = mmtune.load(res.run_dir).model
+    assert list(model.encoders) == ["text"] and list(model.fusion.proj) == ["query"]  # one encoder, one projection
+    assert res.metrics["test"]["recall@1"] >= 0.6  # chance: 1/8
+    pred = mmtune.load(res.run_dir)
+    test = pd.read_csv(tmp_path / "test.csv")
+    saved = pd.read_csv(res.run_dir / "predictions" / "test.csv")
+    assert np.allclose(pred.score_pairs(test)["score"].to_numpy(), saved["score"].to_numpy(), atol=1e-5)
