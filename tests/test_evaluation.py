@@ -205,14 +205,14 @@ def test_masking_changes_only_what_the_fusion_sees(evaluated, colour_verdict):
     test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
     seen = []
     handle = pred.model.fusion.register_forward_hook(lambda mod, args, out: seen.append(args))
-    from mmtune.evaluation.ablation import _masked
+    from mmtune.evaluation.ablation import masked_batches
 
     ds = pred._dataset(test, with_labels=False)
     batches = list(pred._batches(ds, 8))
     from mmtune.inference import predict_proba_batches
 
     predict_proba_batches(pred.model, pred.tasks, batches)
-    predict_proba_batches(pred.model, pred.tasks, _masked(batches, ["image"]))
+    predict_proba_batches(pred.model, pred.tasks, masked_batches(batches, ["image"]))
     handle.remove()
     (outs_a, present_a), (outs_b, present_b) = seen
     for k in outs_a:  # the encoders' outputs are identical

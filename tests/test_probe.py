@@ -100,3 +100,56 @@ def test_a_long_training_split_is_probed_on_a_seeded_sample(probed, colour_verdi
     probe = linear_probe(model, data, cache_folder(cfg), 32, seed=3, max_train_rows=60)["label"]
     assert probe["train_rows"] == 60 and probe["test"]["n"] == len(data.prepared.frames["test"])
     assert probed.metrics["linear_probe"]["label"]["train_rows"] == len(data.prepared.frames["train"])
+
+
+def test_few_shot_heads_fit_on_k_rows_a_class_and_the_logistic_one_is_scikit_learns():
+    from sklearn.linear_model import LogisticRegression
+
+    from mmtune.evaluation.probe import few_shot_heads
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 20))
+    def split(n):  # noqa: E306
+        y = np.repeat(np.arange(3), n)
+        return centres[y] + rng.normal(0, 1, (len(y), 20)), y
+    (Xtr, ytr), (Xte, yte) = split(30), split(20)
+    out = few_shot_heads({"train": Xtr, "test": Xte}, {"train": ytr, "test": yte}, 3, k=5, seed=7, classes=["a", "b", "c"])
+    assert out["k"] == 5 and out["rows"] == 15
+    draw = np.random.default_rng(7)
+    rows = [i for c in range(3) for i in draw.choice(np.flatnonzero(ytr == c), 5, replace=False)]
+    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=7).fit(Xtr[rows], ytr[rows])
+    assert out["logistic"]["test"]["accuracy"] == pytest.approx((clf.predict(Xte) == yte).mean(), abs=1e-12)
+    assert out["centroid"]["test"]["accuracy"] >= 0.9  # well-separated clusters: 5 rows a class suffice
+    assert few_shot_heads({"train": Xtr[:40], "test": Xte}, {"train": ytr[:40], "test": yte}, 3, k=5) is None  # class c has none
+
+
+def test_a_joint_encoders_zero_shot_stands_beside_the_model(tmp_path, tiny_clip, colour_verdict):
+    """The zero-shot figures are CLIP's own: the most similar class-name prompt by its projections."""
+    import torch
+    from transformers import CLIPModel
+
+    from mmtune.data.dataset import encode_labels
+    from mmtune.encoders import build_encoder
+    from mmtune.modalities import modality_of
+
+    cfg = base_config(tmp_path, {"clip": {"modality": "image_text", "checkpoint": tiny_clip}},
+                      data={"train": str(colour_verdict["train"]), "test": str(colour_verdict["test"])},
+                      trainer={"max_epochs": 1}, evaluation={"report": False, "few_shot": [3],
+                                                             "zero_shot_template": "this {}"})
+    res = mmtune.fit(cfg)
+    probe = res.metrics["linear_probe"]["label"]
+    assert set(probe["few_shot"]["3"]) >= {"logistic", "centroid"} and probe["few_shot"]["3"]["rows"] == 12
+    zs = probe["zero_shot"]
+    test = pd.read_csv(colour_verdict["test"])
+    enc = build_encoder(res.config.model.encoders["clip"], res.run_dir / "encoders" / "clip")
+    clip = CLIPModel.from_pretrained(tiny_clip).eval()
+    task = res.tasks[0]
+    images = [modality_of("image").read(str(colour_verdict["test"].parent / p), None) for p in test["image"]]
+    with torch.no_grad():
+        px = enc.processor({"image": images, "text": [""] * len(images)})["pixel_values"]
+        img = clip.visual_projection(clip.vision_model(pixel_values=px).pooler_output)
+        t = enc.processor({"image": [None] * len(task.classes), "text": [f"this {c}" for c in task.classes]})
+        txt = clip.text_projection(clip.text_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).pooler_output)
+    sims = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    y = encode_labels(task, test[task.column])
+    assert zs["test"]["accuracy"] == pytest.approx(float((sims.argmax(1).numpy() == y).mean()), abs=1e-9)

@@ -425,6 +425,14 @@ class EvaluationConfig(_Strict):
     linear_probe_rows: int = Field(50_000, ge=10)
     """The probe fits on at most this many training rows (a seeded sample of a longer training split); it is
     evaluated on every validation and test row."""
+    few_shot: List[int] = Field(default_factory=lambda: [5])
+    """With the linear probe: also fit, on the same frozen features, heads from only k training rows per class
+    (a seeded draw) for each k here — a logistic regression and a nearest-class-mean head — reported beside the
+    model (``metrics.json["linear_probe"][task]["few_shot"]``). Empty: none."""
+    zero_shot_template: str = "{}"
+    """With the linear probe and a joint image–text encoder (CLIP, ``image_text``): classify by the class names
+    written through this template (``"a photo of a {}"``), embedded by the pretrained text tower, before any
+    training — reported beside the model (``metrics.json["linear_probe"][task]["zero_shot"]``)."""
     baselines: bool = False
     """Also train each modality alone with the same settings and report the fusion gain."""
     report: bool = True

@@ -9,7 +9,7 @@ run shows at once whether fine-tuning bought anything over the frozen features."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -56,12 +56,85 @@ def probe_features(model, data, cache_dir: Path, batch_size: int,
     return out
 
 
+def few_shot_heads(X: Dict[str, np.ndarray], y: Dict[str, np.ndarray], n_classes: int, k: int, seed: int = 0,
+                   ece_bins: int = 15, classes=None) -> Optional[Dict[str, Any]]:
+    """Heads fitted on ``k`` training rows per class (a seeded draw) of the standardised features ``X``: a logistic
+    regression (C = 1) and a nearest-class-mean head (softmax over the cosines to each class's mean, ×10); their
+    validation / test metrics. None when some class has fewer than ``k`` training rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    from .metrics import classification_metrics
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(y["train"] == c)
+        if len(idx) < k:
+            return None
+        rows.extend(rng.choice(idx, k, replace=False).tolist())
+    Xk, yk = X["train"][rows], y["train"][rows]
+    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(Xk, yk)
+    means = np.stack([Xk[yk == c].mean(0) for c in range(n_classes)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True).clip(1e-12)
+    out: Dict[str, Any] = {"k": k, "rows": len(rows), "logistic": {}, "centroid": {}}
+    for s in ("val", "test"):
+        if s not in X:
+            continue
+        unit = X[s] / np.linalg.norm(X[s], axis=1, keepdims=True).clip(1e-12)
+        z = 10.0 * unit @ means.T
+        p = np.exp(z - z.max(1, keepdims=True))
+        for head, proba in (("logistic", _full(clf, X[s], n_classes)), ("centroid", p / p.sum(1, keepdims=True))):
+            m = classification_metrics(y[s].tolist(), proba, classes, ece_bins=ece_bins)
+            out[head][s] = {key: m[key] for key in ("accuracy", "f1_macro") if key in m}
+    return out
+
+
+def zero_shot(model, data, frames, task, template: str, batch_size: int, cache_dir: Path) -> Optional[Dict[str, Any]]:
+    """Classification by the class names before any training, when an encoder is a joint image–text one (its
+    outputs ``image`` and ``text`` in one space, as CLIP's): each class name through ``template`` embedded by
+    the text tower, each row's image by the image tower (from the embedding cache), the most similar name wins.
+    Accuracy and macro F1 on validation and test; None without such an encoder."""
+    import torch
+
+    from ..data.dataset import MultimodalDataset, encode_labels
+    from ..finetune.feature_cache import as_tensor, cached_outputs, encoder_fingerprint
+    from .metrics import classification_metrics
+
+    joint = [n for n, e in model.encoders.items() if {"image", "text"} <= set(e.output_modalities())]
+    if not joint:
+        return None
+    name = joint[0]
+    enc = model.encoders[name]
+    spec = data.cfg.model.encoders[name].model_dump(mode="json")
+    prompts = [template.format(c) for c in task.classes]
+    with torch.no_grad():
+        names = enc(**enc.processor({"image": [None] * len(prompts), "text": prompts}))["text"].pooled.float()
+    names = torch.nn.functional.normalize(names, dim=-1).numpy()
+    out: Dict[str, Any] = {"template": template, "encoder": name}
+    for s in ("val", "test"):
+        if s not in frames:
+            continue
+        ds = MultimodalDataset(frames[s], data.prepared.spec, data.prepared.base_dirs[s], False, data.modalities)
+        feats = cached_outputs(name, enc, spec, ds, cache_dir, batch_size, False, encoder_fingerprint(enc, spec))
+        img = as_tensor(feats["image"]["pooled"]).float()
+        img = torch.nn.functional.normalize(img, dim=-1).numpy()
+        z = 100.0 * img @ names.T
+        p = np.exp(z - z.max(1, keepdims=True))
+        m = classification_metrics(encode_labels(task, frames[s][task.column]).tolist(), p / p.sum(1, keepdims=True),
+                                   task.classes)
+        out[s] = {key: m[key] for key in ("accuracy", "f1_macro") if key in m}
+    return out
+
+
 def linear_probe(model, data, cache_dir: Path, batch_size: int, ece_bins: int = 15, seed: int = 0,
-                 max_train_rows: Optional[int] = None) -> Dict[str, Any]:
+                 max_train_rows: Optional[int] = None, few_shot: Sequence[int] = (),
+                 zero_shot_template: Optional[str] = None) -> Dict[str, Any]:
     """``{task: {"C", "val", "test"}}`` for each single-label task (metrics as for the model, from
     :func:`~mmtune.evaluation.metrics.classification_metrics`); ``{}`` when there is nothing to probe. The
     regression is fitted on at most ``max_train_rows`` training rows (a seeded sample), so that its features
-    stay small however long the table."""
+    stay small however long the table. ``few_shot``: also heads on k rows per class for each k
+    (:func:`few_shot_heads`); ``zero_shot_template``: also zero-shot by the class names when an encoder is a
+    joint image–text one (:func:`zero_shot`)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.preprocessing import StandardScaler
@@ -97,6 +170,15 @@ def linear_probe(model, data, cache_dir: Path, batch_size: int, ece_bins: int = 
             if s in X:
                 entry[s] = classification_metrics(y[s].tolist(), _full(clf, X[s], len(t.classes)), t.classes,
                                                   ece_bins=ece_bins)
+        shots = {str(k): f for k in few_shot
+                 for f in [few_shot_heads(X, y, len(t.classes), k, seed, ece_bins, t.classes)] if f is not None}
+        if shots:
+            entry["few_shot"] = shots
+        if zero_shot_template is not None:
+            with torch.random.fork_rng(devices=[]):
+                zs = zero_shot(model, data, frames, t, zero_shot_template, batch_size, cache_dir)
+            if zs is not None:
+                entry["zero_shot"] = zs
         out[t.name] = entry
     return out
 

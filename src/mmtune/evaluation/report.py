@@ -203,6 +203,17 @@ def build_report(run_dir: str | Path) -> Path:
             "<p>A logistic regression on the frozen pretrained encoders' pooled features (fitted before training; "
             "C chosen on validation): what fine-tuning has to beat.</p>" + _table(rows, ["task", "split", "model",
                                                                                           "accuracy", "f1_macro", "log_loss"]))
+        few = [{"task": tname, "split": s, "head": f"{head}, {k} rows a class", **m}
+               for tname, entry in probe.items() for k, shot in (entry.get("few_shot") or {}).items()
+               for head in ("logistic", "centroid") for s, m in shot[head].items()]
+        few += [{"task": tname, "split": s, "head": f"zero-shot ({entry['zero_shot']['template']!r})", **entry["zero_shot"][s]}
+                for tname, entry in probe.items() if entry.get("zero_shot") for s in ("val", "test")
+                if s in entry["zero_shot"]]
+        if few:
+            parts["Linear probe"].append(
+                "<p>The same frozen features with only a few labelled rows a class (a logistic regression and a "
+                "nearest-class-mean head), and — with a joint image–text encoder — zero-shot by the class names:</p>"
+                + _table(few, ["task", "split", "head", "accuracy", "f1_macro"]))
     else:
         parts["Linear probe"].append("<p>Off (evaluation.linear_probe), or no single-label task or pretrained encoder.</p>")
 

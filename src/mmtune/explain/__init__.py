@@ -23,7 +23,7 @@ from torch import nn
 
 from ..encoders.base import EncoderOutput
 from ..extras import require
-from ..modalities import kind, modality_of
+from ..modalities import MODALITIES, kind, modality_of
 
 
 @dataclass
@@ -423,8 +423,8 @@ class Explainer:
         target = None if self.task.regression else torch.as_tensor(pred, device=self.device)
         for name, enc in self.model.encoders.items():
             field = getattr(enc, "field", None) or enc.modality
-            if not modality_of(kind(field)).files:  # images, audio: a map over the picture or the recording
-                continue
+            if kind(field) not in MODALITIES or not modality_of(kind(field)).files:
+                continue  # maps over pictures and recordings only; a joint encoder (CLIP) gets none
             with _Site(enc) as site, torch.enable_grad():
                 encoded = self._encode(inputs)
                 if site.value is None:

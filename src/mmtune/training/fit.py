@@ -104,7 +104,8 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         data.fit_encoders(model)
         started = time.perf_counter()
         probe = linear_probe(model, data, cache_folder(cfg), data.eval_batch_size, cfg.evaluation.calibration_bins,
-                             cfg.trainer.seed, cfg.evaluation.linear_probe_rows) \
+                             cfg.trainer.seed, cfg.evaluation.linear_probe_rows, cfg.evaluation.few_shot,
+                             cfg.evaluation.zero_shot_template) \
             if cfg.evaluation.linear_probe and main and cfg.task != "matching" else {}
         probe_seconds = time.perf_counter() - started
         strategy = build_strategy(cfg.finetune)
