@@ -429,3 +429,18 @@ def test_one_encoder_reading_both_columns_shares_its_weights_between_the_towers(
     test = pd.read_csv(tmp_path / "test.csv")
     saved = pd.read_csv(res.run_dir / "predictions" / "test.csv")
     assert np.allclose(pred.score_pairs(test)["score"].to_numpy(), saved["score"].to_numpy(), atol=1e-5)
+
+
+def test_a_table_without_the_response_column_is_one_line_from_the_cli(tmp_path, tiny_vit, tiny_bert, pairs, capsys):
+    import yaml
+
+    from mmtune.cli import main
+
+    lacking = tmp_path / "no-text.csv"
+    pd.read_csv(pairs["train"]).drop(columns=["text"]).assign(image=lambda d: [str(pairs["train"].parent / p)
+                                                                                for p in d["image"]]).to_csv(lacking, index=False)
+    cfg = _matcher_config(tmp_path, tiny_vit, tiny_bert, pairs, data={"train": str(lacking)})
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["fit", str(tmp_path / "m.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no column(s) 'text'" in err
