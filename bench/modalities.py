@@ -39,7 +39,7 @@ def base(work: Path, name: str, encoders, epochs: int, seed: int, **sections):
            "finetune": {"type": "frozen"}, "optim": {"lr": 2e-3},
            "trainer": {"max_epochs": epochs, "batch_size": 32, "progress_bar": False, "seed": seed,
                        "early_stopping_patience": None},
-           "evaluation": {"report": False, "modality_contribution": False}}
+           "evaluation": {"report": False, "modality_contribution": False, "explain": 0}}
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v}
     return load_config(cfg)
