@@ -63,12 +63,12 @@ def static_int8(export: Path, pred, rows: pd.DataFrame, batch_size: int) -> Path
 
     from mmtune.serving.runners import graph_feed
 
-    ds = pred._dataset(rows, with_labels=False)
+    ds = pred.dataset(rows, with_labels=False)
     names = pred.runner.inputs
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.feeds = iter([graph_feed(b, names) for b in pred._batches(ds, batch_size)])
+            self.feeds = iter([graph_feed(b, names) for b in pred.batches(ds, batch_size)])
 
         def get_next(self):
             return next(self.feeds, None)
@@ -141,9 +141,9 @@ def main() -> None:
             t = time.perf_counter()
             pred.predict_proba(one)
             single.append(1000 * (time.perf_counter() - t))
-        ds = pred._dataset(many, with_labels=False)
-        input_s = timed(lambda: (pred._dataset(many, with_labels=False),
-                                 list(pred._batches(ds, args.batch_size, pred._order(ds)))))
+        ds = pred.dataset(many, with_labels=False)
+        input_s = timed(lambda: (pred.dataset(many, with_labels=False),
+                                 list(pred.batches(ds, args.batch_size, pred.length_order(ds)))))
         task = pred.tasks[0]
         metric = pred.evaluate(rows)[task.name]
         results[name] = {"rows_per_s": len(many) / seconds, "p50_ms": float(np.percentile(single, 50)),

@@ -144,8 +144,8 @@ def client(exported):
                              batch_window_ms=50.0)
     pred = mmtune.load(res.run_dir, backend="onnx")
     calls = []
-    real = pred._proba
-    pred._proba = lambda ds, *a, **k: (calls.append(len(ds)), real(ds, *a, **k))[1]
+    real = pred.proba_of
+    pred.proba_of = lambda ds, *a, **k: (calls.append(len(ds)), real(ds, *a, **k))[1]
     with TestClient(create_app(pred, settings)) as c:
         c.calls = calls
         yield c

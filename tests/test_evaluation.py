@@ -207,8 +207,8 @@ def test_masking_changes_only_what_the_fusion_sees(evaluated, colour_verdict):
     handle = pred.model.fusion.register_forward_hook(lambda mod, args, out: seen.append(args))
     from mmtune.evaluation.ablation import masked_batches
 
-    ds = pred._dataset(test, with_labels=False)
-    batches = list(pred._batches(ds, 8))
+    ds = pred.dataset(test, with_labels=False)
+    batches = list(pred.batches(ds, 8))
     from mmtune.inference import predict_proba_batches
 
     predict_proba_batches(pred.model, pred.tasks, batches)

@@ -26,7 +26,7 @@ def parts_table() -> str:
     from .presets import PRESETS
 
     rows = [("modalities (data.columns, encoder modality)", MODALITIES.names() + JOINT.names()),
-            ("encoder presets (encoder checkpoint)", offline.PRESETS.names()),
+            ("encoder presets (encoder checkpoint)", offline.OFFLINE_ENCODERS.names()),
             ("fusions (model.fusion.type)", FUSIONS.names()), ("strategies (finetune.type)", STRATEGIES.names()),
             ("losses (loss.type)", LOSSES.names()), ("optimizers (optim.name)", OPTIMIZERS.names()),
             ("schedules (schedule.name)", SCHEDULES.names()), ("presets (preset, --preset)", PRESETS.names())]

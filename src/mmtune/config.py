@@ -577,10 +577,9 @@ class Config(_Strict):
                              "(sharded checkpoints); use ddp or a single device")
         fusion, strategy = fusion_class(self.model.fusion), build_strategy(self.finetune)
         self._tabular_columns()
-        from .encoders.offline import PRESETS, preset_name
+        from .encoders.offline import from_scratch
 
-        scratch = [n for n, e in self.model.encoders.items()
-                   if preset_name(e.checkpoint) and PRESETS.get(preset_name(e.checkpoint)).from_scratch]
+        scratch = [n for n, e in self.model.encoders.items() if from_scratch(e.checkpoint)]
         if scratch and strategy.uses_cache:
             raise ValueError(f"encoder {scratch[0]!r} is trained from scratch, so its outputs change while training and "
                              "cannot be cached: set finetune.cache=false (the other encoders stay frozen)")

@@ -27,8 +27,6 @@ def probabilities(task, logits: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def predict_proba_batches(model, tasks, batches: Iterable[Dict[str, Any]], device="cpu") -> Dict[str, np.ndarray]:
     """Probabilities per task, (N, C) each, over collated batches (raw ``inputs`` or cached ``encoded``), in order."""
-    from .finetune.feature_cache import as_encoder_outputs
-
     device = torch.device(device)
     was_training = model.training
     if was_training:  # switching modes walks every module: skip it when already in eval mode
@@ -36,9 +34,8 @@ def predict_proba_batches(model, tasks, batches: Iterable[Dict[str, Any]], devic
     out: Dict[str, list] = {t.name: [] for t in tasks}
     try:
         for batch in batches:
-            encoded = batch.get("encoded")
-            logits = model(move(batch.get("inputs"), device), move(batch["present"], device),
-                           encoded=as_encoder_outputs(move(encoded, device)) if encoded is not None else None)
+            inputs, encoded = batch_outputs(batch, device)
+            logits = model(inputs, move(batch["present"], device), encoded=encoded)
             for t in tasks:
                 out[t.name].append(probabilities(t, logits[t.name]).cpu().numpy())
     finally:
@@ -51,10 +48,9 @@ def predict_proba_batches(model, tasks, batches: Iterable[Dict[str, Any]], devic
 def batch_outputs(batch: Dict[str, Any], device: torch.device):
     """A batch's ``(inputs, encoded)`` on ``device``: raw encoder inputs, or the cached encoder outputs
     (``encoded``, as :class:`~mmtune.encoders.EncoderOutput`) when the batch came from the embedding cache."""
-    from .finetune.feature_cache import as_encoder_outputs
+    from .finetune.feature_cache import batch_encoded
 
-    encoded = batch.get("encoded")
-    return move(batch.get("inputs"), device), (as_encoder_outputs(move(encoded, device)) if encoded is not None else None)
+    return move(batch.get("inputs"), device), batch_encoded(move({"encoded": batch.get("encoded")}, device))
 
 
 @torch.inference_mode()

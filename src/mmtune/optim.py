@@ -35,7 +35,9 @@ def _step(opt, s, o, monitor, total_steps):
 
 @SCHEDULES.register("plateau")
 def _plateau(opt, s, o, monitor, total_steps):
-    mode = "min" if monitor.endswith(("loss", "rmse")) else "max"
+    from .schema import monitor_mode
+
+    mode = monitor_mode(monitor)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=s.gamma, patience=s.patience, min_lr=s.min_lr)
     return {"scheduler": sched, "interval": "epoch", "monitor": monitor}
 

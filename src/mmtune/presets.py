@@ -137,11 +137,10 @@ def table_stats(cfg, train=None) -> TableStats:
         rows = count_rows(source)
     elif cfg.data.align is not None:
         rows = max(count_rows(t) for t in cfg.data.align.tables)
-    from .encoders.offline import PRESETS as ENCODER_PRESETS, preset_name
+    from .encoders.offline import from_scratch
 
     images = [n for n, e in cfg.model.encoders.items() if e.modality == "image"]
-    scratch = any(preset_name(e.checkpoint) and ENCODER_PRESETS.get(preset_name(e.checkpoint)).from_scratch
-                  for e in cfg.model.encoders.values())
+    scratch = any(from_scratch(e.checkpoint) for e in cfg.model.encoders.values())
     return TableStats(rows=rows, modalities=tuple(cfg.modalities), image_encoders=tuple(images), from_scratch=scratch)
 
 

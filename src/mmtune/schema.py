@@ -11,6 +11,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def monitor_mode(monitor: str) -> str:
+    """``min`` for a monitored metric that improves downwards (a loss, an RMSE), else ``max``."""
+    return "min" if monitor.endswith(("loss", "rmse")) else "max"
+
+
 class PartConfig(Section):
     """Settings of a part chosen by ``type`` from its table (a fusion, a fine-tuning strategy, a loss).
     Subclasses narrow ``type`` to ``Literal["their name"]``."""

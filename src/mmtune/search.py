@@ -186,15 +186,14 @@ def check_space(parsed: Mapping[str, Any], base: Dict[str, Any]) -> None:
 def _default_space(cfg) -> Dict[str, Any]:
     """The default space, less what cannot apply here: adapters without peft, frozen encoders when one
     trains from scratch (it cannot be cached), fusions for several modalities with one encoder."""
-    from .encoders.offline import PRESETS, preset_name
+    from .encoders.offline import from_scratch
     from .extras import missing_for
 
     space = copy.deepcopy(DEFAULT_SPACE)
     strategies = space["finetune.type"]["choices"]
     if missing_for([("peft", "lora", "")]):
         strategies.remove("lora")
-    scratch = any(preset_name(e.checkpoint) and PRESETS.get(preset_name(e.checkpoint)).from_scratch
-                  for e in cfg.model.encoders.values())
+    scratch = any(from_scratch(e.checkpoint) for e in cfg.model.encoders.values())
     if scratch:
         strategies.remove("frozen")
     if len(cfg.model.encoders) < 2:
@@ -385,7 +384,9 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
                      "another process (pid {pid}); wait for it, or choose another name (--set name=...)")
     try:
         started = time.monotonic()
-        mode = "min" if cfg.trainer.monitor.endswith(("loss", "rmse")) else "max"
+        from .schema import monitor_mode
+
+        mode = monitor_mode(cfg.trainer.monitor)
         storage = optuna.storages.RDBStorage(f"sqlite:///{(study_dir / 'study.db').resolve()}")
         study = optuna.create_study(
             storage=storage, study_name="mmtune", load_if_exists=True,

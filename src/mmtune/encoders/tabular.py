@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .base import Encoder, EncoderOutput
-from .offline import PRESETS, Preset
+from .offline import OFFLINE_ENCODERS, Preset
 from .processors import register_kind
 
 NUMERIC, CATEGORICAL = "numeric", "categorical"
@@ -219,5 +219,5 @@ def _build(spec, weights: bool, bundle_dir: Optional[Path]) -> Encoder:
     return TabularEncoder(spec.columns, spec.dim or 32, spec.types)
 
 
-PRESETS.register("tabular", Preset("tabular", _build, from_scratch=True))
+OFFLINE_ENCODERS.register("tabular", Preset("tabular", _build, from_scratch=True))
 register_kind("tabular", TabularProcessor)

@@ -131,15 +131,15 @@ def reference_outputs(model, batches, rows: int = 256) -> Dict[str, torch.Tensor
 
 
 def _reference(model, batches, rows: int, device) -> Dict[str, torch.Tensor]:
-    from ..finetune.feature_cache import as_encoder_outputs
+    from ..finetune.feature_cache import batch_encoded
     from ..inference import move
 
     sums: Dict[str, torch.Tensor] = {}
     counts: Dict[str, float] = defaultdict(float)
     seen = 0
     for batch in batches:
-        encoded = batch.get("encoded")
-        outputs = as_encoder_outputs(move(encoded, device)) if encoded is not None else model.encode(move(batch["inputs"], device))
+        outputs = batch_encoded(move(batch, device))
+        outputs = model.encode(move(batch["inputs"], device)) if outputs is None else outputs
         present = batch["present"]
         for k, o in outputs.items():
             keep = present.get(model.output_modality[k], torch.ones(len(o.pooled), dtype=torch.bool)).to(device)
@@ -207,8 +207,8 @@ class Explainer:
 
     # ---- the explanation ------------------------------------------------------------------------------
     def explain(self, data, batch_size: int = 16, activation_rows: int = 8) -> Explanation:
-        ds = self.p._dataset(data, with_labels=False)
-        idx = self.p._index(data, len(ds))
+        ds = self.p.dataset(data, with_labels=False)
+        idx = self.p.row_index(data, len(ds))
         rows, cams, shown, attention = [], [], [], []
         for start in range(0, len(ds), batch_size):
             items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]

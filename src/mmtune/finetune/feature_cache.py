@@ -401,3 +401,10 @@ def build_cached_dataset(model, encoder_specs: Dict[str, Dict[str, Any]], ds: Mu
 
 def as_encoder_outputs(encoded: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, EncoderOutput]:
     return {k: EncoderOutput(d["pooled"], d.get("tokens"), d.get("mask")) for k, d in encoded.items()}
+
+
+def batch_encoded(batch: Dict[str, Any]) -> Optional[Dict[str, EncoderOutput]]:
+    """A batch's cached encoder outputs (a batch of the embedding cache), or None for a batch of raw inputs that
+    the encoders must run on."""
+    encoded = batch.get("encoded")
+    return as_encoder_outputs(encoded) if encoded is not None else None

@@ -177,7 +177,7 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
     pred = Predictor.load(run_dir, ensemble=False)
     ens = shipped_ensemble(run_dir, ensemble)
     rows, labelled = _rows(pred, data)
-    ds = pred._dataset(rows, with_labels=labelled)
+    ds = pred.dataset(rows, with_labels=labelled)
     batch = _sample_batch(pred, ds)
     graph = ExportGraph(pred.model, pred.tasks, input_layout(batch), sorted(batch["present"])).eval()
     report: Dict[str, Any] = {}
@@ -192,8 +192,8 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
         with torch.no_grad():
             report["exporter"] = _export_graph(graph, batch, tmp / ONNX_FILES["onnx"])
         fp32 = OnnxRunner(tmp / ONNX_FILES["onnx"], pred.model.output_modality, torch.device("cpu"))
-        ref = pred._proba(ds, None, calibrated=False)
-        got = pred._proba(ds, None, calibrated=False, runner=fp32)
+        ref = pred.proba_of(ds, None, calibrated=False)
+        got = pred.proba_of(ds, None, calibrated=False, runner=fp32)
         diff = max(float(np.abs(ref[t] - got[t]).max()) if len(ref[t]) else 0.0 for t in ref)
         report["diff"] = diff
         if not diff <= PARITY_TOLERANCE:
@@ -204,7 +204,7 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
         if quantize == "int8":
             _quantize(tmp / ONNX_FILES["onnx"], tmp / ONNX_FILES["onnx-int8"])
             int8 = OnnxRunner(tmp / ONNX_FILES["onnx-int8"], pred.model.output_modality, torch.device("cpu"))
-            q = pred._proba(ds, None, calibrated=False, runner=int8)
+            q = pred.proba_of(ds, None, calibrated=False, runner=int8)
             entry: Dict[str, Any] = {"max_abs_prob_diff": max(float(np.abs(ref[t] - q[t]).max()) if len(ref[t]) else 0.0 for t in ref),
                                      "size_bytes": (tmp / ONNX_FILES["onnx-int8"]).stat().st_size}
             if labelled:

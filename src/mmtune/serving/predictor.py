@@ -141,14 +141,16 @@ class Predictor:
         return pred
 
     # ---- inputs ---------------------------------------------------------------------------
-    def _dataset(self, data: TableSource, with_labels: bool) -> MultimodalDataset:
+    def dataset(self, data: TableSource, with_labels: bool) -> MultimodalDataset:
+        """``data`` validated into a dataset of this model's columns (BadRowsError naming every bad row); what
+        :meth:`proba_of` and the export, the server and the explanations run on."""
         df, base_dir, bad, _ = read_valid_rows(data, self.spec, "input", check_known=with_labels,
                                                require_label=with_labels)
         if bad:
             raise BadRowsError(bad, advice=PREDICT_ADVICE)
         return MultimodalDataset(df, self.spec, base_dir, with_labels, self.modalities)
 
-    def _order(self, ds: MultimodalDataset) -> np.ndarray:
+    def length_order(self, ds: MultimodalDataset) -> np.ndarray:
         """Rows sorted by the length of their texts (longest first), so that a batch pads to similar lengths."""
         from ..modalities import kind
 
@@ -158,7 +160,7 @@ class Predictor:
         lengths = sum(ds.df[c].fillna("").astype(str).str.len().to_numpy() for c in text)
         return np.argsort(-lengths, kind="stable")
 
-    def _batches(self, ds: MultimodalDataset, batch_size: Optional[int], order: Optional[np.ndarray] = None):
+    def batches(self, ds: MultimodalDataset, batch_size: Optional[int], order: Optional[np.ndarray] = None):
         """Collated batches over ``order`` (default: input order). Rows are decoded (images read and
         resized, audio resampled) and each batch is processed on worker threads, one batch ahead."""
         bs = batch_size or self.config.trainer.eval_batch_size or 2 * self.config.trainer.batch_size
@@ -186,11 +188,11 @@ class Predictor:
                 pending = ahead.submit(collate, chunks[k + 1])
             yield batch
 
-    def _proba(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True,
+    def proba_of(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True,
                runner=None, hidden: Sequence[str] = ()) -> Dict[str, np.ndarray]:
         """Probabilities per task in row order; ``hidden`` modalities are masked out through the present-mask."""
-        order = self._order(ds)
-        batches = self._batches(ds, batch_size, order)
+        order = self.length_order(ds)
+        batches = self.batches(ds, batch_size, order)
         if hidden:
             from ..evaluation.ablation import masked_batches
 
@@ -204,7 +206,7 @@ class Predictor:
         return proba
 
     @staticmethod
-    def _index(data: TableSource, n: int) -> pd.Index:
+    def row_index(data: TableSource, n: int) -> pd.Index:
         """The input DataFrame's own index (results line up with it), or 0..n-1 for a file."""
         return data.index if isinstance(data, pd.DataFrame) else pd.RangeIndex(n)
 
@@ -222,12 +224,12 @@ class Predictor:
         """Class probabilities, one column per class name (as text), rows in input order; the id
         column first when ``data.id_column`` is configured. ``{task: DataFrame}`` for several tasks.
         ``calibrated`` applies the temperature fitted on validation (single-label tasks)."""
-        ds = self._dataset(data, with_labels=False)
-        proba = self._proba(ds, batch_size, calibrated)
+        ds = self.dataset(data, with_labels=False)
+        proba = self.proba_of(ds, batch_size, calibrated)
         out = {}
         for t in self._pick(task):
             columns = ["prediction"] if t.regression else [str(c) for c in t.classes]
-            df = pd.DataFrame(proba[t.name], columns=columns, index=self._index(data, len(ds)))
+            df = pd.DataFrame(proba[t.name], columns=columns, index=self.row_index(data, len(ds)))
             if self.spec.id_column:
                 df.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
             out[t.name] = df
@@ -245,10 +247,10 @@ class Predictor:
             raise ValueError("the disagreement check needs one single-label task (name it with task=...)")
         if len(self.modalities) < 2:
             raise ValueError(f"the disagreement check compares modalities; this model reads one ({self.modalities[0]})")
-        ds = self._dataset(data, with_labels=False)
-        alone = {m: self._proba(ds, batch_size, hidden=[o for o in self.modalities if o != m])[t.name]
+        ds = self.dataset(data, with_labels=False)
+        alone = {m: self.proba_of(ds, batch_size, hidden=[o for o in self.modalities if o != m])[t.name]
                  for m in self.modalities}
-        full = self._proba(ds, batch_size)[t.name]
+        full = self.proba_of(ds, batch_size)[t.name]
         mods = list(alone)
         tv = np.zeros(len(ds))
         for i, a in enumerate(mods):
@@ -272,8 +274,8 @@ class Predictor:
     def predict(self, data: TableSource, batch_size: Optional[int] = None, task: Optional[str] = None):
         """The most probable class of each row (single-label), or the list of labels whose probability
         reaches the task's tuned threshold (multi-label). ``{task: labels}`` for several tasks."""
-        ds = self._dataset(data, with_labels=False)
-        proba = self._proba(ds, batch_size)
+        ds = self.dataset(data, with_labels=False)
+        proba = self.proba_of(ds, batch_size)
         out = {t.name: decide(t, proba[t.name], self.calibration[t.name]) for t in self._pick(task)}
         return out if len(out) > 1 else next(iter(out.values()))
 
@@ -281,9 +283,9 @@ class Predictor:
         """One row per input row: the id column (when configured), then per task the prediction
         (multi-label: the labels joined by the task's separator) and ``prob_<class>`` per class; with
         several tasks the columns are prefixed ``<task>.``. What ``mmtune predict`` writes."""
-        ds = self._dataset(data, with_labels=False)
-        proba = self._proba(ds, batch_size)
-        out = pd.DataFrame(index=self._index(data, len(ds)))
+        ds = self.dataset(data, with_labels=False)
+        proba = self.proba_of(ds, batch_size)
+        out = pd.DataFrame(index=self.row_index(data, len(ds)))
         if self.spec.id_column:
             out[self.spec.id_column] = ds.df[self.spec.id_column].to_numpy()
         multi = len(self.tasks) > 1
@@ -309,16 +311,16 @@ class Predictor:
         is NaN (the blank input's output means nothing)."""
         if kind not in self.embedding_kinds:
             raise ValueError(f"unknown embedding kind {kind!r}; valid: {', '.join(self.embedding_kinds)}")
-        ds = self._dataset(data, with_labels=False)
+        ds = self.dataset(data, with_labels=False)
         chunks = []
-        for batch in self._batches(ds, batch_size):
+        for batch in self.batches(ds, batch_size):
             feats = np.array(self.runner.vectors(batch, kind), dtype=np.float32)
             present = batch["present"].get(self.runner.output_modality.get(kind, ""))
             if kind != "fused" and present is not None:
                 feats[~present.numpy()] = np.nan
             chunks.append(feats)
         arr = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
-        out = pd.DataFrame(arr, columns=[f"e{i}" for i in range(arr.shape[1])], index=self._index(data, len(ds)))
+        out = pd.DataFrame(arr, columns=[f"e{i}" for i in range(arr.shape[1])], index=self.row_index(data, len(ds)))
         if self.spec.id_column:
             out.insert(0, self.spec.id_column, ds.df[self.spec.id_column].to_numpy())
         return out
@@ -337,15 +339,15 @@ class Predictor:
         """``{task: metrics}`` on labelled rows (calibrated, with the tuned thresholds); labels unseen in
         training are bad rows. ``contribution`` adds ``"modality_contribution"``: the metrics with each
         modality hidden through the present-mask."""
-        ds = self._dataset(data, with_labels=True)
-        proba = self._proba(ds, batch_size)
+        ds = self.dataset(data, with_labels=True)
+        proba = self.proba_of(ds, batch_size)
         out: Dict[str, Any] = {t.name: task_metrics(t, ds.labels[t.name], proba[t.name], self.config.evaluation.calibration_bins,
                                                     self.calibration[t.name]) for t in self.tasks}
         if contribution and len(self.modalities) > 1:
             from ..evaluation.ablation import modality_contribution
 
             out["modality_contribution"] = modality_contribution(
-                lambda batches: self.runner.proba(self.tasks, batches), self.tasks, self.calibration, list(self._batches(ds, batch_size)), ds.labels,
+                lambda batches: self.runner.proba(self.tasks, batches), self.tasks, self.calibration, list(self.batches(ds, batch_size)), ds.labels,
                 list(self.modalities))
         return out
 

@@ -333,8 +333,8 @@ def _results(predictor, frame: pd.DataFrame) -> List[Dict[str, Any]]:
     """Per row: per task the prediction and (classification) the calibrated probability of each class."""
     from .predictor import decide
 
-    ds = predictor._dataset(frame, with_labels=False)
-    proba = predictor._proba(ds, None)
+    ds = predictor.dataset(frame, with_labels=False)
+    proba = predictor.proba_of(ds, None)
     per_task = {}
     for t in predictor.tasks:
         labels = decide(t, proba[t.name], predictor.calibration[t.name])

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import lightning as L
 import torch
 
-from ..finetune.feature_cache import as_encoder_outputs
+from ..finetune.feature_cache import batch_encoded
 from .objective import EpochMetrics, Objective
 
 
@@ -38,9 +38,8 @@ class ClassifierModule(L.LightningModule):
         self._compiled = None
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
-        encoded = batch.get("encoded")
         run = self._compiled if self._compiled is not None and self.training else self.model
-        return run(batch.get("inputs"), batch["present"], encoded=as_encoder_outputs(encoded) if encoded is not None else None)
+        return run(batch.get("inputs"), batch["present"], encoded=batch_encoded(batch))
 
     def compile_model(self, backend) -> None:
         """Training steps run the model through ``torch.compile`` (``backend``: True for the default); the

@@ -11,6 +11,7 @@ import lightning as L
 import pandas as pd
 
 from ..io import atomic_write_with
+from ..schema import monitor_mode
 from ..data.datamodule import label_codes
 from .module import build_module
 
@@ -103,7 +104,7 @@ def soup(module, checkpoints, t, data) -> Dict[str, Any]:
     not get worse. Returns what went in."""
     from .module import _read_state
 
-    mode = "min" if t.monitor.endswith(("loss", "rmse")) else "max"
+    mode = monitor_mode(t.monitor)
     ranked = sorted(checkpoints.best_k_models.items(), key=lambda kv: float(kv[1]), reverse=mode == "max")
     names = [Path(p).name for p, _ in ranked]
     scores = {n: float(v) for n, (_, v) in zip(names, ranked)}
@@ -156,7 +157,7 @@ def build_trainer(cfg, run_dir: Path, n_train_batches: int, extra_callbacks: Seq
     from lightning.pytorch.loggers import CSVLogger
 
     t = cfg.trainer
-    mode = "min" if t.monitor.endswith(("loss", "rmse")) else "max"
+    mode = monitor_mode(t.monitor)
     # "best" follows the monitored metric; "last" is written after every epoch whether or not the metric
     # improved (Lightning's own save_last only writes it when a monitored checkpoint was saved), so that a
     # resume continues from the latest epoch.

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from ..finetune.feature_cache import as_encoder_outputs
+from ..finetune.feature_cache import batch_encoded
 from ..modalities import MODALITIES, kind
 
 
@@ -53,8 +53,8 @@ class Mixup:
         self.alpha = alpha
 
     def __call__(self, model, batch: Dict[str, Any], objective) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        encoded = batch.get("encoded")
-        outputs = as_encoder_outputs(encoded) if encoded is not None else model.encode(batch["inputs"])
+        outputs = batch_encoded(batch)
+        outputs = model.encode(batch["inputs"]) if outputs is None else outputs
         feats = model.fuse(outputs, batch["present"])
         lam = float(torch.distributions.Beta(self.alpha, self.alpha).sample())
         perm = torch.randperm(feats.shape[0], device=feats.device)
