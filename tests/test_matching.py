@@ -444,3 +444,26 @@ def test_a_table_without_the_response_column_is_one_line_from_the_cli(tmp_path, 
     assert main(["fit", str(tmp_path / "m.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no column(s) 'text'" in err
+
+
+@pytest.mark.parametrize("command", [
+    ["predict", "--out", "{tmp}/p.csv"], ["evaluate"], ["embed", "--out", "{tmp}/e.csv"], ["explain", "--out", "{tmp}/x"],
+    ["export", "--out", "{tmp}/onnx"], ["prune", "--sparsity", "0.5", "--out", "{tmp}"]])
+def test_classifier_commands_on_a_matcher_are_one_line(matcher, pairs, tmp_path, capsys, command):
+    from mmtune.cli import main
+
+    argv = [command[0], "--run", str(matcher.run_dir), "--data", str(pairs["test"]),
+            *[a.format(tmp=tmp_path) for a in command[1:]]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a matcher" in err, err
+
+
+def test_a_matchers_predictor_refuses_classifier_calls_with_what_it_offers(matcher, pairs):
+    pred = mmtune.load(matcher.run_dir)
+    with pytest.raises(ValueError, match="is a matcher.*search"):
+        pred.predict(pairs["test"])
+    from mmtune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="fills in a classifier's recipe"):
+        load_config({**matcher.config.to_dict(), "preset": "fast"})

@@ -224,10 +224,11 @@ def _model_args(p) -> None:
 
 
 def _load(args):
+    from .serving.matching import classifier_only
     from .serving.predictor import Predictor
 
-    return Predictor.load(args.run, device=_device(args.device), backend=args.backend,
-                          ensemble=False if args.single else None)
+    return classifier_only(Predictor.load(args.run, device=_device(args.device), backend=args.backend,
+                                          ensemble=False if args.single else None), f"mmtune {args.command}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -524,7 +525,10 @@ def _explain(args) -> int:
     from .io import check_output
 
     out = check_output(args.out, inputs={"run bundle": [args.run], "--data file": [args.data]}, kind="folder")
-    pred = Predictor.load(args.run, device=_device(args.device), ensemble=False)  # explained: the run's own model
+    from .serving.matching import classifier_only
+
+    pred = classifier_only(Predictor.load(args.run, device=_device(args.device), ensemble=False),
+                           "mmtune explain")  # explained: the run's own model
     df, base = read_table(args.data)
     if args.rows is not None:
         df = df.head(args.rows)

@@ -644,6 +644,9 @@ class Config(_Strict):
             raise ValueError("synthesis and imbalance settings rebalance classes: a matcher has none")
         if self.evaluation.cv:
             raise ValueError("evaluation.cv is not supported for a matcher yet: hold out data.val or data.test")
+        if self.preset:
+            raise ValueError(f"preset={self.preset} fills in a classifier's recipe: set a matcher's settings directly "
+                             "(finetune, matching, optim, trainer)")
 
     def _tabular_columns(self) -> None:
         """The tabular columns are named once, in ``data.columns.tabular`` or the encoder's ``columns``."""

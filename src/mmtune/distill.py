@@ -124,7 +124,9 @@ def distill(teacher: str, student, train=None, val=None, test=None, *, unlabelle
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--alpha must be between 0 and 1 (got {alpha})")
     cfg = load_config(student, overrides)
-    tpred = Predictor.load(teacher)
+    from .serving.matching import classifier_only
+
+    tpred = classifier_only(Predictor.load(teacher), "mmtune distill")
     # the student's splits, as fit would make them; paths made absolute so that the teacher reads the same files
     prepared = prepare_data(cfg.data, cfg.modalities, train, val, test)
     frames = {}

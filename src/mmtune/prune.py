@@ -150,7 +150,9 @@ def prune_run(run_dir, sparsities: List[float], data, structured: bool = False, 
         check_output(out_dir / f"{run_dir.name}-pruned-{kind}-{s:g}", inputs={"run bundle": [run_dir]}, kind="folder",
                      replaces=PRUNED)
     df, base = read_table(data)
-    absolute_paths(df, Predictor.load(run_dir, ensemble=False).config, base)
+    from .serving.matching import classifier_only
+
+    absolute_paths(df, classifier_only(Predictor.load(run_dir, ensemble=False), "mmtune prune").config, base)
 
     def measure(pred, name, folder: Path, sparsity) -> Dict[str, Any]:
         task = pred.tasks[0]

@@ -174,7 +174,9 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     check_export_folder(out_dir, run_dir)
     started = time.perf_counter()
-    pred = Predictor.load(run_dir, ensemble=False)
+    from .matching import classifier_only
+
+    pred = classifier_only(Predictor.load(run_dir, ensemble=False), "mmtune export (ONNX)")
     ens = shipped_ensemble(run_dir, ensemble)
     rows, labelled = _rows(pred, data)
     ds = pred.dataset(rows, with_labels=labelled)

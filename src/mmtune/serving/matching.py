@@ -28,6 +28,16 @@ from ..models.matcher import SIDES
 INDEX_FORMAT = 1
 
 
+def classifier_only(pred, what: str):
+    """``pred`` when it is a classifier's Predictor; a matcher gets a one-line ValueError naming what it offers."""
+    if isinstance(pred, MatchPredictor):
+        where = f" {str(pred.run_dir)!r}" if pred.run_dir else ""
+        raise ValueError(f"run{where} is a matcher (data.query / data.response): {what} is for classifier runs; a "
+                         "matcher offers mmtune search, check-pairs, serve and report (embed, search, score_pairs, "
+                         "check_pairs, zero_shot, few_shot from Python)")
+    return pred
+
+
 class MatchPredictor:
     """A two-tower matcher with its processors. ``data`` is a DataFrame or a manifest path holding the side's
     column (``data.query`` / ``data.response`` of the run's config); every row is validated first and bad rows
@@ -54,6 +64,18 @@ class MatchPredictor:
     @classmethod
     def from_bundle(cls, bundle, device="cpu") -> "MatchPredictor":
         return cls(bundle.model, bundle.config, bundle.tasks, bundle.run_dir, device, bundle.metrics)
+
+    def predict(self, *args, **kwargs):
+        classifier_only(self, "predict")
+
+    def predict_proba(self, *args, **kwargs):
+        classifier_only(self, "predict_proba")
+
+    def evaluate(self, *args, **kwargs):
+        classifier_only(self, "evaluate")
+
+    def explain(self, *args, **kwargs):
+        classifier_only(self, "explain")
 
     # ---- embeddings ------------------------------------------------------------------------
     def _side_dataset(self, data: TableSource, side: str) -> MultimodalDataset:
