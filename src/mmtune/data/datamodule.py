@@ -242,9 +242,8 @@ class TableDataModule(L.LightningDataModule):
 
     def shown(self, split: str) -> Dict[str, list]:
         """Per modality, each row's value as the saved predictions show it (an image's absolute path)."""
-        p = self.prepared
-        return {m: [modality_of(m).display(v, p.base_dirs.get(split)) for v in column_values(p.frames[split], col)]
-                for m, col in p.spec.modality_columns}
+        ds = self.prepared.dataset(split, self.modalities)
+        return {m: ds.shown(m) for m, _ in ds.columns}
 
     def fit_encoders(self, model) -> Dict[str, str]:
         """Encoders trained from scratch (tabular) fit their inputs — column types, statistics, vocabularies —

@@ -92,6 +92,11 @@ class MultimodalDataset(Dataset):
         for start in range(0, len(self.df), CHUNK_ROWS):
             yield from column_values(self.df.iloc[start:start + CHUNK_ROWS], self._column[modality])
 
+    def shown(self, modality: str) -> List[Any]:
+        """Each row's cell of ``modality`` as saved predictions and pages show it (an image's absolute path)."""
+        entry = modality_of(modality)
+        return [entry.display(v, self.base_dir) for v in self.cells(modality)]
+
     def __getitem__(self, i: int) -> Dict[str, Any]:
         return self.__getitems__([i])[0]
 

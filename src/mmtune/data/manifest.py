@@ -181,6 +181,12 @@ class ManifestSpec:
         return sorted(self.columns.items())
 
 
+def row_index(data: TableSource, n: int) -> pd.Index:
+    """What results for ``data``'s rows are indexed by: an input DataFrame's own index (so they line up with it), or
+    0..n-1 for a file."""
+    return data.index if isinstance(data, pd.DataFrame) else pd.RangeIndex(n)
+
+
 def column_values(df: pd.DataFrame, column: Any) -> List[Any]:
     """The cells of one modality: a column's values, or for a list of columns one dict per row."""
     if isinstance(column, (list, tuple)):

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from ..inference import pair_embeddings
-from .ranking import first_relevant_rank, recall_curve, retrieval_metrics, roc_auc
+from .ranking import first_relevant_rank, partner_ranks, recall_curve, retrieval_metrics, roc_auc
 
 
 def rank_split(query: np.ndarray, response: np.ndarray, response_keys, query_keys, positive: np.ndarray) -> Dict[str, Any]:
@@ -35,8 +35,7 @@ def evaluate_matching(model, loaders: Mapping[str, Any], frames: Mapping[str, pd
     """Metrics per split (``val``, ``test``) and predictions per split (``query``, ``response``, ``score``,
     ``partner_rank``, ``picked``, with match labels ``label`` and ``probability``)."""
     device = device or torch.device("cpu")
-    q_field = [model.output_modality[k] for k in model.fusion.sides["query"]][0]
-    r_field = [model.output_modality[k] for k in model.fusion.sides["response"]][0]
+    q_field, r_field = model.side_fields("query")[0], model.side_fields("response")[0]
     metrics: Dict[str, Any] = {}
     predictions: Dict[str, pd.DataFrame] = {}
     for split, loader in loaders.items():
@@ -55,12 +54,10 @@ def evaluate_matching(model, loaders: Mapping[str, Any], frames: Mapping[str, pd
             m["pair_roc_auc"] = roc_auc(out["logit"], label)
             m["pair_accuracy"] = float(((out["logit"] > 0) == positive).mean())
         metrics[split] = m
-        r_codes = pd.factorize(df[data_cfg.response].astype(str))[0]
-        sims = out["query"] @ out["response"].T
-        rank = first_relevant_rank(sims, r_codes[:, None] == r_codes[None, :])
+        _, rank, picked = partner_ranks(out["query"], out["response"], df[data_cfg.response].tolist())
         table = pd.DataFrame({"query": shown[split].get(q_field, df[data_cfg.query].tolist()),
                               "response": shown[split].get(r_field, df[data_cfg.response].tolist()),
-                              "score": score, "partner_rank": rank.astype(int), "picked_row": sims.argmax(1)})
+                              "score": score, "partner_rank": rank, "picked_row": picked})
         if data_cfg.id_column and data_cfg.id_column in df.columns:
             table.insert(0, data_cfg.id_column, df[data_cfg.id_column].to_numpy())
         if label is not None:

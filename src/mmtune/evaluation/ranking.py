@@ -47,6 +47,16 @@ def roc_auc(score: np.ndarray, label: np.ndarray) -> Optional[float]:
     return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
+def partner_ranks(query: np.ndarray, response: np.ndarray, response_keys: Sequence) -> tuple:
+    """Every row's own response ranked among the table's responses for its query (rows whose response cells are
+    equal are one candidate): ``(scores (N, N), rank (N,) — 1 = the query's best-scored response is its own —,
+    picked (N,) — the row of the best-scored response)``."""
+    scores = np.asarray(query) @ np.asarray(response).T
+    codes = np.unique(np.asarray([str(k) for k in response_keys], dtype=object), return_inverse=True)[1].ravel()
+    rank = first_relevant_rank(scores, codes[:, None] == codes[None, :])
+    return scores, rank.astype(int), scores.argmax(1)
+
+
 def retrieval_metrics(scores: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = RECALL_AT) -> Dict[str, float]:
     """``recall@k`` (share of queries with a relevant candidate in the top k), ``mrr`` (mean reciprocal rank
     of the first relevant candidate), ``ndcg@10``, and ``queries`` / ``candidates``. Queries with no relevant
@@ -69,4 +79,4 @@ def recall_curve(ranks: np.ndarray, up_to: int = 20) -> Dict[int, float]:
     return {k: float((ranks <= k).mean()) if len(ranks) else 0.0 for k in range(1, up_to + 1)}
 
 
-__all__ = ["RECALL_AT", "first_relevant_rank", "ndcg_at", "recall_curve", "retrieval_metrics", "roc_auc"]
+__all__ = ["RECALL_AT", "first_relevant_rank", "ndcg_at", "partner_ranks", "recall_curve", "retrieval_metrics", "roc_auc"]

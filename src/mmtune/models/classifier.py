@@ -30,10 +30,7 @@ class MultimodalClassifier(nn.Module):
         self.encoders = nn.ModuleDict(dict(sorted(encoders.items())))
         self.fusion = fusion
         self.heads = nn.ModuleDict(dict(heads))
-        self.output_modality: Dict[str, str] = {}
-        for name, enc in self.encoders.items():
-            for sub, mod in enc.output_modalities().items():
-                self.output_modality[_key(name, sub)] = mod
+        self.output_modality: Dict[str, str] = output_fields(self.encoders)
 
     @staticmethod
     def output_dims(encoders: Mapping[str, Encoder]) -> Dict[str, int]:
@@ -76,6 +73,13 @@ class MultimodalClassifier(nn.Module):
 
 def _key(name: str, sub: str) -> str:
     return f"{name}.{sub}" if sub else name
+
+
+def output_fields(encoders: Mapping[str, Encoder]) -> Dict[str, str]:
+    """Output key -> the field whose present-mask applies to it (``name``, or ``name.sub`` for an encoder of several
+    outputs)."""
+    return {_key(name, sub): field for name, enc in sorted(encoders.items())
+            for sub, field in enc.output_modalities().items()}
 
 
 def run_encoders(encoders: Mapping[str, Encoder], inputs: Mapping[str, Mapping[str, torch.Tensor]]) -> Dict[str, EncoderOutput]:

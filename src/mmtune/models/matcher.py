@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders import Encoder, EncoderOutput, build_encoder
-from .classifier import MultimodalClassifier, run_encoders, train_keeping_frozen
+from .classifier import MultimodalClassifier, output_fields, run_encoders, train_keeping_frozen
 
 SIDES = ("query", "response")
 
@@ -87,10 +87,11 @@ class TwoTowerMatcher(nn.Module):
         self.encoders = nn.ModuleDict(dict(sorted(encoders.items())))
         self.fusion = towers
         self.heads = nn.ModuleDict({"match": head})
-        self.output_modality: Dict[str, str] = {}
-        for name, enc in self.encoders.items():
-            for sub, mod in enc.output_modalities().items():
-                self.output_modality[f"{name}.{sub}" if sub else name] = mod
+        self.output_modality: Dict[str, str] = output_fields(self.encoders)
+
+    def side_fields(self, side: str) -> List[str]:
+        """The fields (columns) ``side`` reads, sorted."""
+        return sorted({self.output_modality[k] for k in self.fusion.sides[side]})
 
     def side_encoders(self, side: str) -> List[str]:
         """The encoders whose outputs feed ``side``."""
@@ -125,13 +126,10 @@ def side_keys(encoders: Mapping[str, Encoder], column_of, query: str, response: 
     """Output keys per side: those whose field is read from the query / response column (``column_of(field)``).
     Raises ValueError naming the side no encoder reads."""
     sides: Dict[str, List[str]] = {"query": [], "response": []}
-    for name, enc in sorted(encoders.items()):
-        for sub, field in enc.output_modalities().items():
-            col = column_of(field)
-            key = f"{name}.{sub}" if sub else name
-            for side, want in (("query", query), ("response", response)):
-                if col == want:
-                    sides[side].append(key)
+    for key, field in output_fields(encoders).items():
+        for side, want in (("query", query), ("response", response)):
+            if column_of(field) == want:
+                sides[side].append(key)
     for side, want in (("query", query), ("response", response)):
         if not sides[side]:
             raise ValueError(f"data.{side} column {want!r} is read by no encoder: add one to model.encoders that reads "

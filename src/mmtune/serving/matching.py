@@ -18,8 +18,8 @@ import torch
 
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
-from ..data.manifest import BadRowsError, ManifestSpec, TableSource, read_valid_rows
-from ..evaluation.ranking import first_relevant_rank
+from ..data.manifest import BadRowsError, ManifestSpec, TableSource, read_valid_rows, row_index
+from ..evaluation.ranking import partner_ranks
 from ..inference import side_embeddings
 from ..io import atomic_write_json, atomic_write_with
 from ..modalities import modality_of
@@ -54,7 +54,7 @@ class MatchPredictor:
         self.metrics = dict(metrics or {})
         d = config.data
         self.columns = {"query": d.query, "response": d.response}
-        self.fields = {side: sorted({model.output_modality[k] for k in model.fusion.sides[side]}) for side in SIDES}
+        self.fields = {side: model.side_fields(side) for side in SIDES}
         self.id_column = d.id_column
         # what the server's metadata and row reader ask of any predictor
         self.modalities = config.modalities
@@ -101,8 +101,7 @@ class MatchPredictor:
         """One row of unit-vector coordinates (``e0 … e<d-1>``) per input row, indexed like the input."""
         ds = self._side_dataset(data, side)
         vec = self._embed(ds, side, batch_size)
-        index = data.index if isinstance(data, pd.DataFrame) else pd.RangeIndex(len(vec))
-        return pd.DataFrame(vec, index=index, columns=[f"e{i}" for i in range(vec.shape[1])])
+        return pd.DataFrame(vec, index=row_index(data, len(vec)), columns=[f"e{i}" for i in range(vec.shape[1])])
 
     def index(self, corpus: TableSource, side: str = "response", batch_size: Optional[int] = None,
               faiss: bool = False) -> "SearchIndex":
@@ -110,11 +109,9 @@ class MatchPredictor:
         ds = self._side_dataset(corpus, side)
         vec = self._embed(ds, side, batch_size)
         df = ds.df
-        col = self.config.data.column(self.fields[side][0])
         ids = (df[self.id_column].astype(str).tolist() if self.id_column and self.id_column in df.columns
                else [str(i) for i in range(len(df))])
-        shown = [modality_of(self.fields[side][0]).display(v, ds.base_dir) for v in df[col].tolist()]
-        return SearchIndex(vec, ids, [str(s) for s in shown], side, str(self.run_dir) if self.run_dir else None, faiss)
+        return SearchIndex(vec, ids, self._shown(ds, side), side, str(self.run_dir) if self.run_dir else None, faiss)
 
     def search(self, queries: TableSource, corpus: Union[TableSource, "SearchIndex"], top_k: int = 10,
                side: str = "query", batch_size: Optional[int] = None) -> pd.DataFrame:
@@ -130,7 +127,7 @@ class MatchPredictor:
         labels, ``probability`` that they belong together."""
         q = self._embed(self._side_dataset(data, "query"), "query", batch_size)
         r = self._embed(self._side_dataset(data, "response"), "response", batch_size)
-        out = pd.DataFrame({"score": (q * r).sum(1)}, index=data.index if isinstance(data, pd.DataFrame) else None)
+        out = pd.DataFrame({"score": (q * r).sum(1)}, index=row_index(data, len(q)))
         if self.tasks:
             with torch.inference_mode():
                 logit = self.model.heads["match"](torch.as_tensor(out["score"].to_numpy(), dtype=torch.float32))
@@ -144,15 +141,10 @@ class MatchPredictor:
         rows least likely to belong together first (by rank of the true partner, then score)."""
         dq, dr = self._side_dataset(data, "query"), self._side_dataset(data, "response")
         q, r = self._embed(dq, "query", batch_size), self._embed(dr, "response", batch_size)
-        scores = q @ r.T
-        col_r = self.config.data.column(self.fields["response"][0])
-        keys = pd.factorize(dr.df[col_r].astype(str))[0]
-        relevant = keys[None, :] == keys[:, None]
-        rank = first_relevant_rank(scores, relevant)
-        picked = scores.argmax(1)
+        scores, rank, picked = partner_ranks(q, r, dr.df[self.columns["response"]].tolist())
         shown_q = self._shown(dq, "query")
         shown_r = self._shown(dr, "response")
-        out = pd.DataFrame({"row": np.arange(len(q)), "score": np.diag(scores), "partner_rank": rank.astype(int),
+        out = pd.DataFrame({"row": np.arange(len(q)), "score": np.diag(scores), "partner_rank": rank,
                             "picked_row": picked, "picked_score": scores[np.arange(len(q)), picked],
                             "query": shown_q, "response": shown_r,
                             "picked_response": [shown_r[i] for i in picked]})
@@ -203,7 +195,7 @@ class MatchPredictor:
 
             clf = LogisticRegression(C=10.0, max_iter=2000).fit(train, y)
             return pd.DataFrame(clf.predict_proba(vec), columns=list(clf.classes_),
-                                index=data.index if isinstance(data, pd.DataFrame) else None)
+                                index=row_index(data, len(vec)))
         means = np.stack([train[y == c].mean(0) for c in classes])
         means /= np.linalg.norm(means, axis=1, keepdims=True).clip(1e-12)
         return self._softmax(vec @ means.T, classes, data)
@@ -212,11 +204,10 @@ class MatchPredictor:
         z = float(self.model.heads["match"].scale) * cosines
         p = np.exp(z - z.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
-        return pd.DataFrame(p, columns=[str(c) for c in classes], index=data.index if isinstance(data, pd.DataFrame) else None)
+        return pd.DataFrame(p, columns=[str(c) for c in classes], index=row_index(data, len(p)))
 
     def _shown(self, ds: MultimodalDataset, side: str) -> List[str]:
-        f = self.fields[side][0]
-        return [str(modality_of(f).display(v, ds.base_dir)) for v in ds.df[self.config.data.column(f)].tolist()]
+        return [str(v) for v in ds.shown(self.fields[side][0])]
 
 
 class SearchIndex:

@@ -15,7 +15,7 @@ from ..ensemble import shipped_ensemble
 from ..config import Config
 from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
-from ..data.manifest import BadRowsError, TableSource, read_valid_rows, spec_from_config
+from ..data.manifest import BadRowsError, TableSource, read_valid_rows, row_index, spec_from_config
 from ..evaluation.calibration import Calibration
 from ..evaluation.metrics import calibrate, decide, task_metrics  # noqa: F401  (decide: the server's too)
 from ..tasks import Task
@@ -208,7 +208,7 @@ class Predictor:
     @staticmethod
     def row_index(data: TableSource, n: int) -> pd.Index:
         """The input DataFrame's own index (results line up with it), or 0..n-1 for a file."""
-        return data.index if isinstance(data, pd.DataFrame) else pd.RangeIndex(n)
+        return row_index(data, n)
 
     def _pick(self, task: Optional[str]) -> List[Task]:
         if task is None:
@@ -261,14 +261,11 @@ class Predictor:
                             "prediction": [classes[k] for k in full.argmax(1)]})
         if self.spec.id_column:
             out.insert(1, "id", ds.df[self.spec.id_column].astype(str).to_numpy())
-        from ..data.manifest import column_values
-        from ..modalities import modality_of
-
         for m in mods:
             out[f"{m} only"] = [classes[k] for k in alone[m].argmax(1)]
             out[f"{m} only probability"] = alone[m].max(1)
-        for m, col in self.spec.modality_columns:
-            out[m] = [modality_of(m).display(v, ds.base_dir) for v in column_values(ds.df, col)]
+        for m, _ in ds.columns:
+            out[m] = ds.shown(m)
         return out.sort_values("disagreement", ascending=False, kind="stable").reset_index(drop=True)
 
     def predict(self, data: TableSource, batch_size: Optional[int] = None, task: Optional[str] = None):
