@@ -64,7 +64,8 @@ def test_fit_with_a_preset_and_a_time_limit(tmp_path, tiny_bert, colour_verdict,
     assert cli(["fit", str(path), "--preset", "fast", "--set", f"data.train={colour_verdict['train']}"]) == 0
     bundle = load_config(tmp_path / "runs" / "t" / "config.yaml")
     assert bundle.preset == "fast" and bundle.finetune.type == "frozen" and bundle.trainer.max_epochs == 30
-    assert bundle.trainer.batch_size == 64 and bundle.optim.lr == 1e-3
+    assert bundle.trainer.batch_size == 32 and bundle.optim.lr == 1e-3
+    assert bundle.model.fusion.type == "concat"  # one modality
     # a budget of one second stops a 30-epoch run early (the cache is built before the clock starts)
     assert cli(["fit", str(path), "--preset", "fast", "--time-limit", "1", "--set", "name=short",
                 "--set", f"data.train={colour_verdict['train']}", "--set", "trainer.batch_size=4"]) == 0
@@ -283,6 +284,12 @@ def test_search_spaces_and_conditional_keys():
     c = load_config(raw)
     assert c.model.fusion.hidden_dims == [64] and c.augment.image.enabled and c.augment.image.rotation == 10.0
     assert c.augment.text.word_dropout == 0.1
+    # the bilinear fusion takes its rank, and the width as its shared layer; a fusion without a rank ignores it
+    c = load_config(trial_config(base, {"model.fusion.type": "bilinear", "model.fusion.rank": 8,
+                                        "model.fusion.width": 128}))
+    assert c.model.fusion.type == "bilinear" and c.model.fusion.rank == 8 and c.model.fusion.hidden_dims == [128]
+    c = load_config(trial_config(base, {"model.fusion.type": "gated", "model.fusion.rank": 8}))
+    assert c.model.fusion.type == "gated" and not hasattr(c.model.fusion, "rank")
 
 
 def test_cli_tune_refuses_to_replace_a_run_without_overwrite(tmp_path, tiny_bert, colour_verdict, capsys):

@@ -231,7 +231,7 @@ class ModelConfig(_Strict):
     """One entry per encoder, keyed by a name of your choice."""
     fusion: SerializeAsAny[PartConfig] = Field(default_factory=_default("model.fusion"))
     """How the modalities' features meet: ``type`` names an entry of ``mmtune.fusion.FUSIONS`` (concat,
-    single_stream, late, stacking, cross_attention, gated), the other keys are that fusion's own settings."""
+    single_stream, late, stacking, cross_attention, gated, bilinear), the other keys are that fusion's own settings."""
     head: HeadConfig = Field(default_factory=HeadConfig)
     modality_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Training only: chance that a modality of a row is hidden (never all of a row's modalities)."""
@@ -302,10 +302,12 @@ class TrainerConfig(_Strict):
                                 "recall_macro"]] = Field(default_factory=lambda: ["accuracy", "f1_macro"])
     """Validation metrics logged every epoch (torchmetrics), as val_acc, val_f1_macro, val_balanced_accuracy,
     val_auroc, val_precision_macro, val_recall_macro (means over tasks; per task too with several tasks)."""
-    monitor: Literal["val_loss", "val_acc", "val_f1_macro", "val_balanced_accuracy", "val_auroc",
+    monitor: Literal["val_loss", "val_calibrated_loss", "val_acc", "val_f1_macro", "val_balanced_accuracy", "val_auroc",
                      "val_precision_macro", "val_recall_macro", "val_rmse", "val_r1"] = "val_loss"
     """Validation metric for early stopping, the best checkpoint and the plateau schedule (mean over tasks;
-    for a multi-label task, accuracy is subset accuracy; ``val_r1``: a matcher's in-batch recall@1)."""
+    for a multi-label task, accuracy is subset accuracy; ``val_r1``: a matcher's in-batch recall@1;
+    ``val_calibrated_loss``: the single-label tasks' cross-entropy at the temperature that minimises it, which does
+    not rise when a model only grows over-confident — what temperature scaling removes after training)."""
     restore_best: bool = True
     """At the end, load the weights of the best validation epoch (False: keep the last epoch's)."""
     average_best: int = Field(1, ge=1)
@@ -565,6 +567,8 @@ class Config(_Strict):
             logged.add(self.trainer.monitor)
         elif not tasks or any(not t.regression for t in tasks):
             logged |= {"val_acc" if m == "accuracy" else f"val_{m}" for m in self.trainer.epoch_metrics}
+            if not tasks or any(not t.regression and not t.multilabel for t in tasks):
+                logged.add("val_calibrated_loss")
         if any(t.regression for t in tasks):
             logged.add("val_rmse")
         if self.trainer.monitor not in logged:

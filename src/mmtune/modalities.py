@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import html
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 from pydantic import Field
 
@@ -114,6 +114,18 @@ class ImageAugmentConfig(Section):
     """Add a RandAugment policy (kornia.augmentation.auto.RandAugment)."""
     randaugment_n: int = Field(2, ge=1)
     randaugment_m: int = Field(9, ge=0, le=30)
+
+    light: ClassVar[Dict[str, Any]] = {"enabled": True, "crop_scale": [0.8, 1.0], "rotation": 10.0, "flip": True,
+                                       "color_jitter": 0.2}
+    """What the ``balanced`` preset sets."""
+    off: ClassVar[Dict[str, Any]] = {"enabled": False}
+    """What turns it off (a trial on cached encoder outputs, which cannot be augmented)."""
+
+    @staticmethod
+    def at_strength(s: float) -> Dict[str, Any]:
+        """The settings of the search's ``augment.strength`` s in [0, 1]."""
+        return {"enabled": s > 0.05, "crop_scale": [round(1 - 0.4 * s, 3), 1.0], "rotation": round(20 * s, 2),
+                "color_jitter": round(0.4 * s, 3)}
 
     @property
     def active(self) -> bool:
@@ -247,6 +259,14 @@ class TextAugmentConfig(Section):
     token_mask: float = Field(0.0, ge=0.0, lt=1.0)
     """Token level: replace a token id by the tokenizer's mask (or unknown) token id."""
 
+    light: ClassVar[Dict[str, Any]] = {"word_dropout": 0.1}
+    off: ClassVar[Dict[str, Any]] = {"word_dropout": 0.0, "word_mask": 0.0, "word_swap": 0.0, "token_dropout": 0.0,
+                                     "token_mask": 0.0}
+
+    @staticmethod
+    def at_strength(s: float) -> Dict[str, Any]:
+        return {"word_dropout": round(0.2 * s, 3)}
+
     @property
     def active(self) -> bool:
         return any(v > 0 for v in self.model_dump().values())
@@ -348,6 +368,11 @@ class AudioAugmentConfig(Section):
     freq_masks: int = Field(2, ge=0)
     """SpecAugment: frequency masks per clip, each up to ``freq_mask_bins`` mel bins."""
     freq_mask_bins: int = Field(8, ge=0)
+
+    light: ClassVar[Optional[Dict[str, Any]]] = None
+    """Not set by the presets nor searched (not measured against them yet)."""
+    off: ClassVar[Dict[str, Any]] = {"enabled": False}
+    at_strength: ClassVar[Optional[Callable[[float], Dict[str, Any]]]] = None
 
     @property
     def active(self) -> bool:

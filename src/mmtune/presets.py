@@ -32,6 +32,8 @@ class TableStats:
     """Names of the encoders that read images and leave ``image_size`` to the preset."""
     from_scratch: bool = False
     """Some encoder is trained from scratch (tabular): its outputs change while training, so nothing is cached."""
+    single_label: bool = True
+    """Some task is a single-label classification (so ``val_calibrated_loss`` is logged and can be monitored)."""
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,30 @@ def _epochs(rows: int, small: int, medium: int, large: int) -> int:
     return small if rows < 2_000 else medium if rows < 20_000 else large
 
 
+def _fusion(s: TableStats, dropout: float) -> Dict[str, Any]:
+    """Several modalities meet in the bilinear fusion, which can read how they agree (a picture and the note that
+    names it) where a concatenation needs many more rows to learn it; one modality is concatenated."""
+    if len(s.modalities) >= 2:
+        return {"type": "bilinear", "rank": 16, "hidden_dims": [256], "dropout": dropout}
+    return {"type": "concat", "hidden_dims": [256], "dropout": dropout}
+
+
+def _monitor(s: TableStats) -> Dict[str, Any]:
+    """Select epochs by the loss after the best temperature: the plain loss rises as a model grows over-confident
+    while it still gets better (temperature scaling removes that after training)."""
+    return {"trainer.monitor": "val_calibrated_loss"} if s.single_label else {}
+
+
 def _fast(s: TableStats) -> Dict[str, Any]:
     return {
         # an encoder trained from scratch trains under frozen too, but then nothing can be cached
         "finetune": {"type": "frozen", "cache": not s.from_scratch},
-        "model.fusion": {"type": "concat", "hidden_dims": [256], "dropout": 0.2},
+        "model.fusion": _fusion(s, 0.2),
         "optim.lr": 1e-3, "optim.weight_decay": 0.01,
         "schedule.name": "cosine", "schedule.warmup_fraction": 0.05,
-        "trainer.max_epochs": _epochs(s.rows, 30, 15, 8), "trainer.batch_size": 64,
-        "trainer.early_stopping_patience": 5,
+        "trainer.max_epochs": _epochs(s.rows, 30, 15, 8), "trainer.batch_size": 32,
+        # cached epochs cost seconds: a small validation split's noise should not stop the fit early
+        "trainer.early_stopping_patience": 10, **_monitor(s),
     }
 
 
@@ -74,20 +91,21 @@ def _balanced(s: TableStats) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         "finetune": {"type": "partial", "unfreeze_last": 2, "layer_decay": 0.8,
                      "encoder_lr": 1e-4 if s.rows < 20_000 else 2e-4},
-        "model.fusion": {"type": "concat", "hidden_dims": [256], "dropout": 0.1},
+        "model.fusion": _fusion(s, 0.1),
         "loss": {"type": "cross_entropy", "label_smoothing": 0.1},
         "optim.lr": 1e-3, "optim.weight_decay": 0.01,
         "schedule.name": "cosine", "schedule.warmup_fraction": 0.1,
         "trainer.max_epochs": _epochs(s.rows, 12, 8, 4), "trainer.batch_size": 32,
-        "trainer.early_stopping_patience": 3,
+        "trainer.early_stopping_patience": 3, **_monitor(s),
     }
-    if "image" in s.modalities:
-        out["augment.image"] = {"enabled": True, "crop_scale": [0.8, 1.0], "rotation": 10.0, "flip": True,
-                                "color_jitter": 0.2}
+    from .modalities import MODALITIES
+
+    for m in s.modalities:  # each modality's light augmentation, as its augmentation config declares it
+        light = getattr(MODALITIES.get(m).Augment, "light", None) if m in MODALITIES else None
+        if light:
+            out[f"augment.{m}"] = dict(light)
     if s.rows >= 20_000:  # a large table: every epoch runs the image encoders, so a smaller input halves the time
         out.update({f"model.encoders.{name}.image_size": 160 for name in s.image_encoders})
-    if "text" in s.modalities:
-        out["augment.text"] = {"word_dropout": 0.1}
     return out
 
 
@@ -141,7 +159,10 @@ def table_stats(cfg, train=None) -> TableStats:
 
     images = [n for n, e in cfg.model.encoders.items() if e.modality == "image"]
     scratch = any(from_scratch(e.checkpoint) for e in cfg.model.encoders.values())
-    return TableStats(rows=rows, modalities=tuple(cfg.modalities), image_encoders=tuple(images), from_scratch=scratch)
+    tasks = list((cfg.data.tasks or {}).values())
+    single = not tasks or any(not t.regression and not t.multilabel for t in tasks)
+    return TableStats(rows=rows, modalities=tuple(cfg.modalities), image_encoders=tuple(images), from_scratch=scratch,
+                      single_label=single)
 
 
 def _get(cfg, dotted: str):

@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import lightning as L
 
 from .config import get_raw_key, raw_section, set_raw_key
+from .modalities import MODALITIES
 
 log = logging.getLogger("mmtune")
 
@@ -46,8 +47,9 @@ DEFAULT_SPACE: Dict[str, Any] = {
     "finetune.type": {"choices": ["frozen", "partial", "lora"]},
     "finetune.r": {"choices": [4, 8, 16]},
     "finetune.unfreeze_last": {"low": 1, "high": 4, "int": True},
-    "model.fusion.type": {"choices": ["concat", "gated", "late", "cross_attention"]},
+    "model.fusion.type": {"choices": ["concat", "bilinear", "gated", "late", "cross_attention"]},
     "model.fusion.width": {"choices": [128, 256, 512]},
+    "model.fusion.rank": {"choices": [8, 16, 32]},
     "model.fusion.heads": {"choices": [2, 4, 8]},
     "model.fusion.dropout": {"low": 0.0, "high": 0.4},
     "optim.lr": {"low": 1e-4, "high": 1e-2, "log": True},
@@ -198,7 +200,7 @@ def _default_space(cfg) -> Dict[str, Any]:
         strategies.remove("frozen")
     if len(cfg.model.encoders) < 2:
         space.pop("model.fusion.type")
-    if not any(m in cfg.modalities for m in ("image", "text")):
+    if not _strengths(cfg.modalities):
         space.pop("augment.strength")
     return space
 
@@ -256,10 +258,10 @@ def trial_config(base: Dict[str, Any], values: Mapping[str, Any]) -> Dict[str, A
                     continue  # this trial's type has no such setting
             set_raw_key(raw, key, value)
     if _cached(raw):  # cached encoder outputs cannot be augmented: the base config's augmentation is off here
-        for node in ((raw.get("augment") or {}).get(m) for m in ("image", "text")):
-            if isinstance(node, dict):
-                node.update({k: (False if k == "enabled" else 0.0) for k in node
-                             if k == "enabled" or k.startswith(("word_", "token_"))})
+        for name, node in (raw.get("augment") or {}).items():
+            augment = MODALITIES.get(name).Augment if name in MODALITIES else None
+            if isinstance(node, dict) and augment is not None:
+                node.update(augment.off)
     return raw
 
 
@@ -268,16 +270,17 @@ def _cached(raw: Dict[str, Any]) -> bool:
     return ft.get("type", "full") == "frozen" and ft.get("cache", True)
 
 
+def _strengths(modalities) -> Dict[str, Any]:
+    """Modality -> its augmentation config, for the modalities whose augmentation the search scales."""
+    return {m: MODALITIES.get(m).Augment for m in modalities
+            if m in MODALITIES and getattr(MODALITIES.get(m).Augment, "at_strength", None) is not None}
+
+
 def _set_augment(raw: Dict[str, Any], s: float) -> None:
     if _cached(raw):
         return  # cached encoder outputs: inputs cannot be augmented
-    mods = set((raw.get("data") or {}).get("columns") or {})
-    if "image" in mods:
-        set_raw_key(raw, "augment.image", {**((raw.get("augment") or {}).get("image") or {}), "enabled": s > 0.05,
-                                    "crop_scale": [round(1 - 0.4 * s, 3), 1.0], "rotation": round(20 * s, 2),
-                                    "color_jitter": round(0.4 * s, 3)})
-    if "text" in mods:
-        set_raw_key(raw, "augment.text.word_dropout", round(0.2 * s, 3))
+    for name, augment in _strengths((raw.get("data") or {}).get("columns") or {}).items():
+        set_raw_key(raw, f"augment.{name}", {**((raw.get("augment") or {}).get(name) or {}), **augment.at_strength(s)})
 
 
 # ---- watching a fit -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Dict
 from ..registry import Registry
 from .attention import CrossAttentionFusion
 from .base import Fusion, FusionConfig, FusionInputs
+from .bilinear import BilinearFusion
 from .concat import ConcatFusion
 from .gated import GatedFusion
 from .late import LateFusion
@@ -19,10 +20,11 @@ from .stacking import StackingFusion
 
 FUSIONS: Registry = Registry("fusion")
 """Fusion name (``model.fusion.type``) -> Fusion class."""
-for _cls in (ConcatFusion, SingleStreamFusion, LateFusion, StackingFusion, CrossAttentionFusion, GatedFusion):
+for _cls in (ConcatFusion, SingleStreamFusion, LateFusion, StackingFusion, CrossAttentionFusion, GatedFusion,
+             BilinearFusion):
     FUSIONS.register(_cls.Config.model_fields["type"].default, _cls)
 
-__all__ = ["FUSIONS", "ConcatFusion", "CrossAttentionFusion", "Fusion", "FusionConfig", "FusionInputs", "GatedFusion",
+__all__ = ["FUSIONS", "BilinearFusion", "ConcatFusion", "CrossAttentionFusion", "Fusion", "FusionConfig", "FusionInputs", "GatedFusion",
            "LateFusion", "SingleStreamFusion", "StackingFusion", "build_fusion", "fusion_class"]
 
 

@@ -167,7 +167,7 @@ def build_module(cfg, model, tasks, strategy, class_weights: Optional[Dict[str, 
         metrics = InBatchRecall("train"), InBatchRecall("val")
     else:
         objective = Objective(build_loss(cfg.loss), tasks, class_weights, cfg.regularization.l1, model, class_counts)
-        metrics = EpochMetrics(tasks, ["accuracy"], "train"), EpochMetrics(tasks, cfg.trainer.epoch_metrics, "val")
+        metrics = EpochMetrics(tasks, ["accuracy"], "train"), EpochMetrics(tasks, cfg.trainer.epoch_metrics, "val", calibrated=True)
     module = ClassifierModule(
         model, objective, *metrics,
         optimizer_factory(cfg.optim, cfg.finetune, include_frozen_encoders=strategy.keeps_frozen_weights),
