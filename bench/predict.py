@@ -32,7 +32,7 @@ from _scratch import scratch
 def demo_bundle(folder: Path, rows: int, epochs: int) -> Path:
     from mmtune.config import load_config
     from mmtune.demo import demo_config_path, make_dataset
-    from mmtune.training.fit import fit
+    from mmtune.recipe.fit import fit
 
     data = make_dataset(folder / "data", n=rows, seed=0)
     cfg = load_config(demo_config_path(), [f"output_dir={folder}", f"data.train={data['train']}", f"data.test={data['test']}",

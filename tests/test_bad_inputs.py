@@ -51,7 +51,7 @@ def test_cache_key_follows_image_contents_not_size_and_mtime(tmp_path):
 
     from mmtune.data.dataset import MultimodalDataset
     from mmtune.data.manifest import ManifestSpec
-    from mmtune.finetune.feature_cache import rows_fingerprint
+    from mmtune.finetune.fingerprints import rows_fingerprint
 
     path = tmp_path / "a.bmp"  # BMP: the size depends on the dimensions only
     Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
@@ -68,7 +68,7 @@ def test_cache_key_follows_image_contents_not_size_and_mtime(tmp_path):
 def test_cache_key_follows_the_checkpoints_config(tmp_path, tiny_bert):
     from mmtune.config import EncoderConfig
     from mmtune.encoders import build_encoder
-    from mmtune.finetune.feature_cache import encoder_fingerprint
+    from mmtune.finetune.fingerprints import encoder_fingerprint
 
     other = tmp_path / "bert-gelu-new"
     shutil.copytree(tiny_bert, other)

@@ -241,3 +241,29 @@ def test_the_cli_lists_the_tables(capsys):
     out = capsys.readouterr().out
     for table in (FUSIONS, LOSSES, OPTIMIZERS, SCHEDULES):
         assert ", ".join(table.names()) in out
+
+
+def test_every_optional_package_is_declared_by_the_part_or_section_that_needs_it(monkeypatch):
+    """fit's check asks the parts (strategy, fusion, modalities) and the config sections (augmentation, synthesis,
+    evaluation, the preset) what they need: nothing is listed twice, and a section that is off needs nothing."""
+    from mmtune import extras
+    from mmtune.recipe.fit import check_extras
+
+    monkeypatch.setattr(extras, "available", lambda module: False)
+
+    def missing(raw):
+        try:
+            check_extras(load_config(raw))
+        except extras.MissingExtraError as exc:
+            return sorted(part.split(" needs the optional package ")[1].split(":")[0] for part in str(exc).split("; "))
+        return []
+
+    plain = {"evaluation": {"report": False}, "data": {"columns": {"text": "t"}}}
+    assert missing(plain) == []
+    assert missing({**plain, "evaluation": {"report": True}}) == ["'matplotlib'"]
+    assert missing({**plain, "synthesis": {"method": "smote"}, "finetune": {"type": "frozen"}}) == ["'imblearn'"]
+    image = {**plain, "model": {"encoders": {"img": {"modality": "image", "checkpoint": "x"}}}}
+    assert missing({**image, "augment": {"image": {"enabled": True}}}) == ["'kornia'"]
+    assert missing({**image, "augment": {"image": {"enabled": False}}}) == []
+    assert missing({**plain, "preset": "best"}) == ["'optuna'"]
+    assert missing({**plain, "finetune": {"type": "lora"}}) == ["'peft'"]

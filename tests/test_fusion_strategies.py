@@ -153,7 +153,8 @@ def _frame(paths, split):
 
 def test_cache_gives_the_same_logits_as_live_encoders(tmp_path, tiny_vit, tiny_bert, colour_verdict):
     from mmtune.data.datamodule import prepare_data
-    from mmtune.finetune.feature_cache import as_encoder_outputs, build_cached_dataset, first
+    from mmtune.encoders.base import as_encoder_outputs
+    from mmtune.finetune.feature_cache import build_cached_dataset, first
     from mmtune.data.datamodule import make_loader
 
     for fusion, dtype in (("concat", "float16"), ("single_stream", "float32"), ("single_stream", "float16")):
@@ -188,7 +189,8 @@ def test_cache_gives_the_same_logits_as_live_encoders(tmp_path, tiny_vit, tiny_b
 def test_cache_shards_read_back_any_rows_as_one_file_does(tmp_path, tiny_bert, colour_verdict):
     """Shards of 7 rows (each padded to its own longest text) give the same rows as one shard, in any order."""
     from mmtune.data.datamodule import prepare_data
-    from mmtune.finetune.feature_cache import Stored, compute_outputs
+    from mmtune.finetune.shards import Stored
+    from mmtune.finetune.feature_cache import compute_outputs
 
     cfg = load_config({"data": {"columns": {"text": "text"}},
                        "model": {"encoders": {"text": {"modality": "text", "checkpoint": tiny_bert}}}})

@@ -14,7 +14,9 @@ from mmtune.data.datamodule import _split, label_codes
 from mmtune.data.manifest import (ManifestSpec, count_rows, join_chunks, read_valid_rows, table_chunks,
                                   validate_rows)
 from mmtune.distributed import text_lengths
-from mmtune.finetune.feature_cache import Stored, present_masks, rows_fingerprint
+from mmtune.finetune.shards import Stored
+from mmtune.finetune.feature_cache import present_masks
+from mmtune.finetune.fingerprints import rows_fingerprint
 
 SPEC = ManifestSpec.simple({"image": "image", "text": "text"}, label_column="label", id_column="id")
 WRITERS = {

@@ -10,13 +10,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mmtune"
 LOW = ("mmtune.data", "mmtune.modalities", "mmtune.encoders", "mmtune.fusion", "mmtune.heads", "mmtune.losses",
        "mmtune.models", "mmtune.finetune", "mmtune.synthesis")
 """The parts: what a model is made of and how rows are read."""
-HIGH = ("mmtune.training", "mmtune.evaluation", "mmtune.serving", "mmtune.explain", "mmtune.bundle", "mmtune.prune",
+HIGH = ("mmtune.training", "mmtune.recipe", "mmtune.evaluation", "mmtune.serving", "mmtune.explain", "mmtune.bundle", "mmtune.prune",
         "mmtune.search", "mmtune.crossval", "mmtune.ensemble", "mmtune.distill", "mmtune.cli", "mmtune.demo")
 """Everything that trains, evaluates, stores or serves a model."""
 READERS = ("mmtune.bundle", "mmtune.serving", "mmtune.explain", "mmtune.evaluation.report", "mmtune.ensemble")
 """What reads a bundle: it must not need the code that trains one."""
-TRAINING = ("mmtune.training", "mmtune.prune", "mmtune.search", "mmtune.crossval", "mmtune.distill")
-RECIPE = {"mmtune.training.fit", "mmtune.search", "mmtune.crossval", "mmtune.evaluation.baselines"}
+TRAINING = ("mmtune.training", "mmtune.recipe", "mmtune.prune", "mmtune.search", "mmtune.crossval", "mmtune.distill")
+RECIPE = {"mmtune.recipe.fit", "mmtune.search", "mmtune.crossval", "mmtune.recipe.baselines"}
 """The one cycle allowed: the recipe (``fit``) hands a ``best`` preset to the search, ``--cv`` to the folds and
 ``--baselines`` to the one-modality fits, and each of them runs the recipe again."""
 
@@ -105,7 +105,7 @@ def test_no_import_cycle_but_the_recipes():
 
 def test_importing_the_lightning_module_does_not_load_the_bundle_or_the_recipe():
     code = ("import sys, mmtune.training.module; "
-            "print(sorted(m for m in ('mmtune.bundle', 'mmtune.training.fit', 'mmtune.evaluation.report', "
+            "print(sorted(m for m in ('mmtune.bundle', 'mmtune.recipe.fit', 'mmtune.evaluation.report', "
             "'mmtune.explain', 'mmtune.presets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -122,8 +122,7 @@ FLOORS = [  # bottom to top, as CONTRIBUTING.md draws them
     ("measuring", ["mmtune.evaluation"]),
     ("readers", ["mmtune.bundle", "mmtune.ensemble", "mmtune.serving", "mmtune.explain", "mmtune.evaluation.report"]),
     ("training", ["mmtune.training", "mmtune.prune"]),
-    ("recipe", ["mmtune.training.fit", "mmtune.search", "mmtune.crossval", "mmtune.evaluation.baselines",
-                "mmtune.distill"]),
+    ("recipe", ["mmtune.recipe", "mmtune.search", "mmtune.crossval", "mmtune.distill"]),
     ("commands", ["mmtune.cli", "mmtune.demo", "mmtune"]),
 ]
 
@@ -146,4 +145,4 @@ def test_every_module_has_a_floor_and_imports_only_its_own_or_lower():
 
 def test_the_graph_is_read_whole():
     # the reader finds imports inside functions too: the recipe's lazy import of the search is an edge
-    assert "mmtune.search" in GRAPH["mmtune.training.fit"] and len(GRAPH) > 60
+    assert "mmtune.search" in GRAPH["mmtune.recipe.fit"] and len(GRAPH) > 60

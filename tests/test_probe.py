@@ -24,7 +24,7 @@ def probed(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
 def test_the_probe_is_sklearn_on_the_frozen_features_with_c_from_validation(probed, colour_verdict):
     from mmtune.data.datamodule import TableDataModule
     from mmtune.evaluation.probe import C_GRID, probe_features
-    from mmtune.finetune.feature_cache import cache_folder
+    from mmtune.finetune.fingerprints import cache_folder
     from mmtune.models import build_model
 
     cfg = probed.config
@@ -86,7 +86,7 @@ def test_a_long_training_split_is_probed_on_a_seeded_sample(probed, colour_verdi
     features stay small however long the table) and still scores every validation and test row."""
     from mmtune.data.datamodule import TableDataModule
     from mmtune.evaluation.probe import linear_probe, probe_frames
-    from mmtune.finetune.feature_cache import cache_folder
+    from mmtune.finetune.fingerprints import cache_folder
     from mmtune.models import build_model
 
     cfg = probed.config

@@ -124,6 +124,8 @@ def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path
     assert search["trials"][0]["params"] == "the config as written" and len(search["trials"]) >= 2
     # the fast recipe is the second trial, run to its end (a known recipe is not pruned)
     assert search["trials"][1]["params"] == "the fast preset" and search["trials"][1]["state"] == "complete"
+    # and it is the fast recipe, not the first trial's again (frozen over the cache: other values, in less time)
+    assert search["trials"][1]["epoch_values"] != search["trials"][0]["epoch_values"]
     if search["best_trial"] == 1:
         assert load_config(run / "tune" / "best.yaml").finetune.type == "frozen"
     first = load_config(run / "tune" / "best.yaml") if search["best_trial"] else None

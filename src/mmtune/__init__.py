@@ -8,8 +8,8 @@ from .data.manifest import BadRowsError  # noqa: E402
 
 
 def fit(*args, **kwargs):
-    """See :func:`mmtune.training.fit.fit`."""
-    from .training.fit import fit as _fit
+    """See :func:`mmtune.recipe.fit.fit`."""
+    from .recipe.fit import fit as _fit
 
     return _fit(*args, **kwargs)
 

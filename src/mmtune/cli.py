@@ -250,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _fit(args) -> int:
-    from .training.fit import fit
+    from .recipe.fit import fit
 
     overrides = list(args.overrides) + (["evaluation.baselines=true"] if args.baselines else []) + _preset_overrides(args)
     if args.cv is not None:

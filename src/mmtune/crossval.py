@@ -50,7 +50,7 @@ def cross_validate(cfg, train=None, test=None, log=print) -> Dict[str, Any]:
     ``{"k", "grouped", "folds": [{"fold", "rows", "val": {task: metrics}}], "mean", "std"}``."""
     from .config import load_config, set_raw_key
     from .data.manifest import absolute_paths, read_table
-    from .training.fit import fit
+    from .recipe.fit import fit
 
     k = cfg.evaluation.cv
     source = train if train is not None else cfg.data.train

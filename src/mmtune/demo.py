@@ -169,7 +169,7 @@ def run_demo(output_dir: Path, rows: int = 800, overrides=(), verbose: bool = Tr
     import time
 
     from .config import load_config
-    from .training.fit import fit
+    from .recipe.fit import fit
 
     output_dir = Path(output_dir)
     data_dir = output_dir / ("demo-audio-data" if audio else "demo-data")

@@ -110,14 +110,14 @@ def soft_targets(teacher, frame, tasks, temperature: float) -> Dict[str, torch.T
 def distill(teacher: str, student, train=None, val=None, test=None, *, unlabelled=None, temperature: float = 2.0,
             alpha: float = 0.5, overrides: Sequence[str] = (), overwrite: bool = False):
     """Fit ``student`` (a config) on the teacher bundle's soft targets and the labels; returns the student's
-    :class:`~mmtune.training.fit.FitResult`, with ``metrics["distillation"]`` comparing the two."""
+    :class:`~mmtune.recipe.fit.FitResult`, with ``metrics["distillation"]`` comparing the two."""
     import pandas as pd
 
     from .config import load_config
     from .data.datamodule import prepare_data
     from .data.manifest import absolute_paths, read_table
     from .serving.predictor import Predictor
-    from .training.fit import fit
+    from .recipe.fit import fit
 
     if not temperature > 0:
         raise ValueError(f"--temperature must be positive (got {temperature})")

@@ -48,7 +48,7 @@ def predict_proba_batches(model, tasks, batches: Iterable[Dict[str, Any]], devic
 def batch_outputs(batch: Dict[str, Any], device: torch.device):
     """A batch's ``(inputs, encoded)`` on ``device``: raw encoder inputs, or the cached encoder outputs
     (``encoded``, as :class:`~mmtune.encoders.EncoderOutput`) when the batch came from the embedding cache."""
-    from .finetune.feature_cache import batch_encoded
+    from .encoders.base import batch_encoded
 
     return move(batch.get("inputs"), device), batch_encoded(move({"encoded": batch.get("encoded")}, device))
 

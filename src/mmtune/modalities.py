@@ -28,6 +28,10 @@ class Modality:
     blank_reason: str = "missing value"
     files: bool = False
     """Cells are file paths (relative to the manifest's folder)."""
+    free_text: bool = False
+    """Cells are free text (the server takes them as strings, not as values of a table)."""
+    counts_pixels: bool = False
+    """A decoded file counts against the server's pixel budget (its size read from the header first)."""
     needs: Tuple[Tuple[str, str, str], ...] = ()
     """Optional packages a column of this modality needs, as ``(module, extra, feature)``."""
 
@@ -131,6 +135,9 @@ class ImageAugmentConfig(Section):
     def active(self) -> bool:
         return self.enabled
 
+    def needs(self):
+        return [("kornia", "augment", "image augmentation (augment.image.enabled)")] if self.enabled else []
+
 
 @dataclass(frozen=True, eq=False)
 class Decoded:
@@ -198,6 +205,7 @@ class Image(FileModality):
     name = "image"
     Augment = ImageAugmentConfig
     blank_reason = "missing image path"
+    counts_pixels = True
 
     def check_file(self, path):
         from .data.images import load_image
@@ -283,6 +291,7 @@ class Text(Modality):
     name = "text"
     Augment = TextAugmentConfig
     blank_reason = "empty text"
+    free_text = True
 
     def check(self, value, base_dir):
         return None if isinstance(value, str) else f"text must be a string, got {type(value).__name__} {value!r}"

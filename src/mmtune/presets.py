@@ -51,6 +51,11 @@ class Preset:
     search_starts: Tuple[str, ...] = ()
     """Other presets whose recipes the search tries (as they are, never pruned) right after its first trial."""
 
+    @property
+    def needs(self) -> Tuple[Tuple[str, str, str], ...]:
+        """The optional packages the preset needs: optuna for a search."""
+        return (("optuna", "tune", "a preset with a hyper-parameter search"),) if self.search else ()
+
 
 PRESETS: Registry = Registry("preset")
 """Preset name (``preset``) -> :class:`Preset`."""

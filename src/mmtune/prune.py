@@ -59,7 +59,11 @@ def sparsity_of(model: nn.Module) -> float:
 
 def finetune(model, config, tasks, epochs: int, log=print) -> None:
     """A short fine-tuning of every parameter on the run's training split (its config's data), with the run's
-    loss and optimizer settings; pruning masks, if attached, keep pruned weights at zero."""
+    loss, at a tenth of its learning rate, constant, without weight decay — through the run's own Lightning module
+    and a Lightning ``Trainer`` (no validation, no checkpoints); pruning masks, if attached, keep pruned weights at
+    zero."""
+    import lightning as L
+
     from .data.datamodule import TableDataModule
     from .finetune import build_strategy
     from .finetune.strategies import STRATEGIES
@@ -74,19 +78,20 @@ def finetune(model, config, tasks, epochs: int, log=print) -> None:
     for p in model.parameters():
         p.requires_grad_(True)
     data.attach(model, strategy)
-    module = build_module(config, model, tasks, strategy, data.class_weights())
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr * 0.1,
-                            weight_decay=0.0)
-    model.train()
-    for epoch in range(epochs):
-        total, n = 0.0, 0
-        for batch in data.train_dataloader():
-            loss = module.objective(module(batch), batch["labels"], batch.get("weights"))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total, n = total + float(loss) * len(batch["index"]), n + len(batch["index"])
-        log(f"  fine-tuning epoch {epoch + 1}/{epochs}: loss {total / max(n, 1):.4f}")
+    short = config.model_copy(deep=True)
+    short.optim.lr, short.optim.weight_decay, short.schedule.name = config.optim.lr * 0.1, 0.0, "constant"
+    module = build_module(short, model, tasks, strategy, data.class_weights())
+
+    class Said(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            loss = float(trainer.callback_metrics.get("train_loss_epoch", float("nan")))
+            log(f"  fine-tuning epoch {trainer.current_epoch + 1}/{epochs}: loss {loss:.4f}")
+
+    on_gpu = next(model.parameters()).is_cuda  # the model stays where it is
+    trainer = L.Trainer(max_epochs=epochs, accelerator="gpu" if on_gpu else "cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Said()])
+    trainer.fit(module, train_dataloaders=data.train_dataloader())
     model.eval()
 
 

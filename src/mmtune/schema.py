@@ -2,6 +2,8 @@
 that own their settings (a fusion's or a strategy's ``Config``)."""
 from __future__ import annotations
 
+from typing import List, Tuple
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -9,6 +11,11 @@ class Section(BaseModel):
     """A strict config section: unknown keys and bad values are errors; assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def needs(self) -> List[Tuple[str, str, str]]:
+        """The optional packages these settings need, as ``(module, extra, feature)`` (``fit`` checks them all
+        before any work)."""
+        return []
 
 
 def monitor_mode(monitor: str) -> str:

@@ -317,7 +317,7 @@ class TuneResult:
     best_value: Optional[float]
     trials: List[Dict[str, Any]]
     refit: Any = None
-    """The :class:`~mmtune.training.fit.FitResult` of the best trial's config (None with ``refit=False``)."""
+    """The :class:`~mmtune.recipe.fit.FitResult` of the best trial's config (None with ``refit=False``)."""
     summary: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -339,7 +339,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     """
     from .config import load_config
     from .extras import require
-    from .finetune.feature_cache import cache_folder
+    from .finetune.fingerprints import cache_folder
     from .presets import PRESETS
 
     from .memory import keep_freed_memory
@@ -440,7 +440,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
                 trial.set_user_attr("error", reason)
                 log.warning("trial %d: its settings do not fit together (%s); the search goes on", trial.number, reason)
                 return float("nan")
-            from .training.fit import fit
+            from .recipe.fit import fit
 
             watch = Watch(tcfg.trainer.monitor, mode, trial, prune=not fixed)  # a known recipe runs to its end
             folder = study_dir / "trials" / tcfg.name
@@ -498,7 +498,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             else:
                 if left is not None:
                     set_raw_key(best_raw, "trainer.max_time", {"seconds": max(1, int(left))})
-                from .training.fit import fit
+                from .recipe.fit import fit
 
                 watch = Watch(cfg.trainer.monitor, mode)
                 rcfg = load_config(best_raw)
@@ -586,7 +586,7 @@ def ship_trial(folder: Path, raw: Dict[str, Any], summary: Dict[str, Any], numbe
 
     from .bundle import RunClaim, read_bundle, write_bundle
     from .config import load_config
-    from .training.fit import FitResult
+    from .recipe.fit import FitResult
 
     cfg = load_config(raw)
     b = read_bundle(folder)

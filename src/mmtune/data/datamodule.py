@@ -265,9 +265,10 @@ class TableDataModule(L.LightningDataModule):
         self.model = model
         self.cached = strategy.uses_cache
         if self.cached:
-            from ..finetune.feature_cache import build_cached_dataset, encoder_fingerprint, first
+            from ..finetune.feature_cache import build_cached_dataset, first
+            from ..finetune.fingerprints import encoder_fingerprint
 
-            from ..finetune.feature_cache import cache_folder
+            from ..finetune.fingerprints import cache_folder
 
             cache_dir = cache_folder(cfg)
             specs = {n: e.model_dump(mode="json") for n, e in cfg.model.encoders.items()}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -114,3 +114,14 @@ def pool_tokens(tokens: torch.Tensor, mask: Optional[torch.Tensor], how: str) ->
     if how == "max":
         return tokens.masked_fill(~mask.unsqueeze(-1), torch.finfo(tokens.dtype).min).amax(1)
     raise ValueError(f"unknown pooling {how!r}; valid: cls, mean, max")
+
+
+def as_encoder_outputs(encoded: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, EncoderOutput]:
+    return {k: EncoderOutput(d["pooled"], d.get("tokens"), d.get("mask")) for k, d in encoded.items()}
+
+
+def batch_encoded(batch: Dict[str, Any]) -> Optional[Dict[str, EncoderOutput]]:
+    """A batch's cached encoder outputs (a batch of the embedding cache), or None for a batch of raw inputs that
+    the encoders must run on."""
+    encoded = batch.get("encoded")
+    return as_encoder_outputs(encoded) if encoded is not None else None

@@ -33,7 +33,9 @@ def probe_features(model, data, cache_dir: Path, batch_size: int,
     present-masks, for the rows of ``frames`` (default: every row of every split); None when no encoder is
     pretrained."""
     from ..data.dataset import MultimodalDataset
-    from ..finetune.feature_cache import as_tensor, cached_outputs, encoder_fingerprint, present_masks
+    from ..finetune.shards import as_tensor
+    from ..finetune.feature_cache import cached_outputs, present_masks
+    from ..finetune.fingerprints import encoder_fingerprint
 
     cfg = data.cfg
     names = [n for n, e in model.encoders.items() if not getattr(e, "from_scratch", False)]
@@ -97,7 +99,9 @@ def zero_shot(model, data, frames, task, template: str, batch_size: int, cache_d
     import torch
 
     from ..data.dataset import MultimodalDataset, encode_labels
-    from ..finetune.feature_cache import as_tensor, cached_outputs, encoder_fingerprint
+    from ..finetune.shards import as_tensor
+    from ..finetune.feature_cache import cached_outputs
+    from ..finetune.fingerprints import encoder_fingerprint
     from .metrics import classification_metrics
 
     joint = [n for n, e in model.encoders.items() if {"image", "text"} <= set(e.output_modalities())]

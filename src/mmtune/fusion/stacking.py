@@ -10,7 +10,7 @@ from torch import nn
 
 from ..encoders.base import EncoderOutput
 from .base import Fusion, FusionConfig
-from ..finetune.feature_cache import as_tensor
+from ..finetune.shards import as_tensor
 from .common import safe
 
 

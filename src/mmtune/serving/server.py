@@ -113,7 +113,7 @@ class RowReader:
     folder (``allow_paths``), and then only files under it."""
 
     def __init__(self, predictor, settings: ServeSettings):
-        from ..modalities import kind, modality_of
+        from ..modalities import modality_of
 
         self.settings = settings
         self.pixels = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
@@ -127,7 +127,7 @@ class RowReader:
             cols = col if isinstance(col, list) else [col]
             if entry.files:
                 self.file_columns.update({c: entry for c in cols})
-            elif kind(field) == "text":
+            elif entry.free_text:
                 self.text_columns.extend(cols)
             else:
                 self.value_columns.extend(cols)
@@ -237,7 +237,7 @@ class RowReader:
     def decode(self, data: bytes, entry, label: str, claim: PixelClaim, name: Optional[str] = None):
         if not data:
             raise RequestProblem(422, f"{label}: empty file")
-        if entry.name == "image":
+        if entry.counts_pixels:
             claim.add(self.image_pixels(data, label), label)
         try:
             return entry.decode(data, name=name or label)

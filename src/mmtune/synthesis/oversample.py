@@ -81,7 +81,8 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
 def synthesize_cached(train, keys: List[str], cfg, task: str, seed: int = 0, class_names=None):
     """A new CachedDataset: ``train`` plus synthetic rows (pooled features only, every modality present,
     ``synthetic`` flag set). Returns it and the report."""
-    from ..finetune.feature_cache import CachedDataset, as_tensor
+    from ..finetune.feature_cache import CachedDataset
+    from ..finetune.shards import as_tensor
 
     pooled = {k: as_tensor(train.outputs[k]["pooled"]) for k in keys}
     dims = [pooled[k].shape[1] for k in keys]

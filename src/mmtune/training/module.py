@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import lightning as L
 import torch
 
-from ..finetune.feature_cache import batch_encoded
+from ..encoders.base import batch_encoded
 from .objective import EpochMetrics, Objective
 
 

@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-from ..finetune.feature_cache import batch_encoded
+from ..encoders.base import batch_encoded
 from ..modalities import MODALITIES, kind
 
 

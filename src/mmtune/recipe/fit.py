@@ -23,13 +23,13 @@ from ..evaluation.probe import linear_probe
 from ..explain import reference_outputs
 from ..extras import MissingExtraError, missing_for
 from ..finetune import build_strategy, trainable_parameter_count
-from ..finetune.feature_cache import cache_folder
+from ..finetune.fingerprints import cache_folder
 from ..logs import quiet_libraries
 from ..memory import keep_freed_memory
 from ..presets import PRESETS
 from ..losses import build_loss
 from ..models import model_for
-from .trainer import train as train_model
+from ..training.trainer import train as train_model
 
 log = logging.getLogger("mmtune")
 
@@ -81,16 +81,20 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
             raise ValueError(f"time_limit must be a positive number of seconds (got {time_limit})")
         overrides = [*overrides, "trainer.max_time={seconds: %d}" % max(1, round(time_limit))]
     cfg = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
+    resolved = cfg
     if cfg.preset:
         from ..config import apply_preset
         from ..presets import table_stats
 
-        cfg = apply_preset(cfg, table_stats(cfg, train))
-    check_extras(cfg)
+        resolved = apply_preset(cfg, table_stats(cfg, train))
+    check_extras(resolved)
     if cfg.preset and PRESETS.get(cfg.preset).search:
         from ..search import tune
 
+        # the search applies the preset itself: its other starting recipes (the fast one) are built from the config
+        # as the user wrote it, which the resolved settings would otherwise all override
         return tune(cfg, train=train, val=val, test=test, overwrite=overwrite).refit
+    cfg = resolved
     main = is_main_process()  # in a distributed run only the main process writes
     if cfg.evaluation.cv and not resume:
         extra, keep, overwrite = _cross_validate(cfg, train, test, extra, keep, overwrite)
@@ -146,7 +150,7 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
                            "linear_probe_seconds": round(probe_seconds, 2)} if probe else {}),
                        **dict((extra() if callable(extra) else extra) or {}))
         if cfg.evaluation.baselines and len(cfg.modalities) > 1:
-            from ..evaluation.baselines import fit_baselines
+            from .baselines import fit_baselines
 
             metrics["baselines"] = fit_baselines(cfg, metrics, train, val, test)
         report = _report(run_dir) if cfg.evaluation.report else None
@@ -206,14 +210,9 @@ def check_extras(cfg: Config) -> None:
 
     needs = list(build_strategy(cfg.finetune).needs) + list(getattr(fusion_class(cfg.model.fusion), "needs", ()))
     needs += [n for m in cfg.modalities for n in modality_of(m).needs]
-    if any(getattr(getattr(cfg.augment, m, None), "enabled", False) for m in cfg.modalities):
-        needs.append(("kornia", "augment", "image augmentation (augment.image.enabled)"))
-    if cfg.synthesis.method in ("smote", "borderline_smote"):
-        needs.append(("imblearn", "imbalance", f"synthesis.method={cfg.synthesis.method}"))
-    if cfg.evaluation.report:
-        needs.append(("matplotlib", "report", "the report (evaluation.report=true)"))
-    if cfg.preset and PRESETS.get(cfg.preset).search:
-        needs.append(("optuna", "tune", f"preset={cfg.preset} (a hyper-parameter search)"))
+    sections = [cfg.synthesis, cfg.evaluation, *(getattr(cfg.augment, m) for m in cfg.modalities if hasattr(cfg.augment, m))]
+    needs += [n for section in sections for n in section.needs()]
+    needs += list(PRESETS.get(cfg.preset).needs) if cfg.preset else []
     missing = missing_for(needs)
     if missing:
         raise MissingExtraError("; ".join(missing))

@@ -7,7 +7,7 @@ from typing import Any, Dict
 def fit_baselines(cfg, fused_metrics: Dict[str, Any], train, val, test) -> Dict[str, Any]:
     """Train each modality alone with the same settings (encoders reading only it) and report the
     fused model's gain over the best of them, on the test split (validation when there is none)."""
-    from ..training.fit import fit
+    from .fit import fit
 
     split = "test" if "test" in fused_metrics else "val"
     task = cfg.tasks[0].name

@@ -1,4 +1,4 @@
-"""The one typed configuration schema.
+"""The one typed configuration schema: every section and :class:`Config`, validated with the parts' own tables.
 
 A YAML file, ``--set a.b=c`` overrides on the command line and the Python API all produce a
 :class:`Config`. Unknown keys and bad values raise :class:`ConfigError`, which names the key
@@ -6,18 +6,21 @@ and what would be valid. A run bundle stores the fully resolved config.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, Field, SerializeAsAny, ValidationError, ValidationInfo, create_model,
                       field_validator, model_validator)
 
-from .modalities import MODALITIES, encoder_modality_names, encoder_reads, is_field
-from .schema import PartConfig, Section
+from ..modalities import MODALITIES, encoder_modality_names, encoder_reads, is_field
+from ..schema import PartConfig, Section
+from .migrate import _renamed
 
 _Strict = Section
+
+MAX_NAME_BYTES = 200
+"""Longest run name: ``.<name>.overwrite`` and ``.<name>.tune.lock`` must stay within a file name's 255 bytes."""
 
 
 class ConfigError(ValueError):
@@ -33,9 +36,9 @@ class SectionError(ValueError):
 
 
 def _tables():
-    from .finetune.strategies import STRATEGIES
-    from .fusion import FUSIONS
-    from .losses import LOSSES
+    from ..finetune.strategies import STRATEGIES
+    from ..fusion import FUSIONS
+    from ..losses import LOSSES
 
     return {"model.fusion": (FUSIONS, "concat"), "finetune": (STRATEGIES, "full"), "loss": (LOSSES, "cross_entropy")}
 
@@ -252,7 +255,7 @@ class ModelConfig(_Strict):
 
 def _in_table(table_name: str):
     def check(cls, v: str) -> str:
-        from . import optim
+        from .. import optim
 
         table = getattr(optim, table_name)
         if v not in table:
@@ -409,6 +412,10 @@ class SynthesisConfig(_Strict):
     their variance (e.g. 0.9), then map them back. None: in the full feature space."""
     gan: GANConfig = Field(default_factory=GANConfig)
 
+    def needs(self):
+        return ([("imblearn", "imbalance", f"synthesis.method={self.method}")]
+                if self.method in ("smote", "borderline_smote") else [])
+
 
 class EvaluationConfig(_Strict):
     """What fit computes after training, and the report."""
@@ -466,6 +473,9 @@ class EvaluationConfig(_Strict):
         if self.threshold_goal in ("min_precision", "min_recall") and self.threshold_value is None:
             raise ValueError(f"evaluation.threshold_goal={self.threshold_goal} needs evaluation.threshold_value")
         return self
+
+    def needs(self):
+        return [("matplotlib", "report", "the report (evaluation.report=true)")] if self.report else []
 
 
 class MatchingConfig(_Strict):
@@ -531,7 +541,7 @@ class Config(_Strict):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, v: Optional[str]) -> Optional[str]:
-        from .presets import PRESETS
+        from ..presets import PRESETS
 
         if v is not None and v not in PRESETS:
             raise ValueError(f"unknown preset {v!r}; valid: {', '.join(PRESETS.names())}")
@@ -551,8 +561,8 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         """Checks across sections; each asks the parts chosen (their declared constraints)."""
-        from .finetune.strategies import build_strategy
-        from .fusion import FUSIONS, Fusion, fusion_class
+        from ..finetune.strategies import build_strategy
+        from ..fusion import FUSIONS, Fusion, fusion_class
 
         tasks = list((self.data.tasks or {}).values())
         logged = {"val_loss"}
@@ -581,7 +591,7 @@ class Config(_Strict):
                              "(sharded checkpoints); use ddp or a single device")
         fusion, strategy = fusion_class(self.model.fusion), build_strategy(self.finetune)
         self._tabular_columns()
-        from .encoders.offline import from_scratch
+        from ..encoders.offline import from_scratch
 
         scratch = [n for n, e in self.model.encoders.items() if from_scratch(e.checkpoint)]
         if scratch and strategy.uses_cache:
@@ -686,12 +696,12 @@ class Config(_Strict):
         raw = self.to_dict()
         raw["model"]["encoders"] = {n: e.model_dump(mode="json") for n, e in keep.items()}
         raw["name"] = name
-        return load_config(raw)
+        return _validate(raw)
 
     @property
     def tasks(self):
         """The tasks (label columns) this config trains: a list of :class:`mmtune.tasks.Task`."""
-        from .tasks import tasks_from_config
+        from ..tasks import tasks_from_config
 
         return tasks_from_config(self.data)
 
@@ -706,213 +716,7 @@ class Config(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Keys an earlier config format had, and what they are now (a config using one is refused with this advice;
-# bundles of format 1 are upgraded by :func:`upgrade_format1`).
-RENAMED = {
-    "data.image_column": "data.columns.image", "data.text_column": "data.columns.text",
-    "finetune.strategy": "finetune.type", "finetune.lora_r": "finetune.r", "finetune.lora_alpha": "finetune.alpha",
-    "finetune.lora_dropout": "finetune.dropout", "model.fusion.late_weights": "model.fusion.weights",
-    "model.fusion.stacking_folds": "model.fusion.folds", "regularization.label_smoothing": "loss.label_smoothing",
-    "imbalance.focal_gamma": "loss.gamma (with loss.type=focal)",
-    "imbalance.focal_alpha": "loss.alpha (with loss.type=focal)",
-}
-
-
-def _renamed(raw: Mapping[str, Any]) -> List[str]:
-    out = []
-    for old, new in RENAMED.items():
-        node: Any = raw
-        for part in old.split("."):
-            node = node.get(part, _ABSENT) if isinstance(node, Mapping) else _ABSENT
-        if node is not _ABSENT:
-            out.append(f"config key '{old}' is now '{new}'")
-    return out
-
-
-_ABSENT = object()
-
-
-def upgrade_format1(raw: Dict[str, Any]) -> Dict[str, Any]:
-    """A resolved config as bundles of format 1 stored it, in today's keys: modality columns under
-    ``data.columns``, the fusion's and strategy's settings of other types dropped, the loss settings in
-    ``loss``."""
-    from .finetune.strategies import STRATEGIES
-    from .fusion import FUSIONS
-
-    raw = copy.deepcopy(raw)
-    data = raw.setdefault("data", {})
-    columns = data.setdefault("columns", {})
-    for m in ("image", "text"):
-        col = data.pop(f"{m}_column", None)
-        if col:
-            columns[m] = col
-    fusion = raw.setdefault("model", {}).setdefault("fusion", {})
-    fusion["weights"] = fusion.pop("late_weights", "learned")
-    fusion["folds"] = fusion.pop("stacking_folds", 5)
-    keep = FUSIONS.get(fusion.get("type", "concat")).Config.model_fields
-    raw["model"]["fusion"] = {k: v for k, v in fusion.items() if k in keep}
-    ft = raw.setdefault("finetune", {})
-    ft["type"] = ft.pop("strategy", "full")
-    for k in ("r", "alpha", "dropout"):
-        if f"lora_{k}" in ft:
-            ft[k] = ft.pop(f"lora_{k}")
-    keep = STRATEGIES.get(ft["type"]).Config.model_fields
-    raw["finetune"] = {k: v for k, v in ft.items() if k in keep}
-    smoothing = (raw.get("regularization") or {}).pop("label_smoothing", 0.0)
-    gamma = (raw.get("imbalance") or {}).pop("focal_gamma", None)
-    alpha = (raw.get("imbalance") or {}).pop("focal_alpha", None)
-    raw["loss"] = ({"type": "focal", "gamma": gamma, "alpha": alpha} if gamma is not None
-                   else {"type": "cross_entropy", "label_smoothing": smoothing})
-    return raw
-
-
-def config_differences(before: Mapping[str, Any], after: Mapping[str, Any],
-                       ignore: Sequence[str] = ()) -> List[tuple]:
-    """``(dotted key, old value, new value)`` for every leaf that differs, outside the ``ignore`` prefixes."""
-    out: List[tuple] = []
-
-    def walk(a: Any, b: Any, key: str) -> None:
-        if any(key == p or key.startswith(p + ".") for p in ignore):
-            return
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for k in sorted(set(a) | set(b), key=str):
-                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
-        elif a != b:
-            out.append((key, a, b))
-
-    walk(before, after, "")
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# loading, overrides, errors that name the key
-
-
-def load_config(
-    source: Union[str, Path, Mapping[str, Any], Config, None] = None,
-    overrides: Sequence[str] = (),
-) -> Config:
-    """Build a :class:`Config` from a YAML file, a mapping or an existing config, then apply
-    ``key.path=value`` overrides (values parsed as YAML scalars / lists).
-
-    Relative manifest paths in a YAML file are resolved against the file's folder.
-    Raises :class:`ConfigError` naming the offending key and what is valid.
-    """
-    base_dir: Optional[Path] = None
-    if source is None:
-        raw: Dict[str, Any] = {}
-    elif isinstance(source, Config):
-        raw = source.to_dict()
-    elif isinstance(source, Mapping):
-        raw = copy.deepcopy(dict(source))
-    else:
-        path = Path(source)
-        raw = read_yaml_mapping(path, "config file")
-        base_dir = path.resolve().parent
-    from_file = set(raw["data"]) if base_dir is not None and isinstance(raw.get("data"), dict) else set()
-    overridden = {_apply_override(raw, item) for item in overrides}
-    _keep_settings_of_new_type(raw, overridden)
-    cfg = _validate(raw)
-    # Relative manifest paths written in a YAML file are relative to the file's folder; paths given as
-    # overrides (typed on a command line) are relative to the current directory, as a shell path is.
-    for key in ("train", "val", "test"):
-        value = getattr(cfg.data, key)
-        if value and not Path(value).is_absolute():
-            written_in_file = key in from_file and f"data.{key}" not in overridden
-            setattr(cfg.data, key, str(base_dir / value) if written_in_file else str(Path(value).resolve()))
-    if cfg.data.align is not None:
-        written_in_file = "align" in from_file and "data.align.tables" not in overridden
-        cfg.data.align.tables = [t if Path(t).is_absolute() else str(base_dir / t) if written_in_file
-                                 else str(Path(t).resolve()) for t in cfg.data.align.tables]
-    return cfg
-
-
-MAX_NAME_BYTES = 200
-"""Longest run name: ``.<name>.overwrite`` and ``.<name>.tune.lock`` must stay within a file name's 255 bytes."""
-
-
-def read_yaml_mapping(path: Path, what: str, error: type = ConfigError) -> Dict[str, Any]:
-    """The mapping a YAML file holds (empty file: {}); ``error`` naming the file when it is missing, is not YAML,
-    or holds something else (FileNotFoundError for a missing file when ``error`` is not ConfigError)."""
-    if not path.is_file():
-        raise (error if error is ConfigError else FileNotFoundError)(f"{what} {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise error(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
-    except RecursionError:
-        raise error(f"{what} {str(path)!r} is nested too deeply to be a config") from None
-    except UnicodeDecodeError as exc:
-        raise error(f"{what} {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    if not isinstance(raw, dict):
-        raise error(f"{what} {str(path)!r} must hold a mapping at the top level")
-    return raw
-
-
-def raw_section(raw: Dict[str, Any], dotted: str) -> Dict[str, Any]:
-    """The mapping at ``dotted`` in a raw config dict, created (or replacing a non-mapping) on the way."""
-    node = raw
-    for part in (p for p in dotted.split(".") if p):
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    return node
-
-
-def get_raw_key(raw: Dict[str, Any], dotted: str) -> Any:
-    """The value at ``a.b.c`` in a raw config dict (None where a step is missing or not a mapping)."""
-    node: Any = raw
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def set_raw_key(raw: Dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a raw config dict."""
-    head, _, leaf = dotted.rpartition(".")
-    raw_section(raw, head)[leaf] = value
-
-
-def _keep_settings_of_new_type(raw: Dict[str, Any], overridden: set) -> None:
-    """A part whose ``type`` an override changes keeps only the settings the new type has (the old type's
-    own settings from the file are dropped; settings given as overrides are kept and checked)."""
-    for section, (table, _) in _tables().items():
-        if f"{section}.type" not in overridden:
-            continue
-        node = get_raw_key(raw, section)
-        if not isinstance(node, dict) or node.get("type") not in table:
-            continue
-        fields = table.get(node["type"]).Config.model_fields
-        for key in [k for k in node if k not in fields and f"{section}.{k}" not in overridden]:
-            del node[key]
-
-
-def _apply_override(raw: Dict[str, Any], item: str) -> str:
-    """Set ``key.path=value`` in ``raw``; returns the dotted key."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.path=value (for example trainer.max_epochs=3)")
-    key, value = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
-        parsed = value.strip()  # YAML 1.1 reads on / off / yes / no as booleans; only true / false are
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        elif not isinstance(nxt, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = nxt
-    node[parts[-1]] = parsed
-    return ".".join(parts)
-
-
+# ---- validation, with errors that name the key -----------------------------------------
 def _validate(raw: Dict[str, Any]) -> Config:
     renamed = _renamed(raw)
     if renamed:
@@ -972,26 +776,3 @@ def _model_in(ann: Any) -> Any:
 
 def _dict_value_model(model: Any, loc: List[str]) -> Any:
     return EncoderConfig if model is EncoderConfig or "encoders" in loc else None
-
-
-def apply_preset(cfg, stats):
-    """``cfg`` with its preset's settings filled in where the config does not set the key itself. A part
-    section (``finetune``, ``model.fusion``, ``loss``) whose ``type`` the config names keeps the config's type,
-    and takes the preset's other settings for it only when the types agree (``stats``: a
-    :class:`~mmtune.presets.TableStats`)."""
-    from .presets import _PARTS, _get, explicit_keys, preset_settings
-
-    if not cfg.preset:
-        return cfg
-    given = set(explicit_keys(cfg))
-    raw = cfg.model_dump(mode="json", exclude_unset=True)
-    for key, value in preset_settings(cfg.preset, stats).items():
-        if isinstance(value, dict):
-            if key in _PARTS and f"{key}.type" in given and _get(cfg, key).type != value.get("type"):
-                continue  # the config chose another type: the preset's settings for its own type do not apply
-            for sub, v in value.items():
-                if f"{key}.{sub}" not in given:
-                    set_raw_key(raw, f"{key}.{sub}", v)
-        elif key not in given:
-            set_raw_key(raw, key, value)
-    return load_config(raw)
