@@ -178,9 +178,11 @@ def test_the_subspace_whitens_and_maps_back_what_it_keeps():
 @pytest.mark.stochastic
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_gan_in_the_subspace_reproduces_planted_class_means_and_spreads(seed):
-    """Measured (seeds 0-2, AVX2): in the subspace mean distance 0.04-0.13 and spread ratio 0.64-0.88 per class;
-    the same GAN in the full 200-d space 0.33-0.48 and 0.43-0.85, with recall 0 (the real rows' spread never
-    generated)."""
+    """Measured with the per-class minibatch standard deviation in the discriminator (seeds 0-5, AVX2 and
+    ATEN_CPU_CAPABILITY=default alike): in the subspace mean distance 0.04-0.15 and spread ratio 0.73-0.89 per class,
+    precision 0.98-1.0 (without it, seeds 0-2: spread 0.64-0.88); the same GAN in the full 200-d space (before the
+    minibatch deviation) 0.33-0.48 and 0.43-0.85, with recall 0 (the real rows' spread never generated). Part of
+    the shortfall below 1 is the subspace itself: it keeps 90 % of the within-class variance."""
     from mmtune.synthesis.feature_gan import ConditionalGAN, fidelity
     from mmtune.synthesis.subspace import Subspace
 
@@ -191,9 +193,9 @@ def test_the_gan_in_the_subspace_reproduces_planted_class_means_and_spreads(seed
     per_class = fidelity(X, y, space.back(gan.sample(probe)), probe)
     for c, f in per_class.items():
         assert f["mean_distance"] < 0.25, (c, f)
-        assert 0.55 <= f["spread_ratio"] <= 1.3, (c, f)
+        assert 0.68 <= f["spread_ratio"] <= 1.3, (c, f)
         assert f["precision"] >= 0.9, (c, f)
-    assert np.mean([f["spread_ratio"] for f in per_class.values()]) >= 0.65
+    assert np.mean([f["spread_ratio"] for f in per_class.values()]) >= 0.72
 
 
 def test_smote_says_when_a_class_has_too_few_rows_for_its_neighbours():

@@ -6,8 +6,8 @@ from the size of the table and the columns it has; every key the config sets its
 ``balanced``  the deepest two layer groups of each encoder train with layer-wise learning-rate decay, with
               augmentation of the image and text columns and label smoothing; from 20,000 rows, images at
               160 px (each epoch runs the image encoders) and fewer epochs.
-``best``      ``balanced`` as the first trial of a short hyper-parameter search (:mod:`mmtune.search`) inside
-              the time budget, then the best trial refitted into the run bundle.
+``best``      a hyper-parameter search (:mod:`mmtune.search`) inside the time budget that tries the ``fast`` recipe
+              first and ``balanced`` next, then the best trial refitted into the run bundle.
 
 The settings a preset applies are dotted config keys (:func:`preset_settings`); the table of them in docs/guides/presets-and-search.md is
 produced from :data:`PRESETS`, and the tests check the two agree.
@@ -49,7 +49,7 @@ class Preset:
     ensemble: int = 0
     """How many of the best trials the search keeps to choose an ensemble from (0: no ensemble)."""
     search_starts: Tuple[str, ...] = ()
-    """Other presets whose recipes the search tries (as they are, never pruned) right after its first trial."""
+    """Other presets whose recipes the search tries first (as they are, never pruned), before the config as written."""
 
     @property
     def needs(self) -> Tuple[Tuple[str, str, str], ...]:
@@ -117,7 +117,7 @@ def _balanced(s: TableStats) -> Dict[str, Any]:
 PRESETS.register("fast", Preset("frozen encoders + embedding cache + a small head", _fast))
 PRESETS.register("balanced", Preset("partial unfreezing with layer-wise decay, augmentation, label smoothing",
                                     _balanced))
-PRESETS.register("best", Preset("a search (balanced first, then fast) that fills the time budget; the best trial "
+PRESETS.register("best", Preset("a search (the fast recipe first, then balanced) that fills the time budget; the best trial "
                                 "refitted or shipped as it is, with an ensemble of the best trials when selection "
                                 "on validation prefers one", _balanced, search=True, search_trials=200, search_seconds=1800,
                                 ensemble=5, search_starts=("fast",)))

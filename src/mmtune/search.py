@@ -348,7 +348,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
     optuna = require("optuna", "tune", "the hyper-parameter search (mmtune tune, preset best)")
     cfg = config if not overrides and not isinstance(config, (str, Path, Mapping)) else load_config(config, overrides)
     preset = PRESETS.get(cfg.preset) if cfg.preset else None
-    starts: Dict[str, Dict[str, Any]] = {}  # other presets' recipes, tried (never pruned) right after the first trial
+    starts: Dict[str, Dict[str, Any]] = {}  # other presets' recipes, tried first (never pruned)
     if preset is not None:  # the preset's settings are the first trial and what the search does not change
         from .config import apply_preset
         from .presets import table_stats
@@ -400,9 +400,11 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
         _fail_leftovers(study, storage)
         if not study.trials:
-            study.enqueue_trial({}, user_attrs={"baseline": True})
+            # other presets' recipes first (the fast one costs seconds on the embedding cache), so that a budget too
+            # short for the config as written still ends with a model trained to its end; then the config as written
             for name in starts:
                 study.enqueue_trial({}, user_attrs={"start": name})
+            study.enqueue_trial({}, user_attrs={"baseline": True})
         done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         remaining = trials - len(done)
         cache_dir = str(cache_folder(cfg).resolve())

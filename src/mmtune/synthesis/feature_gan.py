@@ -6,7 +6,10 @@ Three standard stabilisers keep it from collapsing or drifting on small tabular-
   enters as an inner product with the features instead of a concatenated input;
 * an **R1 gradient penalty** on real rows (Mescheder et al., 2018): (γ/2)·E‖∇ₓD(x, y)‖², which keeps the
   discriminator from sharpening around the real points and the generator from oscillating;
-* an **exponential moving average of the generator's weights** (Karras et al., 2018), used for sampling.
+* an **exponential moving average of the generator's weights** (Karras et al., 2018), used for sampling;
+* the **minibatch standard deviation** (Karras et al., 2018), per class, as an input of the discriminator: on ten
+  rows a class the generator otherwise under-disperses (planted classes in 200-d, seeds 0-2: spread ratio 0.64-0.88
+  without it, 0.73-0.89 with it; ``tests/test_longtail.py``).
 
 ``fit`` records the losses per epoch and stops early when the discriminator wins outright (its loss
 below 0.05 for ``divergence_patience`` epochs in a row) or a loss stops being finite; ``sample``
@@ -35,16 +38,32 @@ class _Generator(nn.Module):
         return self.net(torch.cat([z, self.embed(y)], dim=1))
 
 
+def class_spread(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, 1): for each row, the mean over features of the standard deviation across the batch's rows of its class
+    (0 for a class with one row in the batch) — the minibatch standard deviation of Karras et al. (2018), per class."""
+    out = torch.zeros(len(x), 1, dtype=x.dtype, device=x.device)
+    for c in y.unique():
+        rows = y == c
+        if int(rows.sum()) > 1:
+            out[rows] = x[rows].std(0).mean()
+    return out
+
+
 class _ProjectionDiscriminator(nn.Module):
+    """D(x, y) = w·φ(x, s) + e_y·φ(x, s), where s is the spread of the batch's rows of the same class
+    (:func:`class_spread`): a generator that makes near-copies of a class is told apart from real rows by how little
+    they vary, which counters the under-dispersion GANs show on a few rows a class."""
+
     def __init__(self, dim: int, n_classes: int, hidden: int):
         super().__init__()
-        self.phi = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2))
+        self.phi = nn.Sequential(nn.Linear(dim + 1, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                                 nn.LeakyReLU(0.2))
         self.out = nn.Linear(hidden, 1)
         self.embed = nn.Embedding(n_classes, hidden)
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.phi(x)
+        h = self.phi(torch.cat([x, class_spread(x, y)], dim=1))
         return self.out(h).squeeze(1) + (self.embed(y) * h).sum(1)
 
 
