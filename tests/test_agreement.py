@@ -105,6 +105,8 @@ def test_best_temperature_loss_is_the_minimum_over_temperatures_and_ignores_over
     metric.update(logits[:120], target[:120])
     metric.update(logits[120:], target[120:])
     assert float(metric.compute()) == pytest.approx(float(loss), abs=1e-6)
+    with pytest.warns(UserWarning):  # torchmetrics says compute came before any update; the value says "none"
+        assert torch.isnan(CalibratedLoss().compute())
 
 
 def test_val_calibrated_loss_is_a_monitor_of_classification_only():

@@ -390,3 +390,20 @@ def test_cli_distill_prints_teacher_and_student_side_by_side(teacher, tmp_path, 
     assert cli(["distill", "--teacher", str(res.run_dir), "--student", str(path), "--alpha", "2"]) == 2
     assert "--alpha must be between 0 and 1" in capsys.readouterr().err
     assert cli(["distill", "--teacher", str(tmp_path / "nowhere"), "--student", str(path), "--overwrite"]) == 2
+
+
+def test_tied_trials_go_to_the_config_as_written():
+    """Two recipes that both separate a small validation split perfectly tie (calibrated loss 0 for both): the
+    config as written wins the tie, not whichever ran first; a real difference still decides."""
+    from types import SimpleNamespace
+
+    from mmtune.search import _best_trial
+
+    def trial(number, value, **attrs):
+        return SimpleNamespace(number=number, value=value, user_attrs=attrs)
+
+    fast, written, drawn = trial(0, 0.0, start="fast"), trial(1, 0.0, baseline=True), trial(2, 0.3)
+    assert _best_trial([fast, written, drawn], "min") is written
+    assert _best_trial([trial(0, 0.0, start="fast"), trial(1, 0.01, baseline=True)], "min").number == 0
+    assert _best_trial([trial(0, 0.9), trial(1, 0.9), trial(2, 0.8, baseline=True)], "max").number == 0
+    assert _best_trial([trial(0, float("nan"), baseline=True), trial(1, 0.5)], "min").number == 1

@@ -477,7 +477,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not complete:
             raise SearchError(f"no trial of the search in {str(study_dir)!r} finished; see its trials.csv")
-        best = study.best_trial
+        best = _best_trial(complete, mode)
         best_values = best.user_attrs.get("values", {})
         best_raw = trial_config(starts.get(best.user_attrs.get("start"), base), best_values)
         from .io import atomic_write_text
@@ -544,6 +544,19 @@ def _better(a: Optional[float], b: Optional[float], mode: str, tolerance: float 
     if b is None or not math.isfinite(b):
         return True
     return a < b - tolerance if mode == "min" else a > b + tolerance
+
+
+TIE_TOLERANCE = 1e-6
+"""Trials whose monitored values differ by no more than this are tied."""
+
+
+def _best_trial(complete, mode: str):
+    """The finished trial with the best value; among tied ones (within :data:`TIE_TOLERANCE`, e.g. several that
+    separate a small validation split perfectly) the config as written, else the earliest."""
+    finite = [t for t in complete if t.value is not None and math.isfinite(t.value)] or list(complete)
+    top = min(finite, key=lambda t: (t.value if mode == "min" else -t.value, t.number))
+    tied = [t for t in finite if not _better(top.value, t.value, mode, TIE_TOLERANCE)]
+    return next((t for t in tied if t.user_attrs.get("baseline")), min(tied, key=lambda t: t.number))
 
 
 def _ranked(kept, mode: str):

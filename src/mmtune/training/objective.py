@@ -133,6 +133,8 @@ class CalibratedLoss(torchmetrics.Metric):
         self.target.append(target.long())
 
     def compute(self) -> torch.Tensor:
+        if isinstance(self.target, list) and not self.target:
+            return torch.tensor(float("nan"))  # no validation rows this epoch
         z = torch.cat(self.logits) if isinstance(self.logits, list) else self.logits
         y = torch.cat(self.target) if isinstance(self.target, list) else self.target
         return best_temperature_loss(z, y)[1]
