@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .modalities import MODALITIES
 from .registry import Registry
+from .tasks import classifies_single_label
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,6 @@ def _balanced(s: TableStats) -> Dict[str, Any]:
         "trainer.max_epochs": _epochs(s.rows, 12, 8, 4), "trainer.batch_size": 32,
         "trainer.early_stopping_patience": 3, **_monitor(s),
     }
-    from .modalities import MODALITIES
-
     for m in s.modalities:  # each modality's light augmentation, as its augmentation config declares it
         light = getattr(MODALITIES.get(m).Augment, "light", None) if m in MODALITIES else None
         if light:
@@ -164,8 +164,7 @@ def table_stats(cfg, train=None) -> TableStats:
 
     images = [n for n, e in cfg.model.encoders.items() if e.modality == "image"]
     scratch = any(from_scratch(e.checkpoint) for e in cfg.model.encoders.values())
-    tasks = list((cfg.data.tasks or {}).values())
-    single = not tasks or any(not t.regression and not t.multilabel for t in tasks)
+    single = classifies_single_label(list((cfg.data.tasks or {}).values()))
     return TableStats(rows=rows, modalities=tuple(cfg.modalities), image_encoders=tuple(images), from_scratch=scratch,
                       single_label=single)
 

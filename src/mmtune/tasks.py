@@ -12,6 +12,12 @@ MATCH = "match"
 """The name of a matcher's task of 1/0 pair labels (``data.match_label``)."""
 
 
+def classifies_single_label(tasks: Sequence[Any]) -> bool:
+    """Whether some of ``tasks`` (task configs or tasks) is a single-label classification; none configured means the
+    default one, a classification of the label column, which is. (``val_calibrated_loss`` is logged for them.)"""
+    return not tasks or any(not t.regression and not getattr(t, "multilabel", False) for t in tasks)
+
+
 def label_key(value: Any) -> str:
     """Labels are compared by their text so that 1, 1.0 and '1' from different files agree."""
     if isinstance(value, float) and value.is_integer():

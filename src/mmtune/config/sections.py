@@ -15,6 +15,7 @@ from pydantic import (BaseModel, Field, SerializeAsAny, ValidationError, Validat
 
 from ..modalities import MODALITIES, encoder_modality_names, encoder_reads, is_field
 from ..schema import PartConfig, Section
+from ..tasks import classifies_single_label
 from .migrate import _renamed
 
 _Strict = Section
@@ -577,7 +578,7 @@ class Config(_Strict):
             logged.add(self.trainer.monitor)
         elif not tasks or any(not t.regression for t in tasks):
             logged |= {"val_acc" if m == "accuracy" else f"val_{m}" for m in self.trainer.epoch_metrics}
-            if not tasks or any(not t.regression and not t.multilabel for t in tasks):
+            if classifies_single_label(tasks):
                 logged.add("val_calibrated_loss")
         if any(t.regression for t in tasks):
             logged.add("val_rmse")

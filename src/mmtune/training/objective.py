@@ -107,11 +107,6 @@ class EpochMetrics(nn.Module):
         return out
 
 
-def single_label(tasks) -> bool:
-    """Whether any task is a single-label classification (the tasks ``val_calibrated_loss`` is logged for)."""
-    return any(not t.regression and not getattr(t, "multilabel", False) for t in tasks)
-
-
 class CalibratedLoss(torchmetrics.Metric):
     """Cross-entropy of an epoch's logits at the temperature that minimises it (``val_calibrated_loss``).
 
