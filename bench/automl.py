@@ -4,6 +4,9 @@ tasks of different shapes — test metric and wall time.
     .venv/bin/python bench/automl.py [--rows 400] [--budgets 120,300] [--tasks pairs,audio,orders]
                                      [--presets fast,balanced,best] [--image-size 224]
 
+``--presets`` also takes ``balanced_lpft``: ``balanced`` with LP-FT's two head-first epochs
+(``finetune.probe_epochs=2``), to measure whether the preset should set it.
+
 Tasks (generated offline, seeded; every fit is ``mmtune.fit(train.csv, label="label", test=test.csv, ...)``, the
 columns' kinds inferred):
   pairs   a picture's colour family and a note that names one: ``match`` or ``mismatch`` — neither column alone
@@ -78,10 +81,15 @@ def make_tasks(work: Path, rows: int, names):
     return {name: makers[name]() for name in names}
 
 
+VARIANTS = {"balanced_lpft": ("balanced", ["finetune.probe_epochs=2"])}
+"""Runs beside the presets: a preset with settings added (``--presets ...,balanced_lpft``)."""
+
+
 def run(paths, work: Path, name: str, preset: str, budget, image_size: int):
     import mmtune
 
-    overrides = [f"output_dir={work / name}", f"name={preset}{budget or ''}", "evaluation.report=false", "evaluation.explain=0",
+    run_name, (preset, extra) = f"{preset}{budget or ''}", VARIANTS.get(preset, (preset, []))
+    overrides = extra + [f"output_dir={work / name}", f"name={run_name}", "evaluation.report=false", "evaluation.explain=0",
                  "evaluation.modality_contribution=false", "trainer.progress_bar=false"]
     t0 = time.perf_counter()
     res = mmtune.fit(str(paths["train"]), label="label", test=str(paths["test"]), preset=preset, time_limit=budget,

@@ -7,7 +7,9 @@ The demo task (4 classes: colour family from the image x verdict from the text) 
 stays balanced so that minority recall is measured on enough rows. Every method uses the same frozen
 encoders (EfficientNet-Lite0 + MiniLM, embedding cache), concat fusion, data and epochs; only the
 remedy differs. Prints macro-F1 and minority recall on the test set, mean (and spread) over the
-seeds; the last line is one JSON object.
+seeds, then each class's training rows, recall under ``none`` and how much each remedy changed it (means over
+the seeds; ``--report FILE`` also writes the report of ``none``'s first run with those changes in its per-class
+table); the last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--majority", type=int, default=200, help="training rows per majority class")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of: {', '.join(METHODS)}")
+    ap.add_argument("--report", help="write the report of none's first run, with each remedy's change per class, here")
     args = ap.parse_args()
     chosen = [m.strip() for m in args.methods.split(",")]
     unknown = sorted(set(chosen) - set(METHODS))
@@ -67,7 +70,9 @@ def main() -> None:
     counts = train["label"].value_counts().to_dict()
     print(f"training rows per class: {counts}; test rows per class: {test['label'].value_counts().to_dict()}", flush=True)
 
-    results = {}
+    from mmtune.evaluation.remedies import changes, mean_per_class, per_class, write_remedies
+
+    results, classes, first_runs = {}, {}, {}
     for method, extra in METHODS.items():
         if method not in chosen:
             continue
@@ -80,6 +85,8 @@ def main() -> None:
                 "optim.lr=0.003", "schedule.name=constant", "data.val_fraction=0.2", f"data.split_seed={seed}",
                 "evaluation.report=false", "evaluation.modality_contribution=false", *extra])
             res = mmtune.fit(cfg, train=train, test=test, overwrite=True)
+            classes.setdefault(method, []).append(per_class(res.metrics))
+            first_runs.setdefault(method, res.run_dir)
             m = res.metrics["test"]["label"]
             f1s.append(m["f1_macro"])
             recalls.append(next(r["recall"] for r in m["per_class"] if r["class"] == MINORITY))
@@ -100,6 +107,25 @@ def main() -> None:
                if "gan_minority_precision" in r else ""))
         print(f"{method:<16} macro-F1 {r['macro_f1']:.3f} ± {r['macro_f1_std']:.3f}   "
               f"minority recall {r['minority_recall']:.3f} ± {r['minority_recall_std']:.3f}{said}", flush=True)
+    if "none" in classes:
+        table = changes(mean_per_class(classes["none"]), {k: mean_per_class(v) for k, v in classes.items() if k != "none"})
+        table["note"] = f"bench/imbalance.py: each method's mean over {args.seeds} seeds against none's"
+        names = [k for k in classes if k != "none"]
+        print(f"\n{'class':<14} {'train':>5} {'none':>6} " + " ".join(f"{n[:10]:>10}" for n in names))
+        for c, v in table["base"]["label"].items():
+            print(f"{c:<14} {counts.get(c, 0):>5} {v['recall']:>6.3f} "
+                  + " ".join(f"{table['tasks']['label'][n][c]['recall_change']:>+10.3f}" for n in names))
+        print("(recall under none, then each remedy's change of it)", flush=True)
+        if args.report:
+            import shutil
+
+            from mmtune.evaluation.report import build_report
+
+            write_remedies(first_runs["none"], table)
+            shutil.copyfile(build_report(first_runs["none"]), args.report)
+        for n in names:
+            results[n]["recall_change_per_class"] = {c: round(v["recall_change"], 4)
+                                                     for c, v in table["tasks"]["label"][n].items()}
     print(json.dumps({"ratio": "20:1", "train_counts": counts, "seeds": args.seeds, "epochs": args.epochs,
                       "methods": results}))
 

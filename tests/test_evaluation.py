@@ -278,3 +278,42 @@ def test_configured_epoch_metrics_are_logged_and_agree_with_sklearn(tmp_path, ti
     assert best["val_auroc"] == pytest.approx(m["roc_auc"], abs=1e-4)
     with pytest.raises(mmtune.ConfigError, match="trainer.monitor=val_auroc is not logged"):
         mmtune.load_config({"trainer": {"monitor": "val_auroc"}})
+
+
+def test_the_per_class_table_shows_how_much_each_remedy_changed_each_class(evaluated, tmp_path, capsys):
+    import shutil
+
+    from mmtune.cli import main as cli
+    from mmtune.evaluation.remedies import compare_runs, read_remedies
+    from mmtune.evaluation.report import build_report
+
+    base, other = tmp_path / "none", tmp_path / "weights"
+    shutil.copytree(evaluated.run_dir, base)
+    shutil.copytree(evaluated.run_dir, other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    rows = metrics["test"]["label"]["per_class"]
+    rows[0]["recall"] += 0.25  # a planted change of one class's recall and precision
+    rows[0]["precision"] -= 0.125
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    compare_runs(base, {"weights": other, "same": evaluated.run_dir})
+    got = read_remedies(base)["tasks"]["label"]
+    first, rest = str(rows[0]["class"]), [str(r["class"]) for r in rows[1:]]
+    assert got["weights"][first]["recall_change"] == pytest.approx(0.25)
+    assert got["weights"][first]["precision_change"] == pytest.approx(-0.125)
+    assert all(got["weights"][c]["recall_change"] == 0 and got["same"][c]["recall_change"] == 0 for c in rest)
+    page = build_report(base).read_text()
+    assert "<th>recall: weights</th>" in page and "<th>precision: same</th>" in page
+    assert "<td>+0.250</td>" in page and "<td>-0.125</td>" in page
+
+    # from the command line: unchanged bundles (the CLI checks each one), and a one-line error for a bad pair
+    again = tmp_path / "again"
+    shutil.copytree(evaluated.run_dir, again)
+    assert cli(["report", "--run", str(again), "--compare", f"again={evaluated.run_dir}"]) == 0
+    assert "<th>recall: again</th>" in (again / "report.html").read_text()
+    assert cli(["report", "--run", str(base), "--compare", "weights"]) == 2
+    assert "--compare 'weights': expected NAME=RUN" in capsys.readouterr().err
+    other_classes = json.loads((other / "metrics.json").read_text())
+    other_classes["test"]["label"]["per_class"][0]["class"] = "elsewhere"
+    (other / "metrics.json").write_text(json.dumps(other_classes))
+    with pytest.raises(ValueError, match="remedy 'weights': its task 'label' has classes"):
+        compare_runs(base, {"weights": other})

@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="(re)build RUN/report.html and RUN/plots/*.png")
     r.add_argument("--run", required=True, help="run bundle folder")
+    r.add_argument("--compare", action="append", default=[], metavar="NAME=RUN",
+                   help="another run of the same task (a remedy: another loss, sampler, synthesis, ...): the per-class "
+                        "table shows how much it changed each class's recall and precision (repeatable)")
 
     pr = sub.add_parser("predict", help="predicted label and class probabilities per row")
     pr.add_argument("--run", required=True, help="run bundle folder")
@@ -499,6 +502,17 @@ def _report(args) -> int:
     from .evaluation.report import build_report
 
     check_bundle(args.run)
+    if args.compare:
+        from .evaluation.remedies import compare_runs
+
+        others = {}
+        for item in args.compare:
+            name, sep, run = item.partition("=")
+            if not sep or not name.strip() or not run:
+                raise ValueError(f"--compare {item!r}: expected NAME=RUN (a remedy's name and its run folder)")
+            check_bundle(run)
+            others[name.strip()] = run
+        print(f"remedies compared in {compare_runs(args.run, others)}")
     print(f"report written to {build_report(args.run)}")
     return 0
 

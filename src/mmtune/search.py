@@ -47,6 +47,7 @@ DEFAULT_SPACE: Dict[str, Any] = {
     "finetune.type": {"choices": ["frozen", "partial", "lora"]},
     "finetune.r": {"choices": [4, 8, 16]},
     "finetune.unfreeze_last": {"low": 1, "high": 4, "int": True},
+    "finetune.probe_epochs": {"choices": [0, 2]},
     "model.fusion.type": {"choices": ["concat", "bilinear", "gated", "late", "cross_attention"]},
     "model.fusion.width": {"choices": [128, 256, 512]},
     "model.fusion.rank": {"choices": [8, 16, 32]},

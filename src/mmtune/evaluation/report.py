@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..data.images import inline_png, thumbnail  # noqa: F401  (thumbnail: the report's too)
 from ..io import atomic_write_bytes, atomic_write_text
+from .remedies import read_remedies
 
 SECTIONS = ["Summary", "Linear probe", "Search", "Ensemble", "Distillation", "Training curves", "Confusion matrix", "Predicted vs actual", "ROC and precision-recall curves", "Calibration",
             "Per-class metrics", "Modality contribution", "Worst misclassified test examples", "Configuration"]
@@ -32,6 +33,10 @@ def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _signed(v: Optional[float]) -> str:
+    return "" if v is None else f"{v:+.3f}"
 
 
 def _read_ensemble(run_dir: Path):
@@ -154,6 +159,7 @@ def build_report(run_dir: str | Path) -> Path:
     preds = pd.read_csv(run_dir / "predictions" / f"{split}.csv") if (run_dir / "predictions" / f"{split}.csv").is_file() else None
     bins, n_worst = config.evaluation.calibration_bins, config.evaluation.worst_examples
     shown = [c for c in (preds.columns if preds is not None else []) if ":" not in c and is_field(c)]
+    remedies = read_remedies(run_dir)
 
     pngs: Dict[str, bytes] = {}
     parts: Dict[str, List[str]] = {s: [] for s in SECTIONS}
@@ -293,8 +299,21 @@ def build_report(run_dir: str | Path) -> Path:
             counts = (metrics.get("train_class_counts") or {}).get(t.name)
             by_class = {str(c): n for c, n in zip(t.classes, counts or [])}
             rows = [{**r, "training rows": by_class.get(str(r.get("class")))} for r in m["per_class"]]
-            parts["Per-class metrics"].append(f"<h3>{html.escape(t.name)}</h3>" + _table(
-                rows, ["class", "training rows", "precision", "recall", "f1", "support"]))
+            changed = ((remedies or {}).get("tasks") or {}).get(t.name) or {}
+            cols = ["class", "training rows", "precision", "recall", "f1", "support"]
+            for name, per in changed.items():  # how much each remedy changed each class (mmtune report --compare)
+                for r in rows:
+                    got = per.get(str(r.get("class"))) or {}
+                    r[f"recall: {name}"] = _signed(got.get("recall_change"))
+                    r[f"precision: {name}"] = _signed(got.get("precision_change"))
+            parts["Per-class metrics"].append(f"<h3>{html.escape(t.name)}</h3>" + _table(rows, cols))
+            if changed:
+                parts["Per-class metrics"].append(
+                    f"<p>Change of each class's recall and precision by each remedy, on the "
+                    f"{html.escape(str(remedies.get('split')))} rows ("
+                    f"{html.escape(str(remedies.get('note') or 'other runs of the same task against this one'))}):</p>"
+                    + _table(rows, ["class", "training rows", "recall"] + [f"recall: {n}" for n in changed])
+                    + _table(rows, ["class", "precision"] + [f"precision: {n}" for n in changed]))
         # Worst misclassified: wrong and most confident.
         pred = cal.argmax(1) if calib.threshold is None else (cal[:, 1] >= calib.threshold).astype(int)
         wrong = np.where(pred != y)[0]
