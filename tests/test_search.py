@@ -110,7 +110,15 @@ def test_a_three_trial_search_prunes_and_refits_its_best_trial(tmp_path, tiny_be
     assert "<h2>Search</h2>" in html and "the config as written" in html
 
 
-def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path, tiny_bert, colour_verdict):
+def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path, tiny_bert, colour_verdict, monkeypatch):
+    import mmtune.recipe.fit as recipe
+
+    calls = {"fit": 0, "train_run": 0}
+    for name in calls:  # the table enters fit once; the trials and the refit start from the resolved configs
+        def counted(*args, _real=getattr(recipe, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(recipe, name, counted)
     cfg = _frozen_text(tmp_path, tiny_bert, data={"train": str(colour_verdict["train"])},
                        evaluation={"report": False, "explain": 0})
     del cfg["finetune"], cfg["trainer"]["max_epochs"], cfg["optim"]
@@ -121,6 +129,8 @@ def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path
     assert time.monotonic() - t0 <= 30 * 1.1 + 5  # the budget holds (+ the command's own start-up)
     run = tmp_path / "runs" / "t"
     search = json.loads((run / "metrics.json").read_text())["search"]
+    refit = "refit_value" in search
+    assert calls == {"fit": 1, "train_run": len([t for t in search["trials"] if t["state"] in ("complete", "pruned")]) + refit}
     # the fast recipe is the first trial (seconds on the cache), the config as written (balanced) the second, each run
     # to its end (a known recipe is not pruned)
     assert search["trials"][0]["params"] == "the fast preset" and search["trials"][0]["state"] == "complete"
@@ -407,3 +417,25 @@ def test_tied_trials_go_to_the_config_as_written():
     assert _best_trial([trial(0, 0.0, start="fast"), trial(1, 0.01, baseline=True)], "min").number == 0
     assert _best_trial([trial(0, 0.9), trial(1, 0.9), trial(2, 0.8, baseline=True)], "max").number == 0
     assert _best_trial([trial(0, float("nan"), baseline=True), trial(1, 0.5)], "min").number == 1
+
+
+def test_a_trial_draws_only_keys_its_strategy_can_use():
+    """LP-FT's head-first epochs and augmentation only for strategies that train encoders: a frozen trial with
+    either would be refused (probe epochs) or meaningless (augmenting cached outputs)."""
+    optuna = pytest.importorskip("optuna")
+    from mmtune.search import _suggest, load_space, trial_config
+
+    cfg = load_config({"model": {"encoders": {"a": {"modality": "text", "checkpoint": "x"},
+                                              "b": {"modality": "image", "checkpoint": "y"}}},
+                       "data": {"columns": {"text": "t", "image": "i"}}})
+    space = load_space({}, cfg)
+    every = {"finetune.type": "frozen", "finetune.r": 8, "finetune.unfreeze_last": 2, "finetune.probe_epochs": 2,
+             "model.fusion.type": "concat", "model.fusion.width": 128, "model.fusion.rank": 8, "model.fusion.heads": 2,
+             "model.fusion.dropout": 0.1, "optim.lr": 1e-3, "finetune.encoder_lr": 1e-4, "optim.weight_decay": 0.01,
+             "augment.strength": 0.5, "loss.label_smoothing": 0.1, "trainer.max_epochs": 5}
+    frozen = _suggest(optuna.trial.FixedTrial(every), space, cfg.to_dict())
+    assert "finetune.probe_epochs" not in frozen and "augment.strength" not in frozen
+    load_config(trial_config(cfg.to_dict(), frozen))  # a valid config
+    partial = _suggest(optuna.trial.FixedTrial({**every, "finetune.type": "partial"}), space, cfg.to_dict())
+    assert partial["finetune.probe_epochs"] == 2 and partial["augment.strength"] == 0.5
+    assert load_config(trial_config(cfg.to_dict(), partial)).finetune.probe_epochs == 2

@@ -50,7 +50,7 @@ def cross_validate(cfg, train=None, test=None, log=print) -> Dict[str, Any]:
     ``{"k", "grouped", "folds": [{"fold", "rows", "val": {task: metrics}}], "mean", "std"}``."""
     from .config import load_config, set_raw_key
     from .data.manifest import absolute_paths, read_table
-    from .recipe.fit import fit
+    from .recipe.fit import train_run
 
     k = cfg.evaluation.cv
     source = train if train is not None else cfg.data.train
@@ -71,8 +71,8 @@ def cross_validate(cfg, train=None, test=None, log=print) -> Dict[str, Any]:
         for key in ("train", "val") + (("test",) if test is not None else ()):
             set_raw_key(raw, f"data.{key}", None)
         keep = np.setdiff1d(np.arange(len(df)), held)
-        res = fit(load_config(raw), train=df.iloc[keep].reset_index(drop=True),
-                  val=df.iloc[np.sort(held)].reset_index(drop=True), test=test, overwrite=True)
+        res = train_run(load_config(raw), train=df.iloc[keep].reset_index(drop=True),
+                        val=df.iloc[np.sort(held)].reset_index(drop=True), test=test, overwrite=True)
         out["folds"].append({"fold": i, "rows": int(len(held)), "val": res.metrics["val"]})
         log(f"cv fold {i + 1}/{k}: " + "; ".join(f"{t} {_headline(m)}" for t, m in res.metrics["val"].items()))
     out["mean"], out["std"] = _spread([f["val"] for f in out["folds"]])

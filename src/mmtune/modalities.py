@@ -32,6 +32,8 @@ class Modality:
     """Cells are free text (the server takes them as strings, not as values of a table)."""
     counts_pixels: bool = False
     """A decoded file counts against the server's pixel budget (its size read from the header first)."""
+    resized: bool = False
+    """Read at its encoder's ``image_size``, which a preset may lower on a large table (each epoch runs the encoder)."""
     needs: Tuple[Tuple[str, str, str], ...] = ()
     """Optional packages a column of this modality needs, as ``(module, extra, feature)``."""
 
@@ -206,6 +208,7 @@ class Image(FileModality):
     Augment = ImageAugmentConfig
     blank_reason = "missing image path"
     counts_pixels = True
+    resized = True
 
     def check_file(self, path):
         from .data.images import load_image

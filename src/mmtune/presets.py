@@ -31,7 +31,7 @@ class TableStats:
     modalities: Sequence[str] = ()
     """The modalities of the columns (``data.columns`` keys)."""
     image_encoders: Sequence[str] = ()
-    """Names of the encoders that read images and leave ``image_size`` to the preset."""
+    """Names of the encoders whose inputs are resized to their ``image_size`` (images; ``Modality.resized``)."""
     from_scratch: bool = False
     """Some encoder is trained from scratch (tabular): its outputs change while training, so nothing is cached."""
     single_label: bool = True
@@ -162,7 +162,7 @@ def table_stats(cfg, train=None) -> TableStats:
         rows = max(count_rows(t) for t in cfg.data.align.tables)
     from .encoders.offline import from_scratch
 
-    images = [n for n, e in cfg.model.encoders.items() if e.modality == "image"]
+    images = [n for n, e in cfg.model.encoders.items() if e.modality in MODALITIES and MODALITIES.get(e.modality).resized]
     scratch = any(from_scratch(e.checkpoint) for e in cfg.model.encoders.values())
     single = classifies_single_label(list((cfg.data.tasks or {}).values()))
     return TableStats(rows=rows, modalities=tuple(cfg.modalities), image_encoders=tuple(images), from_scratch=scratch,

@@ -182,7 +182,8 @@ def check_space(parsed: Mapping[str, Any], base: Dict[str, Any]) -> None:
             try:
                 load_config(trial_config(base, {**setting, key: value}))
             except (ConfigError, ValueError, TypeError) as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip() != "invalid configuration:"]
+                reason = lines[0] if lines else type(exc).__name__
                 raise SearchError(f"search space: {key} = {value!r} is not a valid setting ({reason})") from None
 
 
@@ -439,17 +440,18 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             try:
                 tcfg = load_config(raw)
             except ValueError as exc:  # these settings do not fit together: this trial fails alone, in one line
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip() != "invalid configuration:"]
+                reason = lines[0] if lines else type(exc).__name__
                 trial.set_user_attr("error", reason)
                 log.warning("trial %d: its settings do not fit together (%s); the search goes on", trial.number, reason)
                 return float("nan")
-            from .recipe.fit import fit
+            from .recipe.fit import train_run
 
             watch = Watch(tcfg.trainer.monitor, mode, trial, prune=not fixed)  # a known recipe runs to its end
             folder = study_dir / "trials" / tcfg.name
             t0 = time.monotonic()
             try:
-                fit(tcfg, train, val, test, overwrite=True, callbacks=[watch])
+                train_run(tcfg, train, val, test, overwrite=True, callbacks=[watch])
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
@@ -501,11 +503,11 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             else:
                 if left is not None:
                     set_raw_key(best_raw, "trainer.max_time", {"seconds": max(1, int(left))})
-                from .recipe.fit import fit
+                from .recipe.fit import train_run
 
                 watch = Watch(cfg.trainer.monitor, mode)
                 rcfg = load_config(best_raw)
-                out.refit = fit(rcfg, train, val, test, overwrite=True, keep=("tune",), callbacks=[watch],
+                out.refit = train_run(rcfg, train, val, test, overwrite=True, keep=("tune",), callbacks=[watch],
                                 extra=lambda: {"search": {**summary, "refit_value": watch.best}})
                 summary["refit_value"] = watch.best
                 if own is not None and (watch.best is None or _better(best.value, watch.best, mode, REFIT_TOLERANCE)):
@@ -643,10 +645,10 @@ def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str,
             name = values.get(f"{section}.type", get_raw_key(base, f"{section}.type"))
             if key[len(section) + 1:] not in tables[section][0].get(name).Config.model_fields:
                 continue
-        if key == "augment.strength":
-            ft = values.get("finetune.type", (base.get("finetune") or {}).get("type"))
-            if ft == "frozen":
-                continue
+        if key in ("augment.strength", "finetune.probe_epochs"):
+            ft = values.get("finetune.type", get_raw_key(base, "finetune.type"))
+            if ft in tables["finetune"][0] and not tables["finetune"][0].get(ft).trains_encoders:
+                continue  # cached encoders see no augmentation, and there is nothing to fine-tune after a probe
         values[key] = p.value if isinstance(p, _Fixed) else p.suggest(trial)
     return values
 

@@ -7,7 +7,7 @@ from typing import Any, Dict
 def fit_baselines(cfg, fused_metrics: Dict[str, Any], train, val, test) -> Dict[str, Any]:
     """Train each modality alone with the same settings (encoders reading only it) and report the
     fused model's gain over the best of them, on the test split (validation when there is none)."""
-    from .fit import fit
+    from .fit import train_run
 
     split = "test" if "test" in fused_metrics else "val"
     task = cfg.tasks[0].name
@@ -20,7 +20,7 @@ def fit_baselines(cfg, fused_metrics: Dict[str, Any], train, val, test) -> Dict[
         sub.evaluation.baselines = False
         sub.evaluation.report = False
         sub.evaluation.modality_contribution = False
-        res = fit(sub, train, val, test, overwrite=True)
+        res = train_run(sub, train, val, test, overwrite=True)
         models[f"{modality} only"] = {k: res.metrics[split][task].get(k) for k in keys}
     best_single = max(v[headline] for k, v in models.items() if k != "fused")
     return {"split": split, "task": task, "models": models, "metric": headline,
