@@ -39,7 +39,7 @@ def fit(work: Path, name: str, train, test, group=None):
                      "fusion": {"hidden_dims": [32], "dropout": 0.0}},
            "finetune": {"type": "full"}, "optim": {"lr": 1e-2, "weight_decay": 0.0},
            "trainer": {"max_epochs": 25, "batch_size": 32, "progress_bar": False, "early_stopping_patience": None},
-           "evaluation": {"report": False, "linear_probe": False}}
+           "evaluation": {"report": False, "linear_probe": False, "explain": 0, "modality_contribution": False}}
     m = mmtune.fit(cfg, train=train, test=test).metrics
     return m["val"]["y"]["accuracy"], m["test"]["y"]["accuracy"], bool(m.get("warnings"))
 

@@ -83,7 +83,7 @@ def main() -> None:
                 "finetune.type=frozen", f"trainer.max_epochs={args.epochs}", f"trainer.seed={seed}",
                 "trainer.early_stopping_patience=null", "trainer.monitor=val_f1_macro", "trainer.progress_bar=false",
                 "optim.lr=0.003", "schedule.name=constant", "data.val_fraction=0.2", f"data.split_seed={seed}",
-                "evaluation.report=false", "evaluation.modality_contribution=false", *extra])
+                "evaluation.report=false", "evaluation.modality_contribution=false", "evaluation.explain=0", *extra])
             res = mmtune.fit(cfg, train=train, test=test, overwrite=True)
             classes.setdefault(method, []).append(per_class(res.metrics))
             first_runs.setdefault(method, res.run_dir)

@@ -37,7 +37,8 @@ def demo_bundle(folder: Path, rows: int, epochs: int) -> Path:
     data = make_dataset(folder / "data", n=rows, seed=0)
     cfg = load_config(demo_config_path(), [f"output_dir={folder}", f"data.train={data['train']}", f"data.test={data['test']}",
                                            f"trainer.max_epochs={epochs}", "trainer.progress_bar=false",
-                                           "evaluation.linear_probe=false"])
+                                           "evaluation.linear_probe=false", "evaluation.explain=0",
+                                           "evaluation.modality_contribution=false", "evaluation.report=false"])
     return fit(cfg).run_dir
 
 

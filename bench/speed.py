@@ -83,7 +83,8 @@ def main() -> None:
     cfg = load_config(demo_config_path(), [
         f"output_dir={work / 'runs'}", f"data.train={paths['train']}", f"data.test={paths['test']}",
         f"trainer.max_epochs={args.epochs}", "trainer.early_stopping_patience=null", "trainer.progress_bar=false",
-        "schedule.name=constant",
+        "schedule.name=constant", "evaluation.report=false", "evaluation.explain=0",
+        "evaluation.modality_contribution=false", "evaluation.linear_probe=false",
     ])
     data = prepare_data(cfg.data, cfg.modalities)
     n_train = len(data.frames["train"])

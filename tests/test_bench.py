@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[1] / "bench"
 
 
@@ -26,9 +28,24 @@ def test_modalities_bench_runs_and_prints_its_json():
     assert all(0.0 <= last[k] <= 1.0 for k in ("audio_text_acc", "audio_only_acc", "tabular_text_acc", "two_text_columns_acc"))
 
 
-def test_predict_and_serve_benches_run_and_print_their_json(tmp_path):
-    out = subprocess.run([sys.executable, str(BENCH / "predict.py"), "--run", str(tmp_path / "none"), "--work", str(tmp_path),
-                          "--rows", "48", "--epochs", "1", "--repeat", "1", "--single", "3"],
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
+    """A bundle of tiny encoders for the prediction and server benches (the demo's real ones take 40 s to export,
+    which the deploy tests cover)."""
+    import mmtune
+    from conftest import base_config
+
+    tmp = tmp_path_factory.mktemp("bench-run")
+    cfg = base_config(tmp, {"image": {"modality": "image", "checkpoint": tiny_vit},
+                            "text": {"modality": "text", "checkpoint": tiny_bert}},
+                      name="demo-fused", data={"train": str(colour_verdict["train"]), "test": str(colour_verdict["test"])},
+                      trainer={"max_epochs": 1}, evaluation={"report": False, "explain": 0})
+    return mmtune.fit(cfg).run_dir
+
+
+def test_predict_bench_runs_and_prints_its_json(tiny_run, tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "predict.py"), "--run", str(tiny_run), "--work", str(tmp_path),
+                          "--repeat", "1", "--single", "3"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
@@ -36,9 +53,11 @@ def test_predict_and_serve_benches_run_and_print_their_json(tmp_path):
             "static_int8_speedup", "static_int8_accuracy_delta",
             "p50_ms_best", "max_abs_prob_diff"} <= set(last)
     assert last["max_abs_prob_diff"] <= 1e-4 and all(last[k] > 0 for k in ("torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s"))
-    # the PyTorch backend: the bench's export path is the one predict.py has just run (and test_deploy covers the
-    # ONNX server); exporting again would only repeat it
-    out = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--run", str(tmp_path / "demo-fused"), "--clients", "4",
+
+
+def test_serve_bench_runs_and_prints_its_json(tiny_run):
+    # the PyTorch backend: test_deploy covers the ONNX server, and the prediction bench the export
+    out = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--run", str(tiny_run), "--clients", "4",
                           "--seconds", "2", "--bad-share", "0.25", "--backend", "torch"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]

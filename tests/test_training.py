@@ -249,3 +249,10 @@ def test_lp_ft_trains_the_head_alone_first_then_the_encoders(tmp_path, tiny_bert
     assert not torch.equal(snaps[0]["head"], snaps[1]["head"])  # the head trains from the first epoch
     with pytest.raises(ValueError, match="strategy 'frozen' trains no encoder"):
         load_config({**cfg, "finetune": {"type": "frozen", "probe_epochs": 1}})
+    # early stopping leaves the fine-tuning its own patience after the probe epochs
+    from mmtune.training.trainer import build_trainer
+
+    stopping = load_config({**cfg, "trainer": {**cfg["trainer"], "max_epochs": 20, "early_stopping_patience": 3}})
+    assert build_trainer(stopping, tmp_path / "t", 4).fit_loop.min_epochs == 2 + 3 + 1
+    plain = load_config({**cfg, "finetune": {"type": "full"}, "trainer": {**cfg["trainer"], "early_stopping_patience": 3}})
+    assert not build_trainer(plain, tmp_path / "u", 4).fit_loop.min_epochs

@@ -168,13 +168,11 @@ def check_space(parsed: Mapping[str, Any], base: Dict[str, Any]) -> None:
         setting = {}
         section = next((s for s in _PARTS if key.startswith(s + ".")), None)
         if section is not None and not key.endswith(".type") and key not in _VIRTUAL:
-            name = key[len(section) + 1:]
             types = [get_raw_key(base, f"{section}.type") or {"finetune": "full", "model.fusion": "concat",
                                                         "loss": "cross_entropy"}[section]]
             tp = parsed.get(f"{section}.type")
             types += list(tp.choices or []) if isinstance(tp, Param) else [tp.value] if isinstance(tp, _Fixed) else []
-            having = [t for t in types if t in tables[section][0].names()
-                      and name in tables[section][0].get(t).Config.model_fields]
+            having = [t for t in types if t in tables[section][0].names() and _has_setting(tables, section, t, key)]
             if not having:
                 continue  # no type of this search has the setting: it is never used (as in a trial)
             setting = {f"{section}.type": having[0]}
@@ -631,6 +629,17 @@ def ship_trial(folder: Path, raw: Dict[str, Any], summary: Dict[str, Any], numbe
     return FitResult(cfg.run_dir, metrics, cfg, b.model, b.tasks, b.calibration, reference=b.reference)
 
 
+_ENCODER_TRAINING = ("finetune.probe_epochs",)
+"""Part settings that only a strategy training its encoders uses (there is nothing to fine-tune after a probe)."""
+
+
+def _has_setting(tables, section: str, type_name: str, key: str) -> bool:
+    """Whether part ``type_name`` of ``section`` uses setting ``key`` (a trial of another type does not draw it)."""
+    entry = tables[section][0].get(type_name)
+    return key[len(section) + 1:] in entry.Config.model_fields and (
+        key not in _ENCODER_TRAINING or getattr(entry, "trains_encoders", True))
+
+
 def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str, Any]:
     """Values for this trial: the part types first, then the keys their types have."""
     from .config import _tables
@@ -643,12 +652,12 @@ def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str,
         section = next((s for s in _PARTS if key.startswith(s + ".")), None)
         if section is not None and not key.endswith(".type") and key != "model.fusion.width":
             name = values.get(f"{section}.type", get_raw_key(base, f"{section}.type"))
-            if key[len(section) + 1:] not in tables[section][0].get(name).Config.model_fields:
+            if not _has_setting(tables, section, name, key):
                 continue
-        if key in ("augment.strength", "finetune.probe_epochs"):
+        if key == "augment.strength":
             ft = values.get("finetune.type", get_raw_key(base, "finetune.type"))
             if ft in tables["finetune"][0] and not tables["finetune"][0].get(ft).trains_encoders:
-                continue  # cached encoders see no augmentation, and there is nothing to fine-tune after a probe
+                continue  # cached frozen encoders see no augmentation
         values[key] = p.value if isinstance(p, _Fixed) else p.suggest(trial)
     return values
 

@@ -160,11 +160,9 @@ class MatchPredictor:
         the softmax of its cosines times the learned inverse temperature. Columns are the class names."""
         other = "response" if side == "query" else "query"
         field = self.fields[other][0]
-        from ..modalities import kind
-
-        if kind(field) != "text":
+        if not modality_of(field).free_text:
             raise ValueError(f"zero-shot classification writes the class names as the {other} side, which is "
-                             f"{kind(field)} in this run ({self.columns[other]!r}); it needs a text side")
+                             f"{modality_of(field).name} in this run ({self.columns[other]!r}); it needs a text side")
         if len(classes) < 2 or "{}" not in template:
             raise ValueError("zero-shot needs at least two class names and a template with {} where the name goes "
                              f"(got {len(classes)} name(s), template {template!r})")

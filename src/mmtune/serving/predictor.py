@@ -17,6 +17,7 @@ from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset
 from ..data.manifest import BadRowsError, TableSource, read_valid_rows, row_index, spec_from_config
 from ..evaluation.calibration import Calibration
+from ..modalities import modality_of
 from ..evaluation.metrics import calibrate, decide, task_metrics  # noqa: F401  (decide: the server's too)
 from ..tasks import Task
 from .runners import BACKENDS, ONNX_FILES, OnnxRunner, TorchRunner
@@ -151,10 +152,8 @@ class Predictor:
         return MultimodalDataset(df, self.spec, base_dir, with_labels, self.modalities)
 
     def length_order(self, ds: MultimodalDataset) -> np.ndarray:
-        """Rows sorted by the length of their texts (longest first), so that a batch pads to similar lengths."""
-        from ..modalities import kind
-
-        text = [c for m, c in ds.columns if kind(m) == "text" and isinstance(c, str)]
+        """Rows sorted by the length of their free texts (longest first), so that a batch pads to similar lengths."""
+        text = [c for m, c in ds.columns if modality_of(m).free_text and isinstance(c, str)]
         if not text or len(ds) < 2:
             return np.arange(len(ds))
         lengths = sum(ds.df[c].fillna("").astype(str).str.len().to_numpy() for c in text)

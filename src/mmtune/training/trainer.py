@@ -180,6 +180,12 @@ def build_trainer(cfg, run_dir: Path, n_train_batches: int, extra_callbacks: Seq
         except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
             raise ValueError("trainer.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
     kwargs: Dict[str, Any] = {}
+    probe = getattr(cfg.finetune, "probe_epochs", 0)
+    if probe and t.early_stopping_patience is not None:
+        # LP-FT: the fine-tuning after the head-first epochs gets its own patience (the first fine-tuned epochs
+        # often read worse than the probe while the encoders adapt; stopping there would ship the probe)
+        wanted = probe + t.early_stopping_patience + 1
+        kwargs["min_epochs"] = min(t.max_epochs, wanted) if t.max_epochs and t.max_epochs > 0 else wanted
     for key in ("limit_train_batches", "max_time", "val_check_interval"):
         if getattr(t, key) is not None:
             kwargs[key] = getattr(t, key)
