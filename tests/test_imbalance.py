@@ -152,6 +152,26 @@ def test_fidelity_flags_a_collapsed_or_drifting_generator():
     assert any("'b'" in p and "real spreads from the real one" in p for p in problems)
 
 
+@pytest.mark.stochastic
+def test_generated_rows_far_from_their_class_are_left_out_with_the_reason():
+    X, y = _three_blobs()
+    base = load_config({}).synthesis.model_copy(update={"method": "gan", "target_ratio": 1.0})
+    short = base.model_copy(update={"gan": base.gan.model_copy(update={"epochs": 1, "hidden": 64, "noise_dim": 8})})
+    with pytest.warns(UserWarning, match=r"left out, far from the real ones: class 'c'.*refuse_far: false keeps them"):
+        Xn, yn, report = synthesize_rows(X, y, short, class_names=["a", "b", "c"])
+    assert set(report["refused"]) == {"2"} and report["added_per_class"] == {"2": 0}  # one epoch: nowhere near
+    assert len(yn) == len(Xn) == 0
+    kept = short.model_copy(update={"gan": short.gan.model_copy(update={"refuse_far": False})})
+    with pytest.warns(UserWarning, match="synthetic rows are far from the real ones"):
+        Xk, yk, report = synthesize_rows(X, y, kept, class_names=["a", "b", "c"])
+    assert np.bincount(yk, minlength=3).tolist() == [0, 0, 160] and "refused" not in report
+    # a generator trained long enough (spread 0.83-0.93 here, see above) keeps its rows
+    trained = base.model_copy(update={"gan": base.gan.model_copy(update={"epochs": 150, "hidden": 64, "noise_dim": 8,
+                                                                          "lr": 2e-3})})
+    Xt, yt, report = synthesize_rows(X, y, trained, class_names=["a", "b", "c"])
+    assert "refused" not in report and np.bincount(yt, minlength=3).tolist() == [0, 0, 160], report.get("fidelity")
+
+
 def test_smote_reaches_the_target_ratio():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(230, 6))
@@ -172,7 +192,8 @@ def test_synthetic_rows_enter_the_training_set_only(tmp_path, tiny_vit, tiny_ber
     test["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in test["image"]]
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
     cfg = base_config(tmp_path, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 3},
-                      synthesis={"method": method, "target_ratio": 1.0, "k_neighbors": 2, "gan": {"epochs": 20}},
+                      synthesis={"method": method, "target_ratio": 1.0, "k_neighbors": 2,
+                                 "gan": {"epochs": 20, "refuse_far": False}},  # 20 epochs: far, kept to be counted
                       data={"val_fraction": 0.25}, evaluation={"report": False})
     res = mmtune.fit(cfg, train=df, test=test)
     s = res.metrics["synthesis"]

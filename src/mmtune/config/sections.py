@@ -398,6 +398,9 @@ class GANConfig(_Strict):
     """Weight of the R1 gradient penalty on real rows (0: off)."""
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
     """Decay of the moving average of the generator's weights that samples are drawn from."""
+    refuse_far: bool = True
+    """Leave out the generated rows of a class whose fidelity is off (its generated centre or spread beyond
+    ``FIDELITY_LIMITS``), with a warning naming the class and why; false keeps them, with the warning."""
 
 
 class SynthesisConfig(_Strict):

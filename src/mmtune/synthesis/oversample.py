@@ -69,7 +69,16 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
         probe_y = np.repeat(np.unique(y), 200)
         per_class = fidelity(X, y, back(gan.sample(probe_y)), probe_y)
         problems = fidelity_problems(per_class, class_names)
-        if problems:
+        far = {c: p for c, p in ((c, fidelity_problems({c: f}, class_names)) for c, f in per_class.items()
+                                 if int(c) in need) if p}
+        if far and g.refuse_far:  # rows that are not like the class's real ones would teach the head something else
+            keep = ~np.isin(ys, [int(c) for c in far])
+            Xn, ys = Xn[keep], ys[keep]
+            report["refused"] = far
+            report["added_per_class"].update({c: 0 for c in far})
+            warnings.warn("synthetic rows left out, far from the real ones: " + "; ".join(sum(far.values(), []))
+                          + " (synthesis.gan.refuse_far: false keeps them)")
+        elif problems:
             warnings.warn("synthetic rows are far from the real ones: " + "; ".join(problems))
         report.update({"d_loss": gan.history["d_loss"], "g_loss": gan.history["g_loss"],
                        "epochs_run": len(gan.history["d_loss"]), "stopped": gan.stopped,
