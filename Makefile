@@ -14,7 +14,7 @@ demo: install
 # again on PyTorch's portable CPU kernels (ATEN_CPU_CAPABILITY=default), so a result that depends on the CPU's
 # vector unit fails here too.
 test: install-test
-	.venv/bin/python -m pytest -q -n 2
+	.venv/bin/python -m pytest -q -n 2 --durations=10
 	ATEN_CPU_CAPABILITY=default .venv/bin/python -m pytest -q -n 2 -m stochastic
 
 bench: install

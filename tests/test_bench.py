@@ -67,7 +67,7 @@ def test_serve_bench_runs_and_prints_its_json(tiny_run):
     assert last["bad_requests"] > 0 and last["bad_not_4xx"] == 0  # bad requests turned away, good ones all served
 
 
-def test_presets_and_throughput_benches_run_and_print_their_json(tmp_path):
+def test_presets_bench_runs_and_prints_its_json(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "presets.py"), "--rows", "40", "--tasks", "orders",
                           "--presets", "fast,best", "--best-seconds", "8", "--work", str(tmp_path / "p")],
                          capture_output=True, text=True, timeout=900)
@@ -76,6 +76,9 @@ def test_presets_and_throughput_benches_run_and_print_their_json(tmp_path):
     assert set(last) == {"fast", "best", "linear_probe"}
     assert all(0.0 <= v["orders"]["accuracy"] <= 1.0 and v["orders"]["seconds"] >= 0 for v in last.values())
     assert last["best"]["orders"]["trials"] >= 1
+
+
+def test_throughput_bench_runs_and_prints_its_json():
     out = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--batch", "4", "--steps", "2", "--warmup", "1",
                           "--peak-n", "256"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
