@@ -160,6 +160,16 @@ def test_weight_decay_never_reaches_tokens_position_or_modality_embeddings(tiny_
 def test_label_smoothing_is_not_a_focal_loss_setting():
     with pytest.raises(mmtune.ConfigError, match="unknown config key 'loss.label_smoothing'; valid keys there: alpha, gamma, type"):
         load_config({"loss": {"type": "focal", "label_smoothing": 0.1}})
+    with pytest.raises(mmtune.ConfigError) as err:  # another type's setting names that type, and how to choose it
+        load_config({"model": {"fusion": {"rank": 8}}})
+    assert str(err.value).splitlines()[1].strip() == (
+        "unknown config key 'model.fusion.rank'; valid keys there: dropout, hidden_dims, type ('rank' is a setting "
+        "of bilinear: set model.fusion.type with it; without it the type is 'concat')")
+    with pytest.raises(mmtune.ConfigError, match=r"'loss.label_smoothing'.*\('label_smoothing' is a setting of cross_entropy"):
+        load_config({"loss": {"type": "focal", "label_smoothing": 0.1}})
+    with pytest.raises(mmtune.ConfigError) as err:  # a key no type has gets no such hint
+        load_config({"model": {"fusion": {"nope": 8}}})
+    assert str(err.value).strip().endswith("valid keys there: dropout, hidden_dims, type")
     with pytest.raises(mmtune.ConfigError, match="sampler and imbalance.class_weights both rebalance"):
         load_config({"imbalance": {"sampler": True, "class_weights": "inverse"}})
 

@@ -60,7 +60,16 @@ def _part(section: str, value: Any) -> PartConfig:
     try:
         return cls.model_validate(dict(value))  # ``type`` stays unset when not given (a preset may choose it)
     except ValidationError as exc:
-        raise SectionError(_error_lines(exc, [section], cls)) from None
+        lines = _error_lines(exc, [section], cls)
+        for err in exc.errors():  # a setting of another type: say whose, and how to choose it
+            key = str(err["loc"][-1]) if err["type"] == "extra_forbidden" and len(err["loc"]) == 1 else None
+            having = [n for n, entry in table.items() if key and key in entry.Config.model_fields]
+            if having:
+                hint = f" ({key!r} is a setting of {', '.join(having)}" + (
+                    ")" if "type" in value else f": set {section}.type with it; without it the type is {name!r})")
+                lines = [line + hint if line.startswith(f"unknown config key '{section}.{key}'") else line
+                         for line in lines]
+        raise SectionError(lines) from None
 
 
 def _default(section: str):
