@@ -180,9 +180,7 @@ def check_space(parsed: Mapping[str, Any], base: Dict[str, Any]) -> None:
             try:
                 load_config(trial_config(base, {**setting, key: value}))
             except (ConfigError, ValueError, TypeError) as exc:
-                lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip() != "invalid configuration:"]
-                reason = lines[0] if lines else type(exc).__name__
-                raise SearchError(f"search space: {key} = {value!r} is not a valid setting ({reason})") from None
+                raise SearchError(f"search space: {key} = {value!r} is not a valid setting ({_reason(exc)})") from None
 
 
 def _default_space(cfg) -> Dict[str, Any]:
@@ -438,8 +436,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             try:
                 tcfg = load_config(raw)
             except ValueError as exc:  # these settings do not fit together: this trial fails alone, in one line
-                lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip() != "invalid configuration:"]
-                reason = lines[0] if lines else type(exc).__name__
+                reason = _reason(exc)
                 trial.set_user_attr("error", reason)
                 log.warning("trial %d: its settings do not fit together (%s); the search goes on", trial.number, reason)
                 return float("nan")
@@ -629,15 +626,26 @@ def ship_trial(folder: Path, raw: Dict[str, Any], summary: Dict[str, Any], numbe
     return FitResult(cfg.run_dir, metrics, cfg, b.model, b.tasks, b.calibration, reference=b.reference)
 
 
-_ENCODER_TRAINING = ("finetune.probe_epochs",)
-"""Part settings that only a strategy training its encoders uses (there is nothing to fine-tune after a probe)."""
+def _reason(exc: Exception) -> str:
+    """The first line of a config error that says something (not its "invalid configuration:" heading)."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip() not in ("", "invalid configuration:")]
+    return lines[0] if lines else type(exc).__name__
+
+
+_ENCODER_TRAINING = ("finetune.probe_epochs", "augment.strength")
+"""Settings only a strategy that trains its encoders uses: nothing is fine-tuned after a probe, and cached frozen
+encoders see no augmentation."""
+
+
+def _trains_encoders(tables, strategy: Optional[str]) -> bool:
+    table = tables["finetune"][0]
+    return strategy not in table or getattr(table.get(strategy), "trains_encoders", True)
 
 
 def _has_setting(tables, section: str, type_name: str, key: str) -> bool:
     """Whether part ``type_name`` of ``section`` uses setting ``key`` (a trial of another type does not draw it)."""
-    entry = tables[section][0].get(type_name)
-    return key[len(section) + 1:] in entry.Config.model_fields and (
-        key not in _ENCODER_TRAINING or getattr(entry, "trains_encoders", True))
+    return key[len(section) + 1:] in tables[section][0].get(type_name).Config.model_fields and (
+        key not in _ENCODER_TRAINING or _trains_encoders(tables, type_name))
 
 
 def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str, Any]:
@@ -654,10 +662,9 @@ def _suggest(trial, space: Mapping[str, Any], base: Dict[str, Any]) -> Dict[str,
             name = values.get(f"{section}.type", get_raw_key(base, f"{section}.type"))
             if not _has_setting(tables, section, name, key):
                 continue
-        if key == "augment.strength":
-            ft = values.get("finetune.type", get_raw_key(base, "finetune.type"))
-            if ft in tables["finetune"][0] and not tables["finetune"][0].get(ft).trains_encoders:
-                continue  # cached frozen encoders see no augmentation
+        if key in _ENCODER_TRAINING and not _trains_encoders(tables, values.get("finetune.type",
+                                                                              get_raw_key(base, "finetune.type"))):
+            continue
         values[key] = p.value if isinstance(p, _Fixed) else p.suggest(trial)
     return values
 

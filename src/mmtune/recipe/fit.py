@@ -95,21 +95,20 @@ def fit(config: Union[Config, str, Path, Mapping[str, Any], TableSource, None] =
         # as the user wrote it, which the resolved settings would otherwise all override
         return tune(cfg, train=train, val=val, test=test, overwrite=overwrite).refit
     return train_run(resolved, train, val, test, resume=resume, overwrite=overwrite, callbacks=callbacks,
-                     extra=extra, keep=keep, checked=True)
+                     extra=extra, keep=keep)
 
 
 def train_run(cfg: Config, train: Optional[TableSource] = None, val: Optional[TableSource] = None,
               test: Optional[TableSource] = None, *, resume: bool = False, overwrite: bool = False,
               callbacks: Sequence[L.Callback] = (), extra: Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None] = None,
-              keep: Sequence[str] = (), checked: bool = False) -> "FitResult":
+              keep: Sequence[str] = ()) -> "FitResult":
     """One model from a config with nothing left to infer or resolve (its preset's settings applied, no search):
     claim the run folder, train, evaluate, calibrate, write the bundle. :func:`fit` ends here once it has built the
     config; the search's trials and refit, the cross-validation folds and the baselines start here, so a table enters
     :func:`fit` once. Arguments as :func:`fit`'s."""
     quiet_libraries()
     keep_freed_memory()
-    if not checked:
-        check_extras(cfg)
+    check_extras(cfg)  # again for a config that did not come through fit (cheap: package lookups)
     main = is_main_process()  # in a distributed run only the main process writes
     if cfg.evaluation.cv and not resume:
         extra, keep, overwrite = _cross_validate(cfg, train, test, extra, keep, overwrite)

@@ -68,9 +68,9 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
         # real ones, and the generated rows' precision and recall against the real class.
         probe_y = np.repeat(np.unique(y), 200)
         per_class = fidelity(X, y, back(gan.sample(probe_y)), probe_y)
-        problems = fidelity_problems(per_class, class_names)
-        far = {c: p for c, p in ((c, fidelity_problems({c: f}, class_names)) for c, f in per_class.items()
-                                 if int(c) in need) if p}
+        by_class = {c: fidelity_problems({c: f}, class_names) for c, f in per_class.items()}
+        problems = [p for lines in by_class.values() for p in lines]
+        far = {c: lines for c, lines in by_class.items() if lines and int(c) in need}  # classes that get rows
         if far and g.refuse_far:  # rows that are not like the class's real ones would teach the head something else
             keep = ~np.isin(ys, [int(c) for c in far])
             Xn, ys = Xn[keep], ys[keep]
