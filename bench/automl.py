@@ -5,7 +5,8 @@ tasks of different shapes — test metric and wall time.
                                      [--presets fast,balanced,best] [--image-size 224]
 
 ``--presets`` also takes ``balanced_lpft``: ``balanced`` with LP-FT's two head-first epochs
-(``finetune.probe_epochs=2``), to measure whether the preset should set it.
+(``finetune.probe_epochs=2``), and ``fast_long``: ``fast`` with 60 epochs and patience 20 — to measure whether the
+presets should set them.
 
 Tasks (generated offline, seeded; every fit is ``mmtune.fit(train.csv, label="label", test=test.csv, ...)``, the
 columns' kinds inferred):
@@ -134,7 +135,8 @@ def make_tasks(work: Path, rows: int, names):
     return {name: makers[name]() for name in names}
 
 
-VARIANTS = {"balanced_lpft": ("balanced", ["finetune.probe_epochs=2"])}
+VARIANTS = {"balanced_lpft": ("balanced", ["finetune.probe_epochs=2"]),
+            "fast_long": ("fast", ["trainer.max_epochs=60", "trainer.early_stopping_patience=20"])}
 """Runs beside the presets: a preset with settings added (``--presets ...,balanced_lpft``)."""
 
 

@@ -29,9 +29,9 @@ METHODS = {
     "focal": ["loss.type=focal", "loss.gamma=2.0"],
     "SMOTE": ["synthesis.method=smote", "synthesis.target_ratio=1.0"],
     "GAN": ["synthesis.method=gan", "synthesis.target_ratio=1.0", "synthesis.gan.epochs=200"],
-    "SMOTE subspace": ["synthesis.method=smote", "synthesis.target_ratio=1.0", "synthesis.subspace=0.9"],
+    "SMOTE subspace": ["synthesis.method=smote", "synthesis.target_ratio=1.0", "synthesis.subspace=0.8"],
     "GAN subspace": ["synthesis.method=gan", "synthesis.target_ratio=1.0", "synthesis.gan.epochs=200",
-                     "synthesis.subspace=0.9"],
+                     "synthesis.subspace=0.8"],
     "logit-adjusted": ["loss.type=logit_adjusted", "loss.tau=1.0"],
     "balanced softmax": ["loss.type=balanced_softmax"],
     "post-hoc adjust": ["evaluation.logit_adjustment=true"],
@@ -126,7 +126,13 @@ def main() -> None:
         for n in names:
             results[n]["recall_change_per_class"] = {c: round(v["recall_change"], 4)
                                                      for c, v in table["tasks"]["label"][n].items()}
-    print(json.dumps({"ratio": "20:1", "train_counts": counts, "seeds": args.seeds, "epochs": args.epochs,
+    flat = {}
+    for name, r in results.items():  # <method>_macro_f1, <method>_minority_recall (spaces and dashes as _)
+        key = name.replace(" ", "_").replace("-", "_")
+        flat[f"{key}_macro_f1"], flat[f"{key}_minority_recall"] = r["macro_f1"], r["minority_recall"]
+    if "gan_minority_spread_ratio" in results.get("GAN subspace", {}):
+        flat["gan_spread_ratio"] = results["GAN subspace"]["gan_minority_spread_ratio"]
+    print(json.dumps({**flat, "ratio": "20:1", "train_counts": counts, "seeds": args.seeds, "epochs": args.epochs,
                       "methods": results}))
 
 

@@ -172,6 +172,29 @@ def test_generated_rows_far_from_their_class_are_left_out_with_the_reason():
     assert "refused" not in report and np.bincount(yt, minlength=3).tolist() == [0, 0, 160], report.get("fidelity")
 
 
+def test_a_constant_feature_keeps_the_gan_finite():
+    """The discriminator reads each class's minibatch deviation; a plain std has no finite gradient where a feature
+    is constant in a class (as pooled features can be), which made the GAN's losses NaN on the demo's features."""
+    X, y = _three_blobs()
+    X = np.hstack([X, np.full((len(X), 1), 3.0)])
+    gan = ConditionalGAN(X.shape[1], 3, noise_dim=8, hidden=64, seed=0).fit(X, y, epochs=3)
+    assert gan.stopped is None and np.isfinite(gan.history["d_loss"]).all()
+    assert np.isfinite(gan.sample(np.array([0, 1, 2]))).all()
+
+
+def test_rows_that_are_not_finite_are_left_out_even_when_far_rows_are_kept(monkeypatch):
+    from mmtune.synthesis import feature_gan
+
+    X, y = _three_blobs()
+    monkeypatch.setattr(feature_gan.ConditionalGAN, "sample", lambda self, ys: np.full((len(ys), X.shape[1]), np.nan))
+    base = load_config({}).synthesis
+    cfg = base.model_copy(update={"method": "gan", "gan": base.gan.model_copy(update={
+        "epochs": 1, "hidden": 16, "noise_dim": 4, "refuse_far": False})})
+    with pytest.warns(UserWarning, match=r"left out, far from the real ones: class 'c': generated rows are not finite$"):
+        Xn, yn, report = synthesize_rows(X, y, cfg, class_names=["a", "b", "c"])
+    assert len(Xn) == len(yn) == 0 and report["added_per_class"] == {"2": 0} and set(report["refused"]) == {"2"}
+
+
 def test_smote_reaches_the_target_ratio():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(230, 6))

@@ -190,10 +190,12 @@ def test_the_gan_in_the_subspace_reproduces_planted_class_means_and_spreads(seed
     space = Subspace(X, 0.9, y)
     gan = ConditionalGAN(space.dim, 4, seed=seed).fit(space.to(X), y, epochs=300)
     probe = np.repeat(np.arange(4), 200)
-    per_class = fidelity(X, y, space.back(gan.sample(probe)), probe)
+    made = space.restore(X, y, space.back(gan.sample(probe)), probe, np.random.default_rng(seed))
+    per_class = fidelity(X, y, made, probe)
+    print({c: (round(f["mean_distance"], 3), round(f["spread_ratio"], 3), f["precision"]) for c, f in per_class.items()})
     for c, f in per_class.items():
         assert f["mean_distance"] < 0.25, (c, f)
-        assert 0.68 <= f["spread_ratio"] <= 1.3, (c, f)
+        assert 0.7 <= f["spread_ratio"] <= 1.3, (c, f)
         assert f["precision"] >= 0.9, (c, f)
     assert np.mean([f["spread_ratio"] for f in per_class.values()]) >= 0.72
 

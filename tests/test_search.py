@@ -432,10 +432,41 @@ def test_a_trial_draws_only_keys_its_strategy_can_use():
     every = {"finetune.type": "frozen", "finetune.r": 8, "finetune.unfreeze_last": 2, "finetune.probe_epochs": 2,
              "model.fusion.type": "concat", "model.fusion.width": 128, "model.fusion.rank": 8, "model.fusion.heads": 2,
              "model.fusion.dropout": 0.1, "optim.lr": 1e-3, "finetune.encoder_lr": 1e-4, "optim.weight_decay": 0.01,
-             "augment.strength": 0.5, "loss.label_smoothing": 0.1, "trainer.max_epochs": 5}
+             "augment.strength": 0.5, "loss.label_smoothing": 0.1, "trainer.max_epochs": 5,
+             "trainer.max_epochs (cached)": 40}
     frozen = _suggest(optuna.trial.FixedTrial(every), space, cfg.to_dict())
     assert "finetune.probe_epochs" not in frozen and "augment.strength" not in frozen
     load_config(trial_config(cfg.to_dict(), frozen))  # a valid config
     partial = _suggest(optuna.trial.FixedTrial({**every, "finetune.type": "partial"}), space, cfg.to_dict())
     assert partial["finetune.probe_epochs"] == 2 and partial["augment.strength"] == 0.5
     assert load_config(trial_config(cfg.to_dict(), partial)).finetune.probe_epochs == 2
+
+
+def test_a_trial_on_the_embedding_cache_draws_long_training_with_patience_to_match():
+    """A cached frozen trial's epochs cost a fraction of a second: it draws them from CACHED_EPOCHS (10-80) and waits a
+    third of them before stopping early; a trial that trains encoders keeps the default 3-15, and a space that sets
+    its own range of epochs (or the patience) is used as written."""
+    optuna = pytest.importorskip("optuna")
+    from mmtune.search import CACHED_EPOCHS, _suggest, load_space
+
+    cfg = load_config({"model": {"encoders": {"a": {"modality": "text", "checkpoint": "x"}}},
+                       "data": {"columns": {"text": "t"}}, "trainer": {"early_stopping_patience": 4}})
+    space = {k: v for k, v in load_space({}, cfg).items() if k in ("finetune.type", "trainer.max_epochs")}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = {"frozen": [], "partial": [], "lora": []}
+    for _ in range(40):
+        trial = study.ask()
+        values = _suggest(trial, space, cfg.to_dict())
+        drawn[values["finetune.type"]].append(values)
+        study.tell(trial, 0.0)
+    assert drawn["frozen"] and drawn["partial"]
+    for v in drawn["frozen"]:
+        assert CACHED_EPOCHS["low"] <= v["trainer.max_epochs"] <= CACHED_EPOCHS["high"]
+        assert v["trainer.early_stopping_patience"] == max(4, round(v["trainer.max_epochs"] / 3))
+    assert max(v["trainer.max_epochs"] for v in drawn["frozen"]) > 15
+    for v in drawn["partial"] + drawn["lora"]:
+        assert 3 <= v["trainer.max_epochs"] <= 15 and "trainer.early_stopping_patience" not in v
+    own = load_space({"only": True, "finetune.type": {"choices": ["frozen"]},
+                      "trainer.max_epochs": {"low": 2, "high": 4, "int": True}}, cfg)
+    values = _suggest(optuna.trial.FixedTrial({"finetune.type": "frozen", "trainer.max_epochs": 3}), own, cfg.to_dict())
+    assert values == {"finetune.type": "frozen", "trainer.max_epochs": 3}

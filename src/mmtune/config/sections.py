@@ -423,6 +423,9 @@ class SynthesisConfig(_Strict):
     subspace: Optional[float] = Field(None, gt=0.0, le=1.0)
     """Make the rows (GAN or SMOTE) in a whitened PCA subspace of the training features holding this share of
     their variance (e.g. 0.9), then map them back. None: in the full feature space."""
+    residuals: bool = True
+    """With ``subspace``: give each made row the part outside the subspace of a random real row of its class
+    (mapped back alone, made rows are flat in every left-out direction and their class too narrow)."""
     gan: GANConfig = Field(default_factory=GANConfig)
 
     def needs(self):

@@ -44,8 +44,8 @@ def class_spread(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(len(x), 1, dtype=x.dtype, device=x.device)
     for c in y.unique():
         rows = y == c
-        if int(rows.sum()) > 1:
-            out[rows] = x[rows].std(0).mean()
+        if int(rows.sum()) > 1:  # √(var + ε): the gradient of a plain std is not finite where a feature is constant
+            out[rows] = (x[rows].var(0) + 1e-8).sqrt().mean()
     return out
 
 
@@ -222,6 +222,9 @@ def fidelity_problems(per_class: Dict[str, Any], class_names=None) -> List[str]:
     out = []
     for c, f in per_class.items():
         name = class_names[int(c)] if class_names is not None else c
+        if not (np.isfinite(f["mean_distance"]) and np.isfinite(f["spread_ratio"])):
+            out.append(f"class {name!r}: generated rows are not finite")
+            continue
         if f["mean_distance"] > FIDELITY_LIMITS["mean_distance"]:
             out.append(f"class {name!r}: generated centre is {f['mean_distance']:.2f} real spreads from the real one")
         if not lo <= f["spread_ratio"] <= hi:

@@ -34,9 +34,16 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
         from .subspace import Subspace
 
         space = Subspace(X, cfg.subspace, y)
-        report["subspace"] = {"components": space.dim, "variance_kept": round(space.kept, 4), "of": int(X.shape[1])}
+        report["subspace"] = {"components": space.dim, "variance_kept": round(space.kept, 4), "of": int(X.shape[1]),
+                              "residuals": bool(cfg.residuals)}
     to = space.to if space is not None else (lambda a: a)
-    back = space.back if space is not None else (lambda a: a)
+    rng = np.random.default_rng(seed)
+
+    def back(Z, made_y):  # to the feature space, with the left-out part of a real row of the class
+        if space is None:
+            return Z
+        out = space.back(Z)
+        return space.restore(X, y, out, made_y, rng) if cfg.residuals else out
     if cfg.method in ("smote", "borderline_smote"):
         from imblearn.over_sampling import SMOTE, BorderlineSMOTE
 
@@ -52,7 +59,7 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
         cls = SMOTE if cfg.method == "smote" else BorderlineSMOTE
         sampler = cls(sampling_strategy=targets, k_neighbors=k, random_state=seed)
         Xr, yr = sampler.fit_resample(to(X), y)
-        return back(Xr[len(X):]), yr[len(X):], report
+        return back(Xr[len(X):], yr[len(X):]), yr[len(X):], report
     if cfg.method == "gan":
         from .feature_gan import ConditionalGAN, fidelity, fidelity_problems
 
@@ -62,24 +69,29 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
                              ema_decay=g.ema_decay)
         gan.fit(Z, y, g.epochs, g.batch_size, g.divergence_patience)
         ys = np.concatenate([np.full(n, c) for c, n in need.items()])
-        Xn = back(gan.sample(ys))
+        Xn = back(gan.sample(ys), ys)
         # Fidelity on a fresh draw of the same size for every class (the minority classes' own rows
         # are few), in the full feature space: how far the generated class centres and spreads are from the
         # real ones, and the generated rows' precision and recall against the real class.
         probe_y = np.repeat(np.unique(y), 200)
-        per_class = fidelity(X, y, back(gan.sample(probe_y)), probe_y)
+        per_class = fidelity(X, y, back(gan.sample(probe_y), probe_y), probe_y)
         by_class = {c: fidelity_problems({c: f}, class_names) for c, f in per_class.items()}
         problems = [p for lines in by_class.values() for p in lines]
         far = {c: lines for c, lines in by_class.items() if lines and int(c) in need}  # classes that get rows
-        if far and g.refuse_far:  # rows that are not like the class's real ones would teach the head something else
-            keep = ~np.isin(ys, [int(c) for c in far])
-            Xn, ys = Xn[keep], ys[keep]
-            report["refused"] = far
-            report["added_per_class"].update({c: 0 for c in far})
-            warnings.warn("synthetic rows left out, far from the real ones: " + "; ".join(sum(far.values(), []))
-                          + " (synthesis.gan.refuse_far: false keeps them)")
-        elif problems:
-            warnings.warn("synthetic rows are far from the real ones: " + "; ".join(problems))
+        # rows that are not like the class's real ones would teach the head something else; rows that are not
+        # finite (a GAN whose loss stopped being finite) would end the fit, so they are left out in any case
+        refused = far if g.refuse_far else {c: v for c, v in far.items() if any("not finite" in x for x in v)}
+        finite = np.isfinite(Xn).all(1)
+        keep = finite & ~np.isin(ys, [int(c) for c in refused])
+        Xn, ys = Xn[keep], ys[keep]
+        if refused:
+            report["refused"] = refused
+            report["added_per_class"].update({c: 0 for c in refused})
+            warnings.warn("synthetic rows left out, far from the real ones: " + "; ".join(sum(refused.values(), []))
+                          + (" (synthesis.gan.refuse_far: false keeps them)" if g.refuse_far else ""))
+        kept_far = [x for c, lines in by_class.items() if c not in refused for x in lines]
+        if kept_far:
+            warnings.warn("synthetic rows are far from the real ones: " + "; ".join(kept_far))
         report.update({"d_loss": gan.history["d_loss"], "g_loss": gan.history["g_loss"],
                        "epochs_run": len(gan.history["d_loss"]), "stopped": gan.stopped,
                        "fidelity": per_class, "fidelity_problems": problems})

@@ -46,3 +46,23 @@ class Subspace:
 
     def back(self, Z: np.ndarray) -> np.ndarray:
         return (np.asarray(Z, dtype=np.float64) * self.scale) @ self.components + self.mean
+
+    def outside(self, X: np.ndarray) -> np.ndarray:
+        """The part of each row that the subspace leaves out (``X`` less its mapping there and back)."""
+        return np.asarray(X, dtype=np.float64) - self.back(self.to(X))
+
+    def restore(self, X: np.ndarray, y: np.ndarray, made: np.ndarray, made_y: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+        """``made`` (rows mapped back from the subspace, labels ``made_y``) plus, for each, the part outside the
+        subspace of a random real row of its class. Mapped back alone, a made row is flat in every left-out
+        direction, so its class is less spread than the real one by what the subspace drops — on the demo's
+        1,664-d features, with 8 rows of a class, a GAN's minority spread ratio was 0.42-0.61 at 90 % variance and
+        0.65-0.80 with the residuals restored (``bench/imbalance.py``)."""
+        made = np.array(made, dtype=np.float64, copy=True)
+        rest = self.outside(X)
+        y, made_y = np.asarray(y), np.asarray(made_y)
+        for c in np.unique(made_y):
+            rows, slots = np.flatnonzero(y == c), np.flatnonzero(made_y == c)
+            if len(rows):
+                made[slots] += rest[rng.choice(rows, len(slots))]
+        return made
