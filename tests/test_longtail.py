@@ -175,14 +175,30 @@ def test_the_subspace_whitens_and_maps_back_what_it_keeps():
     assert kept < 0.05  # the planted variation lives in the kept directions; only noise is dropped
 
 
+def test_restoring_gives_each_made_row_the_left_out_part_of_a_real_row_of_its_class():
+    from mmtune.synthesis.subspace import Subspace
+
+    X, y = _planted(1)
+    space = Subspace(X, 0.5, y)  # a narrow subspace: much is left out
+    rest = space.outside(X)
+    assert np.allclose(rest @ space.components.T, 0.0, atol=1e-8)  # the left-out part has nothing in the subspace
+    made_y = np.repeat(np.arange(4), 50)
+    flat = space.back(np.random.default_rng(0).normal(size=(len(made_y), space.dim)))
+    made = space.restore(X, y, flat, made_y, np.random.default_rng(0))
+    added = made - flat
+    for row, c in zip(added, made_y):  # exactly one real row's left-out part, of the same class
+        assert np.isclose(np.abs(rest[y == c] - row).max(1), 0.0, atol=1e-9).any()
+    assert np.allclose(space.to(made), space.to(flat))  # the subspace coordinates are the generator's
+
+
 @pytest.mark.stochastic
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_gan_in_the_subspace_reproduces_planted_class_means_and_spreads(seed):
-    """Measured with the per-class minibatch standard deviation in the discriminator (seeds 0-5, AVX2 and
-    ATEN_CPU_CAPABILITY=default alike): in the subspace mean distance 0.04-0.15 and spread ratio 0.73-0.89 per class,
-    precision 0.98-1.0 (without it, seeds 0-2: spread 0.64-0.88); the same GAN in the full 200-d space (before the
-    minibatch deviation) 0.33-0.48 and 0.43-0.85, with recall 0 (the real rows' spread never generated). Part of
-    the shortfall below 1 is the subspace itself: it keeps 90 % of the within-class variance."""
+    """With the per-class minibatch standard deviation in the discriminator and each made row's left-out part
+    restored from a real row of its class (seeds 0-2, AVX2 and ATEN_CPU_CAPABILITY=default alike): mean distance
+    0.05-0.14, spread ratio 0.73-0.89 per class, precision 0.98-1.0 (without the minibatch deviation, seeds 0-2:
+    spread 0.64-0.88); the same GAN in the full 200-d space (before the minibatch deviation) 0.33-0.48 and
+    0.43-0.85, with recall 0 (the real rows' spread never generated)."""
     from mmtune.synthesis.feature_gan import ConditionalGAN, fidelity
     from mmtune.synthesis.subspace import Subspace
 
@@ -192,7 +208,6 @@ def test_the_gan_in_the_subspace_reproduces_planted_class_means_and_spreads(seed
     probe = np.repeat(np.arange(4), 200)
     made = space.restore(X, y, space.back(gan.sample(probe)), probe, np.random.default_rng(seed))
     per_class = fidelity(X, y, made, probe)
-    print({c: (round(f["mean_distance"], 3), round(f["spread_ratio"], 3), f["precision"]) for c, f in per_class.items()})
     for c, f in per_class.items():
         assert f["mean_distance"] < 0.25, (c, f)
         assert 0.7 <= f["spread_ratio"] <= 1.3, (c, f)

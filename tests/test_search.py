@@ -51,7 +51,7 @@ def test_a_preset_fills_what_the_config_leaves_open_and_explicit_keys_win(tmp_pa
     assert big.model.encoders["image"].image_size == 160 and big.trainer.max_epochs == 3
     assert big.finetune.type == "partial" and big.finetune.layer_decay == 0.8 and big.finetune.encoder_lr == 2e-4
     fast = apply_preset(load_config({**raw, "preset": "fast", "finetune": {}, "trainer": {}}), stats)
-    assert fast.finetune.type == "frozen" and fast.finetune.cache and fast.trainer.max_epochs == 30
+    assert fast.finetune.type == "frozen" and fast.finetune.cache and fast.trainer.max_epochs == 60
     assert not fast.augment.image.enabled  # cached features cannot be augmented
 
 
@@ -63,7 +63,7 @@ def test_fit_with_a_preset_and_a_time_limit(tmp_path, tiny_bert, colour_verdict,
     path.write_text(yaml.safe_dump(cfg))
     assert cli(["fit", str(path), "--preset", "fast", "--set", f"data.train={colour_verdict['train']}"]) == 0
     bundle = load_config(tmp_path / "runs" / "t" / "config.yaml")
-    assert bundle.preset == "fast" and bundle.finetune.type == "frozen" and bundle.trainer.max_epochs == 30
+    assert bundle.preset == "fast" and bundle.finetune.type == "frozen" and bundle.trainer.max_epochs == 60
     assert bundle.trainer.batch_size == 32 and bundle.optim.lr == 1e-3
     assert bundle.model.fusion.type == "concat"  # one modality
     # a budget of one second stops a 30-epoch run early (the cache is built before the clock starts)
@@ -108,6 +108,24 @@ def test_a_three_trial_search_prunes_and_refits_its_best_trial(tmp_path, tiny_be
     assert [p.name for p in (run / "tune" / "trials").glob("trial-*")] == ["trial-0"]
     html = (run / "report.html").read_text()
     assert "<h2>Search</h2>" in html and "the config as written" in html
+
+
+def test_the_first_drawn_trials_are_frozen_ones_on_the_embedding_cache(tmp_path, tiny_bert, colour_verdict):
+    """A trial that trains encoders can take half a short budget; the first CACHED_FIRST drawn trials try heads on
+    the cache (seconds each) — unless the space has no frozen strategy, or only that one."""
+    from mmtune.search import CACHED_FIRST, tune
+
+    assert CACHED_FIRST >= 2
+    cfg = _frozen_text(tmp_path, tiny_bert, trainer={"max_epochs": 1})
+    cfg["finetune"] = {"type": "full"}
+    out = tune(cfg, train=str(colour_verdict["train"]), trials=3, refit=False,
+               space={"only": True, "finetune.type": {"choices": ["full", "frozen"]}})
+    assert [t["params"] for t in out.trials] == ["the config as written", "finetune.type=frozen",
+                                                 "finetune.type=frozen"]
+    cfg["name"] = "other"
+    out = tune(cfg, train=str(colour_verdict["train"]), trials=2, refit=False,
+               space={"only": True, "finetune.type": {"choices": ["full", "partial"]}})
+    assert out.trials[1]["params"] in ("finetune.type=full", "finetune.type=partial")
 
 
 def test_fit_with_the_best_preset_searches_inside_the_budget_and_refits(tmp_path, tiny_bert, colour_verdict, monkeypatch):

@@ -62,6 +62,12 @@ DEFAULT_SPACE: Dict[str, Any] = {
 }
 """What ``mmtune tune`` searches by default."""
 
+CACHED_FIRST = 8
+"""After the starting recipes and the config as written, this many drawn trials are frozen ones on the embedding
+cache, whose epochs cost a fraction of a second: a search tries many heads (fusions, widths, learning rates, epochs)
+before the trials that train encoders (one of which can take half a short budget) — in ``bench/automl.py`` a
+240 s search on speech × pictures had finished three trials, its first drawn one a partial unfreezing for 150 s."""
+
 CACHED_EPOCHS: Dict[str, Any] = {"low": 10, "high": 80, "int": True, "log": True}
 """What a trial whose encoders are frozen and cached draws for ``trainer.max_epochs`` when the space's range is the
 default one: an epoch of a head on the embedding cache costs a fraction of a second, and a small head on a pair of
@@ -413,6 +419,11 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             for name in starts:
                 study.enqueue_trial({}, user_attrs={"start": name})
             study.enqueue_trial({}, user_attrs={"baseline": True})
+            strategy = parsed.get("finetune.type")
+            if isinstance(strategy, Param) and strategy.choices and "frozen" in strategy.choices \
+                    and len(strategy.choices) > 1:
+                for _ in range(CACHED_FIRST):  # drawn like any trial, but on the embedding cache
+                    study.enqueue_trial({"finetune.type": "frozen"}, user_attrs={"cached_first": True})
         done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
         remaining = trials - len(done)
         cache_dir = str(cache_folder(cfg).resolve())
@@ -699,8 +710,12 @@ def _fail_leftovers(study, storage) -> None:
 
 
 def trials_table(study) -> List[Dict[str, Any]]:
+    import optuna
+
     out = []
     for t in study.trials:
+        if t.state == optuna.trial.TrialState.WAITING:
+            continue  # enqueued, not started (the cached first trials beyond the search's count)
         out.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value,
                     "epochs": len(t.user_attrs.get("epoch_values", [])), "seconds": t.user_attrs.get("seconds"),
                     "params": "the config as written" if t.user_attrs.get("baseline") else
