@@ -89,7 +89,7 @@ def _frozen_text(tmp_path, tiny_bert, **extra):
 def test_a_three_trial_search_prunes_and_refits_its_best_trial(tmp_path, tiny_bert, colour_verdict):
     from mmtune.search import tune
 
-    cfg = _frozen_text(tmp_path, tiny_bert)
+    cfg = _frozen_text(tmp_path, tiny_bert, finetune={"cache": False})  # a trial on the cache is never pruned
     # the config as written (lr 3e-3) is the first trial; the two drawn ones barely move: pruned after epoch 2
     out = tune(cfg, train=str(colour_verdict["train"]), trials=3,
                space={"only": True, "optim.lr": {"low": 1e-7, "high": 1e-6, "log": True}})
@@ -108,6 +108,17 @@ def test_a_three_trial_search_prunes_and_refits_its_best_trial(tmp_path, tiny_be
     assert [p.name for p in (run / "tune" / "trials").glob("trial-*")] == ["trial-0"]
     html = (run / "report.html").read_text()
     assert "<h2>Search</h2>" in html and "the config as written" in html
+
+
+def test_a_trial_on_the_embedding_cache_runs_to_its_end(tmp_path, tiny_bert, colour_verdict):
+    """The same search as above on the cache: the drawn trials that barely move are not pruned (their whole run costs
+    seconds, and a head can sit at chance for epochs before it learns)."""
+    from mmtune.search import tune
+
+    cfg = _frozen_text(tmp_path, tiny_bert)
+    out = tune(cfg, train=str(colour_verdict["train"]), trials=3, refit=False,
+               space={"only": True, "optim.lr": {"low": 1e-7, "high": 1e-6, "log": True}})
+    assert [t["state"] for t in out.trials] == ["complete"] * 3 and all(t["epochs"] == 3 for t in out.trials)
 
 
 def test_the_first_drawn_trials_are_frozen_ones_on_the_embedding_cache(tmp_path, tiny_bert, colour_verdict):
