@@ -230,6 +230,15 @@ def test_synthetic_rows_enter_the_training_set_only(tmp_path, tiny_vit, tiny_ber
         assert len(s["d_loss"]) == s["epochs_run"] > 0
         assert set(s["fidelity"]) == {"0", "1", "2", "3"}  # every class, in metrics.json
         assert all({"mean_distance", "spread_ratio"} <= set(v) for v in s["fidelity"].values())
+        from mmtune.evaluation.report import build_report
+
+        html = build_report(res.run_dir).read_text()  # the report's per-class table of the synthetic rows
+        part = html[html.index("<h3>Synthetic rows (gan)"):]
+        part = part[:part.index("</table>")]
+        row = part[part.index("<td>cool-return</td>"):].split("</tr>")[0]
+        f = s["fidelity"][str(res.tasks[0].classes.index("cool-return"))]
+        assert f"<td>{s['added_per_class'][str(res.tasks[0].classes.index('cool-return'))]}</td>" in row
+        assert f"<td>{f['spread_ratio']:.4f}</td>" in row and f"<td>{f['mean_distance']:.4f}</td>" in row
 
 
 @pytest.mark.stochastic

@@ -76,6 +76,33 @@ def _ensemble_section(meta: Dict[str, Any], tasks) -> str:
 MATCHING_SECTIONS = ["Summary", "Training curves", "Recall at k", "Worst-ranked test queries", "Configuration"]
 
 
+def _synthesis_part(syn: Dict[str, Any], tasks) -> str:
+    """The synthetic rows of a fit (``metrics["synthesis"]``), per class: how many were added and how close the
+    generated rows are to the real ones (GAN), or why a class's rows were left out."""
+    names = list(tasks[0].classes) if tasks and tasks[0].classes else []
+
+    def name(c: str) -> str:
+        return str(names[int(c)]) if c.isdigit() and int(c) < len(names) else c
+
+    fid, refused = syn.get("fidelity") or {}, syn.get("refused") or {}
+    classes = sorted(set(syn.get("added_per_class") or {}) | set(fid), key=lambda c: int(c) if c.isdigit() else c)
+    rows = [{"class": name(c), "real rows": (fid.get(c) or {}).get("real_rows"),
+             "added": (syn.get("added_per_class") or {}).get(c, 0),
+             **{k: (fid.get(c) or {}).get(k) for k in ("mean_distance", "spread_ratio", "precision", "recall")},
+             "left out": "; ".join(refused.get(c, []))} for c in classes]
+    space = syn.get("subspace")
+    said = (f" in a whitened subspace of {space['components']} components of {space['of']} "
+            f"({100 * space['variance_kept']:.0f} % of the within-class variance"
+            + (", each row with a real row's left-out part" if space.get("residuals") else "") + ")") if space else ""
+    note = "".join(f"<p>{html.escape(str(syn[k]))}</p>" for k in ("k_neighbors_note", "stopped") if syn.get(k))
+    return (f"<h3>Synthetic rows ({html.escape(str(syn.get('method')))}{html.escape(said)})</h3>"
+            "<p>Added to the training split only. For the GAN, per class on a fresh draw: the generated centre's "
+            "distance from the real one in real spreads (0 is perfect), the spread ratio (1 is perfect), and the "
+            "precision and recall of the generated rows against the real class's 3-NN manifold.</p>" + note
+            + _table(rows, ["class", "real rows", "added", "mean_distance", "spread_ratio", "precision", "recall",
+                            "left out"]))
+
+
 def _page(title: str, parts: Dict[str, List[str]], sections: List[str]) -> str:
     body = "".join(f'<section id="{html.escape(s.lower().replace(" ", "-"))}"><h2>{html.escape(s)}</h2>{"".join(parts[s])}</section>'
                    for s in sections if parts[s] or s not in OPTIONAL_SECTIONS)
@@ -335,6 +362,9 @@ def build_report(run_dir: str | Path) -> Path:
                 "<table><tr>" + "".join(f"<th>{html.escape(m)}</th>" for m in shown)
                 + "<th>id</th><th>true</th><th>predicted</th><th>confidence</th></tr>"
                 + "".join(rows) + "</table>" if rows else "<p>No misclassified examples.</p>"))
+
+    if metrics.get("synthesis"):
+        parts["Per-class metrics"].append(_synthesis_part(metrics["synthesis"], tasks))
 
     mc = metrics.get("modality_contribution")
     if mc:
