@@ -216,13 +216,18 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_K) -> Dict[
 FIDELITY_LIMITS = {"mean_distance": 0.5, "spread_ratio": (0.5, 2.0)}
 
 
+def is_finite(f: Dict[str, Any]) -> bool:
+    """Whether a class's fidelity figures are numbers (not, when its generated rows are not finite)."""
+    return bool(np.isfinite(f["mean_distance"]) and np.isfinite(f["spread_ratio"]))
+
+
 def fidelity_problems(per_class: Dict[str, Any], class_names=None) -> List[str]:
     """Human-readable lines for the classes whose synthetic rows are far from the real ones."""
     lo, hi = FIDELITY_LIMITS["spread_ratio"]
     out = []
     for c, f in per_class.items():
         name = class_names[int(c)] if class_names is not None else c
-        if not (np.isfinite(f["mean_distance"]) and np.isfinite(f["spread_ratio"])):
+        if not is_finite(f):
             out.append(f"class {name!r}: generated rows are not finite")
             continue
         if f["mean_distance"] > FIDELITY_LIMITS["mean_distance"]:

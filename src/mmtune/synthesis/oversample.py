@@ -61,7 +61,7 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
         Xr, yr = sampler.fit_resample(to(X), y)
         return back(Xr[len(X):], yr[len(X):]), yr[len(X):], report
     if cfg.method == "gan":
-        from .feature_gan import ConditionalGAN, fidelity, fidelity_problems
+        from .feature_gan import ConditionalGAN, fidelity, fidelity_problems, is_finite
 
         g = cfg.gan
         Z = to(X)
@@ -80,7 +80,7 @@ def synthesize_rows(X: np.ndarray, y: np.ndarray, cfg, seed: int = 0,
         far = {c: lines for c, lines in by_class.items() if lines and int(c) in need}  # classes that get rows
         # rows that are not like the class's real ones would teach the head something else; rows that are not
         # finite (a GAN whose loss stopped being finite) would end the fit, so they are left out in any case
-        refused = far if g.refuse_far else {c: v for c, v in far.items() if any("not finite" in x for x in v)}
+        refused = far if g.refuse_far else {c: v for c, v in far.items() if not is_finite(per_class[c])}
         finite = np.isfinite(Xn).all(1)
         keep = finite & ~np.isin(ys, [int(c) for c in refused])
         Xn, ys = Xn[keep], ys[keep]
