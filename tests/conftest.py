@@ -107,6 +107,9 @@ def colour_verdict(tmp_path_factory):
 
 
 def base_config(tmp_path, encoders, **extra):
+    """A small fit's config. The evaluation's extras (report, explanations, linear probe, modality contribution) are
+    off unless a test names them in ``evaluation=``: together they are about a third of a tiny fit's time, and the
+    tests of each turn it on."""
     cfg = {
         "name": "t",
         "output_dir": str(tmp_path / "runs"),
@@ -115,6 +118,7 @@ def base_config(tmp_path, encoders, **extra):
         "optim": {"lr": 3e-3, "weight_decay": 0.0},
         "trainer": {"max_epochs": 12, "batch_size": 16, "progress_bar": False, "early_stopping_patience": None,
                     "monitor": "val_acc"},
+        "evaluation": {"report": False, "explain": 0, "linear_probe": False, "modality_contribution": False},
     }
     for k, v in extra.items():
         cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)

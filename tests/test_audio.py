@@ -108,7 +108,7 @@ def test_audio_and_text_together_find_a_label_neither_has_alone(tmp_path, tones)
     enc = {"audio": {"modality": "audio", "checkpoint": "efficientnet-lite0-audio", "max_seconds": 2.0},
            "text": {"modality": "text", "checkpoint": "minilm-l6", "max_length": 32}}
     cfg = base_config(tmp_path, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 20}, optim={"lr": 2e-3},
-                      evaluation={"report": False})
+                      evaluation={"modality_contribution": True})
     res = mmtune.fit(cfg, train=str(tones["train"]), test=str(tones["test"]))
     m = res.metrics
     assert m["test"]["label"]["accuracy"] > 0.85

@@ -112,7 +112,8 @@ def test_binary_threshold_goals():
 def evaluated(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
     tmp = tmp_path_factory.mktemp("eval")
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp, enc, trainer={"max_epochs": 10, "tensorboard": True})
+    cfg = base_config(tmp, enc, trainer={"max_epochs": 10, "tensorboard": True},
+                      evaluation={"report": True, "explain": 8, "linear_probe": True, "modality_contribution": True})
     return mmtune.fit(cfg, train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
 
 

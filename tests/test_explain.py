@@ -69,7 +69,7 @@ def planted(tmp_path_factory, tiny_vit, resnet64, tiny_bert):
     for label, image in (("word_label", tiny_vit), ("colour_label", resnet64)):
         enc = {"image": {"modality": "image", "checkpoint": image}, "text": {"modality": "text", "checkpoint": tiny_bert}}
         cfg = base_config(folder / label, enc, data={"label_column": label}, finetune={"type": "full"},
-                          optim={"lr": 2e-3}, trainer={"max_epochs": 12}, evaluation={"explain": 4})
+                          optim={"lr": 2e-3}, trainer={"max_epochs": 12}, evaluation={"explain": 4, "report": True})
         runs[label] = mmtune.fit(cfg, train=str(train), test=str(test))
     return runs, test
 

@@ -32,7 +32,7 @@ def test_the_column_that_carries_the_label_is_found(tmp_path, tiny_bert, shared)
         enc = {"title": {"modality": "text", "checkpoint": tiny_bert},
                "body": {"modality": "text.body", "checkpoint": tiny_bert}}
     cfg = base_config(tmp_path, enc, data={"columns": {"text": "title"}}, trainer={"max_epochs": 6},
-                      evaluation={"report": False})
+                      evaluation={"modality_contribution": True})
     res = mmtune.fit(cfg, train=_notes(240, 0), test=_notes(80, 1))
     m = res.metrics
     # seeds 0-2, both kernels: accuracy 1.0; hiding the body costs 0.43-0.5, hiding the title 0.0
@@ -92,7 +92,7 @@ def test_every_kind_of_column_in_one_model(tmp_path, tiny_vit, tiny_bert, tiny_w
                                            "tasks": {"label": {"column": "label"},
                                                      "sold_for": {"column": "sold_for", "regression": True}}},
                       model={"encoders": enc, "fusion": {"type": "gated", "width": 16, "hidden_dims": [16]}},
-                      trainer={"max_epochs": 2})
+                      trainer={"max_epochs": 2}, evaluation={"report": True, "modality_contribution": True})
     res = mmtune.fit(cfg, train=df)
     assert set(res.model.output_modality.values()) == {"image", "image.back", "text", "text.body", "audio", "tabular"}
     assert {"without image.back", "without audio", "without tabular"} <= set(res.metrics["modality_contribution"])

@@ -262,7 +262,7 @@ def test_multitask_and_multilabel_bundle(tmp_path, tiny_vit, tiny_bert, colour_v
     cfg = base_config(tmp_path, enc, data={"tasks": {"label": {"column": "label"},
                                                      "family": {"column": "family", "weight": 0.5},
                                                      "tags": {"column": "tags", "multilabel": True}}},
-                      trainer={"max_epochs": 8})
+                      trainer={"max_epochs": 8}, evaluation={"report": True})
     res = mmtune.fit(cfg, train=df)
     m = res.metrics["val"]
     assert set(m) == {"label", "family", "tags"}

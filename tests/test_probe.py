@@ -17,7 +17,8 @@ from mmtune.cli import main as cli
 def probed(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
     tmp = tmp_path_factory.mktemp("probe")
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 4})
+    cfg = base_config(tmp, enc, finetune={"type": "frozen"}, trainer={"max_epochs": 4},
+                      evaluation={"report": True, "linear_probe": True})
     return mmtune.fit(cfg, train=str(colour_verdict["train"]), test=str(colour_verdict["test"]))
 
 
@@ -51,7 +52,7 @@ def test_the_probe_is_in_the_report_and_the_console(probed, capsys, tmp_path, ti
     page = (probed.run_dir / "report.html").read_text()
     assert "Linear probe" in page and "what fine-tuning has to beat" in page
     cfg = base_config(tmp_path, {"text": {"modality": "text", "checkpoint": tiny_bert}}, trainer={"max_epochs": 1},
-                      evaluation={"report": False})
+                      evaluation={"report": False, "linear_probe": True})
     cfg["data"]["train"] = str(colour_verdict["train"])
     import yaml
 
@@ -65,7 +66,7 @@ def test_the_probe_is_in_the_report_and_the_console(probed, capsys, tmp_path, ti
 def test_no_probe_without_a_pretrained_encoder(tmp_path):
     df = pd.DataFrame({"id": range(40), "x": np.arange(40.0), "label": ["a", "b"] * 20})
     cfg = base_config(tmp_path, {"t": {"modality": "tabular", "checkpoint": "tabular"}}, data={"columns": {"tabular": ["x"]}},
-                      trainer={"max_epochs": 1}, evaluation={"report": False})
+                      trainer={"max_epochs": 1}, evaluation={"report": False, "linear_probe": True})
     assert "linear_probe" not in mmtune.fit(cfg, train=df).metrics
 
 
@@ -134,7 +135,7 @@ def test_a_joint_encoders_zero_shot_stands_beside_the_model(tmp_path, tiny_clip,
 
     cfg = base_config(tmp_path, {"clip": {"modality": "image_text", "checkpoint": tiny_clip}},
                       data={"train": str(colour_verdict["train"]), "test": str(colour_verdict["test"])},
-                      trainer={"max_epochs": 1}, evaluation={"report": False, "few_shot": [3],
+                      trainer={"max_epochs": 1}, evaluation={"report": False, "linear_probe": True, "few_shot": [3],
                                                              "zero_shot_template": "this {}"})
     res = mmtune.fit(cfg)
     probe = res.metrics["linear_probe"]["label"]

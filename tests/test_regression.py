@@ -28,7 +28,7 @@ def regressed(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
     enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
     cfg = base_config(tmp, enc, data={"tasks": {"price": {"column": "price", "regression": True},
                                                 "label": {"column": "label", "weight": 0.5}}},
-                      trainer={"max_epochs": 12, "monitor": "val_rmse"})
+                      trainer={"max_epochs": 12, "monitor": "val_rmse"}, evaluation={"report": True})
     return mmtune.fit(cfg, train=_frame(colour_verdict["train"]), test=_frame(colour_verdict["test"], 1))
 
 

@@ -89,7 +89,8 @@ def _frozen_text(tmp_path, tiny_bert, **extra):
 def test_a_three_trial_search_prunes_and_refits_its_best_trial(tmp_path, tiny_bert, colour_verdict):
     from mmtune.search import tune
 
-    cfg = _frozen_text(tmp_path, tiny_bert, finetune={"cache": False})  # a trial on the cache is never pruned
+    cfg = _frozen_text(tmp_path, tiny_bert, finetune={"cache": False},  # a trial on the cache is never pruned
+                       evaluation={"report": True})
     # the config as written (lr 3e-3) is the first trial; the two drawn ones barely move: pruned after epoch 2
     out = tune(cfg, train=str(colour_verdict["train"]), trials=3,
                space={"only": True, "optim.lr": {"low": 1e-7, "high": 1e-6, "log": True}})

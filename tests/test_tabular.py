@@ -31,7 +31,7 @@ def tabular_run(tmp_path_factory, tiny_bert):
     enc = {"text": {"modality": "text", "checkpoint": tiny_bert},
            "table": {"modality": "tabular", "checkpoint": "tabular", "types": {"store": "categorical"}}}
     cfg = base_config(tmp, enc, data={"columns": {"tabular": ["amount", "brand", "store"]}},
-                      trainer={"max_epochs": 10}, optim={"lr": 5e-3})
+                      trainer={"max_epochs": 10}, optim={"lr": 5e-3}, evaluation={"modality_contribution": True})
     train = _table(400, 0)
     train.loc[::10, "amount"] = np.nan  # missing numbers are imputed and flagged, not bad rows
     train.loc[::10, "label"] = "low"
