@@ -138,3 +138,18 @@ def tiny_wav2vec2(tmp_path_factory):
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=True).save_pretrained(str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
+    """One trained tiny image+text run (ViT + BERT, 2 epochs, the demo task's train and test tables in its config),
+    shared by every test that only reads a bundle (prediction, serving and pruning): each copies or writes beside
+    it, never into it."""
+    import mmtune
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    cfg = base_config(tmp, {"image": {"modality": "image", "checkpoint": tiny_vit},
+                            "text": {"modality": "text", "checkpoint": tiny_bert}},
+                      name="tiny", data={"train": str(colour_verdict["train"]), "test": str(colour_verdict["test"])},
+                      trainer={"max_epochs": 2})
+    return mmtune.fit(cfg)

@@ -54,23 +54,8 @@ def test_modalities_bench_runs_and_prints_its_json(bench):
     assert all(0.0 <= last[k] <= 1.0 for k in ("audio_text_acc", "audio_only_acc", "tabular_text_acc", "two_text_columns_acc"))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
-    """A bundle of tiny encoders for the prediction and server benches (the demo's real ones take 40 s to export,
-    which the deploy tests cover)."""
-    import mmtune
-    from conftest import base_config
-
-    tmp = tmp_path_factory.mktemp("bench-run")
-    cfg = base_config(tmp, {"image": {"modality": "image", "checkpoint": tiny_vit},
-                            "text": {"modality": "text", "checkpoint": tiny_bert}},
-                      name="demo-fused", data={"train": str(colour_verdict["train"]), "test": str(colour_verdict["test"])},
-                      trainer={"max_epochs": 1}, evaluation={"report": False, "explain": 0})
-    return mmtune.fit(cfg).run_dir
-
-
 def test_predict_bench_runs_and_prints_its_json(bench, tiny_run, tmp_path):
-    last = bench("predict.py", "--run", str(tiny_run), "--work", str(tmp_path), "--repeat", "1", "--single", "3")
+    last = bench("predict.py", "--run", str(tiny_run.run_dir), "--work", str(tmp_path), "--repeat", "1", "--single", "3")
     assert {"torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s", "onnx_speedup", "int8_speedup", "int8_accuracy_delta",
             "static_int8_speedup", "static_int8_accuracy_delta",
             "p50_ms_best", "max_abs_prob_diff"} <= set(last)
@@ -79,7 +64,7 @@ def test_predict_bench_runs_and_prints_its_json(bench, tiny_run, tmp_path):
 
 def test_serve_bench_runs_and_prints_its_json(bench, tiny_run):
     # the PyTorch backend: test_deploy covers the ONNX server, and the prediction bench the export
-    last = bench("serve_load.py", "--run", str(tiny_run), "--clients", "4", "--seconds", "2", "--bad-share", "0.25",
+    last = bench("serve_load.py", "--run", str(tiny_run.run_dir), "--clients", "4", "--seconds", "2", "--bad-share", "0.25",
                  "--backend", "torch")
     assert {"clients", "requests_per_s", "p50_ms", "p99_ms", "errors", "batched_speedup"} <= set(last)
     assert last["errors"] == 0 and last["requests_per_s"] > 0 and last["clients"] == 4

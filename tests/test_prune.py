@@ -15,13 +15,10 @@ from mmtune.cli import main as cli
 from mmtune.prune import attention_blocks, prunable_weights, prune_heads, prune_run, sparsity_of
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_vit, tiny_bert, colour_verdict):
-    tmp = tmp_path_factory.mktemp("prune")
-    enc = {"image": {"modality": "image", "checkpoint": tiny_vit}, "text": {"modality": "text", "checkpoint": tiny_bert}}
-    cfg = base_config(tmp, enc, trainer={"max_epochs": 3}, evaluation={"explain": 0, "report": False})
-    cfg["data"].update(train=str(colour_verdict["train"]))
-    return mmtune.fit(cfg)
+@pytest.fixture
+def run(tiny_run):
+    """The session's tiny trained image+text run (read, never changed: every pruned copy is written elsewhere)."""
+    return tiny_run
 
 
 def _rows(colour_verdict):
