@@ -66,7 +66,7 @@ def test_bad_recordings_are_bad_rows(tmp_path, tiny_wav2vec2):
 
 
 def test_a_hugging_face_audio_model_trains_and_reloads(tmp_path, tiny_wav2vec2, tiny_bert, tones):
-    enc = {"audio": {"modality": "audio", "checkpoint": tiny_wav2vec2, "max_seconds": 1.0},
+    enc = {"audio": {"modality": "audio", "checkpoint": tiny_wav2vec2, "max_seconds": 0.5},
            "text": {"modality": "text", "checkpoint": tiny_bert}}
     cfg = base_config(tmp_path, enc, trainer={"max_epochs": 2}, finetune={"type": "partial"},
                       augment={"audio": {"enabled": True}}, evaluation={"report": False})
