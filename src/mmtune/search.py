@@ -440,8 +440,6 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             shutil.rmtree(extra_dir, ignore_errors=True)
         del kept[keep_n:]
 
-        from .config import _tables
-
         def objective(trial):
             start = trial.user_attrs.get("start")
             fixed = trial.user_attrs.get("baseline") or start in starts
@@ -469,8 +467,7 @@ def tune(config, train=None, val=None, test=None, *, trials: Optional[int] = Non
             # and on a hard pair task it can sit at chance for epochs before it learns (speech × pictures: the fast
             # recipe's validation loss stayed at ln 2 for 7 epochs, then fell to 0.58; pruned at epoch 1 or 3, the
             # search's cached trials never got there)
-            cached = not _trains_encoders(_tables(), tcfg.finetune.type) and bool(getattr(tcfg.finetune, "cache", False))
-            watch = Watch(tcfg.trainer.monitor, mode, trial, prune=not fixed and not cached)
+            watch = Watch(tcfg.trainer.monitor, mode, trial, prune=not fixed and not _cached(raw))
             folder = study_dir / "trials" / tcfg.name
             t0 = time.monotonic()
             try:
