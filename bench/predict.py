@@ -3,16 +3,15 @@
     .venv/bin/python bench/predict.py [--run runs/demo-fused] [--repeat 3] [--single 200]
 
 With no bundle at --run, the demo's fused model is trained first (--rows, --epochs; `mmtune demo` makes the
-same one). The bundle is exported (with int8) into a temporary folder, checked against the model on the test
-rows. Batch throughput: predict_proba over the test rows repeated --repeat times (median of 3 timings, input
-decoding included). Single row: --single calls of predict_proba on one row (p50 / p99). The input path alone
-(validation, decoding, tokenising, resizing: the same for every backend) is timed too. The last line printed
-is one JSON object.
-
-``static-int8`` is measured beside them but not shipped by ``mmtune export``: the convolutions (depthwise ones
-included) quantized statically to int8 in QDQ form with onnxruntime's calibration on 64 rows of the run's
-validation split (per-channel weights, uint8 activations), and the matrix products dynamically as in ``int8``;
-``static_int8_speedup`` and ``static_int8_accuracy_delta`` in the JSON are its figures against eager PyTorch.
+same one). The bundle is exported twice into a temporary folder, each checked against the model on its validation
+split: as `mmtune export --quantize int8` ships it (``static-int8``: the convolution chains static int8, calibrated
+on the validation rows, the matrix products dynamic int8) and with ``--int8-convolutions float`` (``int8``: only the
+matrix products int8). Batch throughput: predict_proba over the test rows repeated --repeat times (median of 3
+timings, input decoding included). Single row: --single calls of predict_proba on one row (p50 / p99). The input
+path alone (validation, decoding, tokenising, resizing: the same for every backend) is timed too. The last line
+printed is one JSON object: ``int8_*`` are the float-convolution figures, ``static_int8_*`` the shipped ones, and
+``static_int8_convolutions`` says whether the export kept the static convolutions (``static``) or fell back
+(``float``: they lost more than a point on the validation rows).
 """
 from __future__ import annotations
 
@@ -56,32 +55,6 @@ def test_rows(run: Path) -> pd.DataFrame:
     return df
 
 
-def static_int8(export: Path, pred, rows: pd.DataFrame, batch_size: int) -> Path:
-    """``export/model.int8-static.onnx``: convolutions static int8 (QDQ, calibrated on ``rows``), matrix products
-    dynamic int8."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-
-    from mmtune.serving.runners import graph_feed
-
-    ds = pred.dataset(rows, with_labels=False)
-    names = pred.runner.inputs
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([graph_feed(b, names) for b in pred.batches(ds, batch_size)])
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    mid, out = export / "model.static-conv.onnx", export / "model.int8-static.onnx"
-    quantize_static(str(export / "model.onnx"), str(mid), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["Conv"], per_channel=True, weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QUInt8)
-    quantize_dynamic(str(mid), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Attention"])
-    return out
-
-
 def timed(fn, times: int = 3) -> float:
     out = []
     for _ in range(times):
@@ -110,29 +83,24 @@ def main() -> None:
 
     quiet_libraries()
     tmp = Path(args.work) if args.work else scratch("mmtune-bench-predict-")
+    tmp.mkdir(parents=True, exist_ok=True)
     run = Path(args.run)
     if not (run / "bundle.json").is_file():
         print(f"no bundle at {run}: training the demo model ({args.rows} rows, {args.epochs} epochs)", flush=True)
         run = demo_bundle(tmp, args.rows, args.epochs)
     rows = test_rows(run)
     many = pd.concat([rows] * args.repeat, ignore_index=True)
-    export = tmp / "export"
-    report = export_onnx(run, export, data=rows, quantize="int8")
+    # int8 as `mmtune export --quantize int8` ships it (convolutions static, calibrated on the validation split),
+    # and with --int8-convolutions float: the same run's export, checked on its validation split
+    export, float_conv = tmp / "export", tmp / "export-float-conv"
+    report = export_onnx(run, export, quantize="int8")
+    export_onnx(run, float_conv, quantize="int8", convolutions="float", log=lambda *_: None)
     print(f"cpu threads: {torch.get_num_threads()}; rows: {len(rows)} test rows x {args.repeat}", flush=True)
 
-    from mmtune.serving.export import _rows
-    from mmtune.serving.runners import OnnxRunner
-
-    fp32 = mmtune.load(export, backend="onnx")
-    val, _ = _rows(fp32, None)  # the run's validation split, rebuilt from its config
-    static_path = static_int8(export, fp32, val.head(64), args.batch_size)
-
     results, proba = {}, {}
-    for name, path, backend in (("torch", run, "torch"), ("onnx", export, "onnx"), ("int8", export, "onnx-int8"),
-                                ("static-int8", export, "onnx")):
+    for name, path, backend in (("torch", run, "torch"), ("onnx", export, "onnx"), ("int8", float_conv, "onnx-int8"),
+                                ("static-int8", export, "onnx-int8")):
         pred = mmtune.load(path, backend=backend)
-        if name == "static-int8":
-            pred.runner = OnnxRunner(static_path, pred.runner.output_modality, torch.device("cpu"))
         pred.predict_proba(rows.head(args.batch_size), batch_size=args.batch_size)  # warm-up
         seconds = timed(lambda: pred.predict_proba(many, batch_size=args.batch_size))
         proba[name] = pred.predict_proba(rows, calibrated=False).drop(columns=[pred.spec.id_column] if pred.spec.id_column else []).to_numpy()
@@ -161,7 +129,12 @@ def main() -> None:
     print(f"export parity on {report.rows_checked} rows: max |Δ prob| {report.max_abs_prob_diff:.2e}; "
           f"int8 vs fp32 max |Δ prob| {float(np.abs(proba['int8'] - proba['onnx']).max()):.3f}; static int8 vs fp32 "
           f"{float(np.abs(proba['static-int8'] - proba['onnx']).max()):.3f}")
-    best = max(("onnx", "int8"), key=lambda k: results[k]["rows_per_s"])
+    print(f"static int8 as shipped: convolutions {report.int8['convolutions']}"
+          + (f" ({report.int8['convolutions_note']})" if report.int8.get("convolutions_note") else "")
+          + f"; decisions changed on the test rows against fp32: int8 "
+          f"{int((proba['int8'].argmax(1) != proba['onnx'].argmax(1)).sum())}, static int8 "
+          f"{int((proba['static-int8'].argmax(1) != proba['onnx'].argmax(1)).sum())} of {len(rows)}")
+    best = max(("onnx", "int8", "static-int8"), key=lambda k: results[k]["rows_per_s"])
     print(json.dumps({
         "torch_rows_per_s": round(results["torch"]["rows_per_s"], 1),
         "onnx_rows_per_s": round(results["onnx"]["rows_per_s"], 1),
@@ -171,6 +144,7 @@ def main() -> None:
         "int8_accuracy_delta": round(results["int8"]["accuracy"] - results["torch"]["accuracy"], 4),
         "static_int8_speedup": round(results["static-int8"]["rows_per_s"] / base["rows_per_s"], 2),
         "static_int8_accuracy_delta": round(results["static-int8"]["accuracy"] - results["torch"]["accuracy"], 4),
+        "static_int8_convolutions": report.int8["convolutions"],
         "p50_ms_best": round(min(r["p50_ms"] for r in results.values()), 2),
         "max_abs_prob_diff": float(f"{float(np.abs(proba['onnx'] - proba['torch']).max()):.3g}"),
         "torch_p50_ms": round(results["torch"]["p50_ms"], 2),

@@ -84,6 +84,94 @@ def test_int8_export_reports_its_accuracy_change(exported, colour_verdict):
     assert (export / "model.int8.onnx").stat().st_size < sum(f.stat().st_size for f in export.glob("model.onnx*"))
 
 
+def test_the_convolution_chain_is_whole_blocks(tmp_path):
+    """Static int8 takes every convolution and the activations, sums and pools fed only by the chain (so a block stays
+    int8 end to end), and nothing the chain does not feed: a Clip on the raw input, a matrix product."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mmtune.serving.export import conv_chain
+
+    w = lambda name, *shape: numpy_helper.from_array(np.ones(shape, np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Clip", ["x", "lo", "hi"], ["x6"], name="clip_on_input"),
+        helper.make_node("Conv", ["x6", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="relu6_1"),
+        helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "a1"], ["r"], name="residual"),
+        helper.make_node("Relu", ["r"], ["a2"], name="relu_2"),
+        helper.make_node("GlobalAveragePool", ["a2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "wm"], ["m"], name="head"),
+        helper.make_node("Add", ["m", "f2"], ["y"], name="add_outside"),  # f2 is a graph input, not the chain's
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]),
+                                           helper.make_tensor_value_info("f2", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              [w("w1", 2, 2, 3, 3), w("w2", 2, 2, 3, 3), w("wm", 2, 2),
+                               numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                               numpy_helper.from_array(np.array(6, np.float32), "hi")])
+    onnx.save(helper.make_model(graph), str(tmp_path / "g.onnx"))
+    assert conv_chain(tmp_path / "g.onnx") == ["conv1", "relu6_1", "conv2", "residual", "relu_2", "pool"]
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory, tiny_resnet, tiny_bert, colour_verdict):
+    tmp = tmp_path_factory.mktemp("cnn")
+    enc = {"image": {"modality": "image", "checkpoint": tiny_resnet}, "text": {"modality": "text", "checkpoint": tiny_bert}}
+    cfg = base_config(tmp, enc, trainer={"max_epochs": 2},
+                      data={"train": str(colour_verdict["train"]), "test": str(colour_verdict["test"])})
+    return mmtune.fit(cfg)
+
+
+def _op_types(path):
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def test_int8_convolutions_are_static_and_checked(cnn_run, colour_verdict, tmp_path, monkeypatch, capsys):
+    """A CNN's int8 export: its convolution chains static int8 (QDQ, calibrated on the check rows) and kept when the main
+    metric holds; the report's metric change and changed decisions are what the two models predict; a model that loses
+    too much, unlabelled check rows and ``convolutions="float"`` keep them float, and say why."""
+    from mmtune.serving import export as ex
+
+    rows = _rows(colour_verdict)
+    rep = ex.export_onnx(cnn_run.run_dir, tmp_path / "static", data=rows, quantize="int8", log=lambda *_: None)
+    assert rep.int8["convolutions"] == "static" and rep.int8["calibration_rows"] == min(ex.CALIBRATION_ROWS, len(rows))
+    ops = _op_types(tmp_path / "static" / "model.int8.onnx")
+    convs = ops.count("Conv")
+    assert convs == _op_types(tmp_path / "static" / "model.onnx").count("Conv") > 1
+    assert ops.count("QuantizeLinear") >= convs and ops.count("DequantizeLinear") >= 2 * convs  # inputs and weights
+    int8, fp32 = (mmtune.load(tmp_path / "static", backend=b) for b in ("onnx-int8", "onnx"))
+    acc = {n: p.evaluate(rows)["label"]["accuracy"] for n, p in (("int8", int8), ("fp32", fp32))}
+    assert rep.int8["metric_change"]["label"]["accuracy"] == pytest.approx(acc["int8"] - acc["fp32"], abs=1e-12)
+    assert rep.int8["metric_change"]["label"]["accuracy"] >= -ex.INT8_METRIC_TOLERANCE
+    flips = int((int8.predict_proba(rows, calibrated=False).drop(columns="id").to_numpy().argmax(1)
+                 != fp32.predict_proba(rows, calibrated=False).drop(columns="id").to_numpy().argmax(1)).sum())
+    assert rep.int8["decisions_changed"] == {"label": flips}
+    assert json.loads((tmp_path / "static" / "export.json").read_text())["check"]["int8"]["convolutions"] == "static"
+
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    assert cli(["export", "--run", str(cnn_run.run_dir), "--out", str(tmp_path / "float"), "--quantize", "int8",
+                "--int8-convolutions", "float", "--data", str(tmp_path / "rows.csv")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("; convolutions float")
+    assert json.loads((tmp_path / "float" / "export.json").read_text())["check"]["int8"]["convolutions"] == "float"
+    assert "QuantizeLinear" not in _op_types(tmp_path / "float" / "model.int8.onnx")
+    rep = ex.export_onnx(cnn_run.run_dir, tmp_path / "unlabelled", data=rows.drop(columns="label"), quantize="int8",
+                         log=lambda *_: None)
+    assert rep.int8["convolutions"] == "float" and "no labels" in rep.int8["convolutions_note"]
+    monkeypatch.setattr(ex, "INT8_METRIC_TOLERANCE", -1.0)  # any static int8 model now loses too much
+    said = []
+    rep = ex.export_onnx(cnn_run.run_dir, tmp_path / "fallback", data=rows, quantize="int8", log=said.append)
+    assert rep.int8["convolutions"] == "float" and "QuantizeLinear" not in _op_types(tmp_path / "fallback" / "model.int8.onnx")
+    assert rep.int8["convolutions_note"].startswith("kept float: static int8 changed the main metric by")
+    assert "convolutions float (kept float: static int8 changed" in said[-1]
+    assert not list((tmp_path / "fallback").glob("*static-conv*"))  # the intermediate graph is not left behind
+    with pytest.raises(ValueError, match="unknown int8 convolutions 'dynamic'; valid: static, float"):
+        ex.export_onnx(cnn_run.run_dir, tmp_path / "bad", quantize="int8", convolutions="dynamic")
+
+
 def test_export_cli_backends_and_refusals(exported, colour_verdict, tmp_path, capsys, monkeypatch):
     res, _ = exported
     rows = _rows(colour_verdict, n=10)

@@ -155,7 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a run bundle as ONNX (optionally int8), checked against the model")
     ex.add_argument("--run", required=True, help="run bundle folder")
     ex.add_argument("--format", default="onnx", choices=["onnx"])
-    ex.add_argument("--quantize", choices=["int8"], help="also write a dynamically quantized int8 model")
+    ex.add_argument("--quantize", choices=["int8"], help="also write an int8 model (matrix products dynamic, "
+                    "convolutions static: see --int8-convolutions)")
+    ex.add_argument("--int8-convolutions", choices=["static", "float"], default="static",
+                    help="static: int8, calibrated on the check rows and kept only if the main metric loses at most "
+                    "0.01 on them (the default); float: leave them float (CPUs without VNNI may run them faster)")
     ex.add_argument("--data", help="rows to check parity (and int8 accuracy) on (default: the run's validation split)")
     ex.add_argument("--out", help="export bundle folder (default: RUN/export)")
     ex.add_argument("--single", action="store_true", help="a run that ships an ensemble: export its own model only")
@@ -568,7 +572,8 @@ def _prune(args) -> int:
 def _export(args) -> int:
     from .serving.export import export_onnx
 
-    export_onnx(args.run, args.out, args.data, args.quantize, ensemble=False if args.single else None)
+    export_onnx(args.run, args.out, args.data, args.quantize, ensemble=False if args.single else None,
+                convolutions=args.int8_convolutions)
     return 0
 
 

@@ -118,14 +118,18 @@ class ResizeNormalizeProcessor:
         from PIL import Image
 
         s = self.image_size
-        arr = np.zeros((len(columns["image"]), 3, s, s), dtype=np.float32)
+        pixels = np.zeros((len(columns["image"]), s, s, 3), dtype=np.uint8)
+        blank = np.zeros(len(pixels), dtype=bool)
         for i, im in enumerate(columns["image"]):
             if im is None:
-                continue  # blank; masked out by the model
+                blank[i] = True  # masked out by the model
+                continue
             if im.size != (s, s):
                 im = im.resize((s, s), Image.BILINEAR)
-            arr[i] = (np.asarray(im, dtype=np.float32).transpose(2, 0, 1) - self.mean) / self.std
-        return {"pixel_values": torch.from_numpy(arr)}
+            pixels[i] = np.asarray(im)
+        arr = (pixels.transpose(0, 3, 1, 2).astype(np.float32) - self.mean) / self.std  # the batch at once
+        arr[blank] = 0.0
+        return {"pixel_values": torch.from_numpy(np.ascontiguousarray(arr))}
 
     def normalization(self):
         return (self.mean.ravel() / 255.0).tolist(), (self.std.ravel() / 255.0).tolist()

@@ -22,7 +22,8 @@ from torch import nn
 from ..bundle import file_manifest
 from ..evaluation.metrics import main_metric
 from ..inference import probabilities
-from .runners import EXPORT_MARKER, ONNX_FILES, READABLE_EXPORT_FORMATS, OnnxRunner, input_layout, read_export  # noqa: F401
+from .runners import (EXPORT_MARKER, ONNX_FILES, READABLE_EXPORT_FORMATS, OnnxRunner, graph_feed, input_layout,  # noqa: F401
+                      read_export)
 
 EXPORT_FORMAT = 2
 COPIED = ("config.yaml", "labels.json", "calibration.json", "metrics.json", "encoders", "pruned.json")
@@ -30,9 +31,22 @@ COPIED = ("config.yaml", "labels.json", "calibration.json", "metrics.json", "enc
 SEQUENCE_TENSORS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "input_values"}
 """Input tensors whose second axis is a length that varies from batch to batch."""
 PARITY_TOLERANCE = 1e-4
-QUANTIZED_OPS = ["MatMul", "Attention"]
-"""What int8 dynamic quantization rewrites: the transformer encoders' (and heads') matrix products. Convolutions
-stay float: onnxruntime's dynamic ConvInteger is slower than its float convolution on CPU."""
+QUANTIZED_OPS = ["MatMul"]
+"""What int8 dynamic quantization rewrites: the transformer encoders' (and heads') matrix products by a weight.
+(Dynamic ConvInteger is slower than onnxruntime's float convolution on CPU: convolutions go static, below.)"""
+CONV_CHAIN_OPS = ("Conv", "Clip", "Relu", "Add", "MaxPool", "AveragePool", "GlobalAveragePool")
+"""What static int8 quantizes: every convolution, and the activations, residual sums and pools whose inputs all come
+from quantized convolutions — so a block stays int8 from one convolution to the next, with no dequantize/quantize
+pair between them (quantizing the convolutions alone made the pairs cost more than the convolutions saved)."""
+CONVOLUTIONS = ("static", "float")
+"""``convolutions`` of an int8 export: static int8 (calibrated), or left float."""
+CALIBRATION_ROWS = 128
+"""Rows of the check rows (the validation split by default) that calibrate the static int8 activations."""
+INT8_METRIC_TOLERANCE = 0.01
+"""The most the main metric may lose with static int8 convolutions on the check rows; beyond it they stay float."""
+ATTENTION_OPSET = 23
+"""The opset whose Attention operator the exporter writes scaled dot-product attention as (one node instead of a
+dozen), when onnxruntime runs it (1.23 and later); older onnxruntime gets the exporter's default opset."""
 
 
 class ExportError(ValueError):
@@ -114,7 +128,7 @@ def _export_graph(graph: ExportGraph, batch, path: Path) -> str:
             b = torch.export.Dim("batch", min=1, max=65536)
             shapes = tuple({0: b, 1: torch.export.Dim.AUTO} if s else {0: b} for s in seq) + tuple({0: b} for _ in graph.fields)
             torch.onnx.export(graph, args, str(path), input_names=names, output_names=graph.output_names(),
-                              dynamic_shapes=(shapes,), dynamo=True, optimize=True, verbose=False)
+                              dynamic_shapes=(shapes,), dynamo=True, optimize=True, verbose=False, **_opset())
             return "torch.export"
         except Exception as exc:  # any tracing failure: try the other exporter before giving up
             errors.append(f"torch.export: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
@@ -129,29 +143,79 @@ def _export_graph(graph: ExportGraph, batch, path: Path) -> str:
     raise ExportError("the model could not be exported to ONNX (" + "; ".join(errors) + ")")
 
 
-def _quantize(src: Path, dst: Path) -> None:
+def _opset() -> Dict[str, int]:
+    """``opset_version`` for the exporter where onnxruntime runs :data:`ATTENTION_OPSET` (else the default)."""
+    import onnxruntime
+
+    try:
+        major, minor = (int(x) for x in onnxruntime.__version__.split(".")[:2])
+    except ValueError:
+        return {}
+    return {"opset_version": ATTENTION_OPSET} if (major, minor) >= (1, 23) else {}
+
+
+def conv_chain(model_path: Path) -> List[str]:
+    """The nodes static int8 quantizes (:data:`CONV_CHAIN_OPS`): every Conv, then — in the graph's topological
+    order — each activation, sum or pool whose every computed input comes from a node already in the chain."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    constant = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    chain: List[str] = []
+    produced: set = set()
+    for node in graph.node:
+        computed = [i for i in node.input if i and i not in constant]
+        if node.op_type == "Conv" or (node.op_type in CONV_CHAIN_OPS and computed and all(i in produced for i in computed)):
+            chain.append(node.name)
+            produced.update(node.output)
+    return chain
+
+
+def _quantize(src: Path, dst: Path, calibration=None) -> None:
+    """``dst``: ``src`` with its matrix products int8 (dynamic); with ``calibration`` (an iterable of graph feeds),
+    its convolution chains (:func:`conv_chain`) static int8 first, QDQ, per-channel int8 weights and uint8
+    activations calibrated on those feeds."""
     from ..extras import require
 
     require("onnxruntime", "onnx", "int8 quantization")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     import logging
+    import warnings
 
     class _NoAdvice(logging.Filter):  # the quantizer's advice to pre-process, logged on the root logger
         def filter(self, record):
-            return "pre-processing before quantization" not in record.getMessage()
+            text = record.getMessage()
+            return "pre-processing before quantization" not in text and "model is already quantized" not in text
 
     root = logging.getLogger()
     quiet = _NoAdvice()
     root.addFilter(quiet)
+    mid = dst.with_name(dst.stem + ".static-conv.onnx")
     try:
+        if calibration is not None:
+            feeds = iter(calibration)
+
+            class Reader(CalibrationDataReader):
+                def get_next(self):
+                    return next(feeds, None)
+
+            with warnings.catch_warnings():
+                # the calibration ranges every tensor of these op types, also the additive attention masks (-inf)
+                # outside the chain, whose ranges are never used; numpy's notes on them are noise
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module="onnxruntime")
+                quantize_static(str(src), str(mid), Reader(), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=list(CONV_CHAIN_OPS), nodes_to_quantize=conv_chain(src),
+                                per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+            src = mid
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS)
     finally:
         root.removeFilter(quiet)
+        mid.unlink(missing_ok=True)
 
 
 def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None, log=print,
-                ensemble: Optional[bool] = None) -> ExportReport:
+                ensemble: Optional[bool] = None, convolutions: str = "static") -> ExportReport:
     """Export the bundle in ``run_dir`` to ``out_dir`` (default ``<run_dir>/export``), replacing it only once the
     new export is complete and checked. ``data`` (a manifest or DataFrame; default: the run's validation split,
     rebuilt from its config) are the real rows parity is measured on: the ONNX probabilities must match the
@@ -160,7 +224,9 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
     ships an ensemble (:mod:`mmtune.ensemble`) exports each member the same way — the run's own model in ``out_dir``,
     the others in ``out_dir/ensemble/<member>``, each checked alone — with the ensemble's weights and calibration in
     ``out_dir/ensemble/ensemble.json``, so the ONNX backend loads the ensemble as the torch one does; ``ensemble``
-    False exports the run's own model only."""
+    False exports the run's own model only. ``convolutions`` (int8): ``static`` quantizes the convolution chains
+    statically, calibrated on the first :data:`CALIBRATION_ROWS` check rows, and keeps them only if no main metric
+    loses more than :data:`INT8_METRIC_TOLERANCE` on the check rows (:func:`_int8`); ``float`` leaves them float."""
     from ..extras import require
     from ..io import atomic_write_dir
     from ..ensemble import shipped_ensemble
@@ -170,6 +236,8 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
     require("onnx", "onnx", "ONNX export")
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantization {quantize!r}; valid: int8")
+    if convolutions not in CONVOLUTIONS:
+        raise ValueError(f"unknown int8 convolutions {convolutions!r}; valid: {', '.join(CONVOLUTIONS)}")
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
     check_export_folder(out_dir, run_dir)
@@ -204,16 +272,7 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
         if labelled:
             report["metrics"] = {"torch": _main_metrics(pred, ds, ref)}
         if quantize == "int8":
-            _quantize(tmp / ONNX_FILES["onnx"], tmp / ONNX_FILES["onnx-int8"])
-            int8 = OnnxRunner(tmp / ONNX_FILES["onnx-int8"], pred.model.output_modality, torch.device("cpu"))
-            q = pred.proba_of(ds, None, calibrated=False, runner=int8)
-            entry: Dict[str, Any] = {"max_abs_prob_diff": max(float(np.abs(ref[t] - q[t]).max()) if len(ref[t]) else 0.0 for t in ref),
-                                     "size_bytes": (tmp / ONNX_FILES["onnx-int8"]).stat().st_size}
-            if labelled:
-                m8 = _main_metrics(pred, ds, q)
-                report["metrics"]["int8"] = m8
-                entry["metric_change"] = {t: {k: m8[t][k] - report["metrics"]["torch"][t][k] for k in m8[t]} for t in m8}
-            report["int8"] = entry
+            report["int8"] = _int8(pred, ds, ref, labelled, tmp, fp32, convolutions, report.get("metrics", {}))
         rep = ExportReport(out_dir, report["exporter"], len(ds), diff, time.perf_counter() - started,
                            report.get("int8"), report.get("metrics", {}))
         meta = {
@@ -227,7 +286,7 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
             "check": rep.to_json(),
         }
         if ens is not None:
-            _export_members(ens, tmp, rows, quantize, log)
+            _export_members(ens, tmp, rows, quantize, log, convolutions)
         meta["files"] = file_manifest(tmp, sorted(p.name for p in tmp.iterdir()))
         (tmp / EXPORT_MARKER).write_text(json.dumps(meta, indent=2))
         report["rep"] = rep
@@ -239,11 +298,56 @@ def export_onnx(run_dir, out_dir=None, data=None, quantize: Optional[str] = None
     if rep.int8 is not None:
         change = rep.int8.get("metric_change")
         said = "; ".join(f"{t} {k} {v:+.4f}" for t, m in change.items() for k, v in m.items()) if change else "no labels"
-        log(f"int8: max |Δ prob| {rep.int8['max_abs_prob_diff']:.3f}; change in the main metric: {said}")
+        convs = rep.int8["convolutions"] + (f" ({rep.int8['convolutions_note']})" if rep.int8.get("convolutions_note") else "")
+        flips = "; ".join(f"{t} {n} of {rep.rows_checked}" for t, n in rep.int8.get("decisions_changed", {}).items())
+        log(f"int8: max |Δ prob| {rep.int8['max_abs_prob_diff']:.3f}; change in the main metric: {said}; "
+            + (f"decisions changed: {flips}; " if flips else "") + f"convolutions {convs}")
     return rep
 
 
-def _export_members(ens: Dict[str, Any], tmp: Path, rows, quantize: Optional[str], log) -> None:
+def _int8(pred, ds, ref, labelled: bool, tmp: Path, fp32: OnnxRunner, convolutions: str,
+          metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Write ``model.int8.onnx`` and measure it on the check rows ``ds`` (``ref``: the model's probabilities). Static
+    int8 convolutions need labelled rows (the change in the main metric is their test) and are kept only when no
+    task's main metric loses more than :data:`INT8_METRIC_TOLERANCE`; otherwise they stay float, and the entry's
+    ``convolutions_note`` says why."""
+    src, dst = tmp / ONNX_FILES["onnx"], tmp / ONNX_FILES["onnx-int8"]
+    note = None
+    has_convs = bool(conv_chain(src))
+    static = convolutions == "static" and has_convs
+    if static and not labelled:
+        static, note = False, "kept float: the check rows have no labels to test static int8 on"
+    while True:
+        calibration = None
+        if static:
+            rows = ds.__getitems__(list(range(min(CALIBRATION_ROWS, len(ds)))))
+            calibration = (graph_feed(pred.collator(rows[s:s + 32]), fp32.inputs) for s in range(0, len(rows), 32))
+        _quantize(src, dst, calibration)
+        q = pred.proba_of(ds, None, calibrated=False, runner=OnnxRunner(dst, pred.model.output_modality, torch.device("cpu")))
+        entry: Dict[str, Any] = {"max_abs_prob_diff": max(float(np.abs(ref[t] - q[t]).max()) if len(ref[t]) else 0.0 for t in ref),
+                                 "size_bytes": dst.stat().st_size,
+                                 "convolutions": "static" if static else "float" if has_convs else "none"}
+        changed = {t.name: int((ref[t.name].argmax(1) != q[t.name].argmax(1)).sum()) for t in pred.tasks
+                   if not (t.regression or t.multilabel) and len(ref[t.name])}
+        if changed:
+            entry["decisions_changed"] = changed
+        if static:
+            entry["calibration_rows"] = min(CALIBRATION_ROWS, len(ds))
+        if labelled:
+            m8 = _main_metrics(pred, ds, q)
+            entry["metric_change"] = {t: {k: m8[t][k] - metrics["torch"][t][k] for k in m8[t]} for t in m8}
+            worst = min(v for m in entry["metric_change"].values() for v in m.values())
+            if static and worst < -INT8_METRIC_TOLERANCE:
+                static, note = False, (f"kept float: static int8 changed the main metric by {worst:+.4f} on "
+                                       f"{len(ds)} rows (at most -{INT8_METRIC_TOLERANCE:g} allowed)")
+                continue
+            metrics["int8"] = m8
+        if note:
+            entry["convolutions_note"] = note
+        return entry
+
+
+def _export_members(ens: Dict[str, Any], tmp: Path, rows, quantize: Optional[str], log, convolutions: str) -> None:
     """Each ensemble member but the run's own model exported into ``tmp/ensemble/<name>``, and the ensemble's
     description (paths within the export) beside them."""
     from ..ensemble import FOLDER, MARKER
@@ -256,7 +360,8 @@ def _export_members(ens: Dict[str, Any], tmp: Path, rows, quantize: Optional[str
             continue
         where = f"{FOLDER}/{m['name']}"
         log(f"ensemble member {m['name']}:")
-        export_onnx(m["folder"], tmp / where, data=rows, quantize=quantize, log=log, ensemble=False)
+        export_onnx(m["folder"], tmp / where, data=rows, quantize=quantize, log=log, ensemble=False,
+                    convolutions=convolutions)
         members.append({"name": m["name"], "path": where, "weight": m["weight"]})
     out = {k: v for k, v in ens.items() if k not in ("members",)}
     out["members"] = members

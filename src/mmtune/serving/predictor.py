@@ -178,7 +178,10 @@ class Predictor:
         rows, ahead = self._pool
 
         def collate(c):
-            return self.collator(list(rows.map(ds.__getitem__, [int(i) for i in c])))
+            # a batch in one part per worker: each part's cells taken at once and decoded on its thread (per-row
+            # tasks cost more in scheduling and in taking cells one at a time than small files take to decode)
+            parts = [p for p in np.array_split(np.asarray(c), self.workers) if len(p)]
+            return self.collator([item for part in rows.map(ds.__getitems__, parts) for item in part])
 
         pending = ahead.submit(collate, chunks[0]) if chunks else None
         for k in range(len(chunks)):
