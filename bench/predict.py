@@ -1,6 +1,6 @@
 """Prediction speed and accuracy of the demo bundle: eager PyTorch, ONNX fp32 and ONNX int8, same rows, one run.
 
-    .venv/bin/python bench/predict.py [--run runs/demo-fused] [--repeat 3] [--single 200]
+    .venv/bin/python bench/predict.py [--run runs/demo-fused] [--repeat 3] [--single 200] [--image-size 224]
 
 With no bundle at --run, the demo's fused model is trained first (--rows, --epochs; `mmtune demo` makes the
 same one). The bundle is exported twice into a temporary folder, each checked against the model on its validation
@@ -28,7 +28,7 @@ import pandas as pd
 from _scratch import scratch
 
 
-def demo_bundle(folder: Path, rows: int, epochs: int) -> Path:
+def demo_bundle(folder: Path, rows: int, epochs: int, image_size: int = 0) -> Path:
     from mmtune.config import load_config
     from mmtune.demo import demo_config_path, make_dataset
     from mmtune.recipe.fit import fit
@@ -37,7 +37,8 @@ def demo_bundle(folder: Path, rows: int, epochs: int) -> Path:
     cfg = load_config(demo_config_path(), [f"output_dir={folder}", f"data.train={data['train']}", f"data.test={data['test']}",
                                            f"trainer.max_epochs={epochs}", "trainer.progress_bar=false",
                                            "evaluation.linear_probe=false", "evaluation.explain=0",
-                                           "evaluation.modality_contribution=false", "evaluation.report=false"])
+                                           "evaluation.modality_contribution=false", "evaluation.report=false"]
+                      + ([f"model.encoders.image.image_size={image_size}"] if image_size else []))
     return fit(cfg).run_dir
 
 
@@ -69,6 +70,8 @@ def main() -> None:
     ap.add_argument("--run", default="runs/demo-fused")
     ap.add_argument("--rows", type=int, default=800, help="demo rows, when the bundle has to be trained first")
     ap.add_argument("--epochs", type=int, default=15, help="demo epochs, when the bundle has to be trained first")
+    ap.add_argument("--image-size", type=int, default=0,
+                    help="the demo's picture side, when the bundle has to be trained first (default: the demo's 96)")
     ap.add_argument("--repeat", type=int, default=3, help="the test rows repeated this many times for throughput")
     ap.add_argument("--single", type=int, default=200, help="single-row calls")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -87,7 +90,7 @@ def main() -> None:
     run = Path(args.run)
     if not (run / "bundle.json").is_file():
         print(f"no bundle at {run}: training the demo model ({args.rows} rows, {args.epochs} epochs)", flush=True)
-        run = demo_bundle(tmp, args.rows, args.epochs)
+        run = demo_bundle(tmp, args.rows, args.epochs, args.image_size)
     rows = test_rows(run)
     many = pd.concat([rows] * args.repeat, ignore_index=True)
     # int8 as `mmtune export --quantize int8` ships it (convolutions static, calibrated on the validation split),
