@@ -118,18 +118,20 @@ class ResizeNormalizeProcessor:
         from PIL import Image
 
         s = self.image_size
-        pixels = np.zeros((len(columns["image"]), s, s, 3), dtype=np.uint8)
-        blank = np.zeros(len(pixels), dtype=bool)
+        arr = np.zeros((len(columns["image"]), 3, s, s), dtype=np.float32)
+        blank = np.zeros(len(arr), dtype=bool)
         for i, im in enumerate(columns["image"]):
             if im is None:
                 blank[i] = True  # masked out by the model
                 continue
             if im.size != (s, s):
                 im = im.resize((s, s), Image.BILINEAR)
-            pixels[i] = np.asarray(im)
-        arr = (pixels.transpose(0, 3, 1, 2).astype(np.float32) - self.mean) / self.std  # the batch at once
+            arr[i] = np.asarray(im).transpose(2, 0, 1)  # cast to float32 as it is copied
+        # the whole batch in place (the same numbers as per image, several times faster at 224 px)
+        arr -= self.mean
+        arr /= self.std
         arr[blank] = 0.0
-        return {"pixel_values": torch.from_numpy(np.ascontiguousarray(arr))}
+        return {"pixel_values": torch.from_numpy(arr)}
 
     def normalization(self):
         return (self.mean.ravel() / 255.0).tolist(), (self.std.ravel() / 255.0).tolist()
