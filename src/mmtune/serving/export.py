@@ -320,8 +320,8 @@ def _int8(pred, ds, ref, labelled: bool, tmp: Path, fp32: OnnxRunner, convolutio
     while True:
         calibration = None
         if static:
-            rows = ds.__getitems__(list(range(min(CALIBRATION_ROWS, len(ds)))))
-            calibration = (graph_feed(pred.collator(rows[s:s + 32]), fp32.inputs) for s in range(0, len(rows), 32))
+            first = np.arange(min(CALIBRATION_ROWS, len(ds)))
+            calibration = (graph_feed(b, fp32.inputs) for b in pred.batches(ds, 32, first))
         _quantize(src, dst, calibration)
         q = pred.proba_of(ds, None, calibrated=False, runner=OnnxRunner(dst, pred.model.output_modality, torch.device("cpu")))
         entry: Dict[str, Any] = {"max_abs_prob_diff": max(float(np.abs(ref[t] - q[t]).max()) if len(ref[t]) else 0.0 for t in ref),
