@@ -241,6 +241,15 @@ def test_the_cli_lists_the_tables(capsys):
     out = capsys.readouterr().out
     for table in (FUSIONS, LOSSES, OPTIMIZERS, SCHEDULES):
         assert ", ".join(table.names()) in out
+    with pytest.raises(SystemExit) as done:  # fit's help lists them too (built only for that help)
+        main(["fit", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "parts a config can name:" in out and ", ".join(FUSIONS.names()) in out
+    from mmtune.cli import _parser
+
+    sub = next(a for a in _parser(["predict"])._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert sub.choices["fit"].epilog is None  # another command does not import every table to list them
 
 
 def test_every_optional_package_is_declared_by_the_part_or_section_that_needs_it(monkeypatch):

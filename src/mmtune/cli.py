@@ -33,12 +33,16 @@ def parts_table() -> str:
     return "\n".join(f"  {kind}: {', '.join(names)}" for kind, names in rows)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    """The command line; ``fit --help`` lists the parts a config can name (built only then: listing them imports
+    every table of parts, seconds that no other command needs)."""
+    argv = sys.argv[1:] if argv is None else argv
+    fit_help = bool(argv) and argv[0] == "fit" and any(a in ("-h", "--help") for a in argv[1:])
     p = argparse.ArgumentParser(prog="mmtune", description="Fine-tune multimodal classifiers and ship them.")
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="fine-tune the model a YAML config describes, or a table and its label column",
-                       epilog="parts a config can name:\n" + parts_table(),
+                       epilog="parts a config can name:\n" + parts_table() if fit_help else None,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("config", help="YAML config file; or, with --label, the training table (CSV, TSV, JSONL, Parquet)")
     f.add_argument("--label", help="the label column of the table: no config needed, each column's kind is inferred "
@@ -239,7 +243,7 @@ def _load(args):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser(argv).parse_args(argv)
     from .memory import keep_freed_memory
 
     keep_freed_memory()
