@@ -69,6 +69,49 @@ def test_onnx_export_computes_what_the_model_computes(exported, colour_verdict):
     assert not (res.run_dir / "export" / "model.safetensors").exists()  # the weights live in the graph only
 
 
+def test_the_onnx_backend_reads_the_processors_without_building_the_encoders(exported, colour_verdict, monkeypatch):
+    """An ONNX predictor takes each encoder's processor from its saved folder (building the encoders, even without
+    weights, imported their model code: seconds at start-up); its batches are the PyTorch predictor's to the bit."""
+    import mmtune.encoders as encoders
+    import mmtune.models as models
+
+    res, _ = exported
+    rows = _rows(colour_verdict, n=12)
+    torch_pred = mmtune.load(res.run_dir)
+
+    def refuse(*a, **k):
+        raise AssertionError("an ONNX predictor built an encoder")
+
+    monkeypatch.setattr(encoders, "_build_encoder", refuse)
+    monkeypatch.setattr(models, "model_for", refuse)
+    onnx_pred = mmtune.load(res.run_dir, backend="onnx")
+    a = next(iter(torch_pred.batches(torch_pred.dataset(rows, with_labels=False), 12)))
+    b = next(iter(onnx_pred.batches(onnx_pred.dataset(rows, with_labels=False), 12)))
+    assert sorted(a["inputs"]) == sorted(b["inputs"]) == ["image", "text"]
+    for enc in a["inputs"]:
+        assert sorted(a["inputs"][enc]) == sorted(b["inputs"][enc])
+        for k, v in a["inputs"][enc].items():
+            assert v.dtype == b["inputs"][enc][k].dtype and bool((v == b["inputs"][enc][k]).all()), (enc, k)
+
+
+def test_a_saved_processor_reads_the_fields_its_encoder_reads(tmp_path, tiny_bert):
+    """Shared weights over two text columns and one named field: the processor read back from the encoder's folder
+    gives what the built encoder's processor gives."""
+    from mmtune.config import EncoderConfig
+    from mmtune.encoders import build_encoder, saved_processor
+
+    columns = {"text": ["a red cup", "two"], "text.body": ["it is blue and quite large", ""]}
+    for spec in (EncoderConfig(modality="text", checkpoint=tiny_bert, fields=["text", "text.body"]),
+                 EncoderConfig(modality="text.body", checkpoint=tiny_bert, max_length=5)):
+        enc = build_encoder(spec)
+        folder = tmp_path / spec.modality
+        enc.save_parts(folder)
+        want, got = enc.processor(columns), saved_processor(spec, folder)(columns)
+        assert got.keys() == want.keys() and len(want) >= 2
+        assert all(bool((got[k] == want[k]).all()) for k in want)
+    assert want["input_ids"].shape[1] == 5  # the named field, cut at its encoder's max_length
+
+
 def test_int8_export_reports_its_accuracy_change(exported, colour_verdict):
     res, report = exported
     rows = _rows(colour_verdict)

@@ -7,7 +7,7 @@ from typing import Optional
 from . import audio, speaker, tabular  # noqa: F401  (register the audio, speaker and tabular encoders)
 from .base import Encoder, EncoderOutput, depth_groups, pool_tokens
 
-__all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_tokens"]
+__all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_tokens", "saved_processor"]
 
 
 def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
@@ -18,6 +18,16 @@ def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
     field = spec.modality
     enc = _build_encoder(spec.model_copy(update={"modality": field.split(".", 1)[0]}), bundle_dir)
     return SharedFieldsEncoder(enc, spec.fields) if spec.fields else for_field(enc, field)
+
+
+def saved_processor(spec, bundle_dir: Path):
+    """The processor of the encoder :func:`build_encoder` builds from ``bundle_dir`` (a run bundle's encoder folder),
+    read from the folder without building the encoder: what a model exported to ONNX needs of it (building even a
+    weightless encoder imports its model code)."""
+    from .fields import reading
+    from .processors import load_processor
+
+    return reading(load_processor(Path(bundle_dir) / "processor"), spec.modality, spec.fields)
 
 
 def _build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:

@@ -31,11 +31,19 @@ class FieldProcessor:
         return getattr(self.__dict__["inner"], name)
 
 
+def reading(processor, field: str, fields: Sequence[str] = ()):
+    """``processor`` (of ``field``'s modality) set to read what its encoder reads: each of ``fields`` (shared
+    weights), else ``field`` when it is a named field (``text.body``), else its modality's column as it is."""
+    if fields:
+        return SharedProcessor(processor, fields)
+    return FieldProcessor(processor, field) if field != kind(field) else processor
+
+
 def for_field(enc: Encoder, field: str) -> Encoder:
     """``enc`` (of ``field``'s modality) reading ``field``."""
     if field != kind(field):
         enc.field = field
-        enc.processor = FieldProcessor(enc.processor, field)
+        enc.processor = reading(enc.processor, field)
     return enc
 
 
@@ -68,7 +76,7 @@ class SharedFieldsEncoder(Encoder):
         self.model = inner
         self.fields = list(fields)
         self.modality = inner.modality
-        self.processor = SharedProcessor(inner.processor, self.fields)
+        self.processor = reading(inner.processor, inner.modality, self.fields)
         self.field_embedding = nn.Parameter(torch.zeros(len(self.fields), inner.out_dim))
         self._token_dim = inner.token_dims()[""]
 
