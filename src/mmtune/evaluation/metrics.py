@@ -5,7 +5,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
 
 def classification_metrics(y_true: Sequence[int], proba: np.ndarray, class_names: Optional[Sequence[Any]] = None,
@@ -22,6 +21,8 @@ def classification_metrics(y_true: Sequence[int], proba: np.ndarray, class_names
     equal-width bins, ``ece_bins`` recorded beside it). ROC-AUC
     and PR-AUC are None, with a note saying why, when the true labels hold fewer than all classes.
     """
+    from sklearn import metrics as skm
+
     from .calibration import expected_calibration_error
 
     y = np.asarray(y_true, dtype=int)
@@ -76,6 +77,8 @@ def multilabel_metrics(y_true: np.ndarray, proba: np.ndarray, thresholds: Option
     """Multi-label metrics from an (N, C) 0/1 matrix and (N, C) probabilities, labels decided by
     ``thresholds`` (per label; default 0.5): ``f1_micro``, ``f1_macro``, ``subset_accuracy``,
     ``hamming_loss`` and ``mean_average_precision`` (macro over labels that occur)."""
+    from sklearn import metrics as skm
+
     y = np.asarray(y_true, dtype=int)
     proba = np.asarray(proba, dtype=np.float64)
     th = np.asarray(thresholds if thresholds is not None else [0.5] * proba.shape[1])
@@ -96,6 +99,8 @@ def tune_thresholds(y_true: np.ndarray, proba: np.ndarray) -> list:
     """Per label, a probability threshold that maximises that label's F1 on (y_true, proba): halfway
     between the lowest score the best cut accepts and the next lower score (0 if none), so that it
     does not sit exactly on one validation example. 0.5 for a label that never occurs."""
+    from sklearn import metrics as skm
+
     y = np.asarray(y_true, dtype=int)
     out = []
     for j in range(proba.shape[1]):
