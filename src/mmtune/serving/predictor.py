@@ -119,8 +119,7 @@ class Predictor:
                 raise FileNotFoundError(f"the export in {str(where)!r} has no {backend} model (it has "
                                         f"{', '.join(meta.get('onnx_files', {})) or 'none'}); export again with "
                                         "--quantize int8")
-            m = read_bundle(where, model=False, complete=False)
-            m.model, m.processors = None, _processors(m.config, where)
+            m = read_bundle(where, model=False, complete=False)  # no PyTorch model: its processors are read apart
             runner = OnnxRunner(where / ONNX_FILES[backend], meta["output_modality"], torch.device(device))
             runner.name = backend
             return runner, m.calibration, m
@@ -130,7 +129,7 @@ class Predictor:
             return cls._from_members(meta, folder, device, workers, onnx_member)
         runner, calibration, b = onnx_member(folder)
         return cls(None, b.config, b.tasks, calibration, folder, device, runner=runner, workers=workers,
-                   processors=b.processors)
+                   processors=_processors(b.config, folder))
 
     @classmethod
     def _from_members(cls, meta, folder: Path, device, workers, make) -> "Predictor":
@@ -141,7 +140,8 @@ class Predictor:
         tasks = first.tasks
         calibration = {t.name: Calibration.from_json((meta.get("calibration") or {}).get(t.name)) for t in tasks}
         pred = cls(first.model, first.config, tasks, calibration, Path(folder), device, runner=EnsembleRunner(members),
-                   workers=workers, reference=first.reference, processors=getattr(first, "processors", None))
+                   workers=workers, reference=first.reference,
+                   processors=None if first.model is not None else _processors(first.config, first.run_dir))
         pred.members = [{k: m[k] for k in ("name", "path", "weight")} for m in meta["members"]]
         return pred
 
