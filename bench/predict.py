@@ -1,13 +1,14 @@
 """Prediction speed and accuracy of the demo bundle: eager PyTorch, ONNX fp32 and ONNX int8, same rows, one run.
 
-    .venv/bin/python bench/predict.py [--run runs/demo-fused] [--repeat 3] [--single 200] [--image-size 224]
+    .venv/bin/python bench/predict.py [--run runs/demo-fused] [--repeat 3] [--rounds 7] [--single 200] [--image-size 224]
 
 With no bundle at --run, the demo's fused model is trained first (--rows, --epochs; `mmtune demo` makes the
 same one). The bundle is exported twice into a temporary folder, each checked against the model on its validation
 split: as `mmtune export --quantize int8` ships it (``static-int8``: the convolution chains static int8, calibrated
 on the validation rows, the matrix products dynamic int8) and with ``--int8-convolutions float`` (``int8``: only the
-matrix products int8). Batch throughput: predict_proba over the test rows repeated --repeat times (median of 3
-timings, input decoding included). Single row: --single calls of predict_proba on one row (p50 / p99). The input
+matrix products int8). Batch throughput: predict_proba over the test rows repeated --repeat times, input decoding
+included; the four backends take turns for --rounds rounds, so that a change in the machine's speed during the run
+reaches them alike (each round after one untimed batch), and each one's median round is reported. Single row: --single calls of predict_proba on one row (p50 / p99). The input
 path alone (validation, decoding, tokenising, resizing: the same for every backend) is timed too. The last line
 printed is one JSON object: ``int8_*`` are the float-convolution figures, ``static_int8_*`` the shipped ones, and
 ``static_int8_convolutions`` says whether the export kept the static convolutions (``static``) or fell back
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=0,
                     help="the demo's picture side, when the bundle has to be trained first (default: the demo's 96)")
     ap.add_argument("--repeat", type=int, default=3, help="the test rows repeated this many times for throughput")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="throughput timings per backend, the backends taking turns (the median is reported)")
     ap.add_argument("--single", type=int, default=200, help="single-row calls")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--work", help="folder for the trained demo bundle and the export (default: a temporary one)")
@@ -100,12 +103,21 @@ def main() -> None:
     export_onnx(run, float_conv, quantize="int8", convolutions="float", log=lambda *_: None)
     print(f"cpu threads: {torch.get_num_threads()}; rows: {len(rows)} test rows x {args.repeat}", flush=True)
 
-    results, proba = {}, {}
+    results, proba, preds = {}, {}, {}
     for name, path, backend in (("torch", run, "torch"), ("onnx", export, "onnx"), ("int8", float_conv, "onnx-int8"),
                                 ("static-int8", export, "onnx-int8")):
-        pred = mmtune.load(path, backend=backend)
-        pred.predict_proba(rows.head(args.batch_size), batch_size=args.batch_size)  # warm-up
-        seconds = timed(lambda: pred.predict_proba(many, batch_size=args.batch_size))
+        preds[name] = mmtune.load(path, backend=backend)
+        preds[name].predict_proba(rows.head(args.batch_size), batch_size=args.batch_size)  # warm-up
+    # the backends timed in turn, round after round, so that a change in the machine's speed during the run
+    # (another tenant, the clock) reaches every backend alike; each backend's median round. Each round starts with
+    # one untimed batch, so that a backend does not pay for the caches the one before it filled.
+    timings = {name: [] for name in preds}
+    for _ in range(args.rounds):
+        for name, pred in preds.items():
+            pred.predict_proba(rows.head(args.batch_size), batch_size=args.batch_size)
+            timings[name].append(timed(lambda: pred.predict_proba(many, batch_size=args.batch_size), 1))
+    for name, pred in preds.items():
+        seconds = statistics.median(timings[name])
         proba[name] = pred.predict_proba(rows, calibrated=False).drop(columns=[pred.spec.id_column] if pred.spec.id_column else []).to_numpy()
         single = []
         for i in range(args.single):

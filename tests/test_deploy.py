@@ -158,6 +158,94 @@ def test_the_convolution_chain_is_whole_blocks(tmp_path):
     assert conv_chain(tmp_path / "g.onnx") == ["conv1", "relu6_1", "conv2", "residual", "relu_2", "pool"]
 
 
+def _attention_model(masks):
+    """Self-attention layers over (batch, length, 16), 4 heads; ``masks`` per layer: ``rows`` (a mask row per query,
+    as BERT's is), ``rows-keys-read`` (the same, its split keys also read elsewhere) or ``broadcast`` (one row for
+    every query)."""
+    import torch
+    from torch import nn
+
+    class Attentions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in masks)
+
+        def forward(self, x, mask):
+            b, s, _ = x.shape
+            keep = mask[:, None, None, :].bool()
+            for layer, kind in zip(self.qkv, masks):
+                q, k, v = (t.reshape(b, s, 4, -1).transpose(1, 2) for t in layer(x).chunk(3, dim=-1))
+                m = keep if kind == "broadcast" else keep.expand(-1, 1, s, -1)
+                out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(b, s, -1)
+                x = x + out + (k.sum(dim=(1, 3))[..., None] if kind == "rows-keys-read" else 0)
+            return x
+
+    torch.manual_seed(0)
+    return Attentions().eval()
+
+
+def _exported_attention(model, path):
+    import torch
+
+    from mmtune.serving.export import dynamo_export
+
+    x, mask = torch.randn(3, 5, 16), torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]])
+    batch, length = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("length", min=2, max=64)
+    return dynamo_export(model, (x, mask), path, ["x", "mask"], ["y"], ({0: batch, 1: length}, {0: batch, 1: length}))
+
+
+def _same_as_torch(model, session, tol=1e-5):
+    import torch
+
+    for b, s in ((3, 5), (2, 9)):  # other batch sizes and lengths than the export's
+        feed = {"x": np.random.default_rng(b).normal(size=(b, s, 16)).astype(np.float32),
+                "mask": (np.arange(s)[None] < np.array([s, s - 2, s - 1])[:b, None]).astype(np.int64)}
+        want = model(torch.from_numpy(feed["x"]), torch.from_numpy(feed["mask"])).detach().numpy()
+        got = session.run(None, feed)[0]
+        assert np.abs(got - want).max() <= tol
+        yield feed, got
+
+
+def test_attention_heads_are_folded_into_the_attention_node(tmp_path, monkeypatch):
+    """The heads' reshape/transpose around an opset-23 Attention node go into its 3-D form: the same outputs, four
+    transposes fewer. An attention whose split keys are read elsewhere too keeps its 4-D form."""
+    import onnx
+    import onnxruntime as ort
+
+    from mmtune.serving import export
+    from mmtune.serving.export import ATTENTION_OPSET, fold_attention_heads
+
+    if not export._opset():
+        pytest.skip("this onnxruntime has no opset-23 Attention")
+    model = _attention_model(["rows", "rows-keys-read"])
+    assert _exported_attention(model, tmp_path / "folded.onnx") == ATTENTION_OPSET
+    assert fold_attention_heads(tmp_path / "folded.onnx") == 0  # nothing left to fold
+    with monkeypatch.context() as m:
+        m.setattr(export, "fold_attention_heads", lambda path: 0)
+        assert _exported_attention(model, tmp_path / "plain.onnx") == ATTENTION_OPSET
+    folded, plain = (onnx.load(str(tmp_path / f"{n}.onnx")) for n in ("folded", "plain"))
+    count = lambda m, op: sum(n.op_type == op for n in m.graph.node)  # noqa: E731
+    assert count(plain, "Attention") == count(folded, "Attention") == 2
+    assert count(folded, "Transpose") == count(plain, "Transpose") - 4
+    heads = [[a.i for a in n.attribute if a.name.endswith("num_heads")] for n in folded.graph.node if n.op_type == "Attention"]
+    assert sorted(heads) == [[], [4, 4]]
+    a, b = (ort.InferenceSession(str(tmp_path / f"{n}.onnx"), providers=["CPUExecutionProvider"]) for n in ("folded", "plain"))
+    for feed, got in _same_as_torch(model, a):
+        assert np.abs(got - b.run(None, feed)[0]).max() <= 1e-6
+
+
+def test_an_attention_onnxruntime_refuses_is_exported_without_the_attention_operator(tmp_path):
+    """onnxruntime's Attention refuses a mask broadcast over the queries: such a model is written at the exporter's
+    default opset instead (attention as matrix products), and computes what the model computes."""
+    import onnx
+    import onnxruntime as ort
+
+    model = _attention_model(["rows", "broadcast"])
+    assert _exported_attention(model, tmp_path / "a.onnx") is None
+    assert not any(n.op_type == "Attention" for n in onnx.load(str(tmp_path / "a.onnx")).graph.node)
+    list(_same_as_torch(model, ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])))
+
+
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory, tiny_resnet, tiny_bert, colour_verdict):
     tmp = tmp_path_factory.mktemp("cnn")

@@ -127,8 +127,7 @@ def _export_graph(graph: ExportGraph, batch, path: Path) -> str:
             require("onnxscript", "onnx", "ONNX export")
             b = torch.export.Dim("batch", min=1, max=65536)
             shapes = tuple({0: b, 1: torch.export.Dim.AUTO} if s else {0: b} for s in seq) + tuple({0: b} for _ in graph.fields)
-            torch.onnx.export(graph, args, str(path), input_names=names, output_names=graph.output_names(),
-                              dynamic_shapes=(shapes,), dynamo=True, optimize=True, verbose=False, **_opset())
+            dynamo_export(graph, args, path, names, graph.output_names(), (shapes,))
             return "torch.export"
         except Exception as exc:  # any tracing failure: try the other exporter before giving up
             errors.append(f"torch.export: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
@@ -143,6 +142,41 @@ def _export_graph(graph: ExportGraph, batch, path: Path) -> str:
     raise ExportError("the model could not be exported to ONNX (" + "; ".join(errors) + ")")
 
 
+def dynamo_export(module: nn.Module, args: Tuple[torch.Tensor, ...], path: Path, input_names: List[str],
+                  output_names: List[str], dynamic_shapes) -> Optional[int]:
+    """``module`` written to ``path`` by torch.export, at :data:`ATTENTION_OPSET` where onnxruntime runs it, with
+    the attention heads folded (:func:`fold_attention_heads`). A graph with Attention nodes must run on ``args`` in
+    onnxruntime, or it is written again at the exporter's default opset, where attention is plain matrix products
+    (onnxruntime's Attention refuses some masks the exporter writes: one broadcast over the queries). Returns the
+    opset asked for (None: the exporter's default)."""
+    opset = _opset()
+    for ask in ([opset, {}] if opset else [{}]):
+        torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_shapes=dynamic_shapes, dynamo=True, optimize=True, verbose=False, **ask)
+        if not ask:
+            return None
+        fold_attention_heads(path)
+        if _runs_on_onnxruntime(path, dict(zip(input_names, args))):
+            return ask["opset_version"]
+    return None
+
+
+def _runs_on_onnxruntime(path: Path, tensors: Dict[str, torch.Tensor]) -> bool:
+    """Whether the graph at ``path`` runs on CPU onnxruntime on ``tensors`` (a graph without Attention nodes is taken
+    to: the export's parity check runs it next)."""
+    import onnx
+    import onnxruntime as ort
+
+    if not any(n.op_type == "Attention" for n in onnx.load(str(path), load_external_data=False).graph.node):
+        return True
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session.run(None, {i.name: tensors[i.name].detach().cpu().numpy() for i in session.get_inputs()})
+        return True
+    except Exception:  # onnxruntime's errors have no common class; any failure means: not this opset
+        return False
+
+
 def _opset() -> Dict[str, int]:
     """``opset_version`` for the exporter where onnxruntime runs :data:`ATTENTION_OPSET` (else the default)."""
     import onnxruntime
@@ -152,6 +186,90 @@ def _opset() -> Dict[str, int]:
     except ValueError:
         return {}
     return {"opset_version": ATTENTION_OPSET} if (major, minor) >= (1, 23) else {}
+
+
+def fold_attention_heads(model_path: Path) -> int:
+    """Rewrite, in place, each opset-23 ``Attention`` node fed by ``Reshape -> Transpose(0, 2, 1, 3)`` per input
+    and read through ``Transpose(0, 2, 1, 3) -> Reshape`` into the operator's 3-D form (``q_num_heads`` and
+    ``kv_num_heads`` set, the heads split inside the kernel): four transposes per attention layer fewer, the same
+    numbers. A node the pattern does not fit exactly (past key/values, a head count the graph's shapes do not give,
+    a tensor read elsewhere too, a mask broadcast over the queries, which onnxruntime's 3-D form refuses) is left as
+    it is. Returns the number of nodes rewritten; the file is only written
+    when there is one."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    nodes = list(graph.node)
+    position = {id(n): k for k, n in enumerate(nodes)}
+    producer = {o: n for n in nodes for o in n.output}
+    readers: Dict[str, List[Any]] = {}
+    for n in nodes:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for o in graph.output:
+        readers.setdefault(o.name, []).append(None)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in graph.value_info if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+    def heads_swap(node) -> bool:
+        return (node is not None and node.op_type == "Transpose"
+                and [list(a.ints) for a in node.attribute if a.name == "perm"] == [[0, 2, 1, 3]])
+
+    def only_reader(name: str):
+        got = readers.get(name, [])
+        return got[0] if len(got) == 1 else None
+
+    dropped, rewritten = set(), 0
+    for att in nodes:
+        if att.op_type != "Attention" or att.domain not in ("", "ai.onnx") or len(att.input) < 3 or len(att.input) > 4 \
+                or len([o for o in att.output if o]) != 1 or any(a.name.endswith("num_heads") for a in att.attribute):
+            continue
+        sources, heads, drop = [], [], []
+        for name in att.input[:3]:
+            swap = producer.get(name)
+            split = producer.get(swap.input[0]) if heads_swap(swap) else None
+            dims, whole = shapes.get(name, []), shapes.get(split.input[0] if split is not None else "", [])
+            if split is None or split.op_type != "Reshape" or only_reader(name) is not att \
+                    or only_reader(swap.input[0]) is not swap or len(dims) != 4 or not isinstance(dims[1], int) \
+                    or dims[1] <= 0 or len(whole) != 3 or whole[:2] != [dims[0], dims[2]] \
+                    or not (isinstance(dims[3], int) and whole[2] == dims[1] * dims[3]):
+                break  # (batch, length, heads x size) split into (batch, heads, length, size), or not this node
+            sources.append(split.input[0])
+            heads.append(dims[1])
+            drop += [swap, split]
+        swap = only_reader(att.output[0])
+        merge = only_reader(swap.output[0]) if heads_swap(swap) else None
+        out, merged = shapes.get(att.output[0], []), shapes.get(merge.output[0] if merge is not None else "", [])
+        mask = shapes.get(att.input[3], []) if len(att.input) > 3 and att.input[3] else None
+        if len(sources) != 3 or heads[1] != heads[2] or merge is None or merge.op_type != "Reshape" \
+                or len(out) != 4 or len(merged) != 3 or merged[:2] != [out[0], out[2]] \
+                or not (isinstance(out[3], int) and merged[2] == heads[0] * out[3]) \
+                or (mask is not None and (len(mask) < 2 or mask[-2] != out[2])):
+            continue  # (onnxruntime's 3-D form wants a mask with a row per query: it does not broadcast one)
+        for k, name in enumerate(sources):
+            att.input[k] = name
+        att.attribute.extend([helper.make_attribute("q_num_heads", heads[0]),
+                              helper.make_attribute("kv_num_heads", heads[1])])
+        att.output[0] = merge.output[0]
+        dropped.update(position[id(n)] for n in drop + [swap, merge])
+        rewritten += 1
+    if rewritten:
+        def copy(message):
+            out = type(message)()
+            out.CopyFrom(message)
+            return out
+
+        kept = [copy(n) for k, n in enumerate(nodes) if k not in dropped]
+        computed = {o for n in kept for o in n.output}
+        infos = [copy(v) for v in graph.value_info if v.name in computed]
+        del graph.node[:]
+        graph.node.extend(kept)
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
+        onnx.save(model, str(model_path))
+    return rewritten
 
 
 def conv_chain(model_path: Path) -> List[str]:
