@@ -55,12 +55,21 @@ def test_modalities_bench_runs_and_prints_its_json(bench):
 
 
 def test_predict_bench_runs_and_prints_its_json(bench, tiny_run, tmp_path):
-    last = bench("predict.py", "--run", str(tiny_run.run_dir), "--work", str(tmp_path), "--repeat", "1", "--single", "3")
+    last = bench("predict.py", "--run", str(tiny_run.run_dir), "--work", str(tmp_path), "--repeat", "1", "--single", "3",
+                 "--rounds", "2")
     assert {"torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s", "onnx_speedup", "int8_speedup", "int8_accuracy_delta",
             "static_int8_speedup", "static_int8_accuracy_delta", "static_int8_convolutions",
             "p50_ms_best", "max_abs_prob_diff"} <= set(last)
     assert last["static_int8_convolutions"] in ("static", "float")  # the ViT's patch convolution: static if it held
     assert last["max_abs_prob_diff"] <= 1e-4 and all(last[k] > 0 for k in ("torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s"))
+
+
+def test_attention_bench_runs_and_prints_its_json(bench, tiny_run, tmp_path):
+    last = bench("attention.py", "--run", str(tiny_run.run_dir), "--work", str(tmp_path), "--rounds", "1", "--repeat", "1")
+    assert {"fp32_plain_s", "fp32_folded_s", "fp32_ratio", "int8_plain_s", "int8_folded_s", "int8_ratio"} <= set(last)
+    assert last["max_abs_prob_diff"] <= 1e-5  # the fold changes no number
+    # the tiny ViT's and BERT's attention layers, every one folded (four transposes each)
+    assert last["attention_nodes"] >= 2 and last["transposes_removed"] == 4 * last["attention_nodes"]
 
 
 def test_serve_bench_runs_and_prints_its_json(bench, tiny_run):
