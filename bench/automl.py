@@ -45,8 +45,6 @@ COOL_WORDS = ["cool", "blue", "green", "icy"]
 
 def make_pairs(out: Path, n: int, seed: int = 0):
     """Picture family x named family: the label says whether they agree."""
-    import pandas as pd
-
     from mmtune.demo import COOL, ITEMS, WARM, _draw
 
     rng = random.Random(seed)

@@ -13,7 +13,6 @@ metrics are the folds' averaged calibrated probabilities, scored.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np

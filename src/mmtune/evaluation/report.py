@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from ..data.images import inline_png, thumbnail  # noqa: F401  (thumbnail: the report's too)
+from ..data.images import inline_png
 from ..io import atomic_write_bytes, atomic_write_text
 from .remedies import read_remedies
 

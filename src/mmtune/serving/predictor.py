@@ -1,7 +1,6 @@
 """Load a run bundle and predict, with no network and without the original checkpoints."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
