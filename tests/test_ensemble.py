@@ -180,3 +180,42 @@ def test_cv_ships_its_folds_as_an_equal_weight_ensemble_that_serves_and_exports(
     with pytest.raises(ValueError, match="outside the run folder"):
         mmtune.load(run)
     assert Predictor.load(run, ensemble=False).members is None  # the run's own model still loads
+
+
+def test_cv_folds_that_fitted_their_own_table_statistics_each_read_the_rows_their_own_way(tmp_path):
+    """Each cross-validation fold fits its tabular encoder's statistics and categories on its own training rows; a
+    category in one row only is missing from the fold that holds that row out, which numbers the other categories
+    differently. The ensemble must give each member its own inputs: its probabilities are the members' own
+    (each loaded alone), also on the ONNX backend."""
+    from mmtune.ensemble import processors_differ
+
+    rng = np.random.default_rng(0)
+
+    def table(n, rare):
+        shop = rng.choice(["s-b", "s-c", "s-d"], n).astype(object)
+        shop[:rare] = "s-a"  # sorts first: without it, a fold numbers s-b, s-c and s-d one lower
+        amount = rng.uniform(0, 10, n)
+        return pd.DataFrame({"id": [f"r{rare}-{i}" for i in range(n)], "amount": amount.round(3), "shop": shop,
+                             "label": np.where((shop == "s-c") | (amount > 8), "yes", "no")})
+
+    enc = {"table": {"modality": "tabular", "checkpoint": "tabular"}}
+    cfg = base_config(tmp_path, enc, data={"columns": {"tabular": ["amount", "shop"]}}, name="t",
+                      trainer={"max_epochs": 3}, optim={"lr": 1e-2}, evaluation={"cv": 3})
+    res = mmtune.fit(cfg, train=table(60, 1), test=table(30, 0))
+    run = res.run_dir
+    folds = [run / "cv" / f"fold-{i}" for i in range(3)]
+    assert any(processors_differ(folds[0], f, ["table"]) == ["table"] for f in folds[1:])
+    cats = [json.loads((f / "encoders" / "table" / "processor" / "mmtune_processor.json").read_text())["vocab"]["shop"]
+            for f in folds]
+    assert sorted(map(len, cats)) == [3, 4, 4]  # one fold never saw s-a
+    rows = table(40, 3).drop(columns="label")
+    expected, meta = _members_average(run, rows)
+    pred = mmtune.load(run)
+    assert pred.members is not None
+    assert np.allclose(pred.predict_proba(rows).drop(columns="id").to_numpy(), expected, atol=1e-6)
+    pytest.importorskip("onnxruntime")
+    check = table(30, 1)
+    check.to_csv(tmp_path / "check.csv", index=False)
+    assert cli(["export", "--run", str(run), "--data", str(tmp_path / "check.csv")]) == 0
+    onnx = Predictor.load(run / "export")
+    assert np.allclose(onnx.predict_proba(rows).drop(columns="id").to_numpy(), expected, atol=1e-4)

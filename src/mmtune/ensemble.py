@@ -287,10 +287,14 @@ def shipped_ensemble(folder: Path, ensemble: Optional[bool] = None) -> Optional[
 
 
 class EnsembleRunner:
-    """Runs each member's runner on the same collated batch and averages their calibrated probabilities."""
+    """Runs each member's runner on the same collated batch and averages their calibrated probabilities.
+    ``collators`` (one per member, or None): a member whose processors were fitted apart from the first member's
+    (a cross-validation fold's tabular statistics and categories) reads its own inputs — its collator's over the
+    batch's decoded ``samples`` — for the encoders it names; None reads the batch as it is."""
 
-    def __init__(self, members: Sequence[Tuple[Any, Mapping[str, Any], float]]):
+    def __init__(self, members: Sequence[Tuple[Any, Mapping[str, Any], float]], collators: Optional[Sequence[Any]] = None):
         self.members = list(members)
+        self.collators = list(collators) if collators is not None else [None] * len(self.members)
         total = sum(w for _, _, w in self.members)
         self.weights = [w / total for _, _, w in self.members]
         first = self.members[0][0]
@@ -302,8 +306,10 @@ class EnsembleRunner:
         out: Dict[str, list] = {t.name: [] for t in tasks}
         for batch in batches:
             calibrated = []
-            for runner, cal, _ in self.members:
-                p = runner.proba(tasks, [batch])
+            for (runner, cal, _), own in zip(self.members, self.collators):
+                if own is not None:
+                    batch_ = {**batch, "inputs": {**batch["inputs"], **own.inputs(batch["samples"])}}
+                p = runner.proba(tasks, [batch if own is None else batch_])
                 calibrated.append({t.name: cal[t.name].probabilities(t, p[t.name]) for t in tasks})
             for name, p in mixture(calibrated, self.weights).items():
                 out[name].append(p)
@@ -315,13 +321,17 @@ class EnsembleRunner:
         return self.members[0][0].vectors(batch, kind)
 
 
-def member_runners(meta: Mapping[str, Any], make) -> Tuple[List[Tuple[Any, Any, float]], Any]:
+def member_runners(meta: Mapping[str, Any], make) -> Tuple[List[Tuple[Any, Any, float]], Any, List[Any]]:
     """``[(runner, calibration, weight)]`` for the ensemble's members (heaviest first), ``make(folder)`` giving each
-    member's ``(runner, calibration, bundle)``; also the first member's bundle (its model reads the inputs)."""
+    member's ``(runner, calibration, bundle)``; also the first member's bundle (its model reads the inputs), and per
+    member a :class:`~mmtune.data.collate.Collator` over the processors it saved unlike the first member's
+    (:func:`processors_differ`), or None when it reads the inputs as the first does."""
     from .bundle import DamagedBundleError
+    from .data.collate import Collator
+    from .encoders import saved_processor
 
     members = sorted(meta["members"], key=lambda m: -m["weight"])
-    out, first = [], None
+    out, first, collators = [], None, []
     for m in members:
         runner, calibration, bundle = make(m["folder"])
         if first is None:
@@ -329,8 +339,25 @@ def member_runners(meta: Mapping[str, Any], make) -> Tuple[List[Tuple[Any, Any, 
         elif not _reads_alike(first.config, bundle.config):
             raise DamagedBundleError(f"ensemble member {m['name']!r} reads its inputs differently from "
                                      f"{members[0]['name']!r}; refit the ensemble")
+        specs = bundle.config.model.encoders
+        own = {name: saved_processor(specs[name], Path(bundle.run_dir) / "encoders" / name)
+               for name in processors_differ(first.run_dir, bundle.run_dir, sorted(specs))}
+        collators.append(Collator(own, bundle.config.modalities) if own else None)
         out.append((runner, calibration, float(m["weight"])))
-    return out, first
+    return out, first, collators
+
+
+def processors_differ(a: Path, b: Path, encoders: Sequence[str]) -> List[str]:
+    """The encoders whose saved processor (``encoders/<name>/processor``, every file) differs between bundles ``a``
+    and ``b``: what each fitted on its own rows (a tabular encoder's statistics and categories), not the tokenizer
+    or image settings a checkpoint fixes."""
+    def files(folder: Path) -> Dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    if Path(a).resolve() == Path(b).resolve():
+        return []
+    return [name for name in encoders
+            if files(Path(a) / "encoders" / name / "processor") != files(Path(b) / "encoders" / name / "processor")]
 
 
 __all__ = ["EnsembleError", "EnsembleRunner", "build_ensemble", "greedy_selection", "read_ensemble",

@@ -20,6 +20,16 @@ class Collator:
         self.processors = dict(processors)
         self.modalities = sorted(modalities)
         self.value_augments = dict(value_augments or {})  # modality -> function of a raw value; training only
+        self.keep_samples = False
+        """Also return the decoded samples (``samples``), for another set of processors to read (an ensemble whose
+        members fitted their processors apart: :class:`~mmtune.ensemble.EnsembleRunner`)."""
+
+    def inputs(self, samples: List[Dict[str, Any]]) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Each encoder's input tensors for ``samples``, from its processor."""
+        out = {}
+        for name, proc in self.processors.items():
+            out[name] = proc({m: [s["values"].get(m) for s in samples] for m in proc.modalities})
+        return out
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         present = {
@@ -29,18 +39,16 @@ class Collator:
         if self.value_augments:
             samples = [{**s, "values": {m: (self.value_augments[m](v) if m in self.value_augments and v is not None else v)
                                         for m, v in s["values"].items()}} for s in samples]
-        inputs = {}
-        for name, proc in self.processors.items():
-            columns = {m: [s["values"].get(m) for s in samples] for m in proc.modalities}
-            inputs[name] = proc(columns)
         batch = {
-            "inputs": inputs,
+            "inputs": self.inputs(samples),
             "present": present,
             "labels": collate_labels(samples),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         }
         if samples and "weight" in samples[0]:
             batch["weights"] = torch.tensor([s["weight"] for s in samples], dtype=torch.float32)
+        if self.keep_samples:
+            batch["samples"] = samples
         return batch
 
 

@@ -135,12 +135,14 @@ class Predictor:
         """One predictor over an ensemble's members (``make(folder)`` -> runner, calibration, bundle)."""
         from ..ensemble import EnsembleRunner, member_runners
 
-        members, first = member_runners(meta, make)
+        members, first, collators = member_runners(meta, make)
         tasks = first.tasks
         calibration = {t.name: Calibration.from_json((meta.get("calibration") or {}).get(t.name)) for t in tasks}
-        pred = cls(first.model, first.config, tasks, calibration, Path(folder), device, runner=EnsembleRunner(members),
-                   workers=workers, reference=first.reference,
+        pred = cls(first.model, first.config, tasks, calibration, Path(folder), device,
+                   runner=EnsembleRunner(members, collators), workers=workers, reference=first.reference,
                    processors=None if first.model is not None else _processors(first.config, first.run_dir))
+        # members that fitted their own processors (cross-validation folds' tabular statistics) read the decoded rows
+        pred.collator.keep_samples = any(c is not None for c in collators)
         pred.members = [{k: m[k] for k in ("name", "path", "weight")} for m in meta["members"]]
         return pred
 
