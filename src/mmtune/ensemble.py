@@ -307,9 +307,8 @@ class EnsembleRunner:
         for batch in batches:
             calibrated = []
             for (runner, cal, _), own in zip(self.members, self.collators):
-                if own is not None:
-                    batch_ = {**batch, "inputs": {**batch["inputs"], **own.inputs(batch["samples"])}}
-                p = runner.proba(tasks, [batch if own is None else batch_])
+                read = batch if own is None else {**batch, "inputs": {**batch["inputs"], **own.inputs(batch["samples"])}}
+                p = runner.proba(tasks, [read])
                 calibrated.append({t.name: cal[t.name].probabilities(t, p[t.name]) for t in tasks})
             for name, p in mixture(calibrated, self.weights).items():
                 out[name].append(p)
