@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _scratch import scratch
-from predict import demo_bundle, test_rows
+from predict import bundle_and_work, test_rows
 
 
 def main() -> None:
@@ -43,12 +42,7 @@ def main() -> None:
     from mmtune.serving.runners import OnnxRunner
 
     quiet_libraries()
-    tmp = Path(args.work) if args.work else scratch("mmtune-bench-attention-")
-    tmp.mkdir(parents=True, exist_ok=True)
-    run = Path(args.run)
-    if not (run / "bundle.json").is_file():
-        print(f"no bundle at {run}: training the demo model ({args.rows} rows, {args.epochs} epochs)", flush=True)
-        run = demo_bundle(tmp, args.rows, args.epochs)
+    run, tmp = bundle_and_work(args.run, args.work, "mmtune-bench-attention-", args.rows, args.epochs)
     export.export_onnx(run, tmp / "folded", quantize="int8", log=lambda *_: None)
     fold = export.fold_attention_heads
     export.fold_attention_heads = lambda path: 0

@@ -43,6 +43,18 @@ def demo_bundle(folder: Path, rows: int, epochs: int, image_size: int = 0) -> Pa
     return fit(cfg).run_dir
 
 
+def bundle_and_work(run: str, work, prefix: str, rows: int, epochs: int, image_size: int = 0):
+    """``(bundle, work folder)``: the work folder is ``work`` (or a temporary one, removed at exit); the bundle is the
+    one at ``run``, or the demo's, trained into the work folder when ``run`` holds none."""
+    tmp = Path(work) if work else scratch(prefix)
+    tmp.mkdir(parents=True, exist_ok=True)
+    bundle = Path(run)
+    if not (bundle / "bundle.json").is_file():
+        print(f"no bundle at {bundle}: training the demo model ({rows} rows, {epochs} epochs)", flush=True)
+        bundle = demo_bundle(tmp, rows, epochs, image_size)
+    return bundle, tmp
+
+
 def test_rows(run: Path) -> pd.DataFrame:
     from mmtune.bundle import read_bundle
     from mmtune.data.manifest import read_table
@@ -88,12 +100,7 @@ def main() -> None:
     from mmtune.serving.export import export_onnx
 
     quiet_libraries()
-    tmp = Path(args.work) if args.work else scratch("mmtune-bench-predict-")
-    tmp.mkdir(parents=True, exist_ok=True)
-    run = Path(args.run)
-    if not (run / "bundle.json").is_file():
-        print(f"no bundle at {run}: training the demo model ({args.rows} rows, {args.epochs} epochs)", flush=True)
-        run = demo_bundle(tmp, args.rows, args.epochs, args.image_size)
+    run, tmp = bundle_and_work(args.run, args.work, "mmtune-bench-predict-", args.rows, args.epochs, args.image_size)
     rows = test_rows(run)
     many = pd.concat([rows] * args.repeat, ignore_index=True)
     # int8 as `mmtune export --quantize int8` ships it (convolutions static, calibrated on the validation split),
