@@ -193,9 +193,8 @@ def fold_attention_heads(model_path: Path) -> int:
     and read through ``Transpose(0, 2, 1, 3) -> Reshape`` into the operator's 3-D form (``q_num_heads`` and
     ``kv_num_heads`` set, the heads split inside the kernel): four transposes per attention layer fewer, the same
     numbers. A node the pattern does not fit exactly (past key/values, a head count the graph's shapes do not give,
-    a tensor read elsewhere too, a mask broadcast over the queries, which onnxruntime's 3-D form refuses) is left as
-    it is. Returns the number of nodes rewritten; the file is only written
-    when there is one."""
+    a tensor read elsewhere too, a mask broadcast over the queries, which onnxruntime's Attention refuses) is left as
+    it is. Returns the number of nodes rewritten; the file is only written when there is one."""
     import onnx
     from onnx import helper
 
@@ -247,7 +246,7 @@ def fold_attention_heads(model_path: Path) -> int:
                 or len(out) != 4 or len(merged) != 3 or merged[:2] != [out[0], out[2]] \
                 or not (isinstance(out[3], int) and merged[2] == heads[0] * out[3]) \
                 or (mask is not None and (len(mask) < 2 or mask[-2] != out[2])):
-            continue  # (onnxruntime's 3-D form wants a mask with a row per query: it does not broadcast one)
+            continue  # (onnxruntime's Attention wants a mask with a row per query: it does not broadcast one)
         for k, name in enumerate(sources):
             att.input[k] = name
         att.attribute.extend([helper.make_attribute("q_num_heads", heads[0]),
