@@ -327,7 +327,7 @@ def member_runners(meta: Mapping[str, Any], make) -> Tuple[List[Tuple[Any, Any, 
     (:func:`processors_differ`), or None when it reads the inputs as the first does."""
     from .bundle import DamagedBundleError
     from .data.collate import Collator
-    from .encoders import saved_processor
+    from .encoders import saved_processors
 
     members = sorted(meta["members"], key=lambda m: -m["weight"])
     out, first, collators = [], None, []
@@ -339,8 +339,7 @@ def member_runners(meta: Mapping[str, Any], make) -> Tuple[List[Tuple[Any, Any, 
             raise DamagedBundleError(f"ensemble member {m['name']!r} reads its inputs differently from "
                                      f"{members[0]['name']!r}; refit the ensemble")
         specs = bundle.config.model.encoders
-        own = {name: saved_processor(specs[name], Path(bundle.run_dir) / "encoders" / name)
-               for name in processors_differ(first.run_dir, bundle.run_dir, sorted(specs))}
+        own = saved_processors(specs, bundle.run_dir, processors_differ(first.run_dir, bundle.run_dir, sorted(specs)))
         collators.append(Collator(own, bundle.config.modalities) if own else None)
         out.append((runner, calibration, float(m["weight"])))
     return out, first, collators

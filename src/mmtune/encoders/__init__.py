@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from . import audio, speaker, tabular  # noqa: F401  (register the audio, speaker and tabular encoders)
 from .base import Encoder, EncoderOutput, depth_groups, pool_tokens
 
-__all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_tokens", "saved_processor"]
+__all__ = ["Encoder", "EncoderOutput", "build_encoder", "depth_groups", "pool_tokens", "saved_processor",
+           "saved_processors"]
 
 
 def build_encoder(spec, bundle_dir: Optional[Path] = None) -> Encoder:
@@ -81,3 +82,10 @@ def _raised_by_mmtune(exc: BaseException) -> bool:
 def _looks_like_path(source: str) -> bool:
     """A local path rather than a hub id: absolute, starting with '.' or '~', or more than one '/'."""
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+def saved_processors(specs: Mapping[str, Any], bundle_dir: Path, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """:func:`saved_processor` of each encoder in ``names`` (default: every one of ``specs``, the config's
+    ``model.encoders``), read from ``bundle_dir/encoders/<name>`` of a run or export bundle."""
+    return {name: saved_processor(specs[name], Path(bundle_dir) / "encoders" / name)
+            for name in (sorted(specs) if names is None else names)}

@@ -361,6 +361,6 @@ def _processors(config, folder: Path) -> Dict[str, Any]:
     of the encoders (the names of their outputs are in export.json). Building the model instead, even without
     weights, imported each encoder's model code: ``mmtune predict`` of 200 rows on an int8 export took 15.0-15.8 s with
     it and 11.3-12.5 s without, on a 2-core AVX2 CPU."""
-    from ..encoders import saved_processor
+    from ..encoders import saved_processors
 
-    return {name: saved_processor(spec, folder / "encoders" / name) for name, spec in sorted(config.model.encoders.items())}
+    return saved_processors(config.model.encoders, folder)
