@@ -8,9 +8,9 @@ split: as `mmtune export --quantize int8` ships it (``static-int8``: the convolu
 on the validation rows, the matrix products dynamic int8) and with ``--int8-convolutions float`` (``int8``: only the
 matrix products int8). Batch throughput: predict_proba over the test rows repeated --repeat times, input decoding
 included; the four backends take turns for --rounds rounds, so that a change in the machine's speed during the run
-reaches them alike (each round after one untimed batch), and each one's median round is reported. Single row: --single calls of predict_proba on one row (p50 / p99). The input
-path alone (validation, decoding, tokenising, resizing: the same for every backend) is timed too. The last line
-printed is one JSON object: ``int8_*`` are the float-convolution figures, ``static_int8_*`` the shipped ones, and
+reaches them alike (each round after one untimed batch), and each one's median round is reported. Single row:
+--single calls of predict_proba on one row (p50 / p99). The input path alone (validation, decoding, tokenising,
+resizing: the same for every backend) is timed too. The last line printed is one JSON object: ``int8_*`` are the float-convolution figures, ``static_int8_*`` the shipped ones, and
 ``static_int8_convolutions`` says whether the export kept the static convolutions (``static``) or fell back
 (``float``: they lost more than a point on the validation rows).
 """
@@ -114,7 +114,6 @@ def main() -> None:
     for name, path, backend in (("torch", run, "torch"), ("onnx", export, "onnx"), ("int8", float_conv, "onnx-int8"),
                                 ("static-int8", export, "onnx-int8")):
         preds[name] = mmtune.load(path, backend=backend)
-        preds[name].predict_proba(rows.head(args.batch_size), batch_size=args.batch_size)  # warm-up
     # the backends timed in turn, round after round, so that a change in the machine's speed during the run
     # (another tenant, the clock) reaches every backend alike; each backend's median round. Each round starts with
     # one untimed batch, so that a backend does not pay for the caches the one before it filled.
