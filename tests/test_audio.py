@@ -76,6 +76,12 @@ def test_a_hugging_face_audio_model_trains_and_reloads(tmp_path, tiny_wav2vec2, 
     a = res.in_memory().predict_proba(test).drop(columns="id").to_numpy()
     b = mmtune.load(res.run_dir).predict_proba(test).drop(columns="id").to_numpy()
     assert np.abs(a - b).max() <= 1e-5
+    # prediction decodes a recording once, when it is read: one that decodes to silence is named then
+    sf.write(str(tmp_path / "silent.wav"), np.zeros(8000, dtype="float32"), 16000)
+    silent = test.head(3).copy()
+    silent.loc[1, "audio"] = str(tmp_path / "silent.wav")
+    with pytest.raises(mmtune.BadRowsError, match=r"input row 2, column 'audio': audio file .*silent.wav.* is silent"):
+        mmtune.load(res.run_dir).predict(silent)
     enc_model = res.model.encoders["audio"]
     assert [len(g) for g in enc_model.layer_groups()] and len(enc_model.layer_groups()) >= 3
     if pytest.importorskip("captum"):  # explanations over time: a strip of frames per recording, summing to 1

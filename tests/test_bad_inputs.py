@@ -124,6 +124,53 @@ def test_a_truncated_jpeg_is_a_bad_row_and_skip_works(tmp_path):
     assert len(data.frames["train"]) == 4 and set(data.rejected["row"]) == {5}
 
 
+def test_prediction_decodes_each_picture_once_and_still_names_every_unreadable_file(tmp_path, tiny_run, monkeypatch):
+    """Prediction's validation only checks that files exist, and its rows are decoded once; a file that then fails
+    to decode (a truncated JPEG, text named .png) gets the same error as a validation that decoded everything:
+    every bad row named, in the prediction's words. Decoding twice (validation, then the dataset) would count
+    2 x rows; deferring without the full check would name only the first bad row, or raise Pillow's error."""
+    from mmtune.data import images
+
+    _truncated_jpeg(tmp_path)
+    (tmp_path / "words.png").write_text("not a picture")
+    rows = pd.read_csv(tiny_run.config.data.test).head(12)
+    rows["image"] = [str(Path(tiny_run.config.data.test).parent / p) for p in rows["image"]]
+    pred = mmtune.load(tiny_run.run_dir)
+    want = pred.predict_proba(rows)
+    decoded = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda path: (decoded.append(str(path)), real(path))[1])
+    got = pred.predict_proba(rows)
+    assert len(decoded) == len(rows) and sorted(decoded) == sorted(rows["image"])
+    assert np.array_equal(got.to_numpy(), want.to_numpy())
+
+    bad = rows.copy()
+    bad.loc[3, "image"] = str(tmp_path / "cut.jpg")
+    bad.loc[7, "image"] = str(tmp_path / "words.png")
+    bad.loc[9, "image"] = str(tmp_path / "gone.png")
+    with pytest.raises(mmtune.BadRowsError, match="input row 10, column 'image': image file .*gone.png.* does not "
+                                                  "exist") as err:  # found without decoding: nothing run
+        pred.predict_proba(bad)
+    assert [b.row for b in err.value.bad_rows] == [10]
+    bad.loc[9, "image"] = rows.loc[9, "image"]
+    decoded.clear()
+    with pytest.raises(mmtune.BadRowsError) as err:
+        pred.predict_proba(bad, batch_size=4)
+    reasons = {b.row: b.reason for b in err.value.bad_rows}
+    assert set(reasons) == {4, 8}, reasons
+    assert "cut.jpg" in reasons[4] and "not a readable image" in reasons[4]
+    assert "words.png" in reasons[8] and "not a readable image" in reasons[8]
+    assert "Prediction never skips rows" in str(err.value) and "on_bad_rows" not in str(err.value)
+    assert cli(["predict", "--run", str(tiny_run.run_dir), "--data", str(_csv(bad, tmp_path)),
+                "--out", str(tmp_path / "p.csv")]) == 2 and not (tmp_path / "p.csv").exists()
+
+
+def _csv(df: pd.DataFrame, folder: Path) -> Path:
+    path = folder / "rows.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
 @pytest.mark.parametrize("bits", [16, 12])
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, bits):
     from mmtune.data.images import load_image

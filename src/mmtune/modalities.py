@@ -48,6 +48,11 @@ class Modality:
         """The problem with a non-blank cell, or None when it can be used."""
         return None
 
+    def quick_check(self, value: Any, base_dir: Optional[Path]) -> Optional[str]:
+        """What :meth:`check` finds without decoding anything (prediction's validation, whose rows are decoded
+        once, when they are read: a file that fails there is found then, see ``MultimodalDataset``)."""
+        return self.check(value, base_dir)
+
     def read(self, value: Any, base_dir: Optional[Path]) -> Any:
         """The decoded value a processor takes (for example a PIL image)."""
         return value
@@ -160,6 +165,12 @@ class FileModality(Modality):
 
     def check(self, value, base_dir):
         return None if isinstance(value, Decoded) else self.check_file(resolve_path(value, base_dir))
+
+    def quick_check(self, value, base_dir):
+        if isinstance(value, Decoded):
+            return None
+        path = resolve_path(value, base_dir)
+        return None if path.is_file() else f"{self.name} file {str(path)!r} does not exist"
 
     def read(self, value, base_dir):
         return value.value if isinstance(value, Decoded) else self.read_file(resolve_path(value, base_dir))

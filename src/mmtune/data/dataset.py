@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
-from ..modalities import modality_of
-from .manifest import CHUNK_ROWS, ManifestSpec, column_values
+from ..modalities import Decoded, modality_of
+from .manifest import CHUNK_ROWS, ManifestSpec, column_label, column_values
 
 
 def encode_labels(task, column: pd.Series) -> np.ndarray:
@@ -45,6 +45,12 @@ class MultimodalDataset(Dataset):
     The cells stay in the table (pandas' compact Arrow strings): a batch takes its rows' cells when it is
     asked for (:meth:`__getitems__`), and whole-column passes go :data:`CHUNK_ROWS` rows at a time
     (:meth:`cells`), so no column is ever held as a list of Python objects. Labels and weights are arrays.
+
+    ``unreadable``: the rows were validated without decoding their files (``validate_rows(decode=False)``:
+    prediction decodes each file once, here). A file that fails to decode, or decodes to a value its modality
+    refuses (a silent recording), calls ``unreadable(row number, column, problem)``, which raises (the predictor
+    validates the whole table in full then, and names every bad row). The rows must be the validated table's
+    rows, all of them, in order (row number = position + 1).
     """
 
     def __init__(
@@ -54,8 +60,10 @@ class MultimodalDataset(Dataset):
         base_dir: Optional[Path],
         with_labels: bool = True,
         modalities: Optional[Sequence[str]] = None,
+        unreadable: Optional[Callable[[int, str, str], None]] = None,
     ):
         self.df = df.reset_index(drop=True)
+        self.unreadable = unreadable
         self.spec = spec
         self.base_dir = base_dir
         wanted = set(modalities) if modalities is not None else None
@@ -97,6 +105,21 @@ class MultimodalDataset(Dataset):
         entry = modality_of(modality)
         return [entry.display(v, self.base_dir) for v in self.cells(modality)]
 
+    def _read_checked(self, modality: str, entry, value: Any, row: int) -> Any:
+        """A file cell decoded, its problems (which validation did not decode to find) sent to ``unreadable``."""
+        try:
+            out = entry.read(value, self.base_dir)
+            problem = None if isinstance(value, Decoded) else entry.decoded_problem(out)
+        except Exception as exc:  # the decoders raise many types for a bad file; each becomes the row's problem
+            if type(exc).__name__ == "MissingExtraError":
+                raise
+            problem = f"{entry.name} file {str(value)!r} cannot be read ({type(exc).__name__}: {exc})"
+        if problem is None:
+            return out
+        # the full check's own words (it decodes the file again: this happens once, on the way to an error)
+        self.unreadable(row + 1, column_label(self._column[modality]), entry.check(value, self.base_dir) or problem)
+        raise RuntimeError(f"unreadable({row + 1}, ...) returned instead of raising")
+
     def __getitem__(self, i: int) -> Dict[str, Any]:
         return self.__getitems__([i])[0]
 
@@ -106,8 +129,12 @@ class MultimodalDataset(Dataset):
         values = {}
         for modality, _ in self.columns:
             entry = modality_of(modality)
-            values[modality] = [None if entry.is_blank(v) else entry.read(v, self.base_dir)
-                                for v in self.take(modality, rows)]
+            cells = self.take(modality, rows)
+            if self.unreadable is not None and entry.files:
+                values[modality] = [None if entry.is_blank(v) else self._read_checked(modality, entry, v, i)
+                                    for v, i in zip(cells, rows)]
+            else:
+                values[modality] = [None if entry.is_blank(v) else entry.read(v, self.base_dir) for v in cells]
         labels = {t: v[rows].tolist() for t, v in self._labels.items()}
         items = []
         for k, i in enumerate(rows):

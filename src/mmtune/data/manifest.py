@@ -220,6 +220,7 @@ def validate_rows(
     source_name: Optional[str] = None,
     first_row: int = 1,
     checked: Optional[Dict[Any, Optional[str]]] = None,
+    decode: bool = True,
 ) -> List[BadRow]:
     """Check every row; return every problem found (an empty list when all rows are good).
 
@@ -231,7 +232,9 @@ def validate_rows(
 
     ``first_row`` is the row number of ``df``'s first row (a chunk of a longer manifest). The rows are
     checked :data:`CHUNK_ROWS` at a time, so only one chunk's cells are Python objects at once; a file
-    named by several rows is checked once (``checked`` remembers files across calls)."""
+    named by several rows is checked once (``checked`` remembers files across calls). ``decode=False`` checks
+    only what needs no decoding (a file's existence: each modality's ``quick_check``), for rows that are decoded
+    once, when they are read (prediction)."""
     tasks = spec.tasks if require_label else ()
     needed = [c for _, col in spec.modality_columns for c in (col if isinstance(col, (list, tuple)) else [col])]
     needed += [t.column for t in tasks]
@@ -251,11 +254,12 @@ def validate_rows(
     bad: List[BadRow] = []
     for start in range(0, len(df), CHUNK_ROWS):
         bad += _validate_chunk(df.iloc[start:start + CHUNK_ROWS], spec, base_dir, split, check_known, tasks,
-                               require_label, first_row + start, checked)
+                               require_label, first_row + start, checked, decode)
     return bad
 
 
-def _validate_chunk(df, spec, base_dir, split, check_known, tasks, require_label, first_row, checked) -> List[BadRow]:
+def _validate_chunk(df, spec, base_dir, split, check_known, tasks, require_label, first_row, checked,
+                    decode=True) -> List[BadRow]:
     bad: List[BadRow] = []
     cells = {name: column_values(df, col) for name, col in spec.modality_columns}
     others = {c: df[c].tolist() for c in {t.column for t in tasks}
@@ -269,7 +273,8 @@ def _validate_chunk(df, spec, base_dir, split, check_known, tasks, require_label
                 if name not in spec.allow_missing:
                     bad.append(BadRow(split, rownum, column_label(col), modality.blank_problem(v)))
                 continue
-            problem = once_per_file(checked, modality, v, lambda: modality.check(v, base_dir), key=(name, v))
+            check = modality.check if decode else modality.quick_check
+            problem = once_per_file(checked, modality, v, lambda: check(v, base_dir), key=(name, v))
             if problem:
                 bad.append(BadRow(split, rownum, column_label(col), problem))
         for task in tasks:
@@ -312,18 +317,20 @@ def rejected_rows_frame(df: pd.DataFrame, bad: Sequence[BadRow], first_row: int 
 
 def read_valid_rows(source: TableSource, spec: ManifestSpec, split: str, check_known: bool = False,
                     require_label: bool = True, source_name: Optional[str] = None,
-                    rows: int = CHUNK_ROWS) -> Tuple[pd.DataFrame, Optional[Path], List[BadRow], pd.DataFrame]:
+                    rows: int = CHUNK_ROWS, decode: bool = True,
+                    ) -> Tuple[pd.DataFrame, Optional[Path], List[BadRow], pd.DataFrame]:
     """Read a manifest chunk by chunk, validating each chunk as it arrives (:func:`validate_rows`) and keeping
     its good rows: returns the good rows as one table, the folder paths resolve against, every problem found
     and the rejected rows (:func:`rejected_rows_frame`). Only one chunk's cells are ever Python objects; the
-    table keeps pandas' compact (Arrow) string columns."""
+    table keeps pandas' compact (Arrow) string columns. ``decode``: as :func:`validate_rows`."""
     chunks, base = table_chunks(source, rows)
     if source_name is None and not isinstance(source, pd.DataFrame):
         source_name = str(source)
     kept, bad, rejected, start, checked = [], [], [], 1, {}
     for chunk in chunks:
         chunk, n = chunk.reset_index(drop=True), len(chunk)
-        problems = validate_rows(chunk, spec, base, split, check_known, require_label, source_name, start, checked)
+        problems = validate_rows(chunk, spec, base, split, check_known, require_label, source_name, start, checked,
+                                 decode)
         if problems:
             bad += problems
             rejected.append(rejected_rows_frame(chunk, problems, start))
