@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import mmtune
 from mmtune.cli import main as cli
@@ -125,6 +126,29 @@ def test_int8_export_reports_its_accuracy_change(exported, colour_verdict):
     assert diff < 0.1
     export = res.run_dir / "export"
     assert (export / "model.int8.onnx").stat().st_size < sum(f.stat().st_size for f in export.glob("model.onnx*"))
+
+
+def test_several_batches_run_side_by_side_each_give_what_it_gives_alone(exported, colour_verdict):
+    """With two threads, a call with several batches runs whole batches at once, one per thread of a second,
+    one-thread session; each batch's probabilities are the ones it gets alone on the two-thread session, in its place
+    (dynamic int8 too, whose activation ranges are measured per batch). Batches put back out of order, or split
+    across the threads (dynamic int8 then measures other ranges), would differ by far more than the tolerance."""
+    from mmtune.serving.runners import ONNX_FILES, OnnxRunner
+
+    res, _ = exported
+    rows = _rows(colour_verdict)
+    for backend in ("onnx", "onnx-int8"):
+        pred = mmtune.load(res.run_dir / "export", backend=backend)
+        runner = OnnxRunner(res.run_dir / "export" / ONNX_FILES[backend], pred.runner.output_modality,
+                            torch.device("cpu"), threads=2)
+        batches = list(pred.batches(pred.dataset(rows, with_labels=False), 7))
+        alone = np.concatenate([runner.proba(pred.tasks, [b])["label"] for b in batches])
+        assert runner._lanes is None  # a lone batch runs on the session's two threads
+        together = runner.proba(pred.tasks, iter(batches))["label"]
+        assert runner._lanes is not None and runner._lanes[0].get_session_options().intra_op_num_threads == 1
+        assert len(batches) > 4 and together.shape == alone.shape
+        assert np.abs(together - alone).max() <= 1e-6, backend
+        assert np.abs(together[:-7] - alone[7:]).max() > 1e-3  # the check tells the batches apart
 
 
 def test_the_convolution_chain_is_whole_blocks(tmp_path):
