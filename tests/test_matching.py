@@ -2,6 +2,8 @@
 and the consistency check of a table's pairs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -133,6 +135,16 @@ def test_a_reloaded_matcher_embeds_scores_and_searches_as_in_memory(matcher, pai
         pred.embed(test, side="left")
     with pytest.raises(mmtune.BadRowsError):
         pred.embed(test.assign(image="missing.png"), side="query")
+    # a picture that only fails when it is decoded (the side's rows are decoded once, when read): still every row named
+    cut = tmp_path / "cut.png"
+    whole = Path(test["image"][0]).read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    bad = test.copy()
+    bad.loc[[2, 5], "image"] = str(cut)
+    with pytest.raises(mmtune.BadRowsError) as err:
+        pred.embed(bad, side="query")
+    assert [(b.split, b.row) for b in err.value.bad_rows] == [("query", 3), ("query", 6)]
+    assert all("not a readable image" in b.reason for b in err.value.bad_rows)
 
 
 @pytest.mark.stochastic

@@ -9,7 +9,8 @@ import pandas as pd
 from torch.utils.data import Dataset
 
 from ..modalities import Decoded, modality_of
-from .manifest import CHUNK_ROWS, ManifestSpec, column_label, column_values
+from .manifest import (CHUNK_ROWS, BadRow, BadRowsError, ManifestSpec, TableSource, column_label, column_values,
+                       read_valid_rows, validate_rows)
 
 
 def encode_labels(task, column: pd.Series) -> np.ndarray:
@@ -144,3 +145,21 @@ class MultimodalDataset(Dataset):
                 item["weight"] = float(self.weights[i])
             items.append(item)
         return items
+
+
+def read_once_dataset(data: TableSource, spec: ManifestSpec, split: str, advice: str, with_labels: bool = False,
+                      modalities: Optional[Sequence[str]] = None) -> MultimodalDataset:
+    """Rows to predict on, validated into a dataset that decodes each file once: validation checks that the files
+    exist (``decode=False``), and the dataset decodes them when it reads them. A file that fails there stops the
+    work with the error a validation that decoded everything gives: the whole table is validated in full at that
+    moment and :class:`BadRowsError` names every bad row (with ``advice``). Any other bad row is refused at once."""
+    df, base_dir, bad, _ = read_valid_rows(data, spec, split, check_known=with_labels, require_label=with_labels,
+                                           decode=False)
+    if bad:
+        raise BadRowsError(bad, advice=advice)
+
+    def unreadable(row: int, column: str, problem: str) -> None:
+        every = validate_rows(df, spec, base_dir, split, require_label=False)
+        raise BadRowsError(every or [BadRow(split, row, column, problem)], advice=advice)
+
+    return MultimodalDataset(df, spec, base_dir, with_labels, modalities, unreadable=unreadable)

@@ -17,8 +17,8 @@ import pandas as pd
 import torch
 
 from ..data.collate import Collator
-from ..data.dataset import MultimodalDataset
-from ..data.manifest import BadRowsError, ManifestSpec, TableSource, read_valid_rows, row_index
+from ..data.dataset import MultimodalDataset, read_once_dataset
+from ..data.manifest import ManifestSpec, TableSource, row_index
 from ..evaluation.ranking import partner_ranks
 from ..inference import side_embeddings
 from ..io import atomic_write_json, atomic_write_with
@@ -83,10 +83,8 @@ class MatchPredictor:
             raise ValueError(f"side must be one of {', '.join(SIDES)} (got {side!r})")
         # the id column is carried when the table has one, never required (a table of class names has none)
         spec = ManifestSpec({f: self.config.data.column(f) for f in self.fields[side]}, (), None)
-        df, base_dir, bad, _ = read_valid_rows(data, spec, side, require_label=False)
-        if bad:
-            raise BadRowsError(bad, advice="fix these rows (or remove them from the input) and run it again")
-        return MultimodalDataset(df, spec, base_dir, False, self.fields[side])
+        return read_once_dataset(data, spec, side, "fix these rows (or remove them from the input) and run it again",
+                                 modalities=self.fields[side])
 
     def _embed(self, ds: MultimodalDataset, side: str, batch_size: Optional[int]) -> np.ndarray:
         names = self.model.side_encoders(side)

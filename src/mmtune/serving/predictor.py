@@ -13,8 +13,8 @@ from ..bundle import read_bundle
 from ..ensemble import shipped_ensemble
 from ..config import Config
 from ..data.collate import Collator
-from ..data.dataset import MultimodalDataset
-from ..data.manifest import BadRow, BadRowsError, TableSource, read_valid_rows, row_index, spec_from_config, validate_rows
+from ..data.dataset import MultimodalDataset, read_once_dataset
+from ..data.manifest import TableSource, row_index, spec_from_config
 from ..evaluation.calibration import Calibration
 from ..modalities import modality_of
 from ..evaluation.metrics import calibrate, decide, task_metrics  # noqa: F401  (decide: the server's too)
@@ -154,16 +154,7 @@ class Predictor:
         Each file is decoded once, when its row is read: validation checks that it exists. A file that does not
         decode then (truncated, not an image) stops the work with the same error as a validation that decoded
         everything: the whole table is validated in full at that moment, and every bad row is named."""
-        df, base_dir, bad, _ = read_valid_rows(data, self.spec, "input", check_known=with_labels,
-                                               require_label=with_labels, decode=False)
-        if bad:
-            raise BadRowsError(bad, advice=PREDICT_ADVICE)
-
-        def unreadable(row: int, column: str, problem: str) -> None:
-            every = validate_rows(df, self.spec, base_dir, "input", require_label=False)
-            raise BadRowsError(every or [BadRow("input", row, column, problem)], advice=PREDICT_ADVICE)
-
-        return MultimodalDataset(df, self.spec, base_dir, with_labels, self.modalities, unreadable=unreadable)
+        return read_once_dataset(data, self.spec, "input", PREDICT_ADVICE, with_labels, self.modalities)
 
     def length_order(self, ds: MultimodalDataset) -> np.ndarray:
         """Rows sorted by the length of their free texts (longest first), so that a batch pads to similar lengths."""
