@@ -38,10 +38,6 @@ CONV_CHAIN_OPS = ("Conv", "Clip", "Relu", "Add", "MaxPool", "AveragePool", "Glob
 """What static int8 quantizes: every convolution, and the activations, residual sums and pools whose inputs all come
 from quantized convolutions — so a block stays int8 from one convolution to the next, with no dequantize/quantize
 pair between them (quantizing the convolutions alone made the pairs cost more than the convolutions saved)."""
-INT8_MIN_CHANNELS = 4
-"""A convolution reading fewer channels (a picture's first, with 3) stays float: each output sums only
-channels x kernel (27) products, too few for the int8 kernels to pay for quantizing its input. On the demo export at
-96 px (onnxruntime's profiler, per 600 rows) that first convolution was the slowest int8 node, 37 ms of 352."""
 CONVOLUTIONS = ("static", "float")
 """``convolutions`` of an int8 export: static int8 (calibrated), or left float."""
 CALIBRATION_ROWS = 128
@@ -276,24 +272,17 @@ def fold_attention_heads(model_path: Path) -> int:
 
 
 def conv_chain(model_path: Path) -> List[str]:
-    """The nodes static int8 quantizes (:data:`CONV_CHAIN_OPS`): every Conv that reads at least
-    :data:`INT8_MIN_CHANNELS` channels, then — in the graph's topological order — each activation, sum or pool whose
-    every computed input comes from a node already in the chain."""
+    """The nodes static int8 quantizes (:data:`CONV_CHAIN_OPS`): every Conv, then — in the graph's topological
+    order — each activation, sum or pool whose every computed input comes from a node already in the chain."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     constant = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    dims = {t.name: list(t.dims) for t in graph.initializer}
     chain: List[str] = []
     produced: set = set()
     for node in graph.node:
         computed = [i for i in node.input if i and i not in constant]
-        if node.op_type == "Conv":
-            group = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
-            w = dims.get(node.input[1]) if len(node.input) > 1 else None
-            wide = w is None or len(w) < 2 or w[1] * group >= INT8_MIN_CHANNELS
-        if (node.op_type == "Conv" and wide) or (node.op_type in CONV_CHAIN_OPS and node.op_type != "Conv" and computed
-                                                  and all(i in produced for i in computed)):
+        if node.op_type == "Conv" or (node.op_type in CONV_CHAIN_OPS and computed and all(i in produced for i in computed)):
             chain.append(node.name)
             produced.update(node.output)
     return chain
