@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -70,6 +71,17 @@ def test_attention_bench_runs_and_prints_its_json(bench, tiny_run, tmp_path):
     assert last["max_abs_prob_diff"] <= 1e-5  # the fold changes no number
     # the tiny ViT's and BERT's attention layers, every one folded (four transposes each)
     assert last["attention_nodes"] >= 2 and last["transposes_removed"] == 4 * last["attention_nodes"]
+
+
+def test_onnx_profile_bench_splits_the_graphs_time_by_operator_and_convolution(bench, tiny_run, tmp_path):
+    last = bench("onnx_profile.py", "--run", str(tiny_run.run_dir), "--work", str(tmp_path), "--repeat", "1", "--passes", "1")
+    assert last["rows"] == len(pd.read_csv(tiny_run.config.data.test)) and last["kernel_s"] > 0
+    assert sum(last["op_s"].values()) == pytest.approx(last["kernel_s"], abs=1e-3)  # every node counted once
+    # every convolution node of the optimized graph is given a kind: the kinds sum to the convolution operators' time
+    conv_ops = sum(s for op, s in last["op_s"].items() if "Conv" in op)
+    assert sum(last["conv_s"].values()) == pytest.approx(conv_ops, abs=1e-3)
+    assert set(last["conv_s"]) == {"picture"}  # the tiny ViT's one convolution: its 3-channel patch embedding
+    assert "Attention" in last["op_s"] or "MatMul" in last["op_s"] or "DynamicQuantizeMatMul" in last["op_s"]
 
 
 def test_serve_bench_runs_and_prints_its_json(bench, tiny_run):
