@@ -75,6 +75,9 @@ def main() -> None:
     export = Path(args.export) if args.export else tmp / "export"
     if not (export / "export.json").is_file():
         export_onnx(run, export, quantize="int8", log=lambda *_: None)
+    if not (export / args.file).is_file():
+        raise SystemExit(f"{str(export)!r} has no {args.file!r}; its graphs: "
+                         f"{', '.join(sorted(p.name for p in export.glob('*.onnx'))) or 'none'}")
     pred = mmtune.load(export, backend="onnx")
     rows = pd.concat([test_rows(run)] * args.repeat, ignore_index=True)
     ds = pred.dataset(rows, with_labels=False)
