@@ -76,7 +76,11 @@ def test_attention_bench_runs_and_prints_its_json(bench, tiny_run, tmp_path):
 def test_onnx_profile_bench_splits_the_graphs_time_by_operator_and_convolution(bench, tiny_run, tmp_path):
     last = bench("onnx_profile.py", "--run", str(tiny_run.run_dir), "--work", str(tmp_path), "--repeat", "1", "--passes", "1")
     assert last["rows"] == len(pd.read_csv(tiny_run.config.data.test)) and last["kernel_s"] > 0
-    assert sum(last["op_s"].values()) == pytest.approx(last["kernel_s"], abs=1e-3)  # every node counted once
+    import onnx
+
+    # every operator type of the graph onnxruntime ran (its optimized form, written beside the profile) has its time
+    ran = onnx.load(str(tmp_path / "profiled.optimized.onnx"), load_external_data=False).graph.node
+    assert set(last["op_s"]) == {n.op_type for n in ran}
     # every convolution node of the optimized graph is given a kind: the kinds sum to the convolution operators' time
     conv_ops = sum(s for op, s in last["op_s"].items() if "Conv" in op)
     assert sum(last["conv_s"].values()) == pytest.approx(conv_ops, abs=1e-3)
