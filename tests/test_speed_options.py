@@ -107,3 +107,47 @@ def test_a_fit_with_length_buckets_pads_less(tmp_path, tiny_bert, colour_verdict
         shares[bucket] = watch
     assert shares[True].sampler == "LengthBuckets" and shares[False].sampler == "DistributedSampler"
     assert shares[True].cells < shares[False].cells and shares[True].share < 0.5 * shares[False].share
+
+
+def test_prediction_batches_rows_of_similar_token_counts(tiny_run, colour_verdict):
+    """A prediction sorts its rows by the tokens their texts fill (each row's count is the positions it holds in a
+    batch of its own), not by their characters: rows of few long words and rows of many short ones are told apart,
+    so batches pad little; the results still come back in input order, as each row alone gives them."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    pred = mmtune.load(tiny_run.run_dir)
+    rows = pd.read_csv(colour_verdict["test"]).head(8)
+    rows["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in rows["image"]]
+    # 9 tokens in 60 characters, against 14 tokens in 23: by characters the word rows would come first
+    rows["text"] = ["perfectly " * 6 if i % 2 else "a b c d e f g h i j k l" for i in range(len(rows))]
+    rows.loc[5, "text"] = "excellent"  # 3 tokens
+    ds = pred.dataset(rows, with_labels=False)
+    name = next(n for n, p in pred.collator.processors.items() if hasattr(p, "tokenizer"))
+    alone = [int(pred.collator([ds[i]])["inputs"][name]["attention_mask"].sum()) for i in range(len(ds))]
+    lengths = pred.collator.lengths(ds)
+    assert lengths.tolist() == alone and sorted(set(alone)) == [3, 8, 14]
+    order = pred.length_order(ds)
+    assert order.tolist() == [0, 2, 4, 6, 1, 3, 7, 5]  # most tokens first, ties in input order
+    batches = list(pred.batches(ds, 4, order))
+    assert [int(b["inputs"][name]["attention_mask"].numel()) for b in batches] == [4 * 14, 4 * 8]
+    together = pred.predict_proba(rows, batch_size=4, calibrated=False).drop(columns="id", errors="ignore")
+    one_by_one = pd.concat([pred.predict_proba(rows.iloc[[i]], calibrated=False) for i in range(len(rows))])
+    np.testing.assert_allclose(together.to_numpy(), one_by_one.drop(columns="id", errors="ignore").to_numpy(),
+                               atol=1e-5)
+
+
+def test_a_joint_processor_counts_the_tokens_of_its_text_part(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from mmtune.data.collate import Collator
+    from mmtune.encoders.processors import JointProcessor, ResizeNormalizeProcessor, TextProcessor
+
+    text = TextProcessor(AutoTokenizer.from_pretrained(tiny_bert), max_length=6)
+    joint = JointProcessor({"image": ResizeNormalizeProcessor(8), "text": text})
+    cells = {"image": [None, None, None], "text": ["works", "a b c d e f g h", None]}
+    assert text.lengths(cells).tolist() == [3, 6, 2]  # truncated to max_length; an absent text is the empty one's
+    assert joint.lengths(cells).tolist() == [3, 6, 2]
+    assert JointProcessor({"image": ResizeNormalizeProcessor(8)}).lengths(cells) is None
+    assert Collator({"image": ResizeNormalizeProcessor(8)}, ["image"]).lengths([1, 2]) is None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -30,6 +31,28 @@ class Collator:
         for name, proc in self.processors.items():
             out[name] = proc({m: [s["values"].get(m) for s in samples] for m in proc.modalities})
         return out
+
+    def lengths(self, dataset, chunk: int = 4096) -> Optional[np.ndarray]:
+        """Per row of ``dataset``, the positions its inputs fill in a batch before padding, summed over the
+        processors that pad (a text processor: the row's token count); None when none does. What batches are
+        sorted or bucketed by, so that a batch pads little. Read ``chunk`` rows at a time."""
+        counters = [p for p in self.processors.values() if callable(getattr(p, "lengths", None))]
+        columns = dict(getattr(dataset, "columns", ()))
+        total = None
+        for proc in counters:
+            if not all(m in columns for m in proc.modalities):
+                continue
+            parts = []
+            for start in range(0, len(dataset), chunk):
+                rows = np.arange(start, min(start + chunk, len(dataset)))
+                got = proc.lengths({m: dataset.take(m, rows) for m in proc.modalities})
+                if got is None:
+                    break
+                parts.append(np.asarray(got, dtype=np.int64))
+            else:
+                counts = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+                total = counts if total is None else total + counts
+        return total
 
     def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         present = {

@@ -314,7 +314,8 @@ class TableDataModule(L.LightningDataModule):
         if cfg.data.bucket_by_length and not self.cached and not cfg.imbalance.sampler:
             from ..distributed import LengthBuckets, text_lengths
 
-            sampler = LengthBuckets(ds, text_lengths(ds), cfg.trainer.batch_size, seed)
+            lengths = self.collate.lengths(ds)  # token counts; words where no processor counts tokens
+            sampler = LengthBuckets(ds, text_lengths(ds) if lengths is None else lengths, cfg.trainer.batch_size, seed)
         if cfg.imbalance.sampler:
             task = next((x for x in self.tasks if not x.multilabel and not x.regression), None)
             if task is None:

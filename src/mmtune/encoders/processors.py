@@ -28,6 +28,14 @@ class TextProcessor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in self.keep}
 
+    def lengths(self, columns: Mapping[str, List[Any]]) -> np.ndarray:
+        """Per row, the positions its text fills in a batch before padding: its token count, special tokens
+        included, truncated as :meth:`__call__` truncates (an absent text: the empty text's)."""
+        texts = [t if isinstance(t, str) else "" for t in columns["text"]]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, return_attention_mask=False,
+                             return_token_type_ids=False)
+        return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         # A fast tokenizer remembers the padding / truncation of its last call and would write it into
@@ -157,6 +165,12 @@ class JointProcessor:
         for part in self.parts.values():
             out.update(part({m: columns[m] for m in part.modalities}))
         return out
+
+    def lengths(self, columns: Mapping[str, List[Any]]) -> Optional[np.ndarray]:
+        """The padded positions of the parts that pad (see :meth:`TextProcessor.lengths`), added up."""
+        counts = [part.lengths({m: columns[m] for m in part.modalities})
+                  for part in self.parts.values() if hasattr(part, "lengths")]
+        return sum(counts) if counts else None
 
     def save(self, folder: Path) -> None:
         for name, part in self.parts.items():

@@ -16,7 +16,6 @@ from ..data.collate import Collator
 from ..data.dataset import MultimodalDataset, read_once_dataset
 from ..data.manifest import TableSource, row_index, spec_from_config
 from ..evaluation.calibration import Calibration
-from ..modalities import modality_of
 from ..evaluation.metrics import calibrate, decide, task_metrics  # noqa: F401  (decide: the server's too)
 from ..tasks import Task
 from .runners import BACKENDS, ONNX_FILES, OnnxRunner, TorchRunner
@@ -157,11 +156,11 @@ class Predictor:
         return read_once_dataset(data, self.spec, "input", PREDICT_ADVICE, with_labels, self.modalities)
 
     def length_order(self, ds: MultimodalDataset) -> np.ndarray:
-        """Rows sorted by the length of their free texts (longest first), so that a batch pads to similar lengths."""
-        text = [c for m, c in ds.columns if modality_of(m).free_text and isinstance(c, str)]
-        if not text or len(ds) < 2:
+        """Rows sorted by the positions their inputs fill before padding (the texts' token counts, longest first),
+        so that a batch pads to similar lengths; input order when no processor pads."""
+        lengths = self.collator.lengths(ds) if len(ds) > 1 else None
+        if lengths is None:
             return np.arange(len(ds))
-        lengths = sum(ds.df[c].fillna("").astype(str).str.len().to_numpy() for c in text)
         return np.argsort(-lengths, kind="stable")
 
     def batches(self, ds: MultimodalDataset, batch_size: Optional[int], order: Optional[np.ndarray] = None):
