@@ -57,12 +57,15 @@ def test_modalities_bench_runs_and_prints_its_json(bench):
 
 def test_predict_bench_runs_and_prints_its_json(bench, tiny_run, tmp_path):
     last = bench("predict.py", "--run", str(tiny_run.run_dir), "--work", str(tmp_path), "--repeat", "1", "--single", "3",
-                 "--rounds", "2")
+                 "--rounds", "2", "--batch-size", "8")
     assert {"torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s", "onnx_speedup", "int8_speedup", "int8_accuracy_delta",
             "static_int8_speedup", "static_int8_accuracy_delta", "static_int8_convolutions",
             "p50_ms_best", "max_abs_prob_diff"} <= set(last)
     assert last["static_int8_convolutions"] in ("static", "float")  # the ViT's patch convolution: static if it held
     assert last["max_abs_prob_diff"] <= 1e-4 and all(last[k] > 0 for k in ("torch_rows_per_s", "onnx_rows_per_s", "int8_rows_per_s"))
+    # the demo task's texts: sorted by tokens, the batches hold fewer positions than sorted by characters
+    assert 0 < last["padded_positions"]["tokens"] < last["padded_positions"]["characters"]
+    assert set(last["token_order_speedup"]) == {"torch", "static-int8"} and all(v > 0 for v in last["token_order_speedup"].values())
 
 
 def test_attention_bench_runs_and_prints_its_json(bench, tiny_run, tmp_path):

@@ -133,6 +133,9 @@ def test_several_batches_run_side_by_side_each_give_what_it_gives_alone(exported
     one-thread session; each batch's probabilities are the ones it gets alone on the two-thread session, in its place
     (dynamic int8 too, whose activation ranges are measured per batch). Batches put back out of order, or split
     across the threads (dynamic int8 then measures other ranges), would differ by far more than the tolerance."""
+    import threading
+
+    from mmtune.serving.predictor import Batches
     from mmtune.serving.runners import ONNX_FILES, OnnxRunner
 
     res, _ = exported
@@ -149,6 +152,27 @@ def test_several_batches_run_side_by_side_each_give_what_it_gives_alone(exported
         assert len(batches) > 4 and together.shape == alone.shape
         assert np.abs(together - alone).max() <= 1e-6, backend
         assert np.abs(together[:-7] - alone[7:]).max() > 1e-3  # the check tells the batches apart
+        # batches that say how many follow (the Predictor's): the first starts before the second is asked for
+        started, run = threading.Event(), runner._run
+        runner._run = lambda names, batch, session=None: (started.set(), run(names, batch, session))[1]
+
+        def feed():
+            yield batches[0]
+            assert started.wait(10), "the second batch was asked for before the first one started"
+            yield from batches[1:]
+
+        assert np.abs(runner.proba(pred.tasks, Batches(feed(), len(batches)))["label"] - alone).max() <= 1e-6
+        # one batch waits beyond those running: the third starts while the first is still running
+        third = threading.Event()
+
+        def first_waits(names, batch, session=None):
+            if batch is batches[2]:
+                third.set()
+            assert batch is not batches[0] or third.wait(10), "the third batch waited for the first one"
+            return run(names, batch, session)
+
+        runner._run = first_waits
+        assert np.abs(runner.proba(pred.tasks, iter(batches))["label"] - alone).max() <= 1e-6
 
 
 def test_the_convolution_chain_is_whole_blocks(tmp_path):

@@ -25,6 +25,25 @@ PREDICT_ADVICE = ("Prediction never skips rows: fix these rows (or remove them f
                   "again.")
 
 
+class Batches:
+    """An iterator over collated batches that says how many are left (``operator.length_hint``): a runner starts
+    the first on its own when it knows that more follow (:class:`~mmtune.serving.runners.OnnxRunner`)."""
+
+    def __init__(self, batches, count: int):
+        self._batches, self._left = iter(batches), int(count)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._batches)
+        self._left -= 1
+        return batch
+
+    def __length_hint__(self) -> int:
+        return max(self._left, 0)
+
+
 class Predictor:
     """A fine-tuned model with its processors and label maps.
 
@@ -170,8 +189,8 @@ class Predictor:
         idx = np.arange(len(ds)) if order is None else order
         chunks = [idx[s:s + bs] for s in range(0, len(ds), bs)]
         if self.workers <= 1 or len(ds) <= 1:
-            return (self.collator([ds[int(i)] for i in c]) for c in chunks)
-        return self._threaded(ds, chunks)
+            return Batches((self.collator([ds[int(i)] for i in c]) for c in chunks), len(chunks))
+        return Batches(self._threaded(ds, chunks), len(chunks))
 
     def _threaded(self, ds, chunks):
         from concurrent.futures import ThreadPoolExecutor

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import operator
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -120,26 +121,32 @@ class OnnxRunner:
 
     def _runs(self, names: List[str], batches) -> Iterator[List[np.ndarray]]:
         """Each batch's outputs, in order: a lone batch on the session's threads; several, up to ``threads`` whole
-        batches at once on the one-thread session (CPU)."""
+        batches at once on the one-thread session (CPU). The first batch starts as soon as it is collated when
+        ``batches`` says that more follow (``operator.length_hint``: the Predictor's batches do), and one batch waits
+        beyond those running, so that a session that ends before the oldest running batch has the next at once."""
+        known = operator.length_hint(batches, 0)
         batches = iter(batches)
         first = next(batches, None)
         if first is None:
             return
-        second = next(batches, None)
-        if second is None or self.threads < 2 or self.device.type != "cpu":
-            yield self._run(names, first)
-            for batch in ([] if second is None else itertools.chain([second], batches)):
-                yield self._run(names, batch)
-            return
+        lanes = self.threads >= 2 and self.device.type == "cpu"
+        if not (lanes and known > 1):
+            second = next(batches, None)
+            if second is None or not lanes:
+                yield self._run(names, first)
+                for batch in ([] if second is None else itertools.chain([second], batches)):
+                    yield self._run(names, batch)
+                return
+            batches = itertools.chain([second], batches)
         if self._lanes is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._lanes = (self._session(1), ThreadPoolExecutor(self.threads, thread_name_prefix="mmtune-onnx"))
         session, pool = self._lanes
-        pending: collections.deque = collections.deque()
-        for batch in itertools.chain([first, second], batches):
+        pending: collections.deque = collections.deque([pool.submit(self._run, names, first, session)])
+        for batch in batches:
             pending.append(pool.submit(self._run, names, batch, session))
-            if len(pending) >= self.threads:
+            if len(pending) > self.threads:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
