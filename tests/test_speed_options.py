@@ -151,3 +151,32 @@ def test_a_joint_processor_counts_the_tokens_of_its_text_part(tiny_bert):
     assert joint.lengths(cells).tolist() == [3, 6, 2]
     assert JointProcessor({"image": ResizeNormalizeProcessor(8)}).lengths(cells) is None
     assert Collator({"image": ResizeNormalizeProcessor(8)}, ["image"]).lengths([1, 2]) is None
+
+
+def test_images_resized_on_the_decoding_threads_give_the_same_batch():
+    """Prediction's decoding threads resize each image ahead of the collating thread (Collator.prepare): the batch
+    is the same tensor as when the processor resizes them itself; training's value augments, and an ensemble that
+    hands the decoded samples to other processors, get the images as decoded."""
+    from PIL import Image
+
+    from mmtune.data.collate import Collator
+    from mmtune.encoders.processors import JointProcessor, ResizeNormalizeProcessor
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 30), (12, 12), (9, 50))]
+
+    def samples():
+        return [{"values": {"image": im}, "labels": {}, "index": i} for i, im in enumerate(images + [None])]
+
+    for proc in (ResizeNormalizeProcessor(12), JointProcessor({"image": ResizeNormalizeProcessor(12)})):
+        collator = Collator({"image": proc}, ["image"])
+        prepared = collator.prepare(samples())
+        assert [s["values"]["image"] and s["values"]["image"].size for s in prepared] == [(12, 12)] * 3 + [None]
+        assert prepared[1]["values"]["image"] is images[1]  # already the side: not copied
+        torch.testing.assert_close(collator(prepared)["inputs"]["image"]["pixel_values"],
+                                   collator(samples())["inputs"]["image"]["pixel_values"], rtol=0, atol=0)
+    augmented = Collator({"image": ResizeNormalizeProcessor(12)}, ["image"], {"image": lambda im: im})
+    assert [s["values"]["image"] for s in augmented.prepare(samples())] == images + [None]
+    kept = Collator({"image": ResizeNormalizeProcessor(12)}, ["image"])
+    kept.keep_samples = True
+    assert [s["values"]["image"] for s in kept.prepare(samples())] == images + [None]

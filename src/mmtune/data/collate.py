@@ -32,6 +32,22 @@ class Collator:
             out[name] = proc({m: [s["values"].get(m) for s in samples] for m in proc.modalities})
         return out
 
+    def prepare(self, samples: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """``samples`` with each processor's per-value work done ahead of :meth:`__call__` (an image resized to the
+        encoder's side), which then makes the same batch of them: what prediction's decoding threads do, so that this
+        work runs in parallel. Left undone where the raw values are still needed: value augments (training) change
+        them first, and :attr:`keep_samples` hands them to other processors."""
+        if self.value_augments or self.keep_samples:
+            return samples
+        for proc in self.processors.values():
+            if not callable(getattr(proc, "prepare", None)):
+                continue
+            done = proc.prepare({m: [s["values"].get(m) for s in samples] for m in proc.modalities})
+            for m, values in done.items():
+                for sample, value in zip(samples, values):
+                    sample["values"][m] = value
+        return samples
+
     def lengths(self, dataset, chunk: int = 4096) -> Optional[np.ndarray]:
         """Per row of ``dataset``, the positions its inputs fill in a batch before padding, summed over the
         processors that pad (a text processor: the row's token count); None when none does. What batches are

@@ -122,18 +122,24 @@ class ResizeNormalizeProcessor:
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
-    def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+    def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
+        """The per-image part of :meth:`__call__`, each image resized to the square side: what decoding threads do
+        ahead of it (a prepared image is used as it is, so the batch is the same either way)."""
         from PIL import Image
 
         s = self.image_size
-        arr = np.zeros((len(columns["image"]), 3, s, s), dtype=np.float32)
+        return {"image": [im if im is None or im.size == (s, s) else im.resize((s, s), Image.BILINEAR)
+                          for im in columns["image"]]}
+
+    def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        images = self.prepare(columns)["image"]
+        s = self.image_size
+        arr = np.zeros((len(images), 3, s, s), dtype=np.float32)
         blank = np.zeros(len(arr), dtype=bool)
-        for i, im in enumerate(columns["image"]):
+        for i, im in enumerate(images):
             if im is None:
                 blank[i] = True  # masked out by the model
                 continue
-            if im.size != (s, s):
-                im = im.resize((s, s), Image.BILINEAR)
             arr[i] = np.asarray(im).transpose(2, 0, 1)  # cast to float32 as it is copied
         # the whole batch in place (the same numbers as per image, several times faster at 224 px)
         arr -= self.mean
@@ -164,6 +170,14 @@ class JointProcessor:
         out: Dict[str, torch.Tensor] = {}
         for part in self.parts.values():
             out.update(part({m: columns[m] for m in part.modalities}))
+        return out
+
+    def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
+        """The per-value work of the parts that have some (see :meth:`ResizeNormalizeProcessor.prepare`)."""
+        out = {}
+        for part in self.parts.values():
+            if hasattr(part, "prepare"):
+                out.update(part.prepare({m: columns[m] for m in part.modalities}))
         return out
 
     def lengths(self, columns: Mapping[str, List[Any]]) -> Optional[np.ndarray]:

@@ -189,7 +189,7 @@ class Predictor:
         idx = np.arange(len(ds)) if order is None else order
         chunks = [idx[s:s + bs] for s in range(0, len(ds), bs)]
         if self.workers <= 1 or len(ds) <= 1:
-            return Batches((self.collator([ds[int(i)] for i in c]) for c in chunks), len(chunks))
+            return Batches((self.collator(ds.__getitems__(c)) for c in chunks), len(chunks))
         return Batches(self._threaded(ds, chunks), len(chunks))
 
     def _threaded(self, ds, chunks):
@@ -204,7 +204,10 @@ class Predictor:
             # a batch in one part per worker: each part's cells taken at once and decoded on its thread (per-row
             # tasks cost more in scheduling and in taking cells one at a time than small files take to decode)
             parts = [p for p in np.array_split(np.asarray(c), self.workers) if len(p)]
-            return self.collator([item for part in rows.map(ds.__getitems__, parts) for item in part])
+            return self.collator([item for part in rows.map(read, parts) for item in part])
+
+        def read(part):  # decoded, and each value's own processing done (an image resized), on a decoding thread
+            return self.collator.prepare(ds.__getitems__(part))
 
         pending = ahead.submit(collate, chunks[0]) if chunks else None
         for k in range(len(chunks)):
