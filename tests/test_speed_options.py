@@ -180,3 +180,36 @@ def test_images_resized_on_the_decoding_threads_give_the_same_batch():
     kept = Collator({"image": ResizeNormalizeProcessor(12)}, ["image"])
     kept.keep_samples = True
     assert [s["values"]["image"] for s in kept.prepare(samples())] == images + [None]
+
+
+def test_a_batch_is_split_across_the_decoding_threads_only_when_its_rows_read_slowly(tiny_run, colour_verdict,
+                                                                                     monkeypatch):
+    """The first batch is read on the decoding threads (the model starts sooner); each next one there only when the
+    rows of the one before took longer than SPLIT_READ_S each to read, else whole on the collating thread. The
+    batches are the same either way."""
+    import threading
+    from pathlib import Path
+
+    import pandas as pd
+
+    import mmtune.serving.predictor as predictor
+
+    rows = pd.read_csv(colour_verdict["test"]).head(40)
+    rows["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in rows["image"]]
+    pred = mmtune.load(tiny_run.run_dir)
+    pred.workers = 2
+    ds = pred.dataset(rows, with_labels=False)
+    read, seen = ds.__getitems__, []
+    ds.__getitems__ = lambda part: (seen.append((len(part), threading.current_thread().name)), read(part))[1]
+    got = {}
+    for limit in (0.0, float("inf")):
+        monkeypatch.setattr(predictor, "SPLIT_READ_S", limit)
+        seen.clear()
+        got[limit] = list(pred.batches(ds, 10))
+        where = [name.split("_")[0] for _, name in seen]
+        if limit == 0.0:  # every row slower than the limit: every batch in two parts, on the decoding threads
+            assert [n for n, _ in seen] == [5] * 8 and set(where) == {"mmtune-decode"}
+        else:
+            assert [n for n, _ in seen] == [5, 5, 10, 10, 10] and where == ["mmtune-decode"] * 2 + ["mmtune-collate"] * 3
+    for a, b in zip(got[0.0], got[float("inf")]):
+        torch.testing.assert_close(a["inputs"], b["inputs"], rtol=0, atol=0)

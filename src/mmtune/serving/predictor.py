@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -21,6 +22,10 @@ from ..tasks import Task
 from .runners import BACKENDS, ONNX_FILES, OnnxRunner, TorchRunner
 
 
+SPLIT_READ_S = 0.001
+"""A prediction batch whose rows took longer than this each to read (decoded, images resized) in the batch before is
+split across the decoding threads; quicker rows (small pictures) are read whole on the collating thread, where the
+threads would spend more contending for the interpreter than they save (docs/guides/deploy.md)."""
 PREDICT_ADVICE = ("Prediction never skips rows: fix these rows (or remove them from the input) and run it "
                   "again.")
 
@@ -200,20 +205,25 @@ class Predictor:
                           ThreadPoolExecutor(1, thread_name_prefix="mmtune-collate"))
         rows, ahead = self._pool
 
-        def collate(c):
-            # a batch in one part per worker: each part's cells taken at once and decoded on its thread (per-row
+        def read(part):  # decoded, and each value's own processing done (an image resized); and the seconds it took
+            start = time.perf_counter()
+            items = self.collator.prepare(ds.__getitems__(part))
+            return items, time.perf_counter() - start
+
+        def collate(c, split: bool):
+            # split: a batch in one part per worker, each part's cells taken at once and read on its thread (per-row
             # tasks cost more in scheduling and in taking cells one at a time than small files take to decode)
-            parts = [p for p in np.array_split(np.asarray(c), self.workers) if len(p)]
-            return self.collator([item for part in rows.map(read, parts) for item in part])
+            parts = [p for p in np.array_split(np.asarray(c), self.workers) if len(p)] if split else [np.asarray(c)]
+            done = list(rows.map(read, parts)) if split else [read(parts[0])]
+            seconds_per_row = sum(s for _, s in done) / max(len(c), 1)
+            return self.collator([item for items, _ in done for item in items]), seconds_per_row
 
-        def read(part):  # decoded, and each value's own processing done (an image resized), on a decoding thread
-            return self.collator.prepare(ds.__getitems__(part))
-
-        pending = ahead.submit(collate, chunks[0]) if chunks else None
+        # the first batch split, so that the model starts soon; each next one as its rows' reading cost in the last
+        pending = ahead.submit(collate, chunks[0], True) if chunks else None
         for k in range(len(chunks)):
-            batch = pending.result()
+            batch, seconds_per_row = pending.result()
             if k + 1 < len(chunks):
-                pending = ahead.submit(collate, chunks[k + 1])
+                pending = ahead.submit(collate, chunks[k + 1], seconds_per_row > SPLIT_READ_S)
             yield batch
 
     def proba_of(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True,
