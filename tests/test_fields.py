@@ -1,5 +1,6 @@
 """Several columns of one modality: two text columns where only the second carries the label, read by two
 encoders or by one shared encoder with a learned embedding per column."""
+import torch
 import random
 
 import numpy as np
@@ -103,3 +104,31 @@ def test_every_kind_of_column_in_one_model(tmp_path, tiny_vit, tiny_bert, tiny_w
     num = [c for c in a.columns if c.startswith(("label.prob", "sold_for.prediction"))]
     assert np.abs(a[num].to_numpy(float) - b[num].to_numpy(float)).max() <= 1e-5
     assert (res.run_dir / "report.html").is_file()
+
+
+def test_field_processors_count_tokens_and_resize_the_field_they_read(tiny_bert):
+    """A processor re-keyed to a named field (or shared by several) counts the tokens of, and resizes, the columns it
+    reads: what prediction sorts its rows by and what its decoding threads do ahead of the collating thread."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from mmtune.data.collate import Collator
+    from mmtune.encoders.fields import FieldProcessor, SharedProcessor
+    from mmtune.encoders.processors import ResizeNormalizeProcessor, TextProcessor
+
+    text = TextProcessor(AutoTokenizer.from_pretrained(tiny_bert))
+    cols = {"text.title": ["works", "a b c"], "text": ["a b c d", None]}
+    assert FieldProcessor(text, "text.title").lengths(cols).tolist() == [3, 5]
+    assert SharedProcessor(text, ["text", "text.title"]).lengths(cols).tolist() == [6 + 3, 2 + 5]
+    back = FieldProcessor(ResizeNormalizeProcessor(8), "image.back")
+    shots = [Image.new("RGB", (20, 10), "red"), None]
+    out = back.prepare({"image.back": shots})
+    assert list(out) == ["image.back"] and out["image.back"][0].size == (8, 8) and out["image.back"][1] is None
+    assert back.lengths({"image.back": shots}) is None
+    both = SharedProcessor(ResizeNormalizeProcessor(8), ["image", "image.back"])
+    assert {k: [v and v.size for v in vs] for k, vs in both.prepare({"image": shots[::-1], "image.back": shots}).items()} \
+        == {"image": [None, (8, 8)], "image.back": [(8, 8), None]}
+    collator = Collator({"back": back}, ["image.back"])
+    samples = lambda: [{"values": {"image.back": im}, "labels": {}, "index": i} for i, im in enumerate(shots)]  # noqa: E731
+    assert collator.prepare(samples())[0]["values"]["image.back"].size == (8, 8)
+    torch.testing.assert_close(collator(collator.prepare(samples()))["inputs"], collator(samples())["inputs"], rtol=0, atol=0)

@@ -27,6 +27,18 @@ class FieldProcessor:
     def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
         return self.inner({kind(self.field): columns[self.field]})
 
+    def lengths(self, columns: Mapping[str, List[Any]]):
+        """The inner processor's padded positions of this field's column (None when it does not pad)."""
+        inner = getattr(self.inner, "lengths", None)
+        return inner({kind(self.field): columns[self.field]}) if callable(inner) else None
+
+    def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
+        """The inner processor's per-value work on this field's column (none when it has none)."""
+        inner = getattr(self.inner, "prepare", None)
+        if not callable(inner):
+            return {}
+        return {self.field: v for v in inner({kind(self.field): columns[self.field]}).values()}
+
     def __getattr__(self, name: str):
         return getattr(self.__dict__["inner"], name)
 
@@ -59,6 +71,22 @@ class SharedProcessor:
         for f in self.fields:
             out.update({f"{f}::{k}": v for k, v in self.inner({kind(f): columns[f]}).items()})
         return out
+
+    def lengths(self, columns: Mapping[str, List[Any]]):
+        """The padded positions of every field, added up (each is its own padded input); None when the inner
+        processor does not pad."""
+        inner = getattr(self.inner, "lengths", None)
+        if not callable(inner):
+            return None
+        counts = [inner({kind(f): columns[f]}) for f in self.fields]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
+        """The inner processor's per-value work on each field's column."""
+        inner = getattr(self.inner, "prepare", None)
+        if not callable(inner):
+            return {}
+        return {f: v for f in self.fields for v in inner({kind(f): columns[f]}).values()}
 
     def save(self, folder: Path) -> None:
         self.inner.save(folder)

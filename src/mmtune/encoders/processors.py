@@ -176,14 +176,15 @@ class JointProcessor:
         """The per-value work of the parts that have some (see :meth:`ResizeNormalizeProcessor.prepare`)."""
         out = {}
         for part in self.parts.values():
-            if hasattr(part, "prepare"):
+            if callable(getattr(part, "prepare", None)):
                 out.update(part.prepare({m: columns[m] for m in part.modalities}))
         return out
 
     def lengths(self, columns: Mapping[str, List[Any]]) -> Optional[np.ndarray]:
         """The padded positions of the parts that pad (see :meth:`TextProcessor.lengths`), added up."""
         counts = [part.lengths({m: columns[m] for m in part.modalities})
-                  for part in self.parts.values() if hasattr(part, "lengths")]
+                  for part in self.parts.values() if callable(getattr(part, "lengths", None))]
+        counts = [c for c in counts if c is not None]
         return sum(counts) if counts else None
 
     def save(self, folder: Path) -> None:
