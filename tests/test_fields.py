@@ -1,11 +1,11 @@
 """Several columns of one modality: two text columns where only the second carries the label, read by two
 encoders or by one shared encoder with a learned embedding per column."""
-import torch
 import random
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import mmtune
 from conftest import base_config
