@@ -177,8 +177,7 @@ def test_images_resized_on_the_decoding_threads_give_the_same_batch():
                                    collator(samples())["inputs"]["image"]["pixel_values"], rtol=0, atol=0)
     augmented = Collator({"image": ResizeNormalizeProcessor(12)}, ["image"], {"image": lambda im: im})
     assert [s["values"]["image"] for s in augmented.prepare(samples())] == images + [None]
-    kept = Collator({"image": ResizeNormalizeProcessor(12)}, ["image"])
-    kept.keep_samples = True
+    kept = Collator({"image": ResizeNormalizeProcessor(12)}, ["image"], keep_samples=True)
     assert [s["values"]["image"] for s in kept.prepare(samples())] == images + [None]
 
 

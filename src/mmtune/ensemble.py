@@ -302,6 +302,12 @@ class EnsembleRunner:
         self.output_modality = dict(first.output_modality)
         self.device = first.device
 
+    @property
+    def reads_samples(self) -> bool:
+        """Whether a member reads the batch's decoded ``samples`` with its own collator (the Predictor's collator
+        then keeps them: :attr:`~mmtune.data.collate.Collator.keep_samples`)."""
+        return any(c is not None for c in self.collators)
+
     def proba(self, tasks, batches) -> Dict[str, np.ndarray]:
         out: Dict[str, list] = {t.name: [] for t in tasks}
         for batch in batches:

@@ -17,11 +17,11 @@ class Collator:
     """
 
     def __init__(self, processors: Mapping[str, Any], modalities: Sequence[str],
-                 value_augments: Optional[Mapping[str, Any]] = None):
+                 value_augments: Optional[Mapping[str, Any]] = None, keep_samples: bool = False):
         self.processors = dict(processors)
         self.modalities = sorted(modalities)
         self.value_augments = dict(value_augments or {})  # modality -> function of a raw value; training only
-        self.keep_samples = False
+        self.keep_samples = bool(keep_samples)
         """Also return the decoded samples (``samples``), for another set of processors to read (an ensemble whose
         members fitted their processors apart: :class:`~mmtune.ensemble.EnsembleRunner`)."""
 

@@ -74,7 +74,9 @@ class Predictor:
         self.spec = spec_from_config(config.data, self.modalities, self.tasks)
         if processors is None:
             processors = {n: e.processor for n, e in model.encoders.items()}
-        self.collator = Collator(dict(processors), self.modalities)
+        # a runner that reads the decoded rows with processors of its own (an ensemble's) has the collator keep them
+        self.collator = Collator(dict(processors), self.modalities,
+                                 keep_samples=bool(getattr(self.runner, "reads_samples", False)))
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         self._pool = None
         self.reference = dict(reference or {})
@@ -164,8 +166,6 @@ class Predictor:
         pred = cls(first.model, first.config, tasks, calibration, Path(folder), device,
                    runner=EnsembleRunner(members, collators), workers=workers, reference=first.reference,
                    processors=None if first.model is not None else _processors(first.config, first.run_dir))
-        # members that fitted their own processors (cross-validation folds' tabular statistics) read the decoded rows
-        pred.collator.keep_samples = any(c is not None for c in collators)
         pred.members = [{k: m[k] for k in ("name", "path", "weight")} for m in meta["members"]]
         return pred
 
