@@ -147,7 +147,13 @@ def test_a_joint_processor_counts_the_tokens_of_its_text_part(tiny_bert):
     text = TextProcessor(AutoTokenizer.from_pretrained(tiny_bert), max_length=6)
     joint = JointProcessor({"image": ResizeNormalizeProcessor(8), "text": text})
     cells = {"image": [None, None, None], "text": ["works", "a b c d e f g h", None]}
+    backend = text.tokenizer.backend_tokenizer
+    text({"text": ["a b c"]})
+    settings = (backend.padding, backend.truncation)
     assert text.lengths(cells).tolist() == [3, 6, 2]  # truncated to max_length; an absent text is the empty one's
+    # the tokenizer's padding and truncation as a batch left them: counting never changes them under another
+    # thread's batch (a fast tokenizer raises "Already borrowed" when they change during its call)
+    assert (backend.padding, backend.truncation) == settings
     assert joint.lengths(cells).tolist() == [3, 6, 2]
     assert JointProcessor({"image": ResizeNormalizeProcessor(8)}).lengths(cells) is None
     assert Collator({"image": ResizeNormalizeProcessor(8)}, ["image"]).lengths([1, 2]) is None

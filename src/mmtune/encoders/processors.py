@@ -32,9 +32,11 @@ class TextProcessor:
         """Per row, the positions its text fills in a batch before padding: its token count, special tokens
         included, truncated as :meth:`__call__` truncates (an absent text: the empty text's)."""
         texts = [t if isinstance(t, str) else "" for t in columns["text"]]
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, return_attention_mask=False,
-                             return_token_type_ids=False)
-        return np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+        # padded and truncated as __call__ asks: a fast tokenizer keeps those settings between calls, and a call
+        # asking for others would change them under a batch being tokenised on another thread
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np",
+                             return_attention_mask=True)
+        return np.asarray(enc["attention_mask"], dtype=np.int64).sum(axis=1)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
