@@ -23,19 +23,21 @@ class TextProcessor:
         self.max_length = int(max_length)
         self.keep = tuple(keep) if keep else ("input_ids", "attention_mask", "token_type_ids")
 
+    def _encode(self, columns: Mapping[str, List[Any]], **outputs):
+        """The tokenizer on the texts of ``columns`` (an absent text: the empty one), padded and truncated the same
+        way on every call: a fast tokenizer keeps those settings between calls, and a call asking for others would
+        change them under a batch being tokenised on another thread."""
+        texts = [t if isinstance(t, str) else "" for t in columns["text"]]
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, **outputs)
+
     def __call__(self, columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
-        texts = [t if t is not None else "" for t in columns["text"]]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = self._encode(columns, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in self.keep}
 
     def lengths(self, columns: Mapping[str, List[Any]]) -> np.ndarray:
         """Per row, the positions its text fills in a batch before padding: its token count, special tokens
         included, truncated as :meth:`__call__` truncates (an absent text: the empty text's)."""
-        texts = [t if isinstance(t, str) else "" for t in columns["text"]]
-        # padded and truncated as __call__ asks: a fast tokenizer keeps those settings between calls, and a call
-        # asking for others would change them under a batch being tokenised on another thread
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np",
-                             return_attention_mask=True)
+        enc = self._encode(columns, return_tensors="np", return_attention_mask=True)
         return np.asarray(enc["attention_mask"], dtype=np.int64).sum(axis=1)
 
     def save(self, folder: Path) -> None:
