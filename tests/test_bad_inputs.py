@@ -139,7 +139,7 @@ def test_prediction_decodes_each_picture_once_and_still_names_every_unreadable_f
     want = pred.predict_proba(rows)
     decoded = []
     real = images.load_image
-    monkeypatch.setattr(images, "load_image", lambda path: (decoded.append(str(path)), real(path))[1])
+    monkeypatch.setattr(images, "load_image", lambda path, **kw: (decoded.append(str(path)), real(path, **kw))[1])
     got = pred.predict_proba(rows)
     assert len(decoded) == len(rows) and sorted(decoded) == sorted(rows["image"])
     assert np.array_equal(got.to_numpy(), want.to_numpy())

@@ -146,3 +146,11 @@ def test_matching_bench_runs_and_prints_its_json(bench, tmp_path):
     last = bench("matching.py", "--rows", "48", "--epochs", "1", "--image-size", "32", "--work", str(tmp_path))
     assert {"image_text_r1_frozen", "image_text_r1_tuned", "text_text_r1_tuned", "swap_precision_top_decile"} <= set(last)
     assert all(0.0 <= last[k] <= 1.0 for k in ("image_text_r1_frozen", "image_text_r1_tuned", "swap_precision_top_decile"))
+
+
+def test_decode_bench_runs_and_prints_its_json(bench, tiny_run):
+    last = bench("decode.py", "--photos", "2", "--size", "640x480", "--side", "32", "--rounds", "1",
+                 "--run", str(tiny_run.run_dir))
+    assert {"full_ms", "draft_ms", "decode_speedup", "check_speedup", "predict_speedup"} <= set(last)
+    assert last["max_pixel_diff"] <= 8 and last["mean_pixel_diff"] < 1.0  # 640 x 480 read at 1/4 for 32 px
+    assert set(last["predict_rows_per_s"]) == {"draft", "full"}

@@ -203,6 +203,7 @@ def read_bundle(run_dir, *, model: bool = True, complete: bool = True) -> Bundle
     False reads a bundle being written (the report is built before bundle.json). Raises FileNotFoundError
     (not a complete bundle, a file missing) or ValueError (unknown format, damaged weights)."""
     from .config import load_config, upgrade_format1
+    from .config.migrate import stored_config
     from .evaluation.calibration import Calibration
     from .tasks import Task
 
@@ -232,7 +233,7 @@ def read_bundle(run_dir, *, model: bool = True, complete: bool = True) -> Bundle
     except (KeyError, TypeError, AttributeError) as exc:
         raise DamagedBundleError(f"{what}: labels.json or calibration.json is damaged ({type(exc).__name__}: {exc}); "
                                  "copy the bundle again (or refit)") from None
-    cfg = load_config(raw)
+    cfg = load_config(stored_config(raw))
     metrics_path = run_dir / "metrics.json"
     metrics = read_json_file(metrics_path, what) if metrics_path.is_file() else {}
     out = Bundle(run_dir, cfg, tasks, calibration, metrics, meta)

@@ -33,7 +33,8 @@ class Modality:
     counts_pixels: bool = False
     """A decoded file counts against the server's pixel budget (its size read from the header first)."""
     resized: bool = False
-    """Read at its encoder's ``image_size``, which a preset may lower on a large table (each epoch runs the encoder)."""
+    """Read at its encoder's ``image_size``, which a preset may lower on a large table (each epoch runs the encoder);
+    :meth:`FileModality.read` is told that side (``side``), so that a large file can be decoded smaller."""
     needs: Tuple[Tuple[str, str, str], ...] = ()
     """Optional packages a column of this modality needs, as ``(module, extra, feature)``."""
 
@@ -172,15 +173,20 @@ class FileModality(Modality):
         path = resolve_path(value, base_dir)
         return None if path.is_file() else f"{self.name} file {str(path)!r} does not exist"
 
-    def read(self, value, base_dir):
-        return value.value if isinstance(value, Decoded) else self.read_file(resolve_path(value, base_dir))
+    def read(self, value, base_dir, side: Optional[int] = None):
+        """The decoded value; ``side`` (a :attr:`resized` modality's, when known): the side it is resized to next."""
+        if isinstance(value, Decoded):
+            return value.value
+        path = resolve_path(value, base_dir)
+        return self.read_file(path) if side is None else self.read_file(path, side)
 
-    def decode(self, data: bytes, name: str = "<request>") -> Decoded:
-        """Bytes of a file (an upload) decoded as this modality; ValueError saying why they cannot be."""
+    def decode(self, data: bytes, name: str = "<request>", side: Optional[int] = None) -> Decoded:
+        """Bytes of a file (an upload) decoded as this modality (``side`` as in :meth:`read`); ValueError saying
+        why they cannot be."""
         import io
 
         try:
-            value = self.read_file(io.BytesIO(data))
+            value = self.read_file(io.BytesIO(data)) if side is None else self.read_file(io.BytesIO(data), side)
         except Exception as exc:  # the decoders raise many types for bad bytes; each becomes the reason
             if type(exc).__name__ == "MissingExtraError":
                 raise
@@ -212,8 +218,16 @@ class FileModality(Modality):
         return None if is_blank(value) else str(resolve_path(value, base_dir).resolve())
 
 
+DRAFT_MARGIN = 2
+"""A JPEG is decoded at a reduced scale only down to this many times the side it is resized to: after the resize,
+its pixels are a full decode's to within a rounding (0.16/255 on average, at most 4/255, on 12-megapixel photographs
+into 224 px: bench/decode.py)."""
+
+
 class Image(FileModality):
-    """A path to an image file (relative to the manifest's folder), decoded in full to RGB."""
+    """A path to an image file (relative to the manifest's folder), decoded to RGB. A JPEG at least
+    :data:`DRAFT_MARGIN` times larger than the side it is resized to is decoded at a reduced scale that keeps that
+    margin (``data.jpeg_draft``; see :func:`mmtune.data.images.load_image`)."""
 
     name = "image"
     Augment = ImageAugmentConfig
@@ -227,15 +241,17 @@ class Image(FileModality):
         if not path.is_file():
             return f"image file {str(path)!r} does not exist"
         try:
-            load_image(path)  # a full decode: a truncated file fails here, not mid-epoch
+            # every byte decoded, so a truncated file fails here, not mid-epoch; a JPEG at its smallest scale (the
+            # same verdicts as in full, in about a third of the time on photographs: docs/guides/configs.md)
+            load_image(path, draft=1)
         except Exception as exc:  # Pillow raises many types for a bad file; each becomes this row's reason
             return f"image file {str(path)!r} is not a readable image ({type(exc).__name__}: {exc})"
         return None
 
-    def read_file(self, source):
+    def read_file(self, source, side: Optional[int] = None):
         from .data.images import load_image
 
-        return load_image(source)
+        return load_image(source, draft=DRAFT_MARGIN * side if side else None)
 
     def render_html(self, shown):
         from .data.images import thumbnail

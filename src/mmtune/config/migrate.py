@@ -32,6 +32,24 @@ def _renamed(raw: Mapping[str, Any]) -> List[str]:
 _ABSENT = object()
 
 
+STORED_BEFORE = {"data.jpeg_draft": False}
+"""Settings added after bundles were first written, and what a bundle whose config lacks one did before it: such a
+bundle keeps doing that (its images decoded in full), however the default reads today."""
+
+
+def stored_config(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A bundle's stored (fully resolved) config with :data:`STORED_BEFORE`'s settings it lacks filled in."""
+    raw = copy.deepcopy(raw) if isinstance(raw, dict) else raw
+    for dotted, value in STORED_BEFORE.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return raw
+
+
 def upgrade_format1(raw: Dict[str, Any]) -> Dict[str, Any]:
     """A resolved config as bundles of format 1 stored it, in today's keys: modality columns under
     ``data.columns``, the fusion's and strategy's settings of other types dropped, the loss settings in

@@ -168,6 +168,13 @@ class DataConfig(_Strict):
     bucket_by_length: bool = False
     """Training batches of texts of similar length (less padding computed); each epoch still sees every row
     once, in a seeded order. No effect on cached (frozen) runs."""
+    jpeg_draft: bool = True
+    """Decode a JPEG at least twice the side its encoder resizes it to at a reduced scale (1/2, 1/4 or 1/8 of its
+    size: libjpeg's DCT scaling) that still keeps both sides at least twice that side: a 12-megapixel photograph
+    into a 224 px encoder decodes in a third of the time, its resized pixels 0.16/255 from a full decode's on
+    average (``bench/decode.py``; docs/guides/configs.md).
+    Training, prediction, the server and the embedding cache decode alike (recorded in the bundle; a bundle written
+    before this setting decodes in full)."""
 
     @field_validator("columns", "allow_missing")
     @classmethod

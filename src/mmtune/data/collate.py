@@ -48,6 +48,17 @@ class Collator:
                     sample["values"][m] = value
         return samples
 
+    def sides(self) -> Dict[str, int]:
+        """Per modality a processor resizes (images), the largest side one resizes it to: what a dataset may decode
+        it at (:class:`~mmtune.data.dataset.MultimodalDataset` ``sides``)."""
+        out: Dict[str, int] = {}
+        for proc in self.processors.values():
+            got = proc.sides() if callable(getattr(proc, "sides", None)) else {}
+            for m, side in got.items():
+                if m in self.modalities and side:
+                    out[m] = max(out.get(m, 0), int(side))
+        return out
+
     def lengths(self, dataset, chunk: int = 4096) -> Optional[np.ndarray]:
         """Per row of ``dataset``, the positions its inputs fill in a batch before padding, summed over the
         processors that pad (a text processor: the row's token count); None when none does. What batches are
@@ -89,6 +100,18 @@ class Collator:
         if self.keep_samples:
             batch["samples"] = samples
         return batch
+
+
+def decode_sides(config, collators: Sequence[Optional[Collator]]) -> Dict[str, int]:
+    """What a dataset read for ``collators`` decodes its images at (the largest side any of them resizes each to),
+    or ``{}`` when the config decodes in full (``data.jpeg_draft`` off)."""
+    if not config.data.jpeg_draft:
+        return {}
+    out: Dict[str, int] = {}
+    for collator in collators:
+        for m, side in (collator.sides() if collator is not None else {}).items():
+            out[m] = max(out.get(m, 0), side)
+    return out
 
 
 def collate_labels(samples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:

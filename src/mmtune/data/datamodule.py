@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..modalities import kind, modality_of
 from ..tasks import Task, label_key
-from .collate import Collator
+from .collate import Collator, decode_sides
 from .dataset import MultimodalDataset
 from .manifest import (BadRowsError, ManifestSpec, TableSource, column_values, read_valid_rows, release_arrow_memory,
                        spec_from_config)
@@ -40,8 +40,9 @@ class PreparedData:
     def tasks(self) -> List[Task]:
         return list(self.spec.tasks)
 
-    def dataset(self, split: str, modalities) -> MultimodalDataset:
-        return MultimodalDataset(self.frames[split], self.spec, self.base_dirs[split], True, modalities)
+    def dataset(self, split: str, modalities, sides=None) -> MultimodalDataset:
+        """``split``'s rows; ``sides``: what :class:`MultimodalDataset` decodes images at (default: in full)."""
+        return MultimodalDataset(self.frames[split], self.spec, self.base_dirs[split], True, modalities, sides=sides)
 
 
 def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val: Optional[TableSource] = None,
@@ -264,6 +265,9 @@ class TableDataModule(L.LightningDataModule):
         cfg, p = self.cfg, self.prepared
         self.model = model
         self.cached = strategy.uses_cache
+        processors = {n: e.processor for n, e in model.encoders.items()}
+        self.sides = decode_sides(cfg, [Collator(processors, self.modalities)])
+        """What the datasets decode images at (``data.jpeg_draft``), as prediction does."""
         if self.cached:
             from ..finetune.feature_cache import build_cached_dataset, first
             from ..finetune.fingerprints import encoder_fingerprint
@@ -276,14 +280,14 @@ class TableDataModule(L.LightningDataModule):
             from ..distributed import training_device
 
             device = training_device(cfg.trainer.accelerator)
-            self.datasets = {s: build_cached_dataset(model, specs, p.dataset(s, self.modalities), self.modalities,
+            self.datasets = {s: build_cached_dataset(model, specs, p.dataset(s, self.modalities, self.sides), self.modalities,
                                                      cache_dir, self.eval_batch_size, prints, device,
                                                      getattr(cfg.finetune, "cache_dtype", "float16"))
                              for s in self.splits}
             self.collate = first
         else:
-            self.datasets = {s: p.dataset(s, self.modalities) for s in self.splits}
-            self.collate = Collator({n: e.processor for n, e in model.encoders.items()}, self.modalities)
+            self.datasets = {s: p.dataset(s, self.modalities, self.sides) for s in self.splits}
+            self.collate = Collator(processors, self.modalities)
         if cfg.synthesis.method != "none":
             from ..synthesis.oversample import synthesize_cached
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -52,6 +52,10 @@ class MultimodalDataset(Dataset):
     refuses (a silent recording), calls ``unreadable(row number, column, problem)``, which raises (the predictor
     validates the whole table in full then, and names every bad row). The rows must be the validated table's
     rows, all of them, in order (row number = position + 1).
+
+    ``sides``: per modality that is resized (images), the side its processors resize it to (see
+    :meth:`~mmtune.data.collate.Collator.sides`); a large JPEG is then decoded at a reduced scale that keeps twice
+    that side (``data.jpeg_draft``). Empty: every file decoded in full.
     """
 
     def __init__(
@@ -62,9 +66,11 @@ class MultimodalDataset(Dataset):
         with_labels: bool = True,
         modalities: Optional[Sequence[str]] = None,
         unreadable: Optional[Callable[[int, str, str], None]] = None,
+        sides: Optional[Mapping[str, int]] = None,
     ):
         self.df = df.reset_index(drop=True)
         self.unreadable = unreadable
+        self.sides = {m: int(v) for m, v in (sides or {}).items() if v}
         self.spec = spec
         self.base_dir = base_dir
         wanted = set(modalities) if modalities is not None else None
@@ -106,10 +112,14 @@ class MultimodalDataset(Dataset):
         entry = modality_of(modality)
         return [entry.display(v, self.base_dir) for v in self.cells(modality)]
 
+    def _read(self, modality: str, entry, value: Any) -> Any:
+        side = self.sides.get(modality)
+        return entry.read(value, self.base_dir) if side is None else entry.read(value, self.base_dir, side)
+
     def _read_checked(self, modality: str, entry, value: Any, row: int) -> Any:
         """A file cell decoded, its problems (which validation did not decode to find) sent to ``unreadable``."""
         try:
-            out = entry.read(value, self.base_dir)
+            out = self._read(modality, entry, value)
             problem = None if isinstance(value, Decoded) else entry.decoded_problem(out)
         except Exception as exc:  # the decoders raise many types for a bad file; each becomes the row's problem
             if type(exc).__name__ == "MissingExtraError":
@@ -135,7 +145,7 @@ class MultimodalDataset(Dataset):
                 values[modality] = [None if entry.is_blank(v) else self._read_checked(modality, entry, v, i)
                                     for v, i in zip(cells, rows)]
             else:
-                values[modality] = [None if entry.is_blank(v) else entry.read(v, self.base_dir) for v in cells]
+                values[modality] = [None if entry.is_blank(v) else self._read(modality, entry, v) for v in cells]
         labels = {t: v[rows].tolist() for t, v in self._labels.items()}
         items = []
         for k, i in enumerate(rows):
@@ -148,7 +158,8 @@ class MultimodalDataset(Dataset):
 
 
 def read_once_dataset(data: TableSource, spec: ManifestSpec, split: str, advice: str, with_labels: bool = False,
-                      modalities: Optional[Sequence[str]] = None) -> MultimodalDataset:
+                      modalities: Optional[Sequence[str]] = None,
+                      sides: Optional[Mapping[str, int]] = None) -> MultimodalDataset:
     """Rows to predict on, validated into a dataset that decodes each file once: validation checks that the files
     exist (``decode=False``), and the dataset decodes them when it reads them. A file that fails there stops the
     work with the error a validation that decoded everything gives: the whole table is validated in full at that
@@ -162,4 +173,4 @@ def read_once_dataset(data: TableSource, spec: ManifestSpec, split: str, advice:
         every = validate_rows(df, spec, base_dir, split, require_label=False)
         raise BadRowsError(every or [BadRow(split, row, column, problem)], advice=advice)
 
-    return MultimodalDataset(df, spec, base_dir, with_labels, modalities, unreadable=unreadable)
+    return MultimodalDataset(df, spec, base_dir, with_labels, modalities, unreadable=unreadable, sides=sides)

@@ -1,7 +1,7 @@
 """Decoding image files to RGB: one function for validation, training, prediction and the report.
 
-A file is decoded in full (``Image.load``), so a truncated or corrupt file fails here, at validation,
-with its row number — never mid-epoch. High-bit-depth greyscale images (16-bit, 12-bit stored in 16
+A file is decoded to its last byte (``Image.load``), so a truncated or corrupt file fails here, at validation,
+with its row number — never mid-epoch; a large JPEG may be decoded at a reduced scale (``draft``). High-bit-depth greyscale images (16-bit, 12-bit stored in 16
 bits, 32-bit integer, float) are scaled to 8 bits instead of clipped: ``convert("RGB")`` would clip
 every value above 255 to white.
 """
@@ -37,12 +37,19 @@ def to_rgb(im):
     return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
 
 
-def load_image(path: Path):
-    """Decode an image file completely to RGB. Raises OSError / ValueError for an unreadable, truncated
-    or corrupt file (Pillow's own messages), and Pillow's DecompressionBombError for an oversized one."""
+def load_image(path, draft: Optional[int] = None):
+    """Decode an image file (a path or a binary file object) completely to RGB. Raises OSError / ValueError for an
+    unreadable, truncated or corrupt file (Pillow's own messages), and Pillow's DecompressionBombError for an
+    oversized one.
+
+    ``draft``: a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 of its size (libjpeg's DCT scaling) whose
+    sides are both still at least ``draft`` pixels. Every byte of the file is still decoded, so a truncated or
+    corrupt file fails as it does in full; other formats are decoded in full."""
     from PIL import Image
 
     with Image.open(path) as im:
+        if draft and im.format == "JPEG":
+            im.draft(None, (int(draft), int(draft)))
         im.load()
         return to_rgb(im)
 
@@ -57,7 +64,7 @@ def thumbnail(path: Optional[str], side: int = 96) -> str:
     if not isinstance(path, str) or not Path(path).is_file():
         return "<em>no image</em>"
     try:
-        im = load_image(Path(path))
+        im = load_image(Path(path), draft=2 * side)
         im.thumbnail((side, side))
         buf = io.BytesIO()
         im.save(buf, format="PNG")

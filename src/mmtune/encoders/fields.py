@@ -39,6 +39,12 @@ class FieldProcessor:
             return {}
         return {self.field: v for v in inner({kind(self.field): columns[self.field]}).values()}
 
+    def sides(self) -> Dict[str, int]:
+        """The inner processor's resize side, for this field."""
+        inner = getattr(self.inner, "sides", None)
+        side = inner().get(kind(self.field)) if callable(inner) else None
+        return {self.field: side} if side else {}
+
     def __getattr__(self, name: str):
         return getattr(self.__dict__["inner"], name)
 
@@ -87,6 +93,12 @@ class SharedProcessor:
         if not callable(inner):
             return {}
         return {f: v for f in self.fields for v in inner({kind(f): columns[f]}).values()}
+
+    def sides(self) -> Dict[str, int]:
+        """The inner processor's resize side, for each field."""
+        inner = getattr(self.inner, "sides", None)
+        side = inner().get(kind(self.fields[0])) if callable(inner) and self.fields else None
+        return {f: side for f in self.fields} if side else {}
 
     def save(self, folder: Path) -> None:
         self.inner.save(folder)

@@ -82,6 +82,24 @@ class HFImageProcessor:
         out = self.image_processor(images=imgs, return_tensors="pt")
         return {"pixel_values": out["pixel_values"]}
 
+    def sides(self) -> Dict[str, int]:
+        """``{"image": side}``: the largest side the processor resizes an image to (``image_size``, else its own
+        ``size`` — height and width, or the shortest edge before a ``crop_pct`` crop); empty when it does not say."""
+        ip = self.image_processor
+        if self.image_size:
+            return {"image": int(self.image_size)}
+        if not getattr(ip, "do_resize", True):
+            return {}
+        size = getattr(ip, "size", None) or {}
+        get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
+        if get("height") and get("width"):
+            return {"image": int(max(get("height"), get("width")))}
+        edge = get("shortest_edge")
+        if edge:
+            pct = getattr(ip, "crop_pct", None)
+            return {"image": int(round(edge / pct)) if pct else int(edge)}
+        return {}
+
     def normalization(self):
         """(mean, std) per channel in [0, 1] units that turn this processor's output back into pixels."""
         ip = self.image_processor
@@ -151,6 +169,10 @@ class ResizeNormalizeProcessor:
         arr[blank] = 0.0
         return {"pixel_values": torch.from_numpy(arr)}
 
+    def sides(self) -> Dict[str, int]:
+        """``{"image": side}``: the side every image is resized to."""
+        return {"image": self.image_size}
+
     def normalization(self):
         return (self.mean.ravel() / 255.0).tolist(), (self.std.ravel() / 255.0).tolist()
 
@@ -174,6 +196,14 @@ class JointProcessor:
         out: Dict[str, torch.Tensor] = {}
         for part in self.parts.values():
             out.update(part({m: columns[m] for m in part.modalities}))
+        return out
+
+    def sides(self) -> Dict[str, int]:
+        """The sides the parts resize their modalities to (see :meth:`ResizeNormalizeProcessor.sides`)."""
+        out: Dict[str, int] = {}
+        for part in self.parts.values():
+            if callable(getattr(part, "sides", None)):
+                out.update(part.sides())
         return out
 
     def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:

@@ -27,6 +27,13 @@ def probe_frames(data, max_train_rows: Optional[int] = None, seed: int = 0):
     return frames
 
 
+def _sides(cfg, model, modalities) -> Dict[str, int]:
+    """What the rows' images are decoded at for ``model``'s processors, as in training (``data.jpeg_draft``)."""
+    from ..data.collate import Collator, decode_sides
+
+    return decode_sides(cfg, [Collator({n: e.processor for n, e in model.encoders.items()}, modalities)])
+
+
 def probe_features(model, data, cache_dir: Path, batch_size: int,
                    frames: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, np.ndarray]]:
     """Per split, (N, D) features of the pretrained encoders (those trained from scratch are left out) and the
@@ -46,7 +53,8 @@ def probe_features(model, data, cache_dir: Path, batch_size: int,
     prints = {n: encoder_fingerprint(model.encoders[n], specs[n]) for n in names}
     out = {}
     for split in data.splits:
-        ds = MultimodalDataset(frames[split], data.prepared.spec, data.prepared.base_dirs[split], False, data.modalities)
+        ds = MultimodalDataset(frames[split], data.prepared.spec, data.prepared.base_dirs[split], False, data.modalities,
+                               sides=_sides(cfg, model, data.modalities))
         parts = []
         for n in names:
             for sub, d in sorted(cached_outputs(n, model.encoders[n], specs[n], ds, cache_dir, batch_size, False,
@@ -118,7 +126,8 @@ def zero_shot(model, data, frames, task, template: str, batch_size: int, cache_d
     for s in ("val", "test"):
         if s not in frames:
             continue
-        ds = MultimodalDataset(frames[s], data.prepared.spec, data.prepared.base_dirs[s], False, data.modalities)
+        ds = MultimodalDataset(frames[s], data.prepared.spec, data.prepared.base_dirs[s], False, data.modalities,
+                               sides=_sides(data.cfg, model, data.modalities))
         feats = cached_outputs(name, enc, spec, ds, cache_dir, batch_size, False, encoder_fingerprint(enc, spec))
         img = as_tensor(feats["image"]["pooled"]).float()
         img = torch.nn.functional.normalize(img, dim=-1).numpy()
