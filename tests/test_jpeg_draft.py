@@ -146,3 +146,25 @@ def test_the_embedding_cache_tells_a_drafted_decode_from_a_full_one(tiny_run, co
     full = pred.dataset(rows, with_labels=False)
     assert rows_fingerprint(drafted) != rows_fingerprint(full)
     assert rows_fingerprint(drafted, ["text"]) == rows_fingerprint(full, ["text"])
+
+
+def test_each_processor_says_the_side_it_resizes_to():
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    from mmtune.data.collate import Collator
+    from mmtune.encoders.fields import FieldProcessor, SharedProcessor
+    from mmtune.encoders.processors import HFImageProcessor, JointProcessor, ResizeNormalizeProcessor
+
+    assert ResizeNormalizeProcessor(96).sides() == {"image": 96}
+    assert HFImageProcessor(ViTImageProcessor(size={"height": 224, "width": 160})).sides() == {"image": 224}
+    assert HFImageProcessor(ViTImageProcessor(), image_size=64).sides() == {"image": 64}
+    # resized on its shortest edge to 224 / 0.875, then cropped
+    assert HFImageProcessor(ConvNextImageProcessor(size={"shortest_edge": 224}, crop_pct=0.875)).sides() == {"image": 256}
+    assert HFImageProcessor(ViTImageProcessor(do_resize=False)).sides() == {}
+    assert JointProcessor({"image": ResizeNormalizeProcessor(48)}).sides() == {"image": 48}
+    assert FieldProcessor(ResizeNormalizeProcessor(48), "image.back").sides() == {"image.back": 48}
+    assert SharedProcessor(ResizeNormalizeProcessor(48), ["image", "image.back"]).sides() == {"image": 48, "image.back": 48}
+    # two encoders of one column: the larger side; a modality the collator does not read is left out
+    both = Collator({"a": ResizeNormalizeProcessor(48), "b": ResizeNormalizeProcessor(160),
+                     "c": FieldProcessor(ResizeNormalizeProcessor(32), "image.back")}, ["image"])
+    assert both.sides() == {"image": 160}
