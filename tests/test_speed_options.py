@@ -181,6 +181,23 @@ def test_images_resized_on_the_decoding_threads_give_the_same_batch():
         assert prepared[1]["values"]["image"] is images[1]  # already the side: not copied
         torch.testing.assert_close(collator(prepared)["inputs"]["image"]["pixel_values"],
                                    collator(samples())["inputs"]["image"]["pixel_values"], rtol=0, atol=0)
+    # a Hugging Face processor that resizes to a height and width: its own resize then has nothing left to do
+    from transformers import ConvNextImageProcessor, ViTImageProcessor
+
+    from mmtune.encoders.processors import HFImageProcessor
+
+    for hf, size in ((HFImageProcessor(ViTImageProcessor(size={"height": 12, "width": 10})), (10, 12)),
+                     (HFImageProcessor(ViTImageProcessor(), image_size=16), (16, 16))):
+        collator = Collator({"image": hf}, ["image"])
+        prepared = collator.prepare(samples())
+        assert [s["values"]["image"] and s["values"]["image"].size for s in prepared] == [size] * 3 + [None]
+        torch.testing.assert_close(collator(prepared)["inputs"]["image"]["pixel_values"],
+                                   collator(samples())["inputs"]["image"]["pixel_values"], rtol=0, atol=0)
+    shortest = HFImageProcessor(ConvNextImageProcessor(size={"shortest_edge": 12}, crop_pct=0.875))
+    assert shortest.prepare({"image": images})["image"] == images  # resized on its shortest edge: left to it
+    # one column, two encoders at two sides: each resizes the image as decoded, so neither resizes it ahead
+    two = Collator({"a": ResizeNormalizeProcessor(12), "b": ResizeNormalizeProcessor(20)}, ["image"])
+    assert [s["values"]["image"] for s in two.prepare(samples())] == images + [None]
     augmented = Collator({"image": ResizeNormalizeProcessor(12)}, ["image"], {"image": lambda im: im})
     assert [s["values"]["image"] for s in augmented.prepare(samples())] == images + [None]
     kept = Collator({"image": ResizeNormalizeProcessor(12)}, ["image"], keep_samples=True)

@@ -39,11 +39,21 @@ class Collator:
         them first, and :attr:`keep_samples` hands them to other processors."""
         if self.value_augments or self.keep_samples:
             return samples
+        readers: Dict[str, int] = {}
+        for proc in self.processors.values():
+            for m in proc.modalities:
+                readers[m] = readers.get(m, 0) + 1
         for proc in self.processors.values():
             if not callable(getattr(proc, "prepare", None)):
                 continue
+            # a value another processor reads too is left as decoded: each resizes it to its own side
+            mine = [m for m in proc.modalities if readers[m] == 1]
+            if not mine:
+                continue
             done = proc.prepare({m: [s["values"].get(m) for s in samples] for m in proc.modalities})
             for m, values in done.items():
+                if m not in mine:
+                    continue
                 for sample, value in zip(samples, values):
                     sample["values"][m] = value
         return samples

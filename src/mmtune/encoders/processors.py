@@ -82,6 +82,27 @@ class HFImageProcessor:
         out = self.image_processor(images=imgs, return_tensors="pt")
         return {"pixel_values": out["pixel_values"]}
 
+    def _height_width(self) -> Optional[tuple]:
+        """``(width, height)`` when the processor resizes every image to that size, else None (a shortest-edge
+        resize, or none)."""
+        ip = self.image_processor
+        size = getattr(ip, "size", None) or {}
+        get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
+        if not getattr(ip, "do_resize", True) or not (get("height") and get("width")):
+            return None
+        return int(get("width")), int(get("height"))
+
+    def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
+        """Each image resized as :meth:`__call__` would resize it, where the processor resizes to a height and width
+        (its own resize then returns the same pixels; ``tests/test_speed_options.py``): what decoding threads do
+        ahead of it. A shortest-edge resize is left to the processor."""
+        target = self._height_width()
+        images = list(columns["image"])
+        if target is None:
+            return {"image": images}
+        resample = getattr(self.image_processor, "resample", 2)  # PIL's bilinear, the processors' default
+        return {"image": [im if im is None or im.size == target else im.resize(target, resample) for im in images]}
+
     def sides(self) -> Dict[str, int]:
         """``{"image": side}``: the largest side the processor resizes an image to (``image_size``, else its own
         ``size`` — height and width, or the shortest edge before a ``crop_pct`` crop); empty when it does not say."""
@@ -90,10 +111,10 @@ class HFImageProcessor:
             return {"image": int(self.image_size)}
         if not getattr(ip, "do_resize", True):
             return {}
+        if self._height_width():
+            return {"image": max(self._height_width())}
         size = getattr(ip, "size", None) or {}
         get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
-        if get("height") and get("width"):
-            return {"image": int(max(get("height"), get("width")))}
         edge = get("shortest_edge")
         if edge:
             pct = getattr(ip, "crop_pct", None)
