@@ -10,7 +10,11 @@ are compared (mean and largest difference, in 0-255 units). With --run (a bundle
 the photographs, the sides its processors resize to against decoding in full, taking turns for --rounds rounds. The last line
 printed is one JSON object with keys ``full_ms``, ``draft_ms``, ``decode_speedup``, ``check_speedup``,
 ``mean_pixel_diff``, ``max_pixel_diff`` and, with --run, ``predict_rows_per_s`` ({draft, full}) and
-``predict_speedup``.
+``predict_speedup``; with --fit-rows, ``fit_seconds`` ({draft, full}), ``fit_speedup`` and ``fit_accuracy``.
+
+--fit-rows N also fits the demo model (its config, at --side, --fit-epochs epochs, no early stopping) on N demo rows
+whose pictures are enlarged to --size JPEGs with fine noise, with ``data.jpeg_draft`` and without, twice each (on, off,
+off, on), and times each whole fit (validation, training, evaluation): the mean of each setting's two.
 """
 from __future__ import annotations
 
@@ -56,6 +60,10 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=224, help="the encoder's input side")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--run", default=None, help="a bundle: also time its prediction on the photographs")
+    ap.add_argument("--fit-rows", type=int, default=0,
+                    help="also fit the demo model at --side on this many demo rows whose pictures are --size JPEGs, "
+                         "with data.jpeg_draft on and off (0: no fit)")
+    ap.add_argument("--fit-epochs", type=int, default=2)
     args = ap.parse_args()
 
     from PIL import Image
@@ -121,7 +129,51 @@ def main() -> None:
               f"in full {rate['full']:.1f} rows/s")
         out.update(predict_rows_per_s={k: round(v, 1) for k, v in rate.items()},
                    predict_speedup=round(rate["draft"] / rate["full"], 2))
+    if args.fit_rows:
+        out.update(fit_seconds(folder, args.fit_rows, args.fit_epochs, width, height, side))
     print(json.dumps(out))
+
+
+def fit_seconds(folder: Path, rows: int, epochs: int, width: int, height: int, side: int) -> dict:
+    """The demo model fitted on ``rows`` demo rows whose pictures are enlarged to JPEGs of ``width`` x ``height`` (with
+    fine noise, as a photograph has), with ``data.jpeg_draft`` and without, twice each in turn; the mean seconds of
+    each setting's whole fits (validation, training, evaluation) and its test accuracy."""
+    import pandas as pd
+    from PIL import Image
+
+    from mmtune.config import load_config
+    from mmtune.demo import demo_config_path, make_dataset
+    from mmtune.recipe.fit import fit
+
+    data = make_dataset(folder / "demo", n=rows, seed=0)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        df = pd.read_csv(data[split])
+        for i, rel in enumerate(df["image"]):
+            small = Image.open(data[split].parent / rel).convert("RGB").resize((width, height), Image.BILINEAR)
+            noisy = np.asarray(small, np.int16) + rng.integers(-6, 7, (height, width, 1), dtype=np.int16)
+            photo = Path(rel).with_suffix(".jpg")
+            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(data[split].parent / photo, quality=90)
+            df.loc[i, "image"] = str(photo)
+        df.to_csv(data[split], index=False)
+    seconds, accuracy = {True: [], False: []}, {}
+    for k, draft in enumerate((True, False, False, True)):  # each setting once before and once after the other
+        cfg = load_config(demo_config_path(), [
+            f"output_dir={folder / 'runs'}", f"name=draft-{draft}-{k}", f"data.train={data['train']}",
+            f"data.test={data['test']}", f"data.jpeg_draft={str(draft).lower()}", f"trainer.max_epochs={epochs}",
+            f"model.encoders.image.image_size={side}", "trainer.progress_bar=false", "trainer.early_stopping_patience=null",
+            "evaluation.linear_probe=false", "evaluation.explain=0", "evaluation.modality_contribution=false",
+            "evaluation.report=false"])
+        start = time.perf_counter()
+        res = fit(cfg)
+        seconds[draft].append(time.perf_counter() - start)
+        accuracy[draft] = res.metrics["test"]["label"]["accuracy"]
+        print(f"fit of {rows} rows ({epochs} epochs, {side} px) with data.jpeg_draft={str(draft).lower()}: "
+              f"{seconds[draft][-1]:.1f} s, test accuracy {accuracy[draft]:.3f}", flush=True)
+    mean = {k: statistics.mean(v) for k, v in seconds.items()}
+    return {"fit_seconds": {"draft": round(mean[True], 1), "full": round(mean[False], 1)},
+            "fit_speedup": round(mean[False] / mean[True], 2),
+            "fit_accuracy": {"draft": round(accuracy[True], 3), "full": round(accuracy[False], 3)}}
 
 
 if __name__ == "__main__":

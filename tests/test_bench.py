@@ -150,7 +150,7 @@ def test_matching_bench_runs_and_prints_its_json(bench, tmp_path):
 
 def test_decode_bench_runs_and_prints_its_json(bench, tiny_run):
     last = bench("decode.py", "--photos", "2", "--size", "640x480", "--side", "32", "--rounds", "1",
-                 "--run", str(tiny_run.run_dir))
-    assert {"full_ms", "draft_ms", "decode_speedup", "check_speedup", "predict_speedup"} <= set(last)
+                 "--run", str(tiny_run.run_dir), "--fit-rows", "24", "--fit-epochs", "1")
+    assert {"full_ms", "draft_ms", "decode_speedup", "check_speedup", "predict_speedup", "fit_speedup"} <= set(last)
     assert last["max_pixel_diff"] <= 8 and last["mean_pixel_diff"] < 1.0  # 640 x 480 read at 1/4 for 32 px
-    assert set(last["predict_rows_per_s"]) == {"draft", "full"}
+    assert set(last["predict_rows_per_s"]) == set(last["fit_seconds"]) == set(last["fit_accuracy"]) == {"draft", "full"}
