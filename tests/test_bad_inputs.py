@@ -165,6 +165,29 @@ def test_prediction_decodes_each_picture_once_and_still_names_every_unreadable_f
                 "--out", str(tmp_path / "p.csv")]) == 2 and not (tmp_path / "p.csv").exists()
 
 
+def test_decoding_threads_that_meet_bad_files_validate_the_table_once(tmp_path, tiny_run, monkeypatch):
+    """The first batch is read on both decoding threads; when each meets a bad file, the table is validated in full
+    once (the other thread waits for that report and raises it), not once per thread."""
+    from mmtune.data import dataset
+
+    _truncated_jpeg(tmp_path)
+    (tmp_path / "words.png").write_text("not a picture")
+    rows = pd.read_csv(tiny_run.config.data.test).head(12)
+    rows["image"] = [str(Path(tiny_run.config.data.test).parent / p) for p in rows["image"]]
+    rows.loc[1, "image"] = str(tmp_path / "cut.jpg")  # in the first thread's half of the batch
+    rows.loc[7, "image"] = str(tmp_path / "words.png")  # in the second's
+    pred = mmtune.load(tiny_run.run_dir)
+    pred.workers = 2
+    calls = []
+    real = dataset.validate_rows
+    monkeypatch.setattr(dataset, "validate_rows", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for _ in range(3):
+        calls.clear()
+        with pytest.raises(mmtune.BadRowsError) as err:
+            pred.predict_proba(rows, batch_size=12)
+        assert sorted(b.row for b in err.value.bad_rows) == [2, 8] and len(calls) == 1
+
+
 def _csv(df: pd.DataFrame, folder: Path) -> Path:
     path = folder / "rows.csv"
     df.to_csv(path, index=False)

@@ -169,8 +169,16 @@ def read_once_dataset(data: TableSource, spec: ManifestSpec, split: str, advice:
     if bad:
         raise BadRowsError(bad, advice=advice)
 
+    import threading
+
+    lock, found = threading.Lock(), []
+
     def unreadable(row: int, column: str, problem: str) -> None:
-        every = validate_rows(df, spec, base_dir, split, require_label=False)
-        raise BadRowsError(every or [BadRow(split, row, column, problem)], advice=advice)
+        # once, however many decoding threads meet a bad file: the others wait for it and raise the same report
+        with lock:
+            if not found:
+                found.append(validate_rows(df, spec, base_dir, split, require_label=False)
+                             or [BadRow(split, row, column, problem)])
+        raise BadRowsError(found[0], advice=advice)
 
     return MultimodalDataset(df, spec, base_dir, with_labels, modalities, unreadable=unreadable, sides=sides)
