@@ -75,15 +75,15 @@ def main() -> None:
     folder = scratch("mmtune-decode-")
     paths = [photograph(folder / f"{i:03d}.jpg", width, height, i) for i in range(args.photos)]
     entry, side = ImageEntry(), args.side
-    drafted = entry.read(str(paths[0]), None, side)
+    drafted = entry.read(str(paths[0]), None, side=side)
     print(f"{args.photos} photographs of {width}x{height}; an encoder of {side} px reads them at "
           f"{drafted.size[0]}x{drafted.size[1]} (at least {DRAFT_MARGIN} x {side} a side)")
 
     full_ms = per_photo_ms(load_image, paths, args.rounds)
-    draft_ms = per_photo_ms(lambda p: entry.read(str(p), None, side), paths, args.rounds)
+    draft_ms = per_photo_ms(lambda p: entry.read(str(p), None, side=side), paths, args.rounds)
     check_ms = per_photo_ms(entry.check_file, paths, args.rounds)
     resize = {"full": lambda p: load_image(p).resize((side, side), Image.BILINEAR),
-              "draft": lambda p: entry.read(str(p), None, side).resize((side, side), Image.BILINEAR)}
+              "draft": lambda p: entry.read(str(p), None, side=side).resize((side, side), Image.BILINEAR)}
     resized_ms = {k: per_photo_ms(fn, paths, args.rounds) for k, fn in resize.items()}
     diffs = [np.abs(np.asarray(resize["full"](p), np.int16) - np.asarray(resize["draft"](p), np.int16)) for p in paths]
     mean_diff = float(np.mean([d.mean() for d in diffs]))
@@ -120,7 +120,9 @@ def main() -> None:
         times = {"draft": [], "full": []}
         for r in range(args.rounds):
             for kind in (("draft", "full") if r % 2 else ("full", "draft")):
-                pred.sides = sides if kind == "draft" else {}
+                # both turned upright as their EXIF says (these have no tag): only the scale differs
+                pred.reads = {m: ({"side": v, "orient": True} if kind == "draft" else {"orient": True})
+                              for m, v in sides.items()}
                 start = time.perf_counter()
                 pred.predict_proba(rows)
                 times[kind].append(time.perf_counter() - start)

@@ -1,5 +1,6 @@
 """Large JPEGs decoded at a reduced scale (``data.jpeg_draft``): the same pixels to within a rounding after the
-resize, the same verdict on a damaged file, and the same decode in training, prediction and the server."""
+resize, the same verdict on a damaged file; pictures turned upright by their EXIF orientation
+(``data.exif_orientation``); and both the same in training, prediction, the server and the cache."""
 import base64
 import io
 import shutil
@@ -12,8 +13,9 @@ from PIL import Image
 import mmtune
 
 
-def _photo(path, size=(1024, 768), seed=0):
-    """A JPEG with structure at every scale (gradients, discs, fine noise), as a photograph has."""
+def _photo(path, size=(1024, 768), seed=0, orientation=None):
+    """A JPEG with structure at every scale (gradients, discs, fine noise), as a photograph has; ``orientation``: the
+    EXIF orientation tag it carries."""
     w, h = size
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     rng = np.random.default_rng(seed)
@@ -22,7 +24,11 @@ def _photo(path, size=(1024, 768), seed=0):
         cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 200)
         img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
     img += rng.normal(0, 6, img.shape)
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+    out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    out.save(path, quality=90, exif=exif.tobytes())
     return path
 
 
@@ -43,7 +49,7 @@ def test_a_large_jpeg_decodes_small_and_resizes_to_the_same_pixels(tmp_path):
     assert load_image(path, draft=800).size == (1024, 768)  # smaller than twice: in full
     # the image modality keeps twice the side it is resized to, and the resized pixels are a full decode's within
     # a rounding (a draft that kept only the side itself would differ by more)
-    drafted = ImageEntry().read(str(path), None, 32)
+    drafted = ImageEntry().read(str(path), None, side=32)
     assert drafted.size == (128, 96)
     diff = np.abs(_resized(drafted, 32) - _resized(full, 32))
     assert diff.max() <= 3 and diff.mean() < 0.75
@@ -67,10 +73,12 @@ def test_a_damaged_jpeg_fails_drafted_as_in_full(tmp_path):
 
 
 def _photo_rows(tmp_path, colour_verdict, n=4):
+    """``n`` rows of the demo's test table, each with a 1024 x 768 photograph; the second one stored sideways with
+    an EXIF orientation that turns it upright (6: turn it 90 degrees clockwise)."""
     rows = pd.read_csv(colour_verdict["test"]).head(n)
     folder = tmp_path / "photos"
     folder.mkdir()
-    rows["image"] = [str(_photo(folder / f"{i}.jpg", seed=i)) for i in range(n)]
+    rows["image"] = [str(_photo(folder / f"{i}.jpg", seed=i, orientation=6 if i == 1 else None)) for i in range(n)]
     return rows
 
 
@@ -85,9 +93,10 @@ def test_prediction_and_the_server_decode_a_large_jpeg_as_training_does(tmp_path
 
     rows = _photo_rows(tmp_path, colour_verdict)
     pred = mmtune.load(tiny_run.run_dir)
-    assert pred.config.data.jpeg_draft and pred.sides == {"image": 32}  # the tiny ViT reads 32 px
+    assert pred.config.data.jpeg_draft and pred.config.data.exif_orientation
+    assert pred.reads == {"image": {"side": 32, "orient": True}}  # the tiny ViT reads 32 px
     ds = pred.dataset(rows, with_labels=False)
-    assert ds[0]["values"]["image"].size == (128, 96)
+    assert ds[0]["values"]["image"].size == (128, 96) and ds[1]["values"]["image"].size == (96, 128)  # upright
 
     # training reads the same rows at the same side
     raw = tiny_run.config.model_dump(mode="json")
@@ -95,44 +104,52 @@ def test_prediction_and_the_server_decode_a_large_jpeg_as_training_does(tmp_path
     cfg = load_config(raw)
     labelled = rows.assign(label=pd.read_csv(colour_verdict["test"]).head(len(rows))["label"])
     data = TableDataModule(cfg, labelled, labelled).read().attach(pred.model, build_strategy(cfg.finetune))
-    assert data.sides == {"image": 32}
+    assert data.reads == pred.reads
     seen = [s["values"]["image"] for s in data.datasets["train"].__getitems__(range(len(data.datasets["train"])))]
-    assert {im.size for im in seen} == {(128, 96)}
+    assert [im.size for im in seen] == [(128, 96), (96, 128), (128, 96), (128, 96)]
 
-    # an upload is decoded as the file is: the same probabilities
-    ref = pred.predict_proba(rows.head(1), calibrated=True)
-    body = {"id": rows["id"][0], "image": base64.b64encode(open(rows["image"][0], "rb").read()).decode(),
-            "text": rows["text"][0]}
+    # an upload is decoded as the file is, drafted and turned upright: the same probabilities
+    ref = pred.predict_proba(rows.iloc[[1]], calibrated=True)
+    body = {"id": rows["id"][1], "image": base64.b64encode(open(rows["image"][1], "rb").read()).decode(),
+            "text": rows["text"][1]}
     with TestClient(create_app(pred, ServeSettings())) as client:
         got = client.post("/predict", json=body).json()["probabilities"]
     np.testing.assert_allclose([got[c] for c in ref.columns[1:]], ref.iloc[0, 1:].to_numpy(dtype=float), atol=1e-6)
 
     # decoded in full, the probabilities move, if only a little: the draft is really in use
-    full = mmtune.load(tiny_run.run_dir)
-    full.sides = {}
-    other = full.predict_proba(rows, calibrated=False).iloc[:, 1:].to_numpy(dtype=float)
     same = pred.predict_proba(rows, calibrated=False).iloc[:, 1:].to_numpy(dtype=float)
+    full = mmtune.load(tiny_run.run_dir)
+    full.reads = {"image": {"orient": True}}
+    other = full.predict_proba(rows, calibrated=False).iloc[:, 1:].to_numpy(dtype=float)
     assert 0 < np.abs(other - same).max() < 0.05
 
 
 def test_a_bundle_written_before_the_setting_decodes_in_full(tmp_path, tiny_run):
+    import json
+
     import yaml
 
-    from mmtune.bundle import read_bundle
+    from mmtune.bundle import file_manifest, read_bundle
     from mmtune.config import load_config
     from mmtune.config.migrate import stored_config
 
     saved = yaml.safe_load((tiny_run.run_dir / "config.yaml").read_text())
-    assert saved["data"]["jpeg_draft"] is True  # written into every new bundle
-    older = {**saved, "data": {k: v for k, v in saved["data"].items() if k != "jpeg_draft"}}
-    assert load_config(older).data.jpeg_draft is True  # the default for a new config...
-    assert load_config(stored_config(older)).data.jpeg_draft is False  # ...but a bundle without it decoded in full
+    keys = ("jpeg_draft", "exif_orientation")
+    assert all(saved["data"][k] is True for k in keys)  # written into every new bundle
+    older = {**saved, "data": {k: v for k, v in saved["data"].items() if k not in keys}}
+    new, old = load_config(older).data, load_config(stored_config(older)).data
+    assert new.jpeg_draft and new.exif_orientation  # the defaults for a new config...
+    assert not old.jpeg_draft and not old.exif_orientation  # ...but a bundle without them read its files as stored
     assert load_config(stored_config(saved)).data.jpeg_draft is True
-    # the same through the bundle reader, on a copy whose config lacks the key
+    # the same through the bundle reader, on a copy whose config lacks the keys (its manifest written again)
     copy = tmp_path / "older"
     shutil.copytree(tiny_run.run_dir, copy)
     (copy / "config.yaml").write_text(yaml.safe_dump(older))
-    assert read_bundle(copy, model=False, complete=False).config.data.jpeg_draft is False
+    meta = json.loads((copy / "bundle.json").read_text())
+    meta["files"].update(file_manifest(copy, ["config.yaml"]))
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    assert read_bundle(copy, model=False).config.data.jpeg_draft is False
+    assert mmtune.load(copy).reads == {}
 
 
 def test_the_embedding_cache_tells_a_drafted_decode_from_a_full_one(tiny_run, colour_verdict):
@@ -142,9 +159,11 @@ def test_the_embedding_cache_tells_a_drafted_decode_from_a_full_one(tiny_run, co
     rows = pd.read_csv(colour_verdict["test"]).head(3)
     rows["image"] = [str(colour_verdict["test"].parent / p) for p in rows["image"]]
     drafted = pred.dataset(rows, with_labels=False)
-    pred.sides = {}
+    pred.reads = {"image": {"side": 32}}
+    unturned = pred.dataset(rows, with_labels=False)
+    pred.reads = {}
     full = pred.dataset(rows, with_labels=False)
-    assert rows_fingerprint(drafted) != rows_fingerprint(full)
+    assert len({rows_fingerprint(drafted), rows_fingerprint(unturned), rows_fingerprint(full)}) == 3
     assert rows_fingerprint(drafted, ["text"]) == rows_fingerprint(full, ["text"])
 
 
@@ -168,3 +187,27 @@ def test_each_processor_says_the_side_it_resizes_to():
     both = Collator({"a": ResizeNormalizeProcessor(48), "b": ResizeNormalizeProcessor(160),
                      "c": FieldProcessor(ResizeNormalizeProcessor(32), "image.back")}, ["image"])
     assert both.sides() == {"image": 160}
+
+
+def test_a_picture_is_turned_upright_as_its_exif_orientation_says(tmp_path):
+    from PIL import ImageOps
+
+    from mmtune.data.images import load_image, orientation
+
+    for tag in range(1, 9):
+        path = _photo(tmp_path / f"o{tag}.jpg", size=(64, 32), orientation=tag)
+        stored = load_image(path)
+        assert stored.size == (64, 32)  # without orient: as stored
+        upright = load_image(path, orient=True)
+        with Image.open(path) as im:
+            want = ImageOps.exif_transpose(im).convert("RGB")  # what photo viewers show
+        assert upright.size == want.size == ((32, 64) if tag >= 5 else (64, 32))
+        assert np.array_equal(np.asarray(upright), np.asarray(want)), tag
+        # drafted and turned: the turn comes after the reduced decode
+        assert load_image(path, draft=16, orient=True).size == ((16, 32) if tag >= 5 else (32, 16))
+
+    class DamagedExif:
+        def getexif(self):
+            raise SyntaxError("not an EXIF block")
+
+    assert orientation(DamagedExif()) == 1  # read as stored, never a crash

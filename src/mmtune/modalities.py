@@ -33,8 +33,10 @@ class Modality:
     counts_pixels: bool = False
     """A decoded file counts against the server's pixel budget (its size read from the header first)."""
     resized: bool = False
-    """Read at its encoder's ``image_size``, which a preset may lower on a large table (each epoch runs the encoder);
-    :meth:`FileModality.read` is told that side (``side``), so that a large file can be decoded smaller."""
+    """Read at its encoder's ``image_size``, which a preset may lower on a large table (each epoch runs the encoder)."""
+    read_options: Tuple[str, ...] = ()
+    """The keyword arguments :meth:`FileModality.read` takes for this modality beyond the value (an image:
+    ``side``, the side it is resized to next, and ``orient``); see :func:`mmtune.data.collate.read_options`."""
     needs: Tuple[Tuple[str, str, str], ...] = ()
     """Optional packages a column of this modality needs, as ``(module, extra, feature)``."""
 
@@ -173,20 +175,19 @@ class FileModality(Modality):
         path = resolve_path(value, base_dir)
         return None if path.is_file() else f"{self.name} file {str(path)!r} does not exist"
 
-    def read(self, value, base_dir, side: Optional[int] = None):
-        """The decoded value; ``side`` (a :attr:`resized` modality's, when known): the side it is resized to next."""
+    def read(self, value, base_dir, **options):
+        """The decoded value; ``options``: those of :attr:`read_options` the reader gives (how training read it)."""
         if isinstance(value, Decoded):
             return value.value
-        path = resolve_path(value, base_dir)
-        return self.read_file(path) if side is None else self.read_file(path, side)
+        return self.read_file(resolve_path(value, base_dir), **options)
 
-    def decode(self, data: bytes, name: str = "<request>", side: Optional[int] = None) -> Decoded:
-        """Bytes of a file (an upload) decoded as this modality (``side`` as in :meth:`read`); ValueError saying
+    def decode(self, data: bytes, name: str = "<request>", **options) -> Decoded:
+        """Bytes of a file (an upload) decoded as this modality (``options`` as in :meth:`read`); ValueError saying
         why they cannot be."""
         import io
 
         try:
-            value = self.read_file(io.BytesIO(data)) if side is None else self.read_file(io.BytesIO(data), side)
+            value = self.read_file(io.BytesIO(data), **options)
         except Exception as exc:  # the decoders raise many types for bad bytes; each becomes the reason
             if type(exc).__name__ == "MissingExtraError":
                 raise
@@ -226,14 +227,16 @@ into 224 px: bench/decode.py)."""
 
 class Image(FileModality):
     """A path to an image file (relative to the manifest's folder), decoded to RGB. A JPEG at least
-    :data:`DRAFT_MARGIN` times larger than the side it is resized to is decoded at a reduced scale that keeps that
-    margin (``data.jpeg_draft``; see :func:`mmtune.data.images.load_image`)."""
+    :data:`DRAFT_MARGIN` times larger than the side it is resized to (``side``) is decoded at a reduced scale that
+    keeps that margin (``data.jpeg_draft``), and a picture is turned upright as its EXIF orientation says
+    (``orient``: ``data.exif_orientation``); see :func:`mmtune.data.images.load_image`."""
 
     name = "image"
     Augment = ImageAugmentConfig
     blank_reason = "missing image path"
     counts_pixels = True
     resized = True
+    read_options = ("side", "orient")
 
     def check_file(self, path):
         from .data.images import load_image
@@ -248,10 +251,10 @@ class Image(FileModality):
             return f"image file {str(path)!r} is not a readable image ({type(exc).__name__}: {exc})"
         return None
 
-    def read_file(self, source, side: Optional[int] = None):
+    def read_file(self, source, side: Optional[int] = None, orient: bool = False):
         from .data.images import load_image
 
-        return load_image(source, draft=DRAFT_MARGIN * side if side else None)
+        return load_image(source, draft=DRAFT_MARGIN * side if side else None, orient=orient)
 
     def render_html(self, shown):
         from .data.images import thumbnail

@@ -32,9 +32,9 @@ def _renamed(raw: Mapping[str, Any]) -> List[str]:
 _ABSENT = object()
 
 
-STORED_BEFORE = {"data.jpeg_draft": False}
+STORED_BEFORE = {"data.jpeg_draft": False, "data.exif_orientation": False}
 """Settings added after bundles were first written, and what a bundle whose config lacks one did before it: such a
-bundle keeps doing that (its images decoded in full), however the default reads today."""
+bundle keeps doing that (its images decoded in full, as stored), however the default reads today."""
 
 
 def stored_config(raw: Dict[str, Any]) -> Dict[str, Any]:

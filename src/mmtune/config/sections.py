@@ -175,6 +175,11 @@ class DataConfig(_Strict):
     average (``bench/decode.py``; docs/guides/configs.md).
     Training, prediction, the server and the embedding cache decode alike (recorded in the bundle; a bundle written
     before this setting decodes in full)."""
+    exif_orientation: bool = True
+    """Turn each picture upright as its EXIF orientation tag says, as photo viewers show it (a phone photograph taken
+    upright is often stored sideways with such a tag); a file without the tag is read as stored. Training,
+    prediction, the server and the embedding cache read alike (recorded in the bundle; a bundle written before this
+    setting reads the pixels as stored)."""
 
     @field_validator("columns", "allow_missing")
     @classmethod

@@ -60,7 +60,7 @@ class Collator:
 
     def sides(self) -> Dict[str, int]:
         """Per modality a processor resizes (images), the largest side one resizes it to: what a dataset may decode
-        it at (:class:`~mmtune.data.dataset.MultimodalDataset` ``sides``)."""
+        it at (:func:`read_options`)."""
         out: Dict[str, int] = {}
         for proc in self.processors.values():
             got = proc.sides() if callable(getattr(proc, "sides", None)) else {}
@@ -112,15 +112,28 @@ class Collator:
         return batch
 
 
-def decode_sides(config, collators: Sequence[Optional[Collator]]) -> Dict[str, int]:
-    """What a dataset read for ``collators`` decodes its images at (the largest side any of them resizes each to),
-    or ``{}`` when the config decodes in full (``data.jpeg_draft`` off)."""
-    if not config.data.jpeg_draft:
-        return {}
-    out: Dict[str, int] = {}
-    for collator in collators:
-        for m, side in (collator.sides() if collator is not None else {}).items():
-            out[m] = max(out.get(m, 0), side)
+def read_options(config, collators: Sequence[Optional[Collator]], modalities: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Per modality whose files take options (``Modality.read_options``: images), the keyword arguments its files are
+    read with for ``collators``' processors, as ``config`` says: ``side``, the largest side any of them resizes it
+    to (``data.jpeg_draft``), and ``orient`` (``data.exif_orientation``). What a dataset's ``reads`` holds, the same in
+    training, prediction and the server; a modality left out is read as stored."""
+    from ..modalities import modality_of
+
+    sides: Dict[str, int] = {}
+    if config.data.jpeg_draft:
+        for collator in collators:
+            for m, side in (collator.sides() if collator is not None else {}).items():
+                sides[m] = max(sides.get(m, 0), side)
+    out: Dict[str, Dict[str, Any]] = {}
+    for m in modalities:
+        takes = modality_of(m).read_options
+        opts: Dict[str, Any] = {}
+        if "side" in takes and sides.get(m):
+            opts["side"] = sides[m]
+        if "orient" in takes and config.data.exif_orientation:
+            opts["orient"] = True
+        if opts:
+            out[m] = opts
     return out
 
 

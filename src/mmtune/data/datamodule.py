@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..modalities import kind, modality_of
 from ..tasks import Task, label_key
-from .collate import Collator, decode_sides
+from .collate import Collator, read_options
 from .dataset import MultimodalDataset
 from .manifest import (BadRowsError, ManifestSpec, TableSource, column_values, read_valid_rows, release_arrow_memory,
                        spec_from_config)
@@ -40,9 +40,9 @@ class PreparedData:
     def tasks(self) -> List[Task]:
         return list(self.spec.tasks)
 
-    def dataset(self, split: str, modalities, sides=None) -> MultimodalDataset:
-        """``split``'s rows; ``sides``: what :class:`MultimodalDataset` decodes images at (default: in full)."""
-        return MultimodalDataset(self.frames[split], self.spec, self.base_dirs[split], True, modalities, sides=sides)
+    def dataset(self, split: str, modalities, reads=None) -> MultimodalDataset:
+        """``split``'s rows; ``reads``: how :class:`MultimodalDataset` reads their files (default: as stored)."""
+        return MultimodalDataset(self.frames[split], self.spec, self.base_dirs[split], True, modalities, reads=reads)
 
 
 def prepare_data(data_cfg, modalities, train: Optional[TableSource] = None, val: Optional[TableSource] = None,
@@ -266,8 +266,8 @@ class TableDataModule(L.LightningDataModule):
         self.model = model
         self.cached = strategy.uses_cache
         processors = {n: e.processor for n, e in model.encoders.items()}
-        self.sides = decode_sides(cfg, [Collator(processors, self.modalities)])
-        """What the datasets decode images at (``data.jpeg_draft``), as prediction does."""
+        self.reads = read_options(cfg, [Collator(processors, self.modalities)], self.modalities)
+        """How the datasets read their files (``data.jpeg_draft``, ``data.exif_orientation``), as prediction does."""
         if self.cached:
             from ..finetune.feature_cache import build_cached_dataset, first
             from ..finetune.fingerprints import encoder_fingerprint
@@ -280,13 +280,13 @@ class TableDataModule(L.LightningDataModule):
             from ..distributed import training_device
 
             device = training_device(cfg.trainer.accelerator)
-            self.datasets = {s: build_cached_dataset(model, specs, p.dataset(s, self.modalities, self.sides), self.modalities,
+            self.datasets = {s: build_cached_dataset(model, specs, p.dataset(s, self.modalities, self.reads), self.modalities,
                                                      cache_dir, self.eval_batch_size, prints, device,
                                                      getattr(cfg.finetune, "cache_dtype", "float16"))
                              for s in self.splits}
             self.collate = first
         else:
-            self.datasets = {s: p.dataset(s, self.modalities, self.sides) for s in self.splits}
+            self.datasets = {s: p.dataset(s, self.modalities, self.reads) for s in self.splits}
             self.collate = Collator(processors, self.modalities)
         if cfg.synthesis.method != "none":
             from ..synthesis.oversample import synthesize_cached

@@ -53,9 +53,9 @@ class MultimodalDataset(Dataset):
     validates the whole table in full then, and names every bad row). The rows must be the validated table's
     rows, all of them, in order (row number = position + 1).
 
-    ``sides``: per modality that is resized (images), the side its processors resize it to (see
-    :meth:`~mmtune.data.collate.Collator.sides`); a large JPEG is then decoded at a reduced scale that keeps twice
-    that side (``data.jpeg_draft``). Empty: every file decoded in full.
+    ``reads``: per file modality, the keyword arguments its files are read with (images: ``side``, the side its
+    processors resize it to, so that a large JPEG is decoded smaller; ``orient``: turned upright by its EXIF
+    orientation), from :func:`~mmtune.data.collate.read_options`. A modality left out is read as stored, in full.
     """
 
     def __init__(
@@ -66,11 +66,11 @@ class MultimodalDataset(Dataset):
         with_labels: bool = True,
         modalities: Optional[Sequence[str]] = None,
         unreadable: Optional[Callable[[int, str, str], None]] = None,
-        sides: Optional[Mapping[str, int]] = None,
+        reads: Optional[Mapping[str, Mapping[str, Any]]] = None,
     ):
         self.df = df.reset_index(drop=True)
         self.unreadable = unreadable
-        self.sides = {m: int(v) for m, v in (sides or {}).items() if v}
+        self.reads = {m: dict(v) for m, v in (reads or {}).items() if v}
         self.spec = spec
         self.base_dir = base_dir
         wanted = set(modalities) if modalities is not None else None
@@ -113,8 +113,8 @@ class MultimodalDataset(Dataset):
         return [entry.display(v, self.base_dir) for v in self.cells(modality)]
 
     def _read(self, modality: str, entry, value: Any) -> Any:
-        side = self.sides.get(modality)
-        return entry.read(value, self.base_dir) if side is None else entry.read(value, self.base_dir, side)
+        options = self.reads.get(modality)
+        return entry.read(value, self.base_dir, **options) if options else entry.read(value, self.base_dir)
 
     def _read_checked(self, modality: str, entry, value: Any, row: int) -> Any:
         """A file cell decoded, its problems (which validation did not decode to find) sent to ``unreadable``."""
@@ -159,7 +159,7 @@ class MultimodalDataset(Dataset):
 
 def read_once_dataset(data: TableSource, spec: ManifestSpec, split: str, advice: str, with_labels: bool = False,
                       modalities: Optional[Sequence[str]] = None,
-                      sides: Optional[Mapping[str, int]] = None) -> MultimodalDataset:
+                      reads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> MultimodalDataset:
     """Rows to predict on, validated into a dataset that decodes each file once: validation checks that the files
     exist (``decode=False``), and the dataset decodes them when it reads them. A file that fails there stops the
     work with the error a validation that decoded everything gives: the whole table is validated in full at that
@@ -181,4 +181,4 @@ def read_once_dataset(data: TableSource, spec: ManifestSpec, split: str, advice:
                              or [BadRow(split, row, column, problem)])
         raise BadRowsError(found[0], advice=advice)
 
-    return MultimodalDataset(df, spec, base_dir, with_labels, modalities, unreadable=unreadable, sides=sides)
+    return MultimodalDataset(df, spec, base_dir, with_labels, modalities, unreadable=unreadable, reads=reads)

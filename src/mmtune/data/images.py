@@ -37,21 +37,40 @@ def to_rgb(im):
     return Image.fromarray(np.round(a).astype(np.uint8), "L").convert("RGB")
 
 
-def load_image(path, draft: Optional[int] = None):
+# EXIF orientation -> the transpose that turns the stored pixels upright (as Pillow's ``ImageOps.exif_transpose``)
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+            7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def orientation(im) -> int:
+    """The image's EXIF orientation (1-8; 1, upright, when it has none or its EXIF does not parse)."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block says nothing about the pixels: they are read as stored
+        return 1
+    return value if isinstance(value, int) and value in range(1, 9) else 1
+
+
+def load_image(path, draft: Optional[int] = None, orient: bool = False):
     """Decode an image file (a path or a binary file object) completely to RGB. Raises OSError / ValueError for an
     unreadable, truncated or corrupt file (Pillow's own messages), and Pillow's DecompressionBombError for an
     oversized one.
 
     ``draft``: a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 of its size (libjpeg's DCT scaling) whose
     sides are both still at least ``draft`` pixels. Every byte of the file is still decoded, so a truncated or
-    corrupt file fails as it does in full; other formats are decoded in full."""
+    corrupt file fails as it does in full; other formats are decoded in full.
+
+    ``orient``: the picture turned upright as its EXIF orientation says (a phone photograph taken upright is often
+    stored sideways with a tag saying so), as viewers show it."""
     from PIL import Image
 
     with Image.open(path) as im:
         if draft and im.format == "JPEG":
             im.draft(None, (int(draft), int(draft)))
         im.load()
-        return to_rgb(im)
+        turn = _UPRIGHT.get(orientation(im)) if orient else None
+        rgb = to_rgb(im)
+    return rgb.transpose(getattr(Image.Transpose, turn)) if turn else rgb
 
 
 def inline_png(png: bytes, alt: str) -> str:
@@ -64,7 +83,7 @@ def thumbnail(path: Optional[str], side: int = 96) -> str:
     if not isinstance(path, str) or not Path(path).is_file():
         return "<em>no image</em>"
     try:
-        im = load_image(Path(path), draft=2 * side)
+        im = load_image(Path(path), draft=2 * side, orient=True)  # shown upright, as a viewer shows it
         im.thumbnail((side, side))
         buf = io.BytesIO()
         im.save(buf, format="PNG")

@@ -27,11 +27,11 @@ def probe_frames(data, max_train_rows: Optional[int] = None, seed: int = 0):
     return frames
 
 
-def _sides(cfg, model, modalities) -> Dict[str, int]:
-    """What the rows' images are decoded at for ``model``'s processors, as in training (``data.jpeg_draft``)."""
-    from ..data.collate import Collator, decode_sides
+def _reads(cfg, model, modalities) -> Dict[str, Dict[str, Any]]:
+    """How the rows' files are read for ``model``'s processors, as in training (``read_options``)."""
+    from ..data.collate import Collator, read_options
 
-    return decode_sides(cfg, [Collator({n: e.processor for n, e in model.encoders.items()}, modalities)])
+    return read_options(cfg, [Collator({n: e.processor for n, e in model.encoders.items()}, modalities)], modalities)
 
 
 def probe_features(model, data, cache_dir: Path, batch_size: int,
@@ -54,7 +54,7 @@ def probe_features(model, data, cache_dir: Path, batch_size: int,
     out = {}
     for split in data.splits:
         ds = MultimodalDataset(frames[split], data.prepared.spec, data.prepared.base_dirs[split], False, data.modalities,
-                               sides=_sides(cfg, model, data.modalities))
+                               reads=_reads(cfg, model, data.modalities))
         parts = []
         for n in names:
             for sub, d in sorted(cached_outputs(n, model.encoders[n], specs[n], ds, cache_dir, batch_size, False,
@@ -127,7 +127,7 @@ def zero_shot(model, data, frames, task, template: str, batch_size: int, cache_d
         if s not in frames:
             continue
         ds = MultimodalDataset(frames[s], data.prepared.spec, data.prepared.base_dirs[s], False, data.modalities,
-                               sides=_sides(data.cfg, model, data.modalities))
+                               reads=_reads(data.cfg, model, data.modalities))
         feats = cached_outputs(name, enc, spec, ds, cache_dir, batch_size, False, encoder_fingerprint(enc, spec))
         img = as_tensor(feats["image"]["pooled"]).float()
         img = torch.nn.functional.normalize(img, dim=-1).numpy()

@@ -47,16 +47,16 @@ def encoder_fingerprint(enc, spec_json: Dict[str, Any]) -> str:
 
 def rows_fingerprint(ds: MultimodalDataset, modalities=None) -> str:
     """Hash of the rows' input values (of ``modalities``, default all), each as its modality digests it
-    (image files by their contents), and the side the dataset decodes each at (``sides``: a JPEG decoded smaller
-    gives other pixels)."""
+    (image files by their contents), and how the dataset reads each modality's files (``reads``: a JPEG decoded
+    smaller, or turned upright, gives other pixels)."""
     h = hashlib.sha256()
-    sides = getattr(ds, "sides", None) or {}
+    reads = getattr(ds, "reads", None) or {}
     for modality, _ in ds.columns:
         if modalities is not None and modality not in modalities:
             continue
         h.update(modality.encode())
-        if sides.get(modality):
-            h.update(f"\x00side={sides[modality]}".encode())
+        if reads.get(modality):
+            h.update(("\x00" + repr(sorted(reads[modality].items()))).encode())
         entry, digests = modality_of(modality), {}
         for v in ds.cells(modality):
             h.update(b"\x00missing" if entry.is_blank(v) else

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.collate import Collator, decode_sides
+from ..data.collate import Collator, read_options
 from ..data.dataset import MultimodalDataset, read_once_dataset
 from ..data.manifest import ManifestSpec, TableSource, row_index
 from ..evaluation.ranking import partner_ranks
@@ -60,9 +60,9 @@ class MatchPredictor:
         self.modalities = config.modalities
         self.backend, self.members, self.calibration, self.workers = "torch", None, {}, 1
         self.embedding_kinds = list(SIDES)
-        self.sides = decode_sides(config, [Collator({n: e.processor for n, e in model.encoders.items()},
-                                                    config.modalities)])
-        """What the sides' images are decoded at, as in training (``data.jpeg_draft``; see ``Predictor.sides``)."""
+        self.reads = read_options(config, [Collator({n: e.processor for n, e in model.encoders.items()},
+                                                    config.modalities)], config.modalities)
+        """How the towers' files are read, as in training (see ``Predictor.reads``)."""
 
     @classmethod
     def from_bundle(cls, bundle, device="cpu") -> "MatchPredictor":
@@ -87,7 +87,7 @@ class MatchPredictor:
         # the id column is carried when the table has one, never required (a table of class names has none)
         spec = ManifestSpec({f: self.config.data.column(f) for f in self.fields[side]}, (), None)
         return read_once_dataset(data, spec, side, "fix these rows (or remove them from the input) and run it again",
-                                 modalities=self.fields[side], sides=self.sides)
+                                 modalities=self.fields[side], reads=self.reads)
 
     def _embed(self, ds: MultimodalDataset, side: str, batch_size: Optional[int]) -> np.ndarray:
         names = self.model.side_encoders(side)

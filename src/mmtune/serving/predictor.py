@@ -13,7 +13,7 @@ import torch
 from ..bundle import read_bundle
 from ..ensemble import shipped_ensemble
 from ..config import Config
-from ..data.collate import Collator, decode_sides
+from ..data.collate import Collator, read_options
 from ..data.dataset import MultimodalDataset, read_once_dataset
 from ..data.manifest import TableSource, row_index, spec_from_config
 from ..evaluation.calibration import Calibration
@@ -77,9 +77,10 @@ class Predictor:
         # a runner that reads the decoded rows with processors of its own (an ensemble's) has the collator keep them
         self.collator = Collator(dict(processors), self.modalities,
                                  keep_samples=bool(getattr(self.runner, "reads_samples", False)))
-        self.sides = decode_sides(config, [self.collator, *(getattr(self.runner, "collators", None) or [])])
-        """Per image modality, the side its processors resize it to: a large JPEG is decoded smaller, as in training
-        (``data.jpeg_draft``); empty when the bundle decodes in full."""
+        self.reads = read_options(config, [self.collator, *(getattr(self.runner, "collators", None) or [])],
+                                  self.modalities)
+        """How each file modality's files are read, as in training (an image's ``side``: ``data.jpeg_draft``;
+        ``orient``: ``data.exif_orientation``); empty for a bundle written before both, which reads them as stored."""
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         self._pool = None
         self.reference = dict(reference or {})
@@ -180,7 +181,7 @@ class Predictor:
         Each file is decoded once, when its row is read: validation checks that it exists. A file that does not
         decode then (truncated, not an image) stops the work with the same error as a validation that decoded
         everything: the whole table is validated in full at that moment, and every bad row is named."""
-        return read_once_dataset(data, self.spec, "input", PREDICT_ADVICE, with_labels, self.modalities, self.sides)
+        return read_once_dataset(data, self.spec, "input", PREDICT_ADVICE, with_labels, self.modalities, self.reads)
 
     def length_order(self, ds: MultimodalDataset) -> np.ndarray:
         """Rows sorted by the positions their inputs fill before padding (the texts' token counts, longest first),

@@ -119,9 +119,9 @@ class RowReader:
         self.pixels = PixelBudget(settings.max_request_pixels, settings.max_pixels_in_flight)
         data = predictor.config.data
         self.file_columns: Dict[str, Any] = {}
-        self.file_sides: Dict[str, int] = {}
-        """Per image column, the side its processors resize it to: an upload is decoded as prediction decodes files
-        (``Predictor.sides``)."""
+        self.file_reads: Dict[str, Dict[str, Any]] = {}
+        """Per file column, how its files are read: an upload is decoded as prediction reads files
+        (``Predictor.reads``)."""
         self.text_columns: List[str] = []
         self.value_columns: List[str] = []
         for field in predictor.modalities:
@@ -130,8 +130,8 @@ class RowReader:
             cols = col if isinstance(col, list) else [col]
             if entry.files:
                 self.file_columns.update({c: entry for c in cols})
-                if predictor.sides.get(field):
-                    self.file_sides.update({c: predictor.sides[field] for c in cols})
+                if predictor.reads.get(field):
+                    self.file_reads.update({c: predictor.reads[field] for c in cols})
             elif entry.free_text:
                 self.text_columns.extend(cols)
             else:
@@ -173,7 +173,7 @@ class RowReader:
                 raise RequestProblem(422, f"{label}.{self.id_column}: {_text_problem(v)}")
             out[self.id_column] = v if v is not None else position
         for c, entry in self.file_columns.items():
-            out[c] = self.file_value(row.get(c), entry, f"{label}.{c}", claim, self.file_sides.get(c))
+            out[c] = self.file_value(row.get(c), entry, f"{label}.{c}", claim, self.file_reads.get(c))
         for c in self.text_columns:
             v = row.get(c)
             if v is not None and not isinstance(v, str):
@@ -196,7 +196,7 @@ class RowReader:
             out[c] = v
         return out
 
-    def file_value(self, v: Any, entry, label: str, claim: PixelClaim, side: Optional[int] = None):
+    def file_value(self, v: Any, entry, label: str, claim: PixelClaim, reads: Optional[Dict[str, Any]] = None):
         """A file column's value: base64 text (a data: URL too), or ``{"path": ...}`` where paths are allowed.
         Never a path given as plain text."""
         if v is None:
@@ -204,7 +204,7 @@ class RowReader:
         if isinstance(v, dict):
             if set(v) != {"path"} or not isinstance(v["path"], str):
                 raise RequestProblem(422, f"{label}: expected base64 text or {{\"path\": \"...\"}}")
-            return self.file_at(v["path"], entry, label, claim, side)
+            return self.file_at(v["path"], entry, label, claim, reads)
         if not isinstance(v, str):
             raise RequestProblem(422, f"{label}: expected base64 text, got {type(v).__name__}")
         try:
@@ -212,9 +212,9 @@ class RowReader:
         except (binascii.Error, ValueError):
             raise RequestProblem(422, f"{label}: not valid base64 (a file column takes the file's bytes as base64 "
                                       "text, or a multipart upload)") from None
-        return self.decode(data, entry, label, claim, side=side)
+        return self.decode(data, entry, label, claim, reads=reads)
 
-    def file_at(self, path: str, entry, label: str, claim: PixelClaim, side: Optional[int] = None):
+    def file_at(self, path: str, entry, label: str, claim: PixelClaim, reads: Optional[Dict[str, Any]] = None):
         """The file ``path`` names, read and decoded like an upload (the same size and pixel limits) — only under
         the folder the operator allowed, symlinks resolved. Outside it the answer is the same whether or not the
         file exists."""
@@ -237,17 +237,17 @@ class RowReader:
                                       f"{self.settings.max_body_bytes}")
         with open(real, "rb") as fh:
             data = fh.read(self.settings.max_body_bytes + 1)
-        return self.decode(data, entry, label, claim, name=path, side=side)
+        return self.decode(data, entry, label, claim, name=path, reads=reads)
 
     def decode(self, data: bytes, entry, label: str, claim: PixelClaim, name: Optional[str] = None,
-               side: Optional[int] = None):
-        """An upload decoded as its column's files are (``side``: as in :meth:`~mmtune.modalities.FileModality.read`)."""
+               reads: Optional[Dict[str, Any]] = None):
+        """An upload decoded as its column's files are read (``reads``: :attr:`file_reads`)."""
         if not data:
             raise RequestProblem(422, f"{label}: empty file")
         if entry.counts_pixels:
             claim.add(self.image_pixels(data, label), label)
         try:
-            return entry.decode(data, name=name or label, side=side)
+            return entry.decode(data, name=name or label, **(reads or {}))
         except ValueError as exc:
             raise RequestProblem(422, f"{label}: {exc}") from None
 
@@ -477,10 +477,10 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
                 if hasattr(value, "read"):  # an upload
                     data = await value.read()
                     decoded[key] = await asyncio.to_thread(reader.decode, data, entry, f"row.{key}", claim,
-                                                           side=reader.file_sides.get(key))
+                                                           reads=reader.file_reads.get(key))
                 else:
                     decoded[key] = await asyncio.to_thread(reader.file_value, value, entry, f"row.{key}", claim,
-                                                           reader.file_sides.get(key))
+                                                           reader.file_reads.get(key))
             elif hasattr(value, "read"):
                 raise RequestProblem(422, f"row.{key}: a file was uploaded for a column that is not a file column")
             else:
