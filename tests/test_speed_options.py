@@ -235,3 +235,26 @@ def test_a_batch_is_split_across_the_decoding_threads_only_when_its_rows_read_sl
             assert [n for n, _ in seen] == [5, 5, 10, 10, 10] and where == ["mmtune-decode"] * 2 + ["mmtune-collate"] * 3
     for a, b in zip(got[0.0], got[float("inf")]):
         torch.testing.assert_close(a["inputs"], b["inputs"], rtol=0, atol=0)
+
+
+def test_batches_with_a_modality_hidden_still_say_how_many_follow(tiny_run, colour_verdict):
+    """The disagreement check and the modality contribution hide a modality through the present-mask; their batches
+    still tell the runner how many follow, so that side-by-side ONNX batches start at once."""
+    import operator
+
+    import pandas as pd
+
+    rows = pd.read_csv(colour_verdict["test"]).head(20)
+    rows["image"] = [str(colour_verdict["test"].parent / p) for p in rows["image"]]
+    pred = mmtune.load(tiny_run.run_dir)
+    real, seen = pred.runner.proba, []
+
+    def proba(tasks, batches):
+        seen.append(operator.length_hint(batches))
+        got = list(batches)
+        assert all(not b["present"]["image"].any() for b in got)
+        return real(tasks, got)
+
+    pred.runner.proba = proba
+    pred.proba_of(pred.dataset(rows, with_labels=False), 4, hidden=["image"])
+    assert seen == [5]

@@ -1,6 +1,7 @@
 """Load a run bundle and predict, with no network and without the original checkpoints."""
 from __future__ import annotations
 
+import operator
 import os
 import time
 from pathlib import Path
@@ -238,7 +239,8 @@ class Predictor:
         if hidden:
             from ..evaluation.ablation import masked_batches
 
-            batches = masked_batches(batches, list(hidden))
+            # still saying how many follow, so that side-by-side ONNX batches start at once (OnnxRunner)
+            batches = Batches(masked_batches(batches, list(hidden)), operator.length_hint(batches))
         proba = (runner or self.runner).proba(self.tasks, batches)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
