@@ -24,6 +24,9 @@ class Collator:
         self.keep_samples = bool(keep_samples)
         """Also return the decoded samples (``samples``), for another set of processors to read (an ensemble whose
         members fitted their processors apart: :class:`~mmtune.ensemble.EnsembleRunner`)."""
+        readers = [m for proc in self.processors.values() for m in proc.modalities]
+        self._shared = {m for m in readers if readers.count(m) > 1}
+        """Modalities more than one processor reads: :meth:`prepare` leaves their values as decoded."""
 
     def inputs(self, samples: List[Dict[str, Any]]) -> Dict[str, Dict[str, torch.Tensor]]:
         """Each encoder's input tensors for ``samples``, from its processor."""
@@ -39,15 +42,11 @@ class Collator:
         them first, and :attr:`keep_samples` hands them to other processors."""
         if self.value_augments or self.keep_samples:
             return samples
-        readers: Dict[str, int] = {}
-        for proc in self.processors.values():
-            for m in proc.modalities:
-                readers[m] = readers.get(m, 0) + 1
         for proc in self.processors.values():
             if not callable(getattr(proc, "prepare", None)):
                 continue
             # a value another processor reads too is left as decoded: each resizes it to its own side
-            mine = [m for m in proc.modalities if readers[m] == 1]
+            mine = [m for m in proc.modalities if m not in self._shared]
             if not mine:
                 continue
             done = proc.prepare({m: [s["values"].get(m) for s in samples] for m in proc.modalities})

@@ -265,8 +265,8 @@ class TableDataModule(L.LightningDataModule):
         cfg, p = self.cfg, self.prepared
         self.model = model
         self.cached = strategy.uses_cache
-        processors = {n: e.processor for n, e in model.encoders.items()}
-        self.reads = read_options(cfg, [Collator(processors, self.modalities)], self.modalities)
+        plain = Collator({n: e.processor for n, e in model.encoders.items()}, self.modalities)
+        self.reads = read_options(cfg, [plain], self.modalities)
         """How the datasets read their files (``data.jpeg_draft``, ``data.exif_orientation``), as prediction does."""
         if self.cached:
             from ..finetune.feature_cache import build_cached_dataset, first
@@ -287,7 +287,7 @@ class TableDataModule(L.LightningDataModule):
             self.collate = first
         else:
             self.datasets = {s: p.dataset(s, self.modalities, self.reads) for s in self.splits}
-            self.collate = Collator(processors, self.modalities)
+            self.collate = plain
         if cfg.synthesis.method != "none":
             from ..synthesis.oversample import synthesize_cached
 

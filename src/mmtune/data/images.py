@@ -1,9 +1,9 @@
 """Decoding image files to RGB: one function for validation, training, prediction and the report.
 
 A file is decoded to its last byte (``Image.load``), so a truncated or corrupt file fails here, at validation,
-with its row number — never mid-epoch; a large JPEG may be decoded at a reduced scale (``draft``). High-bit-depth greyscale images (16-bit, 12-bit stored in 16
-bits, 32-bit integer, float) are scaled to 8 bits instead of clipped: ``convert("RGB")`` would clip
-every value above 255 to white.
+with its row number — never mid-epoch; a large JPEG may be decoded at a reduced scale (``draft``).
+High-bit-depth greyscale images (16-bit, 12-bit stored in 16 bits, 32-bit integer, float) are scaled to 8 bits
+instead of clipped: ``convert("RGB")`` would clip every value above 255 to white.
 """
 from __future__ import annotations
 

@@ -82,15 +82,21 @@ class HFImageProcessor:
         out = self.image_processor(images=imgs, return_tensors="pt")
         return {"pixel_values": out["pixel_values"]}
 
+    def _size(self, key: str) -> Optional[int]:
+        """An entry of the processor's ``size`` (a dict, or transformers' ``SizeDict``); None when it resizes nothing
+        or has no such entry."""
+        ip = self.image_processor
+        if not getattr(ip, "do_resize", True):
+            return None
+        size = getattr(ip, "size", None) or {}
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        return int(value) if value else None
+
     def _height_width(self) -> Optional[tuple]:
         """``(width, height)`` when the processor resizes every image to that size, else None (a shortest-edge
         resize, or none)."""
-        ip = self.image_processor
-        size = getattr(ip, "size", None) or {}
-        get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
-        if not getattr(ip, "do_resize", True) or not (get("height") and get("width")):
-            return None
-        return int(get("width")), int(get("height"))
+        width, height = self._size("width"), self._size("height")
+        return (width, height) if width and height else None
 
     def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
         """Each image resized as :meth:`__call__` would resize it, where the processor resizes to a height and width
@@ -106,19 +112,14 @@ class HFImageProcessor:
     def sides(self) -> Dict[str, int]:
         """``{"image": side}``: the largest side the processor resizes an image to (``image_size``, else its own
         ``size`` — height and width, or the shortest edge before a ``crop_pct`` crop); empty when it does not say."""
-        ip = self.image_processor
         if self.image_size:
             return {"image": int(self.image_size)}
-        if not getattr(ip, "do_resize", True):
-            return {}
-        if self._height_width():
-            return {"image": max(self._height_width())}
-        size = getattr(ip, "size", None) or {}
-        get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
-        edge = get("shortest_edge")
+        both, edge = self._height_width(), self._size("shortest_edge")
+        if both:
+            return {"image": max(both)}
         if edge:
-            pct = getattr(ip, "crop_pct", None)
-            return {"image": int(round(edge / pct)) if pct else int(edge)}
+            pct = getattr(self.image_processor, "crop_pct", None)
+            return {"image": int(round(edge / pct)) if pct else edge}
         return {}
 
     def normalization(self):

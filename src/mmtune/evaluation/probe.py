@@ -52,9 +52,10 @@ def probe_features(model, data, cache_dir: Path, batch_size: int,
     specs = {n: cfg.model.encoders[n].model_dump(mode="json") for n in names}
     prints = {n: encoder_fingerprint(model.encoders[n], specs[n]) for n in names}
     out = {}
+    reads = _reads(cfg, model, data.modalities)
     for split in data.splits:
         ds = MultimodalDataset(frames[split], data.prepared.spec, data.prepared.base_dirs[split], False, data.modalities,
-                               reads=_reads(cfg, model, data.modalities))
+                               reads=reads)
         parts = []
         for n in names:
             for sub, d in sorted(cached_outputs(n, model.encoders[n], specs[n], ds, cache_dir, batch_size, False,
