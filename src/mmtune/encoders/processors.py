@@ -37,8 +37,9 @@ class TextProcessor:
     def lengths(self, columns: Mapping[str, List[Any]]) -> np.ndarray:
         """Per row, the positions its text fills in a batch before padding: its token count, special tokens
         included, truncated as :meth:`__call__` truncates (an absent text: the empty text's)."""
-        enc = self._encode(columns, return_tensors="np", return_attention_mask=True)
-        return np.asarray(enc["attention_mask"], dtype=np.int64).sum(axis=1)
+        # the masks as lists, summed per row: no padded arrays built, and no token types (half the time of tensors)
+        masks = self._encode(columns, return_attention_mask=True, return_token_type_ids=False)["attention_mask"]
+        return np.fromiter(map(sum, masks), dtype=np.int64, count=len(masks))
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
