@@ -148,6 +148,12 @@ def test_matching_bench_runs_and_prints_its_json(bench, tmp_path):
     assert all(0.0 <= last[k] <= 1.0 for k in ("image_text_r1_frozen", "image_text_r1_tuned", "swap_precision_top_decile"))
 
 
+def test_prepare_bench_finds_the_same_batches_and_less_left_to_the_collating_thread(bench):
+    last = bench("prepare.py", "--photos", "3", "--size", "160x120", "--side", "32", "--rounds", "1")
+    assert len(last) == 3 and all(v["same"] for v in last.values())
+    assert all({"raw_ms", "prepare_ms", "prepared_ms"} <= set(v) for v in last.values())
+
+
 def test_decode_bench_runs_and_prints_its_json(bench, tiny_run):
     last = bench("decode.py", "--photos", "2", "--size", "640x480", "--side", "32", "--rounds", "1",
                  "--run", str(tiny_run.run_dir), "--fit-rows", "24", "--fit-epochs", "1")

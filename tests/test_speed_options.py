@@ -193,8 +193,22 @@ def test_images_resized_on_the_decoding_threads_give_the_same_batch():
         assert [s["values"]["image"] and s["values"]["image"].size for s in prepared] == [size] * 3 + [None]
         torch.testing.assert_close(collator(prepared)["inputs"]["image"]["pixel_values"],
                                    collator(samples())["inputs"]["image"]["pixel_values"], rtol=0, atol=0)
+    # one that resizes the shortest edge with transformers' own resize (CLIP's), before its centre crop: the sizes
+    # it computes, each image upscaled or downscaled, and one already the side left as it is
+    from transformers import CLIPImageProcessor
+
+    clip = HFImageProcessor(CLIPImageProcessor(size={"shortest_edge": 12}, crop_size={"height": 10, "width": 10}))
+    collator = Collator({"image": clip}, ["image"])
+    prepared = collator.prepare(samples())
+    assert [s["values"]["image"] and s["values"]["image"].size for s in prepared] == [(12, 16), (12, 12), (66, 12), None]
+    assert prepared[1]["values"]["image"] is images[1]
+    torch.testing.assert_close(collator(prepared)["inputs"]["image"]["pixel_values"],
+                               collator(samples())["inputs"]["image"]["pixel_values"], rtol=0, atol=0)
+    # ConvNeXt's own resize (a crop_pct enlargement, then a crop) is left to it
     shortest = HFImageProcessor(ConvNextImageProcessor(size={"shortest_edge": 12}, crop_pct=0.875))
-    assert shortest.prepare({"image": images})["image"] == images  # resized on its shortest edge: left to it
+    assert shortest.prepare({"image": images})["image"] == images
+    bounded = HFImageProcessor(CLIPImageProcessor(size={"shortest_edge": 12, "longest_edge": 20}))
+    assert bounded.prepare({"image": images})["image"] == images  # a longest-edge bound too: left to it
     # one column, two encoders at two sides: each resizes the image as decoded, so neither resizes it ahead
     two = Collator({"a": ResizeNormalizeProcessor(12), "b": ResizeNormalizeProcessor(20)}, ["image"])
     assert [s["values"]["image"] for s in two.prepare(samples())] == images + [None]

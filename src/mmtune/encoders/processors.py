@@ -99,16 +99,46 @@ class HFImageProcessor:
         width, height = self._size("width"), self._size("height")
         return (width, height) if width and height else None
 
+    def _edge_target(self):
+        """A function from an image's ``(width, height)`` to the one the processor's resize gives it, where the
+        processor resizes the shortest edge with transformers' own PIL resize (CLIP's, BiT's); None otherwise: a
+        processor with its own resize or pipeline (ConvNeXt's crop_pct), or an edge with a longest-edge bound."""
+        edge = self._size("shortest_edge")
+        if not edge or self._size("longest_edge"):
+            return None
+        try:
+            from transformers.image_processing_backends import PilBackend
+            from transformers.image_transforms import get_resize_output_image_size
+        except ImportError:  # a transformers release without the PIL backend class
+            return None
+        kind = type(self.image_processor)
+        if getattr(kind, "resize", None) is not PilBackend.resize or \
+                getattr(kind, "_preprocess", None) is not PilBackend._preprocess:
+            return None
+
+        def target(size):  # the processor's own arithmetic, on a (channels, height, width) view of nothing
+            height, width = get_resize_output_image_size(np.broadcast_to(np.uint8(0), (3, size[1], size[0])), edge,
+                                                         default_to_square=False, input_data_format="channels_first")
+            return int(width), int(height)
+
+        return target
+
     def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
         """Each image resized as :meth:`__call__` would resize it, where the processor resizes to a height and width
-        (its own resize then returns the same pixels; ``tests/test_speed_options.py``): what decoding threads do
-        ahead of it. A shortest-edge resize is left to the processor."""
-        target = self._height_width()
+        or, with transformers' own resize, its shortest edge to a side (its resize then has the size it computes
+        already, and returns the same pixels; ``tests/test_speed_options.py``): what decoding threads do ahead of
+        it. Other resizes (ConvNeXt's) are left to the processor."""
         images = list(columns["image"])
+        both = self._height_width()
+        target = (lambda size: both) if both else self._edge_target()
         if target is None:
             return {"image": images}
         resample = getattr(self.image_processor, "resample", 2)  # PIL's bilinear, the processors' default
-        return {"image": [im if im is None or im.size == target else im.resize(target, resample) for im in images]}
+        out = []
+        for im in images:
+            size = None if im is None else target(im.size)
+            out.append(im if size is None or im.size == size else im.resize(size, resample))
+        return {"image": out}
 
     def sides(self) -> Dict[str, int]:
         """``{"image": side}``: the largest side the processor resizes an image to (``image_size``, else its own
