@@ -235,6 +235,16 @@ def test_label_smoothing_is_not_a_focal_loss_setting():
     assert str(err.value).splitlines()[1].strip() == (
         "unknown config key 'model.fusion.rank'; valid keys there: dropout, hidden_dims, type ('rank' is a setting "
         "of bilinear: set model.fusion.type with it; without it the type is 'concat')")
+    with pytest.raises(mmtune.ConfigError) as err:  # under a preset, the type is not concat yet: the advice says so
+        load_config({"preset": "fast", "model": {"fusion": {"rank": 8}}})
+    assert "set model.fusion.type with it; the preset 'fast' chooses the type only after it has read the table" \
+        in str(err.value) and "without it the type is" not in str(err.value)
+    from mmtune.config import apply_preset
+    from mmtune.presets import TableStats
+
+    named = apply_preset(load_config({"preset": "fast", "model": {"fusion": {"type": "bilinear", "rank": 8}}}),
+                         TableStats(rows=500, modalities=("image", "text")))
+    assert named.model.fusion.model_dump() == {"type": "bilinear", "hidden_dims": [256], "dropout": 0.2, "rank": 8}
     with pytest.raises(mmtune.ConfigError, match=r"'loss.label_smoothing'.*\('label_smoothing' is a setting of cross_entropy"):
         load_config({"loss": {"type": "focal", "label_smoothing": 0.1}})
     with pytest.raises(mmtune.ConfigError) as err:  # a key no type has gets no such hint

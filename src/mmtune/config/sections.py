@@ -44,8 +44,9 @@ def _tables():
     return {"model.fusion": (FUSIONS, "concat"), "finetune": (STRATEGIES, "full"), "loss": (LOSSES, "cross_entropy")}
 
 
-def _part(section: str, value: Any) -> PartConfig:
-    """Validate a part's section with the Config class of the table entry its ``type`` names."""
+def _part(section: str, value: Any, preset: Optional[str] = None) -> PartConfig:
+    """Validate a part's section with the Config class of the table entry its ``type`` names (``preset``: the
+    config's, named in the advice about a setting of another type)."""
     table, default = _tables()[section]
     if value is None:
         value = {}
@@ -65,8 +66,10 @@ def _part(section: str, value: Any) -> PartConfig:
             key = str(err["loc"][-1]) if err["type"] == "extra_forbidden" and len(err["loc"]) == 1 else None
             having = [n for n, entry in table.items() if key and key in entry.Config.model_fields]
             if having:
+                chosen = (f"the preset {preset!r} chooses the type only after it has read the table, and keeps its "
+                          "other settings for the type you name" if preset else f"without it the type is {name!r}")
                 hint = f" ({key!r} is a setting of {', '.join(having)}" + (
-                    ")" if "type" in value else f": set {section}.type with it; without it the type is {name!r})")
+                    ")" if "type" in value else f": set {section}.type with it; {chosen})")
                 lines = [line + hint if line.startswith(f"unknown config key '{section}.{key}'") else line
                          for line in lines]
         raise SectionError(lines) from None
@@ -263,8 +266,8 @@ class ModelConfig(_Strict):
 
     @field_validator("fusion", mode="before")
     @classmethod
-    def _fusion(cls, v: Any) -> PartConfig:
-        return _part("model.fusion", v)
+    def _fusion(cls, v: Any, info: ValidationInfo) -> PartConfig:
+        return _part("model.fusion", v, (info.context or {}).get("preset"))
 
     @field_validator("encoders")
     @classmethod
@@ -564,7 +567,7 @@ class Config(_Strict):
     @field_validator("finetune", "loss", mode="before")
     @classmethod
     def _parts(cls, v: Any, info: ValidationInfo) -> PartConfig:
-        return _part(info.field_name, v)
+        return _part(info.field_name, v, (info.context or {}).get("preset"))
 
     @field_validator("preset")
     @classmethod
@@ -750,7 +753,8 @@ def _validate(raw: Dict[str, Any]) -> Config:
     if renamed:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(renamed))
     try:
-        return Config.model_validate(raw)
+        # the preset, for the parts' advice (a part's type is the preset's to choose when the config names none)
+        return Config.model_validate(raw, context={"preset": raw.get("preset") if isinstance(raw, dict) else None})
     except ValidationError as exc:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_error_lines(exc, [], Config))) from None
 
