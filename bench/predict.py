@@ -76,7 +76,7 @@ def by_characters(pred):
     counted tokens: the baseline of ``token_order_speedup``."""
     from mmtune.modalities import modality_of
 
-    def order(ds):
+    def order(ds, keep=None):
         text = [c for m, c in ds.columns if modality_of(m).free_text and isinstance(c, str)]
         if not text or len(ds) < 2:
             return np.arange(len(ds))

@@ -7,7 +7,11 @@ height and width (ViT's), and one resizing the shortest edge before a centre cro
 pictures of --size pixels: the batch built from the pictures as decoded (all on the collating thread), the processor's
 ``prepare`` alone (what the decoding threads do ahead), and the batch built from the prepared pictures (what is left
 to the collating thread); medians of --rounds, in milliseconds per batch. ``same`` says whether the two batches are
-equal to the bit. The last line printed is one JSON object: per processor, ``raw_ms``, ``prepare_ms``,
+equal to the bit. And for texts (the demo's MiniLM tokenizer, --texts texts of --words random words, max_length
+--max-length), what prediction does since it keeps the tokens it counts to sort the rows by: a batch of --photos of them
+tokenised (``raw_ms``), every text counted and its tokens kept (``count_ms``, per --texts texts, against ``count_only_ms``, a
+count that keeps nothing), and a batch padded from the kept tokens (``prepared_ms``). The last line printed is one
+JSON object: per processor, ``raw_ms``, ``prepare_ms`` (``count_ms`` and ``count_only_ms`` for the text),
 ``prepared_ms`` and ``same``.
 """
 from __future__ import annotations
@@ -49,6 +53,9 @@ def main() -> None:
     ap.add_argument("--size", default="640x480", help="WIDTHxHEIGHT of each picture")
     ap.add_argument("--side", type=int, default=224)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--texts", type=int, default=600)
+    ap.add_argument("--words", type=int, default=120)
+    ap.add_argument("--max-length", type=int, default=128)
     args = ap.parse_args()
     from PIL import Image
 
@@ -70,7 +77,34 @@ def main() -> None:
         out[name] = {k: round(v, 2) for k, v in figures.items()} | {"same": same}
         print(f"{name:30s} collating thread alone {figures['raw_ms']:7.1f}; decoding threads {figures['prepare_ms']:7.1f} "
               f"+ collating thread {figures['prepared_ms']:7.1f}; same batch: {same}")
+    out["text (MiniLM tokenizer)"] = texts(args, rng)
     print(json.dumps(out))
+
+
+def texts(args, rng) -> dict:
+    from transformers import AutoTokenizer
+
+    from mmtune.encoders.offline import minilm_path
+    from mmtune.encoders.processors import TextProcessor
+
+    proc = TextProcessor(AutoTokenizer.from_pretrained(minilm_path()), max_length=args.max_length)
+    vocabulary = ["picture", "colour", "verdict", "bright", "dull", "the", "a", "customer", "returned", "liked",
+                  "naïve", "café", "sharp", "blurred", "evening", "light", "order", "arrived", "late", "again"]
+    column = {"text": [" ".join(rng.choice(vocabulary, rng.integers(1, args.words + 1))) for _ in range(args.texts)]}
+    batch = np.arange(min(args.photos, args.texts))
+    first = {"text": [column["text"][i] for i in batch]}
+    tokens = proc.tokens(column)
+    same = all(np.array_equal(a.numpy(), b.numpy()) and a.dtype == b.dtype
+               for a, b in zip(proc.pad(tokens, batch).values(), proc(first).values()))
+    figures = {"raw_ms": median_ms(lambda: proc(first), args.rounds),
+               "count_ms": median_ms(lambda: proc.tokens(column), args.rounds),
+               "count_only_ms": median_ms(lambda: proc.lengths(column), args.rounds),
+               "prepared_ms": median_ms(lambda: proc.pad(tokens, batch), args.rounds)}
+    print(f"{args.texts} texts of up to {args.words} words, max_length {args.max_length}: counting them "
+          f"{figures['count_only_ms']:.1f}, counting and keeping the tokens {figures['count_ms']:.1f}; a batch of "
+          f"{len(batch)} tokenised {figures['raw_ms']:.1f}, padded from the kept tokens {figures['prepared_ms']:.2f}; "
+          f"same batch: {same}")
+    return {k: round(v, 2) for k, v in figures.items()} | {"same": same}
 
 
 if __name__ == "__main__":

@@ -149,9 +149,12 @@ def test_matching_bench_runs_and_prints_its_json(bench, tmp_path):
 
 
 def test_prepare_bench_finds_the_same_batches_and_less_left_to_the_collating_thread(bench):
-    last = bench("prepare.py", "--photos", "3", "--size", "160x120", "--side", "32", "--rounds", "1")
-    assert len(last) == 3 and all(v["same"] for v in last.values())
+    last = bench("prepare.py", "--photos", "3", "--size", "160x120", "--side", "32", "--rounds", "1", "--texts", "20",
+                 "--words", "30", "--max-length", "16")
+    text = last.pop("text (MiniLM tokenizer)")
+    assert len(last) == 3 and all(v["same"] for v in last.values()) and text["same"]
     assert all({"raw_ms", "prepare_ms", "prepared_ms"} <= set(v) for v in last.values())
+    assert {"raw_ms", "count_ms", "count_only_ms", "prepared_ms"} <= set(text)
 
 
 def test_decode_bench_runs_and_prints_its_json(bench, tiny_run):

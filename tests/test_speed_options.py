@@ -1,6 +1,7 @@
 """Options for long runs and large encoders: gradient checkpointing and torch.compile leave the trained weights
 as they are without them; length buckets keep every row once per epoch and cut the padding."""
 import numpy as np
+import pytest
 import torch
 
 import mmtune
@@ -136,6 +137,61 @@ def test_prediction_batches_rows_of_similar_token_counts(tiny_run, colour_verdic
     one_by_one = pd.concat([pred.predict_proba(rows.iloc[[i]], calibrated=False) for i in range(len(rows))])
     np.testing.assert_allclose(together.to_numpy(), one_by_one.drop(columns="id", errors="ignore").to_numpy(),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tokens_kept_from_the_count_pad_to_the_batch_the_tokenizer_makes(tiny_bert, side):
+    """TextProcessor.tokens / pad: every batch of any rows (absent texts, truncated ones, repeats) is the tensors the
+    tokenizer makes of those texts, the same names, values and dtype, on either padding side; and settings stay."""
+    from transformers import AutoTokenizer
+
+    from mmtune.encoders.processors import TextProcessor, Tokens
+
+    text = TextProcessor(AutoTokenizer.from_pretrained(tiny_bert), max_length=7)
+    text.tokenizer.padding_side = side
+    cells = ["works", None, "", "a b c d e f g h i j", "b a", "c", "a b c"]
+    backend = text.tokenizer.backend_tokenizer
+    text({"text": ["a b c"]})
+    settings = (backend.padding, backend.truncation)
+    whole = text.tokens({"text": cells})
+    parts = Tokens.concat([text.tokens({"text": cells[:3]}), text.tokens({"text": cells[3:]})])  # chunk by chunk
+    assert whole.lengths.tolist() == parts.lengths.tolist() == text.lengths({"text": cells}).tolist() == [3, 2, 2, 7, 4, 3, 5]
+    assert (backend.padding, backend.truncation) == settings
+    rng = np.random.default_rng(0)
+    for kept in (whole, parts):
+        for rows in [[3], [1, 2], [0, 3, 3, 6]] + [rng.choice(len(cells), 4).tolist() for _ in range(10)]:
+            got, want = text.pad(kept, rows), text({"text": [cells[r] for r in rows]})
+            assert list(got) == list(want) == ["input_ids", "token_type_ids", "attention_mask"]
+            for k in want:
+                assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (rows, k)
+
+
+def test_prediction_tokenises_each_text_once_and_predicts_the_same(tiny_run, colour_verdict, monkeypatch):
+    """predict_proba keeps the tokens it counted to sort the rows by: the collating step tokenises nothing, and the
+    probabilities are those of tokenising every batch again (a table over KEEP_TOKENS_ROWS does)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    import mmtune.serving.predictor as predictor
+    from mmtune.encoders.processors import TextProcessor
+
+    rows = pd.read_csv(colour_verdict["test"]).head(30)
+    rows["image"] = [str(Path(colour_verdict["test"]).parent / p) for p in rows["image"]]
+    pred = mmtune.load(tiny_run.run_dir)
+    calls = []
+    real = TextProcessor.__call__
+    monkeypatch.setattr(TextProcessor, "__call__", lambda self, columns: (calls.append(1), real(self, columns))[1])
+    for workers in (1, 2):
+        pred.workers = workers
+        calls.clear()
+        once = pred.predict_proba(rows, batch_size=8)
+        assert calls == []  # each text tokenised once, when counted
+        monkeypatch.setattr(predictor, "KEEP_TOKENS_ROWS", 0)
+        twice = pred.predict_proba(rows, batch_size=8)
+        monkeypatch.setattr(predictor, "KEEP_TOKENS_ROWS", 200_000)
+        assert len(calls) == 4  # the four batches tokenised again
+        pd.testing.assert_frame_equal(once, twice, check_exact=True)
 
 
 def test_a_joint_processor_counts_the_tokens_of_its_text_part(tiny_bert):

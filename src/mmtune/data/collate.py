@@ -28,10 +28,16 @@ class Collator:
         self._shared = {m for m in readers if readers.count(m) > 1}
         """Modalities more than one processor reads: :meth:`prepare` leaves their values as decoded."""
 
-    def inputs(self, samples: List[Dict[str, Any]]) -> Dict[str, Dict[str, torch.Tensor]]:
-        """Each encoder's input tensors for ``samples``, from its processor."""
+    def inputs(self, samples: List[Dict[str, Any]], tokens: Optional[Mapping[str, Any]] = None
+               ) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Each encoder's input tensors for ``samples``, from its processor; an encoder in ``tokens`` (its texts'
+        :class:`~mmtune.encoders.processors.Tokens`, by dataset row: :meth:`lengths` keeps them) pads those instead
+        of tokenising again."""
         out = {}
         for name, proc in self.processors.items():
+            if tokens and name in tokens and not self.value_augments:
+                out[name] = proc.pad(tokens[name], [s["index"] for s in samples])
+                continue
             out[name] = proc({m: [s["values"].get(m) for s in samples] for m in proc.modalities})
         return out
 
@@ -68,29 +74,40 @@ class Collator:
                     out[m] = max(out.get(m, 0), int(side))
         return out
 
-    def lengths(self, dataset, chunk: int = 4096) -> Optional[np.ndarray]:
+    def lengths(self, dataset, chunk: int = 4096, keep: Optional[Dict[str, Any]] = None) -> Optional[np.ndarray]:
         """Per row of ``dataset``, the positions its inputs fill in a batch before padding, summed over the
         processors that pad (a text processor: the row's token count); None when none does. What batches are
-        sorted or bucketed by, so that a batch pads little. Read ``chunk`` rows at a time."""
-        counters = [p for p in self.processors.values() if callable(getattr(p, "lengths", None))]
+        sorted or bucketed by, so that a batch pads little. Read ``chunk`` rows at a time. With ``keep`` (a dict),
+        each processor that can (``tokens``) counts by tokenising its texts once and leaves the tokens there, by
+        encoder name, for :meth:`__call__` to pad."""
         columns = dict(getattr(dataset, "columns", ()))
         total = None
-        for proc in counters:
-            if not all(m in columns for m in proc.modalities):
+        for name, proc in self.processors.items():
+            if not callable(getattr(proc, "lengths", None)) or not all(m in columns for m in proc.modalities):
                 continue
-            parts = []
+            kept = keep is not None and callable(getattr(proc, "tokens", None)) and callable(getattr(proc, "pad", None))
+            parts, tokens = [], []
             for start in range(0, len(dataset), chunk):
                 rows = np.arange(start, min(start + chunk, len(dataset)))
-                got = proc.lengths({m: dataset.take(m, rows) for m in proc.modalities})
+                cells = {m: dataset.take(m, rows) for m in proc.modalities}
+                got = proc.tokens(cells) if kept else None
+                if got is not None:
+                    tokens.append(got)
+                    got = got.lengths
+                else:
+                    kept = False
+                    got = proc.lengths(cells)
                 if got is None:
                     break
                 parts.append(np.asarray(got, dtype=np.int64))
             else:
                 counts = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
                 total = counts if total is None else total + counts
+                if kept and tokens:
+                    keep[name] = type(tokens[0]).concat(tokens)
         return total
 
-    def __call__(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def __call__(self, samples: List[Dict[str, Any]], tokens: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         present = {
             m: torch.tensor([s["values"].get(m) is not None for s in samples], dtype=torch.bool)
             for m in self.modalities
@@ -99,7 +116,7 @@ class Collator:
             samples = [{**s, "values": {m: (self.value_augments[m](v) if m in self.value_augments and v is not None else v)
                                         for m, v in s["values"].items()}} for s in samples]
         batch = {
-            "inputs": self.inputs(samples),
+            "inputs": self.inputs(samples, tokens),
             "present": present,
             "labels": collate_labels(samples),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),

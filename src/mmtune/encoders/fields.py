@@ -32,6 +32,12 @@ class FieldProcessor:
         inner = getattr(self.inner, "lengths", None)
         return inner({kind(self.field): columns[self.field]}) if callable(inner) else None
 
+    def tokens(self, columns: Mapping[str, List[Any]]):
+        """The inner processor's kept tokens of this field's column (None when it keeps none); its ``pad`` batches
+        them, as its call makes this processor's tensors."""
+        inner = getattr(self.inner, "tokens", None)
+        return inner({kind(self.field): columns[self.field]}) if callable(inner) else None
+
     def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
         """The inner processor's per-value work on this field's column (none when it has none)."""
         inner = getattr(self.inner, "prepare", None)
@@ -86,6 +92,10 @@ class SharedProcessor:
             return None
         counts = [inner({kind(f): columns[f]}) for f in self.fields]
         return None if any(c is None for c in counts) else sum(counts)
+
+    def tokens(self, columns: Mapping[str, List[Any]]) -> None:
+        """None: the fields are tokenised again when collated (their tensors are keyed per field)."""
+        return None
 
     def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
         """The inner processor's per-value work on each field's column."""

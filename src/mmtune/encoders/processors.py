@@ -41,6 +41,42 @@ class TextProcessor:
         masks = self._encode(columns, return_attention_mask=True, return_token_type_ids=False)["attention_mask"]
         return np.fromiter(map(sum, masks), dtype=np.int64, count=len(masks))
 
+    def tokens(self, columns: Mapping[str, List[Any]]) -> Optional["Tokens"]:
+        """Each row's tokens, unpadded (:class:`Tokens`; its ``lengths`` are :meth:`lengths`), for :meth:`pad` to
+        batch without tokenising again; None where this tokenizer's outputs are not only ids, token types and the
+        attention mask, or it pads with nothing."""
+        enc = self._encode(columns, return_tensors="np", return_attention_mask=True)
+        names = [k for k in enc.keys() if k in self.keep]
+        if "attention_mask" not in enc or not set(enc.keys()) <= {"input_ids", "token_type_ids", "attention_mask"} \
+                or self.tokenizer.pad_token_id is None:
+            return None
+        mask = np.asarray(enc["attention_mask"]).astype(bool)
+        # a row's unpadded tokens are the positions its mask keeps, in order, whichever side the padding is on
+        flat = {k: np.asarray(enc[k], dtype=np.int64)[mask] for k in names if k != "attention_mask"}
+        return Tokens(flat, mask.sum(axis=1).astype(np.int64), names)
+
+    def pad(self, tokens: "Tokens", rows: Sequence[int]) -> Dict[str, torch.Tensor]:
+        """The batch :meth:`__call__` makes of the texts at ``rows`` of ``tokens`` (from :meth:`tokens`), padded
+        to the longest as the tokenizer pads (its side and pad ids), to the same numbers."""
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = tokens.lengths[rows]
+        width = int(counts.max()) if len(rows) else 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        fill = {"input_ids": self.tokenizer.pad_token_id,
+                "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0) or 0}
+        out = {}
+        for name in tokens.names:
+            arr = np.full((len(rows), width), 0 if name == "attention_mask" else fill[name], dtype=np.int64)
+            for i, (row, n) in enumerate(zip(rows, counts)):
+                where = slice(width - n, width) if left else slice(0, n)
+                if name == "attention_mask":
+                    arr[i, where] = 1
+                else:
+                    start = tokens.starts[row]
+                    arr[i, where] = tokens.flat[name][start:start + n]
+            out[name] = torch.from_numpy(arr)
+        return out
+
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         # A fast tokenizer remembers the padding / truncation of its last call and would write it into
@@ -58,6 +94,24 @@ class TextProcessor:
 
         tok = AutoTokenizer.from_pretrained(str(folder))
         return cls(tok, meta["max_length"], meta.get("keep"))
+
+
+class Tokens:
+    """A column's texts tokenised once, unpadded: per output (``input_ids``, ``token_type_ids``) every row's tokens
+    end to end in ``flat``, row ``i``'s ``lengths[i]`` of them from ``starts[i]``; ``names``: the outputs a batch
+    holds, the attention mask included. What prediction keeps from counting the tokens to sort rows by, so that
+    collating does not tokenise the texts again (:meth:`TextProcessor.pad`)."""
+
+    def __init__(self, flat: Dict[str, np.ndarray], lengths: np.ndarray, names: Sequence[str]):
+        self.flat, self.lengths, self.names = dict(flat), np.asarray(lengths, dtype=np.int64), list(names)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    @classmethod
+    def concat(cls, parts: Sequence["Tokens"]) -> "Tokens":
+        """One :class:`Tokens` of ``parts``' rows, in order."""
+        names = parts[0].names
+        return cls({k: np.concatenate([p.flat[k] for p in parts]) for k in parts[0].flat},
+                   np.concatenate([p.lengths for p in parts]), names)
 
 
 class HFImageProcessor:

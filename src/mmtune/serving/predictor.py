@@ -27,6 +27,9 @@ SPLIT_READ_S = 0.001
 """A prediction batch whose rows took longer than this each to read (decoded, images resized) in the batch before is
 split across the decoding threads; quicker rows (small pictures) are read whole on the collating thread, where the
 threads would spend more contending for the interpreter than they save (docs/guides/deploy.md)."""
+KEEP_TOKENS_ROWS = 200_000
+"""Prediction on at most this many rows keeps the tokens it counted to sort the rows by (a few bytes a token), so that
+collating does not tokenise the texts again; a larger table tokenises them twice and holds only the counts."""
 PREDICT_ADVICE = ("Prediction never skips rows: fix these rows (or remove them from the input) and run it "
                   "again.")
 
@@ -184,25 +187,28 @@ class Predictor:
         everything: the whole table is validated in full at that moment, and every bad row is named."""
         return read_once_dataset(data, self.spec, "input", PREDICT_ADVICE, with_labels, self.modalities, self.reads)
 
-    def length_order(self, ds: MultimodalDataset) -> np.ndarray:
+    def length_order(self, ds: MultimodalDataset, keep: Optional[Dict[str, Any]] = None) -> np.ndarray:
         """Rows sorted by the positions their inputs fill before padding (the texts' token counts, longest first),
-        so that a batch pads to similar lengths; input order when no processor pads."""
-        lengths = self.collator.lengths(ds) if len(ds) > 1 else None
+        so that a batch pads to similar lengths; input order when no processor pads. ``keep`` (a dict): the tokens
+        counted are left there, by encoder, for :meth:`batches` (:meth:`Collator.lengths`)."""
+        lengths = self.collator.lengths(ds, keep=keep) if len(ds) > 1 else None
         if lengths is None:
             return np.arange(len(ds))
         return np.argsort(-lengths, kind="stable")
 
-    def batches(self, ds: MultimodalDataset, batch_size: Optional[int], order: Optional[np.ndarray] = None):
+    def batches(self, ds: MultimodalDataset, batch_size: Optional[int], order: Optional[np.ndarray] = None,
+                tokens: Optional[Mapping[str, Any]] = None):
         """Collated batches over ``order`` (default: input order). Rows are decoded (images read and
-        resized, audio resampled) and each batch is processed on worker threads, one batch ahead."""
+        resized, audio resampled) and each batch is processed on worker threads, one batch ahead; an encoder in
+        ``tokens`` (from :meth:`length_order`) pads its rows' kept tokens instead of tokenising again."""
         bs = batch_size or self.config.trainer.eval_batch_size or 2 * self.config.trainer.batch_size
         idx = np.arange(len(ds)) if order is None else order
         chunks = [idx[s:s + bs] for s in range(0, len(ds), bs)]
         if self.workers <= 1 or len(ds) <= 1:
-            return Batches((self.collator(ds.__getitems__(c)) for c in chunks), len(chunks))
-        return Batches(self._threaded(ds, chunks), len(chunks))
+            return Batches((self.collator(ds.__getitems__(c), tokens) for c in chunks), len(chunks))
+        return Batches(self._threaded(ds, chunks, tokens), len(chunks))
 
-    def _threaded(self, ds, chunks):
+    def _threaded(self, ds, chunks, tokens=None):
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None:  # row decoding, and one batch collated ahead of the one being run
@@ -221,7 +227,7 @@ class Predictor:
             parts = [p for p in np.array_split(np.asarray(c), self.workers) if len(p)] if split else [np.asarray(c)]
             done = list(rows.map(read, parts)) if split else [read(parts[0])]
             seconds_per_row = sum(s for _, s in done) / max(len(c), 1)
-            return self.collator([item for items, _ in done for item in items]), seconds_per_row
+            return self.collator([item for items, _ in done for item in items], tokens), seconds_per_row
 
         # the first batch split, so that the model starts soon; each next one as its rows' reading cost in the last
         pending = ahead.submit(collate, chunks[0], True) if chunks else None
@@ -234,8 +240,9 @@ class Predictor:
     def proba_of(self, ds: MultimodalDataset, batch_size: Optional[int], calibrated: bool = True,
                runner=None, hidden: Sequence[str] = ()) -> Dict[str, np.ndarray]:
         """Probabilities per task in row order; ``hidden`` modalities are masked out through the present-mask."""
-        order = self.length_order(ds)
-        batches = self.batches(ds, batch_size, order)
+        tokens: Dict[str, Any] = {}
+        order = self.length_order(ds, keep=tokens if len(ds) <= KEEP_TOKENS_ROWS else None)
+        batches = self.batches(ds, batch_size, order, tokens)
         if hidden:
             from ..evaluation.ablation import masked_batches
 
