@@ -164,6 +164,13 @@ def test_tokens_kept_from_the_count_pad_to_the_batch_the_tokenizer_makes(tiny_be
             assert list(got) == list(want) == ["input_ids", "token_type_ids", "attention_mask"]
             for k in want:
                 assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (rows, k)
+    from mmtune.encoders.fields import FieldProcessor, SharedProcessor
+
+    field = FieldProcessor(text, "text.title")  # a field column's texts: its tokens, padded as its call makes them
+    kept = field.tokens({"text.title": cells})
+    for k, v in field.pad(kept, [3, 0, 1]).items():
+        assert torch.equal(v, field({"text.title": [cells[3], cells[0], cells[1]]})[k])
+    assert SharedProcessor(text, ["text", "text.title"]).tokens({"text": cells, "text.title": cells}) is None
 
 
 def test_prediction_tokenises_each_text_once_and_predicts_the_same(tiny_run, colour_verdict, monkeypatch):
