@@ -170,7 +170,13 @@ def test_tokens_kept_from_the_count_pad_to_the_batch_the_tokenizer_makes(tiny_be
     kept = field.tokens({"text.title": cells})
     for k, v in field.pad(kept, [3, 0, 1]).items():
         assert torch.equal(v, field({"text.title": [cells[3], cells[0], cells[1]]})[k])
-    assert SharedProcessor(text, ["text", "text.title"]).tokens({"text": cells, "text.title": cells}) is None
+    shared = SharedProcessor(text, ["text", "text.title"])  # one encoder over two columns: each field's tokens
+    columns = {"text": cells, "text.title": cells[::-1]}
+    kept = shared.tokens(columns)
+    assert kept.lengths.tolist() == shared.lengths(columns).tolist()
+    rows = [2, 3, 0]
+    got, want = shared.pad(kept, rows), shared({f: [c[r] for r in rows] for f, c in columns.items()})
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_prediction_tokenises_each_text_once_and_predicts_the_same(tiny_run, colour_verdict, monkeypatch):
