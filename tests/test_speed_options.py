@@ -177,6 +177,19 @@ def test_tokens_kept_from_the_count_pad_to_the_batch_the_tokenizer_makes(tiny_be
     rows = [2, 3, 0]
     got, want = shared.pad(kept, rows), shared({f: [c[r] for r in rows] for f, c in columns.items()})
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    from PIL import Image
+
+    from mmtune.encoders.processors import JointProcessor, ResizeNormalizeProcessor
+
+    joint = JointProcessor({"image": ResizeNormalizeProcessor(8), "text": text})  # a joint encoder (CLIP's)
+    pictures = [np.full((5, 6, 3), 40 * i, dtype=np.uint8) for i in range(len(cells))]
+    columns = {"image": [Image.fromarray(p) for p in pictures], "text": cells}
+    kept = joint.tokens(columns)
+    assert kept.lengths.tolist() == joint.lengths(columns).tolist()
+    batch = {m: [v[r] for r in rows] for m, v in columns.items()}
+    got, want = joint.pad(kept, rows, batch), joint(batch)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert JointProcessor({"image": ResizeNormalizeProcessor(8)}).tokens(columns) is None  # nothing to count
 
 
 def test_prediction_tokenises_each_text_once_and_predicts_the_same(tiny_run, colour_verdict, monkeypatch):

@@ -35,10 +35,11 @@ class Collator:
         of tokenising again."""
         out = {}
         for name, proc in self.processors.items():
+            columns = {m: [s["values"].get(m) for s in samples] for m in proc.modalities}
             if tokens and name in tokens and not self.value_augments:
-                out[name] = proc.pad(tokens[name], [s["index"] for s in samples])
-                continue
-            out[name] = proc({m: [s["values"].get(m) for s in samples] for m in proc.modalities})
+                out[name] = proc.pad(tokens[name], [s["index"] for s in samples], columns)
+            else:
+                out[name] = proc(columns)
         return out
 
     def prepare(self, samples: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -71,20 +71,6 @@ def for_field(enc: Encoder, field: str) -> Encoder:
     return enc
 
 
-class FieldsTokens:
-    """Per field, its column's kept tokens (:class:`~mmtune.encoders.processors.Tokens`); ``lengths``: a row's
-    positions over every field, as :meth:`SharedProcessor.lengths` counts them."""
-
-    def __init__(self, fields: Mapping[str, Any]):
-        self.fields = dict(fields)
-        self.lengths = sum(t.lengths for t in self.fields.values())
-
-    @classmethod
-    def concat(cls, parts: Sequence["FieldsTokens"]) -> "FieldsTokens":
-        """One :class:`FieldsTokens` of ``parts``' rows, in order."""
-        return cls({f: type(t).concat([p.fields[f] for p in parts]) for f, t in parts[0].fields.items()})
-
-
 class SharedProcessor:
     """The inner processor once per field; tensors keyed ``<field>::<name>``."""
 
@@ -107,17 +93,21 @@ class SharedProcessor:
         counts = [inner({kind(f): columns[f]}) for f in self.fields]
         return None if any(c is None for c in counts) else sum(counts)
 
-    def tokens(self, columns: Mapping[str, List[Any]]) -> "Optional[FieldsTokens]":
-        """The inner processor's kept tokens of each field's column (None when it keeps none), for :meth:`pad`."""
+    def tokens(self, columns: Mapping[str, List[Any]]):
+        """The inner processor's kept tokens of each field's column, a
+        :class:`~mmtune.encoders.processors.TokenParts` by field (None when it keeps none), for :meth:`pad`."""
+        from .processors import TokenParts
+
         inner = getattr(self.inner, "tokens", None)
         if not callable(inner):
             return None
         kept = {f: inner({kind(f): columns[f]}) for f in self.fields}
-        return None if any(v is None for v in kept.values()) else FieldsTokens(kept)
+        return None if any(v is None for v in kept.values()) else TokenParts(kept)
 
-    def pad(self, tokens: "FieldsTokens", rows: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def pad(self, tokens, rows: Sequence[int], columns: Optional[Mapping[str, List[Any]]] = None
+            ) -> Dict[str, torch.Tensor]:
         """The batch :meth:`__call__` makes of ``rows``, each field's kept tokens padded by the inner processor."""
-        return {f"{f}::{k}": v for f in self.fields for k, v in self.inner.pad(tokens.fields[f], rows).items()}
+        return {f"{f}::{k}": v for f in self.fields for k, v in self.inner.pad(tokens.parts[f], rows).items()}
 
     def prepare(self, columns: Mapping[str, List[Any]]) -> Dict[str, List[Any]]:
         """The inner processor's per-value work on each field's column."""

@@ -55,9 +55,11 @@ class TextProcessor:
         flat = {k: np.asarray(enc[k], dtype=np.int64)[mask] for k in names if k != "attention_mask"}
         return Tokens(flat, mask.sum(axis=1).astype(np.int64), names)
 
-    def pad(self, tokens: "Tokens", rows: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def pad(self, tokens: "Tokens", rows: Sequence[int], columns: Optional[Mapping[str, List[Any]]] = None
+            ) -> Dict[str, torch.Tensor]:
         """The batch :meth:`__call__` makes of the texts at ``rows`` of ``tokens`` (from :meth:`tokens`), padded
-        to the longest as the tokenizer pads (its side and pad ids), to the same numbers."""
+        to the longest as the tokenizer pads (its side and pad ids), to the same numbers. ``columns`` (the batch's
+        values, which a processor of several parts needs for the others) is not read."""
         rows = np.asarray(rows, dtype=np.int64)
         counts = tokens.lengths[rows]
         width = int(counts.max()) if len(rows) else 0
@@ -112,6 +114,20 @@ class Tokens:
         names = parts[0].names
         return cls({k: np.concatenate([p.flat[k] for p in parts]) for k in parts[0].flat},
                    np.concatenate([p.lengths for p in parts]), names)
+
+
+class TokenParts:
+    """Kept tokens (:class:`Tokens`) of several parts of one processor, by name (a shared-weights encoder's fields,
+    a joint encoder's text part); ``lengths``: a row's positions over them all, as the processor counts them."""
+
+    def __init__(self, parts: Mapping[str, Any]):
+        self.parts = dict(parts)
+        self.lengths = sum(t.lengths for t in self.parts.values())
+
+    @classmethod
+    def concat(cls, chunks: Sequence["TokenParts"]) -> "TokenParts":
+        """One :class:`TokenParts` of ``chunks``' rows, in order."""
+        return cls({n: type(t).concat([c.parts[n] for c in chunks]) for n, t in chunks[0].parts.items()})
 
 
 class HFImageProcessor:
@@ -327,6 +343,25 @@ class JointProcessor:
                   for part in self.parts.values() if callable(getattr(part, "lengths", None))]
         counts = [c for c in counts if c is not None]
         return sum(counts) if counts else None
+
+    def tokens(self, columns: Mapping[str, List[Any]]) -> Optional[TokenParts]:
+        """The kept tokens of the parts that count (see :meth:`TextProcessor.tokens`); None unless each keeps them."""
+        counting = {n: p for n, p in self.parts.items() if callable(getattr(p, "lengths", None))}
+        if not counting or not all(callable(getattr(p, "tokens", None)) for p in counting.values()):
+            return None
+        kept = {n: p.tokens({m: columns[m] for m in p.modalities}) for n, p in counting.items()}
+        return None if any(t is None for t in kept.values()) else TokenParts(kept)
+
+    def pad(self, tokens: TokenParts, rows: Sequence[int], columns: Mapping[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        """The batch :meth:`__call__` makes of ``columns`` (the values at ``rows``): the parts with kept tokens pad
+        them, the others process their columns."""
+        out: Dict[str, torch.Tensor] = {}
+        for name, part in self.parts.items():
+            if name in tokens.parts:
+                out.update(part.pad(tokens.parts[name], rows))
+            else:
+                out.update(part({m: columns[m] for m in part.modalities}))
+        return out
 
     def save(self, folder: Path) -> None:
         for name, part in self.parts.items():
