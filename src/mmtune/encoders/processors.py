@@ -63,19 +63,20 @@ class TextProcessor:
         rows = np.asarray(rows, dtype=np.int64)
         counts = tokens.lengths[rows]
         width = int(counts.max()) if len(rows) else 0
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        # each row's first token at its padding's end (left) or at position 0 (right); where its tokens lie in flat
+        first = (width - counts) if getattr(self.tokenizer, "padding_side", "right") == "left" else np.zeros_like(counts)
+        position = np.arange(width) - first[:, None]
+        mask = (position >= 0) & (position < counts[:, None])
+        source = (tokens.starts[rows][:, None] + position)[mask]
         fill = {"input_ids": self.tokenizer.pad_token_id,
                 "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0) or 0}
         out = {}
         for name in tokens.names:
-            arr = np.full((len(rows), width), 0 if name == "attention_mask" else fill[name], dtype=np.int64)
-            for i, (row, n) in enumerate(zip(rows, counts)):
-                where = slice(width - n, width) if left else slice(0, n)
-                if name == "attention_mask":
-                    arr[i, where] = 1
-                else:
-                    start = tokens.starts[row]
-                    arr[i, where] = tokens.flat[name][start:start + n]
+            if name == "attention_mask":
+                out[name] = torch.from_numpy(mask.astype(np.int64))
+                continue
+            arr = np.full((len(rows), width), fill[name], dtype=np.int64)
+            arr[mask] = tokens.flat[name][source]
             out[name] = torch.from_numpy(arr)
         return out
 
@@ -111,9 +112,8 @@ class Tokens:
     @classmethod
     def concat(cls, parts: Sequence["Tokens"]) -> "Tokens":
         """One :class:`Tokens` of ``parts``' rows, in order."""
-        names = parts[0].names
         return cls({k: np.concatenate([p.flat[k] for p in parts]) for k in parts[0].flat},
-                   np.concatenate([p.lengths for p in parts]), names)
+                   np.concatenate([p.lengths for p in parts]), parts[0].names)
 
 
 class TokenParts:
